@@ -1,0 +1,109 @@
+"""Assets: the scene's shapes as meshes, particles, the target's grid mass and surface samples.
+
+``build_assets(scene)`` is the only entry point the pipeline needs; it returns torch tensors (float32, CPU).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import trimesh
+
+from ..errors import AssetError
+from ..sim.grid import GridSpec
+from .lattice import lattice_particles
+from .shapes import build_mesh
+
+__all__ = ["Body", "SceneAssets", "build_assets", "build_mesh", "make_body", "check_inside", "MAX_PARTICLES"]
+
+MAX_PARTICLES = 20_000_000
+
+
+@dataclass
+class Body:
+    """One object in its rest configuration.
+
+    ``positions`` [N, 3] m, ``volumes`` [N] m^3 (rest volume), ``masses`` [N] kg, ``surface_points`` [M, 3] m and
+    ``surface_normals`` [M, 3] (unit, outward) sampled on ``mesh``.
+    """
+
+    mesh: trimesh.Trimesh
+    positions: torch.Tensor
+    volumes: torch.Tensor
+    masses: torch.Tensor
+    surface_points: torch.Tensor
+    surface_normals: torch.Tensor
+
+    @property
+    def particle_count(self) -> int:
+        return int(self.positions.shape[0])
+
+
+@dataclass
+class SceneAssets:
+    grid: GridSpec
+    spacing: float  # particle lattice spacing dx / particles_per_cell [m]
+    source: Body
+    target: Body | None  # None when the target has no mesh
+    target_grid_mass: torch.Tensor | None  # [nx, ny, nz] kg
+
+
+def make_body(mesh: trimesh.Trimesh, *, key: str, grid: GridSpec, particles_per_cell: int, density: float,
+              jitter: float, surface_samples: int, rng: np.random.Generator) -> Body:
+    """Particles of ``mesh`` on the grid's lattice plus surface samples; raises AssetError naming ``key``."""
+    check_inside(mesh.bounds, grid, key)
+    spacing = grid.dx / particles_per_cell
+    points = lattice_particles(mesh, origin=grid.lower, spacing=spacing, jitter=jitter, rng=rng)
+    if len(points) == 0:
+        raise AssetError(key, f"the shape holds no particle at spacing {spacing:.4g} m: it is thinner than the lattice; "
+                              "raise sim.grid_resolution or sim.particles_per_cell")
+    if len(points) > MAX_PARTICLES:
+        raise AssetError(key, f"{len(points)} particles exceed the limit of {MAX_PARTICLES}; lower the resolution")
+    check_inside(np.stack([points.min(axis=0), points.max(axis=0)]), grid, key)
+    volume = spacing**3
+    count = len(points)
+    surface, faces = trimesh.sample.sample_surface(mesh, surface_samples, seed=int(rng.integers(2**31)))
+    normals = mesh.face_normals[faces]
+    as_tensor = lambda a: torch.as_tensor(np.asarray(a), dtype=torch.float32)  # noqa: E731
+    return Body(
+        mesh=mesh,
+        positions=as_tensor(points),
+        volumes=torch.full((count,), volume, dtype=torch.float32),
+        masses=torch.full((count,), density * volume, dtype=torch.float32),
+        surface_points=as_tensor(surface),
+        surface_normals=as_tensor(normals),
+    )
+
+
+def check_inside(bounds, grid: GridSpec, key: str) -> None:
+    lo, hi = np.asarray(bounds[0]), np.asarray(bounds[1])
+    ilo, ihi = np.asarray(grid.interior_lower), np.asarray(grid.interior_upper)
+    if np.all(lo >= ilo) and np.all(hi <= ihi):
+        return
+    fmt = lambda v: "[" + ", ".join(f"{x:.3g}" for x in v) + "]"  # noqa: E731
+    raise AssetError(
+        key,
+        f"extends outside the simulation interior {fmt(ilo)}..{fmt(ihi)} m (its bounds are {fmt(lo)}..{fmt(hi)}; "
+        f"the outer {grid.boundary_cells} cells are wall band): move or shrink it, or enlarge sim.domain",
+    )
+
+
+def build_assets(scene) -> SceneAssets:
+    """Meshes, particles, target grid mass and surface samples of a loaded ``Scene``."""
+    from ..sim.grid_mass import grid_mass
+
+    grid = GridSpec.from_sim(scene.sim)
+    rng = np.random.default_rng(scene.optimize.seed)
+    common = dict(grid=grid, particles_per_cell=scene.sim.particles_per_cell, density=scene.material.density,
+                  jitter=scene.sim.jitter, surface_samples=scene.appearance.surface_samples)
+    source_mesh = build_mesh(scene.source, key="source", default_center=grid.center)
+    source = make_body(source_mesh, key="source", rng=rng, **common)
+    target = target_mass = None
+    if scene.target.mesh is not None:
+        target_mesh = build_mesh(scene.target.mesh, key="target.mesh", default_center=grid.center)
+        target = make_body(target_mesh, key="target.mesh", rng=rng, **common)
+        target_mass = grid_mass(target.positions, target.masses, grid=grid, bspline=scene.sim.bspline)
+    return SceneAssets(grid=grid, spacing=grid.dx / scene.sim.particles_per_cell, source=source, target=target,
+                       target_grid_mass=target_mass)

@@ -1,0 +1,30 @@
+"""What every command shares: error -> exit-code mapping and the consoles."""
+
+from __future__ import annotations
+
+import functools
+
+import typer
+from rich.console import Console
+
+from ..errors import DiffMPMError
+
+out = Console(highlight=False)
+err = Console(stderr=True, highlight=False)
+
+SET_HELP = "Override a scene key, KEY=VALUE (repeatable), e.g. --set sim.dt=5e-4 --set render.cameras[0].fov=30."
+
+
+def handle_errors(command):
+    """Print a DiffMPMError as ``error: key.path: problem`` on stderr and exit with its code (2 = bad input)."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except DiffMPMError as exc:
+            for line in str(exc).splitlines() or [type(exc).__name__]:
+                err.print(f"[bold red]error:[/] {line}", markup=True, soft_wrap=True)
+            raise typer.Exit(exc.exit_code) from None
+
+    return wrapper

@@ -1,0 +1,64 @@
+"""`diffmpm info`: versions, Warp devices and whether CUDA is usable."""
+
+from __future__ import annotations
+
+import json
+import platform
+
+import typer
+from rich.table import Table
+
+from .common import handle_errors, out
+
+EPILOG = """[bold]Examples[/]
+
+  diffmpm info
+
+  diffmpm info --json
+"""
+
+
+def collect_info() -> dict:
+    """Versions of diffmpm and its main dependencies, Warp's devices and CUDA availability."""
+    import torch
+
+    from .. import __version__
+    from ..warp_runtime import INIT_MESSAGES, warp
+
+    wp = warp()
+    devices = [{"name": str(d), "alias": d.alias, "is_cuda": d.is_cuda} for d in wp.get_devices()]
+    return {
+        "diffmpm": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "warp": wp.config.version,
+        "warp_devices": [d["alias"] for d in devices],
+        "torch_cuda": torch.cuda.is_available(),
+        "warp_cuda": wp.is_cuda_available(),
+        "cuda_usable": bool(torch.cuda.is_available() and wp.is_cuda_available()),
+        "cuda_devices": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
+        "warp_notices": list(INIT_MESSAGES),
+    }
+
+
+@handle_errors
+def info(as_json: bool = typer.Option(False, "--json", help="Print as JSON.")) -> None:
+    """Show versions, Warp devices and whether CUDA is usable."""
+    data = collect_info()
+    if as_json:
+        typer.echo(json.dumps(data, indent=2))
+        return
+    table = Table(show_header=False)
+    table.add_column("item", style="bold")
+    table.add_column("value")
+    for key in ("diffmpm", "python", "torch", "warp"):
+        table.add_row(key, data[key])
+    table.add_row("warp devices", ", ".join(data["warp_devices"]))
+    table.add_row("CUDA usable", "yes: " + ", ".join(data["cuda_devices"]) if data["cuda_usable"] else "no")
+    for notice in data["warp_notices"]:
+        table.add_row("warp notice", notice)
+    out.print(table)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("info", epilog=EPILOG)(info)

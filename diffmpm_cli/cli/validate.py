@@ -1,0 +1,86 @@
+"""`diffmpm validate SCENE`: load, check, build the assets, report; exit 0 when usable, 2 when not."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+from rich.table import Table
+
+from .common import SET_HELP, err, handle_errors, out
+
+EPILOG = """[bold]Examples[/]
+
+  diffmpm validate scenes/sphere_to_snowman.yaml
+
+  diffmpm validate scenes/sphere_to_snowman.yaml --set sim.grid_resolution=48 --preview runs/preview
+
+  diffmpm validate scenes/elastic_drop.yaml --json
+"""
+
+
+def _bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def _table(s) -> Table:
+    table = Table(title=f"scene '{s.name}'", show_header=False, title_justify="left")
+    table.add_column("quantity", style="bold", no_wrap=True)
+    table.add_column("value")
+    rows = [
+        ("source particles", f"{s.source_particles:,}"),
+        ("target particles", f"{s.target_particles:,}" if s.target_particles is not None else "(no target mesh)"),
+        ("grid", f"{s.grid_shape[0]} x {s.grid_shape[1]} x {s.grid_shape[2]} nodes, {s.bspline} B-spline"),
+        ("dx", f"{s.dx:.5g} m (particle spacing {s.particle_spacing:.4g} m)"),
+        ("dt", f"{s.dt:.4g} s"),
+        ("steps", f"{s.steps} ({s.duration:.4g} s simulated, {s.control_layers} control layers)"),
+        ("CFL number", f"{s.cfl:.3f}" + ("" if s.cfl_ok else f"  [bold red]> limit {s.cfl_limit:g}[/]")),
+        ("memory, full tape", _bytes(s.memory_full_tape)),
+        ("memory, checkpointed", f"{_bytes(s.memory_checkpointed)} ({s.segment_length}-step segments)"),
+        ("cameras", str(s.camera_count)),
+        ("Gaussians", f"{s.surface_gaussians:,}"),
+    ]
+    for name, value in rows:
+        table.add_row(name, value)
+    return table
+
+
+@handle_errors
+def validate(
+    scene: Path = typer.Argument(..., help="Scene YAML file."),
+    set_: list[str] = typer.Option([], "--set", help=SET_HELP),
+    preview: Path | None = typer.Option(None, "--preview", help="Write PNG pictures of the particles into this folder."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout instead of a table."),
+) -> None:
+    """Check a scene and report particle counts, grid, time step, CFL number and memory."""
+    from ..assets import build_assets
+    from ..config import load_scene
+    from ..render.camera import build_cameras
+    from ..sim.grid import check_cfl
+    from ..summary import summarize_scene
+
+    cfg = load_scene(scene, set_)
+    assets = build_assets(cfg)
+    cameras = build_cameras(cfg.render, default_target=assets.grid.center)
+    summary = summarize_scene(scene=cfg, assets=assets, camera_count=cameras.camera_count)
+    if as_json:
+        typer.echo(json.dumps(summary.as_dict(), indent=2))
+    else:
+        out.print(_table(summary))
+    if preview is not None:
+        from ..outputs.preview import write_previews
+
+        for path in write_previews(assets=assets, cameras=cameras, out_dir=preview):
+            (err if as_json else out).print(f"wrote {path}")
+    check_cfl(cfg, assets.grid)
+    if not as_json:
+        out.print("[green]scene is valid[/]")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("validate", epilog=EPILOG)(validate)

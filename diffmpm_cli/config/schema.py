@@ -1,0 +1,457 @@
+"""The scene format: one pydantic v2 schema for the whole scene.
+
+Every section that later stages read is here, so the format is designed once. Units are SI (m, s, kg, Pa);
+angles are degrees. ``configs/defaults.yaml`` is generated from this module (``python -m
+diffmpm_cli.config.defaults``) and a test keeps it current.
+"""
+
+from __future__ import annotations
+
+import difflib
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic_core import PydanticCustomError
+
+# ----------------------------------------------------------------------------------------------------------------
+# building blocks
+
+
+class Section(BaseModel):
+    """Base of every scene section: unknown keys are errors with a "did you mean" hint; no inf/NaN."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, validate_assignment=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _reject_unknown_keys(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            allowed = sorted(cls.model_fields)
+            for key in data:
+                if key not in cls.model_fields:
+                    close = difflib.get_close_matches(str(key), allowed, n=1, cutoff=0.5)
+                    hint = f"did you mean '{close[0]}'?" if close else "allowed: " + ", ".join(allowed)
+                    raise PydanticCustomError("unknown_key", "unknown key ({hint})", {"key": str(key), "hint": hint})
+        return data
+
+
+Vec3 = Annotated[list[float], Field(min_length=3, max_length=3)]
+Color = Annotated[list[Annotated[float, Field(ge=0.0, le=1.0)]], Field(min_length=3, max_length=3)]
+Row3 = Annotated[list[float], Field(min_length=3, max_length=3)]
+Row4 = Annotated[list[float], Field(min_length=4, max_length=4)]
+Mat3 = Annotated[list[Row3], Field(min_length=3, max_length=3)]
+Mat4 = Annotated[list[Row4], Field(min_length=4, max_length=4)]
+Positive = Annotated[float, Field(gt=0.0)]
+Axis = Literal["x", "y", "z"]
+
+# ----------------------------------------------------------------------------------------------------------------
+# shapes (source and target): primitives, mesh files, and their booleans
+
+
+class ShapeBase(Section):
+    center: Vec3 | None = Field(
+        None,
+        description="position of the shape's centre [m]; null = the domain's centre for a top-level shape, "
+        "the parent's origin for a part of a union/difference/intersection",
+    )
+    rotation: Vec3 = Field([0.0, 0.0, 0.0], description="rotation about x, then y, then z [deg]")
+    scale: Positive = Field(1.0, description="uniform scale applied before rotation and translation")
+
+
+class Sphere(ShapeBase):
+    """A sphere (icosphere, 5120 faces)."""
+
+    shape: Literal["sphere"]
+    radius: Positive = Field(description="radius [m]")
+
+
+class Box(ShapeBase):
+    """An axis-aligned box before rotation."""
+
+    shape: Literal["box"]
+    size: Annotated[list[Positive], Field(min_length=3, max_length=3)] = Field(description="edge lengths x y z [m]")
+
+
+class Torus(ShapeBase):
+    """A ring torus around `axis` (genus 1)."""
+
+    shape: Literal["torus"]
+    major_radius: Positive = Field(description="distance from the centre to the tube's centre line [m]")
+    minor_radius: Positive = Field(description="radius of the tube [m]; must be < major_radius")
+    axis: Axis = Field("y", description="axis of symmetry before rotation")
+
+
+class Capsule(ShapeBase):
+    """A cylinder with hemispherical caps along `axis`."""
+
+    shape: Literal["capsule"]
+    radius: Positive = Field(description="radius [m]")
+    height: Positive = Field(description="distance between the two cap centres [m] (total length = height + 2 radius)")
+    axis: Axis = Field("y", description="long axis before rotation")
+
+
+class Cylinder(ShapeBase):
+    """A closed cylinder along `axis`."""
+
+    shape: Literal["cylinder"]
+    radius: Positive = Field(description="radius [m]")
+    height: Positive = Field(description="length [m]")
+    axis: Axis = Field("y", description="long axis before rotation")
+
+
+MESH_SUFFIXES = (".obj", ".ply", ".stl", ".off", ".glb")
+
+
+class MeshFile(ShapeBase):
+    """A mesh file (obj, ply, stl, off, glb), recentred on its bounding-box centre."""
+
+    shape: Literal["mesh"]
+    path: str = Field(description="mesh file, relative to the scene file (resolved to an absolute path on load)")
+    size: Positive | None = Field(
+        None, description="if set, scale so the longest bounding-box side is this long [m] (before `scale`)"
+    )
+
+
+class Union_(ShapeBase):
+    """The union of its parts (manifold3d boolean)."""
+
+    shape: Literal["union"]
+    parts: list[Shape] = Field(min_length=1, description="shapes, placed in this shape's frame")
+
+
+class Difference(ShapeBase):
+    """The first part minus all the others."""
+
+    shape: Literal["difference"]
+    parts: list[Shape] = Field(min_length=2, description="the first part minus the rest")
+
+
+class Intersection(ShapeBase):
+    """The volume common to all parts."""
+
+    shape: Literal["intersection"]
+    parts: list[Shape] = Field(min_length=2, description="shapes to intersect")
+
+
+Shape = Annotated[
+    Union[Sphere, Box, Torus, Capsule, Cylinder, MeshFile, Union_, Difference, Intersection],
+    Field(discriminator="shape"),
+]
+SHAPE_TYPES = (Sphere, Box, Torus, Capsule, Cylinder, MeshFile, Union_, Difference, Intersection)
+COMPOSITE_TYPES = (Union_, Difference, Intersection)
+for _model in COMPOSITE_TYPES:
+    _model.model_rebuild()
+
+# ----------------------------------------------------------------------------------------------------------------
+# target
+
+
+class TargetImage(Section):
+    path: str = Field(description="PNG/JPEG image, relative to the scene file; alpha (if any) is the silhouette")
+    camera: str = Field(description="name of a camera in render.cameras")
+    frame: Annotated[int, Field(ge=0)] | None = Field(None, description="simulation step it shows; null = the final step")
+
+
+class Truth(Section):
+    """Ground truth of a synthetic target: target frames are simulated from the source with these values."""
+
+    E: Positive | None = Field(None, description="true Young's modulus [Pa]")
+    nu: Annotated[float, Field(gt=-1.0, lt=0.5)] | None = Field(None, description="true Poisson ratio")
+    v0: Vec3 | None = Field(None, description="true initial velocity [m/s]")
+
+
+class TargetConfig(Section):
+    mesh: Shape | None = Field(None, description="target shape (any source shape), reached at the final step")
+    images: list[TargetImage] = Field([], description="target images from known cameras")
+    image_background: Color | None = Field(
+        None, description="for images without alpha: pixels of this colour are background (RGB in [0, 1])"
+    )
+    truth: Truth | None = Field(None, description="ground truth for synthetic targets (material identification)")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# material
+
+MaterialModel = Literal["fixed_corotated", "neo_hookean"]
+
+
+class MaterialConfig(Section):
+    preset: str | None = Field(
+        None, description="named preset from configs/materials.yaml; keys given here override the preset's"
+    )
+    model: MaterialModel = Field("fixed_corotated", description="constitutive model")
+    E: Positive = Field(2.0e4, description="Young's modulus [Pa]")
+    nu: Annotated[float, Field(gt=-1.0, lt=0.5)] = Field(0.3, description="Poisson ratio, in (-1, 0.5)")
+    density: Positive = Field(1000.0, description="rest density [kg/m^3]")
+    f_smoothing: Annotated[float, Field(gt=0.0, lt=1.0)] | None = Field(
+        None, description="seed extra, off when null: blend F <- a F + (1 - a) I each step (the seed used 0.955)"
+    )
+    bulk_viscosity: Annotated[float, Field(ge=0.0)] = Field(
+        0.0, description="seed extra, off when 0: viscous stress coefficient on tr C (the seed used 0.25)"
+    )
+    min_J: Annotated[float, Field(gt=0.0, lt=1.0)] | None = Field(
+        None, description="seed extra, off when null: clamp det F from below (the seed used 0.6)"
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# simulation
+
+
+class Domain(Section):
+    lower: Vec3 = Field([0.0, 0.0, 0.0], description="lower corner of the simulation box [m]")
+    upper: Vec3 = Field([1.0, 1.0, 1.0], description="upper corner [m]; extents must be whole multiples of dx")
+
+
+Boundary = Literal["sticky", "slip", "separate"]
+
+
+class Boundaries(Section):
+    """Wall condition per domain face: sticky (v = 0), slip (normal v = 0), separate (outward normal v = 0)."""
+
+    x_min: Boundary = "separate"
+    x_max: Boundary = "separate"
+    y_min: Boundary = "separate"
+    y_max: Boundary = "separate"
+    z_min: Boundary = "separate"
+    z_max: Boundary = "separate"
+
+
+class Floor(Section):
+    enabled: bool = Field(False, description="add a floor plane {x : normal . x = height}")
+    normal: Vec3 = Field([0.0, 1.0, 0.0], description="floor normal, pointing into the free space")
+    height: float = Field(0.1, description="offset of the plane along the normal [m]")
+    friction: Annotated[float, Field(ge=0.0)] = Field(0.5, description="Coulomb friction coefficient")
+
+
+class SimConfig(Section):
+    domain: Domain = Field(default_factory=Domain)
+    grid_resolution: Annotated[int, Field(ge=8, le=1024)] | None = Field(
+        None, description="grid cells along the longest domain axis; null with dx null = 32"
+    )
+    dx: Positive | None = Field(None, description="grid spacing [m]; give this or grid_resolution, not both")
+    boundary_cells: Annotated[int, Field(ge=2, le=16)] = Field(
+        3, description="width of the wall band [cells]; particles stay inside it (>= 3 for cubic B-splines)"
+    )
+    particles_per_cell: Annotated[int, Field(ge=1, le=6)] = Field(
+        2, description="particles per cell along each axis (ppc^3 per cell)"
+    )
+    jitter: Annotated[float, Field(ge=0.0, lt=1.0)] = Field(
+        0.0, description="random particle offset as a fraction of the particle spacing (seeded by optimize.seed)"
+    )
+    dt: Positive = Field(1.0e-3, description="time step [s]")
+    steps: Annotated[int, Field(ge=1, le=1_000_000)] = Field(50, description="simulation steps")
+    bspline: Literal["quadratic", "cubic"] = Field("quadratic", description="transfer kernel (27 or 64 nodes)")
+    gravity: Vec3 = Field([0.0, -9.81, 0.0], description="gravity [m/s^2]")
+    initial_velocity: Vec3 = Field([0.0, 0.0, 0.0], description="initial velocity of the source [m/s]")
+    boundaries: Boundaries = Field(default_factory=Boundaries)
+    floor: Floor = Field(default_factory=Floor)
+    control_stride: Annotated[int, Field(ge=1)] = Field(
+        10, description="steps between deformation-gradient control layers (K = ceil(steps / stride))"
+    )
+    segment_length: Annotated[int, Field(ge=1)] | None = Field(
+        None, description="steps per checkpoint segment in the backward pass; null = about sqrt(steps)"
+    )
+    frames: list[Annotated[int, Field(ge=0)]] = Field(
+        [], description="extra steps whose states are kept for per-frame losses and renders (the final step always is)"
+    )
+    cfl_limit: Positive = Field(0.5, description="refuse to run when dt sqrt((lambda + 2 mu) / rho) / dx exceeds this")
+
+    @model_validator(mode="after")
+    def _one_grid_size(self) -> SimConfig:
+        if self.grid_resolution is not None and self.dx is not None:
+            raise PydanticCustomError("grid_size", "give sim.grid_resolution or sim.dx, not both")
+        return self
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# learnable parameter groups
+
+
+class LearnDFc(Section):
+    enabled: bool = Field(False, description="learn the deformation-gradient controls dFc [K, N, 3, 3]")
+    lr: Positive = Field(1.0e-2, description="learning rate")
+    init_scale: Annotated[float, Field(ge=0.0)] = Field(0.0, description="std of the random initial dFc; 0 = zeros")
+
+
+class LearnE(Section):
+    enabled: bool = Field(False, description="learn Young's modulus (optimised as log E)")
+    lr: Positive = Field(5.0e-2, description="learning rate on log E")
+    init: Positive | None = Field(None, description="starting value [Pa]; null = material.E")
+    per_particle: bool = Field(False, description="one value per particle instead of one global value")
+
+
+class LearnNu(Section):
+    enabled: bool = Field(False, description="learn the Poisson ratio")
+    lr: Positive = Field(1.0e-2, description="learning rate")
+    init: Annotated[float, Field(gt=-1.0, lt=0.5)] | None = Field(None, description="starting value; null = material.nu")
+    per_particle: bool = Field(False, description="one value per particle instead of one global value")
+
+
+class LearnV0(Section):
+    enabled: bool = Field(False, description="learn the initial velocity")
+    lr: Positive = Field(1.0e-1, description="learning rate [m/s]")
+    init: Vec3 | None = Field(None, description="starting value [m/s]; null = sim.initial_velocity")
+    per_particle: bool = Field(False, description="one velocity per particle instead of one global velocity")
+
+
+class LearnColor(Section):
+    enabled: bool = Field(False, description="learn the Gaussians' colour")
+    lr: Positive = Field(1.0e-2, description="learning rate")
+    init: Color | None = Field(None, description="starting RGB in [0, 1]; null = appearance.color")
+    per_gaussian: bool = Field(False, description="one colour per Gaussian instead of one global colour")
+
+
+class LearnOpacity(Section):
+    enabled: bool = Field(False, description="learn the Gaussians' opacity (optimised as a logit)")
+    lr: Positive = Field(5.0e-2, description="learning rate on the logit")
+    init: Annotated[float, Field(gt=0.0, lt=1.0)] | None = Field(None, description="starting opacity; null = appearance")
+    per_gaussian: bool = Field(False, description="one opacity per Gaussian instead of one global opacity")
+
+
+class LearnSigma0(Section):
+    enabled: bool = Field(False, description="learn the rest size sigma0 of the Gaussians (optimised as log)")
+    lr: Positive = Field(1.0e-2, description="learning rate on log sigma0")
+    init: Positive | None = Field(None, description="starting value [m]; null = appearance.sigma0")
+
+
+class LearnConfig(Section):
+    dFc: LearnDFc = Field(default_factory=LearnDFc)
+    E: LearnE = Field(default_factory=LearnE)
+    nu: LearnNu = Field(default_factory=LearnNu)
+    v0: LearnV0 = Field(default_factory=LearnV0)
+    color: LearnColor = Field(default_factory=LearnColor)
+    opacity: LearnOpacity = Field(default_factory=LearnOpacity)
+    sigma0: LearnSigma0 = Field(default_factory=LearnSigma0)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# appearance and rendering
+
+
+class AppearanceConfig(Section):
+    gaussians: Literal["surface", "particle"] = Field(
+        "surface", description="surface: Gaussians embedded on the rest surface; particle: one per particle"
+    )
+    surface_samples: Annotated[int, Field(ge=1, le=10_000_000)] = Field(
+        2000, description="number of surface Gaussians M (surface mode); also the metric surface samples"
+    )
+    neighbors: Annotated[int, Field(ge=1, le=32)] = Field(8, description="particles each surface Gaussian follows (k)")
+    sigma0: Positive | None = Field(None, description="rest size of a Gaussian [m]; null = from the particle spacing")
+    thickness_ratio: Annotated[float, Field(gt=0.0, le=1.0)] = Field(
+        0.1, description="surface discs: thickness along the normal relative to sigma0"
+    )
+    color: Color = Field([0.9, 0.55, 0.25], description="RGB in [0, 1]")
+    opacity: Annotated[float, Field(gt=0.0, lt=1.0)] = Field(0.9, description="opacity in (0, 1)")
+
+
+class OrbitRig(Section):
+    """Cameras on a circle around `target`, one per azimuth, all looking at `target`."""
+
+    type: Literal["orbit"]
+    name: str = Field("orbit", description="cameras are named <name><i>")
+    azimuths: list[float] = Field([0.0, 90.0, 180.0, 270.0], min_length=1, description="azimuths [deg]")
+    elevation: Annotated[float, Field(gt=-90.0, lt=90.0)] = Field(20.0, description="elevation above the horizon [deg]")
+    radius: Positive = Field(2.0, description="distance to the target [m]")
+    fov: Annotated[float, Field(gt=0.0, lt=180.0)] = Field(40.0, description="vertical field of view [deg]")
+    target: Vec3 | None = Field(None, description="point looked at [m]; null = the domain's centre")
+    up: Vec3 = Field([0.0, 1.0, 0.0], description="world up; azimuth 0 looks from the side most along +z")
+
+
+class PinholeCamera(Section):
+    """One camera: intrinsics from `fov` or `K`; pose from eye/target/up or `world_to_camera` (OpenCV frame)."""
+
+    type: Literal["pinhole"]
+    name: str = Field(description="unique camera name (target images refer to it)")
+    fov: Annotated[float, Field(gt=0.0, lt=180.0)] | None = Field(None, description="vertical field of view [deg]")
+    K: Mat3 | None = Field(None, description="intrinsics [[fx, 0, cx], [0, fy, cy], [0, 0, 1]] in pixels")
+    eye: Vec3 | None = Field(None, description="camera position [m]")
+    target: Vec3 | None = Field(None, description="point looked at [m]; null = the domain's centre")
+    up: Vec3 = Field([0.0, 1.0, 0.0], description="world up")
+    world_to_camera: Mat4 | None = Field(
+        None, description="4x4 world-to-camera matrix (OpenCV: x right, y down, z forward); instead of eye/target"
+    )
+
+
+Camera = Annotated[Union[OrbitRig, PinholeCamera], Field(discriminator="type")]
+
+
+class RenderConfig(Section):
+    width: Annotated[int, Field(ge=8, le=8192)] = Field(64, description="image width [px]")
+    height: Annotated[int, Field(ge=8, le=8192)] = Field(64, description="image height [px]")
+    background: Color = Field([1.0, 1.0, 1.0], description="background RGB in [0, 1]")
+    near: Positive = Field(0.01, description="near clipping depth [m]")
+    far: Positive = Field(100.0, description="far clipping depth [m]")
+    cameras: list[Camera] = Field(
+        default_factory=lambda: [OrbitRig(type="orbit")], min_length=1, description="camera rigs (orbit or pinhole)"
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# losses, optimiser, outputs
+
+Weight = Annotated[float, Field(ge=0.0)]
+
+
+class LossConfig(Section):
+    grid_mass: Weight = Field(1.0, description="log grid-mass loss against the target mesh (needs target.mesh)")
+    silhouette: Weight = Field(1.0, description="alpha loss against target silhouettes")
+    silhouette_kind: Literal["l1", "bce"] = Field("l1", description="silhouette loss form")
+    rgb_l1: Weight = Field(0.0, description="L1 on RGB")
+    dssim: Weight = Field(0.0, description="D-SSIM on RGB")
+    depth_l1: Weight = Field(0.0, description="L1 on expected depth (needs a target mesh or truth)")
+    dFc_l2: Weight = Field(0.0, description="regulariser: mean squared dFc")
+    dFc_smooth: Weight = Field(0.0, description="regulariser: squared differences of consecutive dFc layers")
+
+
+class Schedule(Section):
+    kind: Literal["constant", "cosine", "exponential"] = Field("constant", description="learning-rate schedule")
+    final_factor: Annotated[float, Field(gt=0.0, le=1.0)] = Field(
+        0.1, description="learning rate at the last iteration relative to the first (cosine, exponential)"
+    )
+    warmup: Annotated[int, Field(ge=0)] = Field(0, description="iterations of linear warm-up")
+
+
+class LineSearch(Section):
+    enabled: bool = Field(False, description="backtracking: accept a step only if the loss is finite and lower")
+    shrink: Annotated[float, Field(gt=0.0, lt=1.0)] = Field(0.5, description="step shrink factor per retry")
+    max_tries: Annotated[int, Field(ge=1, le=20)] = Field(4, description="retries before giving up on an iteration")
+
+
+class OptimizeConfig(Section):
+    iterations: Annotated[int, Field(ge=0)] = Field(50, description="optimisation iterations")
+    optimizer: Literal["adam", "sgd"] = Field("adam", description="torch.optim optimiser")
+    schedule: Schedule = Field(default_factory=Schedule)
+    grad_clip: Positive | None = Field(None, description="clip the global gradient norm; null = off")
+    line_search: LineSearch = Field(default_factory=LineSearch)
+    episodes: Annotated[int, Field(ge=1)] = Field(1, description="episodes; each starts from the previous final state")
+    checkpoint_every: Annotated[int, Field(ge=1)] = Field(10, description="iterations between checkpoints")
+    keep_checkpoints: Annotated[int, Field(ge=1)] = Field(3, description="latest checkpoints kept (plus the best)")
+    render_every: Annotated[int, Field(ge=0)] = Field(10, description="iterations between renders; 0 = never")
+    seed: Annotated[int, Field(ge=0)] = Field(0, description="seed of every random choice (jitter, probes, init)")
+
+
+class OutputConfig(Section):
+    dir: str | None = Field(None, description="output folder; null = runs/<scene>-<timestamp> (--out overrides)")
+    turntable_frames: Annotated[int, Field(ge=0, le=720)] = Field(36, description="views in turntable.gif; 0 = none")
+    video: Literal["gif", "mp4", "both"] = Field("gif", description="turntable format (mp4 needs an ffmpeg writer)")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the scene
+
+
+class Scene(Section):
+    """A whole scene file."""
+
+    name: str | None = Field(None, description="scene name; null = the file's stem")
+    source: Shape = Field(description="the object that is simulated")
+    target: TargetConfig = Field(description="what the result is compared with: a mesh, images and/or truth")
+    material: MaterialConfig = Field(default_factory=MaterialConfig)
+    sim: SimConfig = Field(default_factory=SimConfig)
+    learn: LearnConfig = Field(default_factory=LearnConfig)
+    appearance: AppearanceConfig = Field(default_factory=AppearanceConfig)
+    render: RenderConfig = Field(default_factory=RenderConfig)
+    loss: LossConfig = Field(default_factory=LossConfig)
+    optimize: OptimizeConfig = Field(default_factory=OptimizeConfig)
+    output: OutputConfig = Field(default_factory=OutputConfig)

@@ -1,0 +1,50 @@
+"""Typed errors. Library code raises these; only the CLI prints them and picks exit codes."""
+
+from __future__ import annotations
+
+
+class DiffMPMError(Exception):
+    """Base of every error diffmpm raises on purpose (bad input, failed run)."""
+
+    exit_code = 1
+
+
+class ConfigError(DiffMPMError):
+    """A scene (or an override) is malformed. Each issue names a key path and the problem.
+
+    ``issues`` is a list of ``(key_path, message)``; ``str()`` gives one line per issue, e.g.
+    ``sim.dt: must be > 0, got -0.001``.
+    """
+
+    exit_code = 2
+
+    def __init__(self, issues: list[tuple[str, str]] | str, message: str | None = None):
+        if isinstance(issues, str):
+            issues = [(issues, message or "")]
+        self.issues = list(issues)
+        super().__init__("\n".join(_line(path, msg) for path, msg in self.issues))
+
+    @property
+    def paths(self) -> list[str]:
+        return [path for path, _ in self.issues]
+
+
+class AssetError(DiffMPMError):
+    """A shape or mesh cannot become particles: missing file, not a mesh, not watertight, empty."""
+
+    exit_code = 2
+
+    def __init__(self, path: str, message: str):
+        self.path = path
+        self.message = message
+        super().__init__(_line(path, message))
+
+
+class SimulationError(DiffMPMError):
+    """The simulation cannot run or went wrong (unstable time step, non-finite state)."""
+
+    exit_code = 2
+
+
+def _line(path: str, message: str) -> str:
+    return f"{path}: {message}" if path else message

@@ -1,0 +1,158 @@
+"""Cameras: pinhole intrinsics and world-to-camera poses in the OpenCV frame (x right, y down, z forward).
+
+Pixel (i, j) has its centre at (j + 0.5, i + 0.5), as in gsplat. Computed in float64 numpy; ``CameraSet.to_torch``
+hands them to the renderer.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..errors import ConfigError
+
+_EPS = 1e-9
+
+
+@dataclass(frozen=True)
+class CameraSet:
+    """``names`` [C], ``viewmats`` [C, 4, 4] world->camera, ``Ks`` [C, 3, 3] in pixels, image size in pixels."""
+
+    names: tuple[str, ...]
+    viewmats: np.ndarray
+    Ks: np.ndarray
+    width: int
+    height: int
+
+    @property
+    def camera_count(self) -> int:
+        return len(self.names)
+
+    def index(self, name: str) -> int:
+        return self.names.index(name)
+
+    def to_torch(self, device="cpu", dtype=None):
+        import torch
+
+        dtype = dtype or torch.float32
+        return (torch.as_tensor(self.viewmats, dtype=dtype, device=device),
+                torch.as_tensor(self.Ks, dtype=dtype, device=device))
+
+    def project(self, points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Pixel coordinates [C, P, 2] and camera depths [C, P] of world points [P, 3]."""
+        homo = np.concatenate([points, np.ones((len(points), 1))], axis=1)
+        cam = np.einsum("cij,pj->cpi", self.viewmats, homo)[..., :3]
+        depth = cam[..., 2]
+        safe = np.where(np.abs(depth) < _EPS, _EPS, depth)
+        uvw = np.einsum("cij,cpj->cpi", self.Ks, cam)
+        return uvw[..., :2] / safe[..., None], depth
+
+
+def intrinsics_from_fov(fov_deg: float, width: int, height: int) -> np.ndarray:
+    """K for a vertical field of view [deg], square pixels and the principal point at the image centre."""
+    focal = 0.5 * height / math.tan(math.radians(fov_deg) / 2.0)
+    return np.array([[focal, 0.0, width / 2.0], [0.0, focal, height / 2.0], [0.0, 0.0, 1.0]])
+
+
+def look_at(eye, target, up) -> np.ndarray:
+    """World-to-camera 4x4 for a camera at ``eye`` looking at ``target``; raises ValueError when degenerate."""
+    eye, target, up = (np.asarray(v, dtype=np.float64) for v in (eye, target, up))
+    forward = target - eye
+    if np.linalg.norm(forward) < _EPS:
+        raise ValueError("eye and target coincide")
+    forward /= np.linalg.norm(forward)
+    right = np.cross(forward, up)
+    if np.linalg.norm(right) < 1e-6 * max(np.linalg.norm(up), _EPS) or np.linalg.norm(up) < _EPS:
+        raise ValueError("up is zero or parallel to the viewing direction")
+    right /= np.linalg.norm(right)
+    down = np.cross(forward, right)
+    rot = np.stack([right, down, forward])
+    view = np.eye(4)
+    view[:3, :3] = rot
+    view[:3, 3] = -rot @ eye
+    return view
+
+
+def orbit_eye(*, target, up, azimuth_deg: float, elevation_deg: float, radius: float) -> np.ndarray:
+    """Camera position on an orbit. Azimuth 0 lies on the side of the horizontal direction closest to +z."""
+    up = np.asarray(up, dtype=np.float64)
+    if np.linalg.norm(up) < _EPS:
+        raise ValueError("up is zero")
+    up = up / np.linalg.norm(up)
+    ref = np.array([0.0, 0.0, 1.0]) if abs(up[2]) < 0.9 else np.array([1.0, 0.0, 0.0])
+    ahead = ref - up * (ref @ up)
+    ahead /= np.linalg.norm(ahead)
+    side = np.cross(up, ahead)
+    az, el = math.radians(azimuth_deg), math.radians(elevation_deg)
+    direction = math.cos(el) * (math.cos(az) * ahead + math.sin(az) * side) + math.sin(el) * up
+    return np.asarray(target, dtype=np.float64) + radius * direction
+
+
+def _checked_viewmat(matrix, where: str) -> np.ndarray:
+    view = np.asarray(matrix, dtype=np.float64)
+    rot = view[:3, :3]
+    if not np.allclose(view[3], [0.0, 0.0, 0.0, 1.0], atol=1e-6):
+        raise ConfigError(where, "last row must be [0, 0, 0, 1]")
+    if not np.allclose(rot @ rot.T, np.eye(3), atol=1e-4) or np.linalg.det(rot) <= 0:
+        raise ConfigError(where, "the upper-left 3x3 block must be a rotation (orthonormal, det +1)")
+    return view
+
+
+def build_cameras(render, *, default_target) -> CameraSet:
+    """All cameras of a ``RenderConfig``, in order; raises ConfigError naming ``render.cameras[i]...``."""
+    names, views, Ks = [], [], []
+    size = (render.width, render.height)
+    for index, cam in enumerate(render.cameras):
+        where = f"render.cameras[{index}]"
+        target = cam.target if cam.target is not None else default_target
+        if cam.type == "orbit":
+            K = intrinsics_from_fov(cam.fov, *size)
+            for j, azimuth in enumerate(cam.azimuths):
+                try:
+                    eye = orbit_eye(target=target, up=cam.up, azimuth_deg=azimuth, elevation_deg=cam.elevation,
+                                    radius=cam.radius)
+                    views.append(look_at(eye, target, cam.up))
+                except ValueError as exc:
+                    raise ConfigError(f"{where}.up", str(exc)) from exc
+                names.append(f"{cam.name}{j}")
+                Ks.append(K)
+            continue
+        if (cam.fov is None) == (cam.K is None):
+            raise ConfigError(where, "give exactly one of fov and K")
+        if cam.K is not None:
+            K = np.asarray(cam.K, dtype=np.float64)
+            if K[0, 0] <= 0 or K[1, 1] <= 0 or not np.allclose(K[2], [0, 0, 1]) or K[1, 0] != 0 or K[0, 1] != 0:
+                raise ConfigError(f"{where}.K", "must be [[fx, 0, cx], [0, fy, cy], [0, 0, 1]] with fx, fy > 0")
+        else:
+            K = intrinsics_from_fov(cam.fov, *size)
+        if (cam.eye is None) == (cam.world_to_camera is None):
+            raise ConfigError(where, "give exactly one of eye (with target, up) and world_to_camera")
+        if cam.world_to_camera is not None:
+            view = _checked_viewmat(cam.world_to_camera, f"{where}.world_to_camera")
+        else:
+            try:
+                view = look_at(cam.eye, target, cam.up)
+            except ValueError as exc:
+                raise ConfigError(f"{where}.eye", str(exc)) from exc
+        names.append(cam.name)
+        views.append(view)
+        Ks.append(K)
+    seen = set()
+    for name in names:
+        if name in seen:
+            raise ConfigError("render.cameras", f"camera name '{name}' is used twice")
+        seen.add(name)
+    return CameraSet(names=tuple(names), viewmats=np.stack(views), Ks=np.stack(Ks), width=render.width,
+                     height=render.height)
+
+
+def camera_location(index: int, render) -> str:
+    """Key path of the config entry that made camera ``index`` of ``build_cameras``."""
+    count = 0
+    for i, cam in enumerate(render.cameras):
+        count += len(cam.azimuths) if cam.type == "orbit" else 1
+        if index < count:
+            return f"render.cameras[{i}]"
+    raise IndexError(index)

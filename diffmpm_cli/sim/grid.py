@@ -1,0 +1,172 @@
+"""The background grid and the stability numbers derived from a scene (no Warp, no torch)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from ..errors import ConfigError
+
+DEFAULT_RESOLUTION = 32
+# nodes a particle's transfer stencil reaches on each side of its base node, and the band it needs
+STENCIL_WIDTH = {"quadratic": 3, "cubic": 4}
+MIN_BOUNDARY_CELLS = {"quadratic": 2, "cubic": 3}
+FLOAT32_BYTES = 4
+
+
+@dataclass(frozen=True)
+class GridSpec:
+    """A regular grid of ``shape`` nodes; node (i, j, k) sits at ``lower + (i, j, k) * dx`` [m].
+
+    Particles live in the interior box ``[lower + band dx, lower + (shape - band) dx]`` so that no transfer stencil
+    ever reaches outside the grid.
+    """
+
+    lower: tuple[float, float, float]
+    dx: float
+    shape: tuple[int, int, int]
+    boundary_cells: int
+
+    @property
+    def inv_dx(self) -> float:
+        return 1.0 / self.dx
+
+    @property
+    def node_count(self) -> int:
+        return self.shape[0] * self.shape[1] * self.shape[2]
+
+    @property
+    def interior_lower(self) -> tuple[float, float, float]:
+        return tuple(lo + self.boundary_cells * self.dx for lo in self.lower)
+
+    @property
+    def interior_upper(self) -> tuple[float, float, float]:
+        return tuple(lo + (n - self.boundary_cells) * self.dx for lo, n in zip(self.lower, self.shape))
+
+    @property
+    def center(self) -> tuple[float, float, float]:
+        return tuple(lo + 0.5 * n * self.dx for lo, n in zip(self.lower, self.shape))
+
+    @classmethod
+    def from_sim(cls, sim) -> GridSpec:
+        """Grid of a ``SimConfig``; raises ConfigError when the domain does not tile into cells of size dx."""
+        lower, upper = sim.domain.lower, sim.domain.upper
+        extents = [hi - lo for lo, hi in zip(lower, upper)]
+        for axis, extent in zip("xyz", extents):
+            if extent <= 0:
+                raise ConfigError("sim.domain", f"upper must exceed lower on every axis ({axis}: {extent:g} m)")
+        if sim.dx is not None:
+            dx, key = float(sim.dx), "sim.dx"
+        else:
+            dx, key = max(extents) / (sim.grid_resolution or DEFAULT_RESOLUTION), "sim.grid_resolution"
+        cells = []
+        for axis, extent in zip("xyz", extents):
+            count = extent / dx
+            whole = round(count)
+            if whole < 1 or abs(count - whole) > 1e-6 * max(1.0, count):
+                raise ConfigError(
+                    "sim.domain",
+                    f"the {axis} extent {extent:g} m is not a whole number of cells of dx = {dx:g} m "
+                    f"({count:.3f} cells); change the domain or {key}",
+                )
+            cells.append(whole)
+        band = sim.boundary_cells
+        if band < MIN_BOUNDARY_CELLS[sim.bspline]:
+            raise ConfigError(
+                "sim.boundary_cells",
+                f"must be >= {MIN_BOUNDARY_CELLS[sim.bspline]} with {sim.bspline} B-splines, got {band}",
+            )
+        if min(cells) <= 2 * band:
+            raise ConfigError(
+                key, f"the grid has {min(cells)} cells on its shortest axis, no interior left inside {band} wall cells"
+            )
+        if math.prod(cells) > 512**3:
+            raise ConfigError(key, f"grid of {cells[0]}x{cells[1]}x{cells[2]} nodes is too large (limit 512^3)")
+        return cls(lower=tuple(float(v) for v in lower), dx=dx, shape=tuple(cells), boundary_cells=band)
+
+
+def lame_parameters(E: float, nu: float) -> tuple[float, float]:
+    """(mu, lambda) [Pa] from Young's modulus E [Pa] and Poisson ratio nu."""
+    mu = E / (2.0 * (1.0 + nu))
+    lam = E * nu / ((1.0 + nu) * (1.0 - 2.0 * nu))
+    return mu, lam
+
+
+def wave_speed(E: float, nu: float, density: float) -> float:
+    """P-wave speed sqrt((lambda + 2 mu) / rho) [m/s]."""
+    mu, lam = lame_parameters(E, nu)
+    return math.sqrt(max(lam + 2.0 * mu, 0.0) / density)
+
+
+def cfl_number(*, E: float, nu: float, density: float, dt: float, dx: float) -> float:
+    """dt * sqrt((lambda + 2 mu) / rho) / dx: how many cells the fastest elastic wave crosses per step."""
+    return dt * wave_speed(E, nu, density) / dx
+
+
+def stable_dt(*, E: float, nu: float, density: float, dx: float, limit: float) -> float:
+    """The largest dt [s] whose CFL number is ``limit``."""
+    return limit * dx / wave_speed(E, nu, density)
+
+
+def default_segment_length(steps: int) -> int:
+    return max(1, round(math.sqrt(steps)))
+
+
+@dataclass(frozen=True)
+class RolloutMemory:
+    """Estimated bytes of a taped rollout: forward states and their adjoints, per-step grids, controls."""
+
+    per_step: int
+    controls: int
+    full_tape: int
+    checkpointed: int
+    segment_length: int
+
+
+def rollout_memory(*, particle_count: int, node_count: int, steps: int, control_layers: int,
+                   segment_length: int | None) -> RolloutMemory:
+    """Memory estimate of a differentiable rollout in float32.
+
+    Per step the tape keeps one particle state (x, v: 3 each; F, C: 9 each = 24 floats) and one grid (mass,
+    momentum, velocity = 7 floats per node); the backward needs an adjoint of each, so twice that. The controls
+    dFc are [K, N, 3, 3] plus their gradient. Checkpointing keeps one state per segment and tapes one segment at a time.
+    """
+    state = particle_count * 24 * FLOAT32_BYTES
+    grid = node_count * 7 * FLOAT32_BYTES
+    per_step = 2 * (state + grid)
+    controls = 2 * control_layers * particle_count * 9 * FLOAT32_BYTES
+    seg = segment_length or default_segment_length(steps)
+    seg = min(seg, steps)
+    full = steps * per_step + controls
+    checkpointed = math.ceil(steps / seg) * state + seg * per_step + controls
+    return RolloutMemory(per_step=per_step, controls=controls, full_tape=full, checkpointed=checkpointed,
+                         segment_length=seg)
+
+
+def material_extremes(scene) -> tuple[float, float]:
+    """The stiffest (E, nu) a run of ``scene`` starts from: material, learn.*.init and target.truth values."""
+    Es = [scene.material.E, scene.learn.E.init, scene.target.truth.E if scene.target.truth else None]
+    nus = [scene.material.nu, scene.learn.nu.init, scene.target.truth.nu if scene.target.truth else None]
+    return max(e for e in Es if e is not None), max(n for n in nus if n is not None)
+
+
+def scene_cfl(scene, grid: GridSpec) -> float:
+    E, nu = material_extremes(scene)
+    return cfl_number(E=E, nu=nu, density=scene.material.density, dt=scene.sim.dt, dx=grid.dx)
+
+
+def check_cfl(scene, grid: GridSpec) -> float:
+    """The scene's CFL number; raises SimulationError naming a stable dt when it exceeds ``sim.cfl_limit``."""
+    from ..errors import SimulationError
+
+    cfl = scene_cfl(scene, grid)
+    limit = scene.sim.cfl_limit
+    if cfl > limit:
+        E, nu = material_extremes(scene)
+        safe = stable_dt(E=E, nu=nu, density=scene.material.density, dx=grid.dx, limit=limit)
+        raise SimulationError(
+            f"sim.dt: unstable time step: CFL number {cfl:.3g} exceeds sim.cfl_limit {limit:g} "
+            f"(E = {E:.4g} Pa, nu = {nu:g}, density = {scene.material.density:g} kg/m^3, dx = {grid.dx:.4g} m); "
+            f"dt <= {safe:.3g} s would be stable"
+        )
+    return cfl

@@ -1,0 +1,68 @@
+"""What `diffmpm validate` reports about a loaded scene and its assets."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+from .sim.grid import default_segment_length, rollout_memory, scene_cfl
+
+
+@dataclass(frozen=True)
+class SceneSummary:
+    name: str
+    source_particles: int
+    target_particles: int | None
+    grid_shape: tuple[int, int, int]
+    dx: float
+    particle_spacing: float
+    dt: float
+    steps: int
+    duration: float
+    bspline: str
+    control_layers: int
+    cfl: float
+    cfl_limit: float
+    memory_full_tape: int
+    memory_checkpointed: int
+    segment_length: int
+    camera_count: int
+    surface_gaussians: int
+
+    @property
+    def cfl_ok(self) -> bool:
+        return self.cfl <= self.cfl_limit
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "cfl_ok": self.cfl_ok}
+
+
+def summarize_scene(*, scene, assets, camera_count: int) -> SceneSummary:
+    """Counts, grid, time stepping, CFL number and a taped-rollout memory estimate of a scene."""
+    sim = scene.sim
+    particles = assets.source.particle_count
+    layers = math.ceil(sim.steps / sim.control_stride)
+    memory = rollout_memory(particle_count=particles, node_count=assets.grid.node_count, steps=sim.steps,
+                            control_layers=layers if scene.learn.dFc.enabled else 0,
+                            segment_length=sim.segment_length or default_segment_length(sim.steps))
+    gaussians = scene.appearance.surface_samples if scene.appearance.gaussians == "surface" else particles
+    return SceneSummary(
+        name=scene.name,
+        source_particles=particles,
+        target_particles=assets.target.particle_count if assets.target is not None else None,
+        grid_shape=assets.grid.shape,
+        dx=assets.grid.dx,
+        particle_spacing=assets.spacing,
+        dt=sim.dt,
+        steps=sim.steps,
+        duration=sim.dt * sim.steps,
+        bspline=sim.bspline,
+        control_layers=layers,
+        cfl=scene_cfl(scene, assets.grid),
+        cfl_limit=sim.cfl_limit,
+        memory_full_tape=memory.full_tape,
+        memory_checkpointed=memory.checkpointed,
+        segment_length=memory.segment_length,
+        camera_count=camera_count,
+        surface_gaussians=gaussians,
+    )

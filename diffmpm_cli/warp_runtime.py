@@ -1,0 +1,44 @@
+"""Warp start-up (quiet, once) and the torch <-> Warp device names."""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+import tempfile
+
+INIT_MESSAGES: list[str] = []  # what Warp's native library printed while starting (shown by `diffmpm info`)
+
+
+@functools.cache
+def warp():
+    """The initialised ``warp`` module, its banner off and its native start-up notices kept in INIT_MESSAGES.
+
+    On a machine without a CUDA driver Warp's C library prints a warning to the stderr file descriptor on every
+    start; the CPU is the expected device there, so the notice is captured rather than shown on every command.
+    """
+    import warp as wp
+
+    wp.config.log_level = wp.LOG_WARNING
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile(mode="w+b") as capture:
+        os.dup2(capture.fileno(), 2)
+        try:
+            wp.init()
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+        capture.seek(0)
+        INIT_MESSAGES.extend(line for line in capture.read().decode(errors="replace").splitlines() if line.strip())
+    return wp
+
+
+def warp_device(torch_device) -> str:
+    """Warp's name for a torch device ('cpu', 'cuda:0', ...)."""
+    import torch
+
+    device = torch.device(torch_device)
+    if device.type == "cuda":
+        return f"cuda:{device.index if device.index is not None else torch.cuda.current_device()}"
+    return "cpu"
