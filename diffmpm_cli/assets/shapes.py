@@ -49,6 +49,8 @@ def build_mesh(shape, *, key: str, default_center) -> trimesh.Trimesh:
     transform[:3, :3] *= shape.scale
     transform[:3, 3] = center
     mesh.apply_transform(transform)
+    if not np.all(np.isfinite(mesh.vertices)):
+        raise AssetError(key, "sizes or positions overflow to non-finite coordinates")
     return mesh
 
 
@@ -75,10 +77,16 @@ def _primitive(shape, key: str) -> trimesh.Trimesh:
 
 
 def _boolean(op: str, parts: list[trimesh.Trimesh], key: str) -> trimesh.Trimesh:
+    for i, part in enumerate(parts):
+        if not part.is_volume:
+            raise AssetError(f"{key}.parts[{i}]", "is not a closed volume (degenerate or extreme sizes?)")
     if len(parts) == 1:
         mesh = parts[0]
     else:
-        mesh = _BOOLEANS[op](parts, engine="manifold")
+        try:
+            mesh = _BOOLEANS[op](parts, engine="manifold")
+        except ValueError as exc:
+            raise AssetError(key, f"the {op} of its parts failed: {exc}") from exc
     if len(mesh.faces) == 0 or mesh.volume <= 0:
         raise AssetError(key, f"the {op} of its parts is empty")
     return mesh

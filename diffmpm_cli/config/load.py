@@ -41,6 +41,21 @@ def _mapping_without_duplicates(loader: _UniqueKeyLoader, node: yaml.MappingNode
 
 
 _UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping_without_duplicates)
+# YAML 1.2 floats: PyYAML (YAML 1.1) reads 1e-3 or 5e4 as strings; a scene means numbers
+_UniqueKeyLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+                  |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+                  |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+                  |[-+]?\.(?:inf|Inf|INF)
+                  |\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."),
+)
+
+
+def parse_yaml(text: str):
+    """YAML text -> Python data with the scene loader (safe, YAML 1.2 floats, no duplicate keys)."""
+    return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
 
 
 def read_yaml(path: Path) -> dict:
@@ -52,7 +67,7 @@ def read_yaml(path: Path) -> dict:
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError("", f"cannot read scene file {path}: {exc}") from exc
     try:
-        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+        data = parse_yaml(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
@@ -100,7 +115,7 @@ def apply_overrides(data: dict, overrides: list[str] | tuple[str, ...]) -> dict:
         key, text = item.split("=", 1)
         key = key.strip()
         try:
-            value = yaml.safe_load(text) if text.strip() else None
+            value = parse_yaml(text) if text.strip() else None
         except yaml.YAMLError as exc:
             raise ConfigError(f"--set {key}", f"cannot parse value '{text}': {exc}") from exc
         parts = _split_key(key)
@@ -163,9 +178,14 @@ def _format_path(loc) -> str:
     return out
 
 
-def _key_loc(loc: tuple, raw: Any) -> list:
-    """Keep the parts of a pydantic location that exist in the input (drops union tags such as 'sphere')."""
+def _key_loc(loc: tuple, raw: Any, *, missing: bool) -> list:
+    """Keep the parts of a pydantic location that exist in the input (drops union tags such as 'sphere').
+
+    For a missing key the last part is kept although the input lacks it.
+    """
     kept, node = [], raw
+    if missing:
+        return _key_loc(loc[:-1], raw, missing=False) + list(loc[-1:])
     for part in loc:
         if isinstance(node, dict) and part in node:
             kept.append(part)
@@ -179,8 +199,12 @@ def _key_loc(loc: tuple, raw: Any) -> list:
     return kept
 
 
+def _num(value: Any) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
 def _show(value: Any) -> str:
-    text = repr(value)
+    text = _num(value) if isinstance(value, float) else repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
 
 
@@ -190,10 +214,10 @@ def _describe(err: dict) -> tuple[list, str]:
     got = f", got {_show(value)}"
     simple = {
         "missing": "required key missing",
-        "greater_than": f"must be > {ctx.get('gt')}{got}",
-        "greater_than_equal": f"must be >= {ctx.get('ge')}{got}",
-        "less_than": f"must be < {ctx.get('lt')}{got}",
-        "less_than_equal": f"must be <= {ctx.get('le')}{got}",
+        "greater_than": f"must be > {_num(ctx.get('gt'))}{got}",
+        "greater_than_equal": f"must be >= {_num(ctx.get('ge'))}{got}",
+        "less_than": f"must be < {_num(ctx.get('lt'))}{got}",
+        "less_than_equal": f"must be <= {_num(ctx.get('le'))}{got}",
         "finite_number": f"must be a finite number{got}",
         "float_parsing": f"must be a number{got}",
         "float_type": f"must be a number{got}",
@@ -210,13 +234,14 @@ def _describe(err: dict) -> tuple[list, str]:
     }
     if kind in simple:
         return [], simple[kind]
+    if kind in ("item_count", "grid_size"):  # our own PydanticCustomErrors carry a complete message
+        return [], err["msg"]
     if kind == "unknown_key":
         return [ctx["key"]], ctx["hint"].join(("unknown key (", ")"))
-    if kind in ("too_short", "too_long"):
-        lo, hi = ctx.get("min_length"), ctx.get("max_length")
-        need = f"exactly {hi}" if kind == "too_long" and lo == hi else (f"at least {lo}" if kind == "too_short"
-                                                                       else f"at most {hi}")
-        return [], f"must have {need} items, got {ctx.get('actual_length')}"
+    if kind == "too_short":
+        return [], f"must have at least {ctx.get('min_length')} items, got {ctx.get('actual_length')}"
+    if kind == "too_long":
+        return [], f"must have at most {ctx.get('max_length')} items, got {ctx.get('actual_length')}"
     if kind == "literal_error":
         expected = ctx.get("expected", "")
         options = re.findall(r"'([^']*)'", expected)
@@ -247,7 +272,8 @@ def _config_error(exc: ValidationError, raw: dict) -> ConfigError:
     issues = []
     for err in exc.errors():
         extra, message = _describe(err)
-        issues.append((_format_path(_key_loc(err["loc"], raw) + extra), message))
+        loc = _key_loc(err["loc"], raw, missing=err["type"] == "missing")
+        issues.append((_format_path(loc + extra), message))
     return ConfigError(issues)
 
 

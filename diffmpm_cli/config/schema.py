@@ -10,7 +10,7 @@ from __future__ import annotations
 import difflib
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 from pydantic_core import PydanticCustomError
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -35,12 +35,24 @@ class Section(BaseModel):
         return data
 
 
-Vec3 = Annotated[list[float], Field(min_length=3, max_length=3)]
-Color = Annotated[list[Annotated[float, Field(ge=0.0, le=1.0)]], Field(min_length=3, max_length=3)]
-Row3 = Annotated[list[float], Field(min_length=3, max_length=3)]
-Row4 = Annotated[list[float], Field(min_length=4, max_length=4)]
-Mat3 = Annotated[list[Row3], Field(min_length=3, max_length=3)]
-Mat4 = Annotated[list[Row4], Field(min_length=4, max_length=4)]
+def _exactly(count: int) -> BeforeValidator:
+    """A list of exactly ``count`` items (one clear message instead of "at least" / "at most")."""
+
+    def check(value: Any) -> Any:
+        if isinstance(value, (list, tuple)) and len(value) != count:
+            raise PydanticCustomError("item_count", "must have exactly {count} items, got {actual}",
+                                      {"count": count, "actual": len(value)})
+        return value
+
+    return BeforeValidator(check)
+
+
+Vec3 = Annotated[list[float], _exactly(3)]
+Color = Annotated[list[Annotated[float, Field(ge=0.0, le=1.0)]], _exactly(3)]
+Row3 = Annotated[list[float], _exactly(3)]
+Row4 = Annotated[list[float], _exactly(4)]
+Mat3 = Annotated[list[Row3], _exactly(3)]
+Mat4 = Annotated[list[Row4], _exactly(4)]
 Positive = Annotated[float, Field(gt=0.0)]
 Axis = Literal["x", "y", "z"]
 
@@ -69,7 +81,7 @@ class Box(ShapeBase):
     """An axis-aligned box before rotation."""
 
     shape: Literal["box"]
-    size: Annotated[list[Positive], Field(min_length=3, max_length=3)] = Field(description="edge lengths x y z [m]")
+    size: Annotated[list[Positive], _exactly(3)] = Field(description="edge lengths x y z [m]")
 
 
 class Torus(ShapeBase):
@@ -209,12 +221,12 @@ Boundary = Literal["sticky", "slip", "separate"]
 class Boundaries(Section):
     """Wall condition per domain face: sticky (v = 0), slip (normal v = 0), separate (outward normal v = 0)."""
 
-    x_min: Boundary = "separate"
-    x_max: Boundary = "separate"
-    y_min: Boundary = "separate"
-    y_max: Boundary = "separate"
-    z_min: Boundary = "separate"
-    z_max: Boundary = "separate"
+    x_min: Boundary = Field("separate", description="wall condition of the x = lower face")
+    x_max: Boundary = Field("separate", description="wall condition of the x = upper face")
+    y_min: Boundary = Field("separate", description="wall condition of the y = lower face")
+    y_max: Boundary = Field("separate", description="wall condition of the y = upper face")
+    z_min: Boundary = Field("separate", description="wall condition of the z = lower face")
+    z_max: Boundary = Field("separate", description="wall condition of the z = upper face")
 
 
 class Floor(Section):
@@ -225,7 +237,7 @@ class Floor(Section):
 
 
 class SimConfig(Section):
-    domain: Domain = Field(default_factory=Domain)
+    domain: Domain = Field(default_factory=Domain, description="the simulation box")
     grid_resolution: Annotated[int, Field(ge=8, le=1024)] | None = Field(
         None, description="grid cells along the longest domain axis; null with dx null = 32"
     )
@@ -244,8 +256,11 @@ class SimConfig(Section):
     bspline: Literal["quadratic", "cubic"] = Field("quadratic", description="transfer kernel (27 or 64 nodes)")
     gravity: Vec3 = Field([0.0, -9.81, 0.0], description="gravity [m/s^2]")
     initial_velocity: Vec3 = Field([0.0, 0.0, 0.0], description="initial velocity of the source [m/s]")
-    boundaries: Boundaries = Field(default_factory=Boundaries)
-    floor: Floor = Field(default_factory=Floor)
+    boundaries: Boundaries = Field(
+        default_factory=Boundaries,
+        description="per face: sticky (v = 0), slip (normal v = 0) or separate (outward normal v = 0)",
+    )
+    floor: Floor = Field(default_factory=Floor, description="an optional floor plane with friction")
     control_stride: Annotated[int, Field(ge=1)] = Field(
         10, description="steps between deformation-gradient control layers (K = ceil(steps / stride))"
     )
@@ -316,13 +331,13 @@ class LearnSigma0(Section):
 
 
 class LearnConfig(Section):
-    dFc: LearnDFc = Field(default_factory=LearnDFc)
-    E: LearnE = Field(default_factory=LearnE)
-    nu: LearnNu = Field(default_factory=LearnNu)
-    v0: LearnV0 = Field(default_factory=LearnV0)
-    color: LearnColor = Field(default_factory=LearnColor)
-    opacity: LearnOpacity = Field(default_factory=LearnOpacity)
-    sigma0: LearnSigma0 = Field(default_factory=LearnSigma0)
+    dFc: LearnDFc = Field(default_factory=LearnDFc, description="deformation-gradient controls")
+    E: LearnE = Field(default_factory=LearnE, description="Young's modulus")
+    nu: LearnNu = Field(default_factory=LearnNu, description="Poisson ratio")
+    v0: LearnV0 = Field(default_factory=LearnV0, description="initial velocity")
+    color: LearnColor = Field(default_factory=LearnColor, description="colour")
+    opacity: LearnOpacity = Field(default_factory=LearnOpacity, description="opacity")
+    sigma0: LearnSigma0 = Field(default_factory=LearnSigma0, description="Gaussian rest size")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -421,9 +436,9 @@ class LineSearch(Section):
 class OptimizeConfig(Section):
     iterations: Annotated[int, Field(ge=0)] = Field(50, description="optimisation iterations")
     optimizer: Literal["adam", "sgd"] = Field("adam", description="torch.optim optimiser")
-    schedule: Schedule = Field(default_factory=Schedule)
+    schedule: Schedule = Field(default_factory=Schedule, description="learning-rate schedule")
     grad_clip: Positive | None = Field(None, description="clip the global gradient norm; null = off")
-    line_search: LineSearch = Field(default_factory=LineSearch)
+    line_search: LineSearch = Field(default_factory=LineSearch, description="optional backtracking line search")
     episodes: Annotated[int, Field(ge=1)] = Field(1, description="episodes; each starts from the previous final state")
     checkpoint_every: Annotated[int, Field(ge=1)] = Field(10, description="iterations between checkpoints")
     keep_checkpoints: Annotated[int, Field(ge=1)] = Field(3, description="latest checkpoints kept (plus the best)")
@@ -447,11 +462,11 @@ class Scene(Section):
     name: str | None = Field(None, description="scene name; null = the file's stem")
     source: Shape = Field(description="the object that is simulated")
     target: TargetConfig = Field(description="what the result is compared with: a mesh, images and/or truth")
-    material: MaterialConfig = Field(default_factory=MaterialConfig)
-    sim: SimConfig = Field(default_factory=SimConfig)
-    learn: LearnConfig = Field(default_factory=LearnConfig)
-    appearance: AppearanceConfig = Field(default_factory=AppearanceConfig)
-    render: RenderConfig = Field(default_factory=RenderConfig)
-    loss: LossConfig = Field(default_factory=LossConfig)
-    optimize: OptimizeConfig = Field(default_factory=OptimizeConfig)
-    output: OutputConfig = Field(default_factory=OutputConfig)
+    material: MaterialConfig = Field(default_factory=MaterialConfig, description="constitutive model and parameters")
+    sim: SimConfig = Field(default_factory=SimConfig, description="MPM grid, particles, time stepping, walls")
+    learn: LearnConfig = Field(default_factory=LearnConfig, description="which parameter groups are optimised")
+    appearance: AppearanceConfig = Field(default_factory=AppearanceConfig, description="the Gaussians drawn")
+    render: RenderConfig = Field(default_factory=RenderConfig, description="image size, background, cameras")
+    loss: LossConfig = Field(default_factory=LossConfig, description="weights of the loss terms")
+    optimize: OptimizeConfig = Field(default_factory=OptimizeConfig, description="optimiser and run control")
+    output: OutputConfig = Field(default_factory=OutputConfig, description="what is written where")
