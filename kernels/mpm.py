@@ -38,53 +38,43 @@ def clamp_base(b: int, n: int, width: int):
     return wp.clamp(b, 0, n - width)
 
 
-@wp.kernel
-def p2g_mass_quadratic(
-    # model
-    grid_lower: wp.vec3,
-    inv_dx: float,
-    # state in
-    x_in: wp.array(dtype=wp.vec3),
-    mass_in: wp.array(dtype=float),
-    # state out
-    grid_mass_out: wp.array3d(dtype=float),
-):
-    p = wp.tid()
-    g = (x_in[p] - grid_lower) * inv_dx
-    bx = clamp_base(int(wp.floor(g[0] - 0.5)), grid_mass_out.shape[0], 3)
-    by = clamp_base(int(wp.floor(g[1] - 0.5)), grid_mass_out.shape[1], 3)
-    bz = clamp_base(int(wp.floor(g[2] - 0.5)), grid_mass_out.shape[2], 3)
-    wx = quadratic_weights(g[0] - float(bx))
-    wy = quadratic_weights(g[1] - float(by))
-    wz = quadratic_weights(g[2] - float(bz))
-    m = mass_in[p]
-    for i in range(3):
-        for j in range(3):
-            for k in range(3):
-                wp.atomic_add(grid_mass_out, bx + i, by + j, bz + k, wx[i] * wy[j] * wz[k] * m)
+# per B-spline order: nodes per axis, the shift giving the stencil base floor(g - shift), the weight function
+BSPLINES = {
+    "quadratic": (3, 0.5, quadratic_weights),
+    "cubic": (4, 1.0, cubic_weights),
+}
 
 
-@wp.kernel
-def p2g_mass_cubic(
-    # model
-    grid_lower: wp.vec3,
-    inv_dx: float,
-    # state in
-    x_in: wp.array(dtype=wp.vec3),
-    mass_in: wp.array(dtype=float),
-    # state out
-    grid_mass_out: wp.array3d(dtype=float),
-):
-    p = wp.tid()
-    g = (x_in[p] - grid_lower) * inv_dx
-    bx = clamp_base(int(wp.floor(g[0])) - 1, grid_mass_out.shape[0], 4)
-    by = clamp_base(int(wp.floor(g[1])) - 1, grid_mass_out.shape[1], 4)
-    bz = clamp_base(int(wp.floor(g[2])) - 1, grid_mass_out.shape[2], 4)
-    wx = cubic_weights(g[0] - float(bx))
-    wy = cubic_weights(g[1] - float(by))
-    wz = cubic_weights(g[2] - float(bz))
-    m = mass_in[p]
-    for i in range(4):
-        for j in range(4):
-            for k in range(4):
-                wp.atomic_add(grid_mass_out, bx + i, by + j, bz + k, wx[i] * wy[j] * wz[k] * m)
+def _p2g_mass_kernel(order: str):
+    width, shift, weights = BSPLINES[order]
+
+    @wp.kernel(module="unique")
+    def p2g_mass(
+        # model
+        grid_lower: wp.vec3,
+        inv_dx: float,
+        # state in
+        x_in: wp.array(dtype=wp.vec3),
+        mass_in: wp.array(dtype=float),
+        # state out
+        grid_mass_out: wp.array3d(dtype=float),
+    ):
+        p = wp.tid()
+        g = (x_in[p] - grid_lower) * inv_dx
+        bx = clamp_base(int(wp.floor(g[0] - wp.static(shift))), grid_mass_out.shape[0], wp.static(width))
+        by = clamp_base(int(wp.floor(g[1] - wp.static(shift))), grid_mass_out.shape[1], wp.static(width))
+        bz = clamp_base(int(wp.floor(g[2] - wp.static(shift))), grid_mass_out.shape[2], wp.static(width))
+        wx = weights(g[0] - float(bx))
+        wy = weights(g[1] - float(by))
+        wz = weights(g[2] - float(bz))
+        m = mass_in[p]
+        for i in range(wp.static(width)):
+            for j in range(wp.static(width)):
+                for k in range(wp.static(width)):
+                    wp.atomic_add(grid_mass_out, bx + i, by + j, bz + k, wx[i] * wy[j] * wz[k] * m)
+
+    return p2g_mass
+
+
+# particle mass -> grid mass, one kernel per B-spline order
+p2g_mass = {order: _p2g_mass_kernel(order) for order in BSPLINES}

@@ -77,8 +77,19 @@ def test_defaults_file_documents_every_key():
             assert part in node, f"{path} missing from configs/defaults.yaml"
             node = node[part]
     # every shape and camera kind is documented in comments
-    for tag in ("sphere", "box", "torus", "capsule", "cylinder", "mesh", "union", "difference", "intersection",
-                "orbit", "pinhole"):
+    for tag in (
+        "sphere",
+        "box",
+        "torus",
+        "capsule",
+        "cylinder",
+        "mesh",
+        "union",
+        "difference",
+        "intersection",
+        "orbit",
+        "pinhole",
+    ):
         assert f": {tag} - " in text
 
 
@@ -183,8 +194,9 @@ def test_missing_unsupported_and_broken_mesh_files(base_scene, tmp_path):
         load_with_source({"shape": "mesh", "path": "open.ply", "center": [0.5, 0.5, 0.5]})
     # a mesh part inside a union reports the part's key path
     with pytest.raises(ConfigError, match=r"^source\.parts\[1\]\.path: file not found"):
-        load_with_source({"shape": "union", "parts": [{"shape": "sphere", "radius": 0.1},
-                                                      {"shape": "mesh", "path": "gone.stl"}]})
+        load_with_source(
+            {"shape": "union", "parts": [{"shape": "sphere", "radius": 0.1}, {"shape": "mesh", "path": "gone.stl"}]}
+        )
 
 
 def test_text_level_errors(write_scene):
@@ -205,8 +217,16 @@ def test_text_level_errors(write_scene):
 
 def test_overrides_are_typed_by_the_schema(write_scene):
     path = write_scene(BASE_SCENE)
-    scene = load_scene(path, ["sim.dt=5e-4", "render.cameras[0].fov=25", "render.cameras.1.name=hero",
-                              "material.preset=rubber", "sim.frames=[5, 15]"])
+    scene = load_scene(
+        path,
+        [
+            "sim.dt=5e-4",
+            "render.cameras[0].fov=25",
+            "render.cameras.1.name=hero",
+            "material.preset=rubber",
+            "sim.frames=[5, 15]",
+        ],
+    )
     assert scene.sim.dt == pytest.approx(5e-4)
     assert scene.render.cameras[0].fov == 25
     assert scene.render.cameras[1].name == "hero"
@@ -262,15 +282,24 @@ def _paths(node, prefix=()):
 
 ALL_PATHS = [p for p in _paths(BASE_SCENE) if p]
 VALUES = st.one_of(
-    st.none(), st.booleans(), st.integers(-10**6, 10**6), st.floats(allow_nan=True, allow_infinity=True),
-    st.text(max_size=6), st.lists(st.floats(-2, 2), max_size=4), st.dictionaries(st.text(max_size=4), st.integers(), max_size=2),
+    st.none(),
+    st.booleans(),
+    st.integers(-(10**6), 10**6),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=6),
+    st.lists(st.floats(-2, 2), max_size=4),
+    st.dictionaries(st.text(max_size=4), st.integers(), max_size=2),
     st.sampled_from([0, -1, 1e-9, 1e9, 0.5, "sphere", "orbit", [0.5, 0.5, 0.5], [], {}]),
 )
 
 
 @settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(path=st.sampled_from(ALL_PATHS), action=st.sampled_from(["set", "delete", "add"]), value=VALUES,
-       key=st.text(min_size=1, max_size=6))
+@given(
+    path=st.sampled_from(ALL_PATHS),
+    action=st.sampled_from(["set", "delete", "add"]),
+    value=VALUES,
+    key=st.text(min_size=1, max_size=6),
+)
 def test_mutations_raise_only_config_errors(tmp_path, path, action, value, key):
     data = copy.deepcopy(BASE_SCENE)
     node = data

@@ -17,7 +17,7 @@ def grid_mass(positions: torch.Tensor, masses: torch.Tensor, *, grid: GridSpec, 
     wp = warp()
     from ..kernels import mpm
 
-    kernel = {"quadratic": mpm.p2g_mass_quadratic, "cubic": mpm.p2g_mass_cubic}[bspline]
+    kernel = mpm.p2g_mass[bspline]
     device = positions.device
     x = positions.detach().to(torch.float32).contiguous()
     m = masses.detach().to(device=device, dtype=torch.float32).contiguous()
