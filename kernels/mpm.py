@@ -1,10 +1,21 @@
-"""MPM transfer kernels: B-spline weights and particle-to-grid transfers.
+"""MLS-MPM kernels: B-spline weights, constitutive models, P2G, grid update, G2P.
 
 Grid node (i, j, k) sits at ``grid_lower + (i, j, k) dx``. A particle at grid coordinate g = (x - lower) / dx has
-stencil base ``floor(g - 0.5)`` (quadratic, 3 nodes per axis) or ``floor(g) - 1`` (cubic, 4 nodes per axis).
+stencil base ``floor(g - shift)``: shift 0.5 and 3 nodes per axis (quadratic), shift 1 and 4 nodes (cubic). The
+APIC/MLS inertia factor is D^-1 = 4 / dx^2 (quadratic) or 3 / dx^2 (cubic).
+
+One step, for control index ``control`` (-1 off control steps):
+  F~ = F + dFc[control]                       stress from F~ (Kirchhoff tau = P(F~) F~^T, + bulk viscosity)
+  P2G   m_i += w m_p;  p_i += w (m_p v_p + (m_p C_p - dt V_p D^-1 tau_p)(x_i - x_p))
+  grid  v_i = p_i / m_i + dt g (0 where m_i <= mass_eps), then floor contact, then walls
+  G2P   v_p = sum w v_i;  C_p = D^-1 sum w v_i (x_i - x_p)^T;  F+ = (I + dt C) F~;  x+ = x + dt v  (held inside)
+Kernels are built per B-spline order (and material) by factories using ``wp.static`` closures.
 """
 
 import warp as wp
+
+# ----------------------------------------------------------------------------------------------------------------
+# B-splines
 
 
 @wp.func
@@ -38,15 +49,85 @@ def clamp_base(b: int, n: int, width: int):
     return wp.clamp(b, 0, n - width)
 
 
-# per B-spline order: nodes per axis, the shift giving the stencil base floor(g - shift), the weight function
+# per B-spline order: nodes per axis, the shift giving the stencil base floor(g - shift), the weight function,
+# and the MLS inertia factor D^-1 dx^2
 BSPLINES = {
-    "quadratic": (3, 0.5, quadratic_weights),
-    "cubic": (4, 1.0, cubic_weights),
+    "quadratic": (3, 0.5, quadratic_weights, 4.0),
+    "cubic": (4, 1.0, cubic_weights, 3.0),
 }
+
+# wall conditions (sim.boundaries) and material models (material.model)
+WALL_STICKY = wp.constant(0)
+WALL_SLIP = wp.constant(1)
+WALL_SEPARATE = wp.constant(2)
+
+# ----------------------------------------------------------------------------------------------------------------
+# constitutive models (Kirchhoff stress tau = P F^T)
+
+POLAR_EPS = wp.constant(1.0e-6)
+
+
+@wp.func
+def polar_rotation(F: wp.mat33):
+    """Rotation R of the polar decomposition F = R S (through wp.svd3, which returns rotations U, V)."""
+    U = wp.mat33()
+    s = wp.vec3()
+    V = wp.mat33()
+    wp.svd3(F, U, s, V)
+    return U * wp.transpose(V)
+
+
+@wp.func_grad(polar_rotation)
+def adj_polar_rotation(F: wp.mat33, adj_ret: wp.mat33):
+    """dR = R Omega with Omega solving S Omega + Omega S = R^T dF - dF^T R; in the V basis Omega'_ij has the
+    denominator s_i + s_j (finite at repeated singular values, unlike the separate U and V adjoints of svd3).
+    Adjoint: F_bar = R V (K / (s_i + s_j)) V^T with K = A - A^T, A = V^T R^T R_bar V."""
+    U = wp.mat33()
+    s = wp.vec3()
+    V = wp.mat33()
+    wp.svd3(F, U, s, V)
+    R = U * wp.transpose(V)
+    A = wp.transpose(V) * wp.transpose(R) * adj_ret * V
+    K = wp.mat33()
+    for i in range(3):
+        for j in range(3):
+            K[i, j] = (A[i, j] - A[j, i]) / wp.max(s[i] + s[j], POLAR_EPS)
+    wp.adjoint[F] += R * V * K * wp.transpose(V)
+
+
+@wp.func
+def fixed_corotated_tau(F: wp.mat33, mu: float, lam: float):
+    """tau = 2 mu (F - R) F^T + lam (J - 1) J I."""
+    R = polar_rotation(F)
+    J = wp.determinant(F)
+    return 2.0 * mu * (F - R) * wp.transpose(F) + wp.identity(3, dtype=float) * (lam * (J - 1.0) * J)
+
+
+@wp.func
+def neo_hookean_tau(F: wp.mat33, mu: float, lam: float):
+    """tau = mu (F F^T - I) + lam log(J) I (undefined for J <= 0: gives NaN, caught by the solver)."""
+    J = wp.determinant(F)
+    I = wp.identity(3, dtype=float)
+    return mu * (F * wp.transpose(F) - I) + I * (lam * wp.log(J))
+
+
+MATERIALS = {"fixed_corotated": fixed_corotated_tau, "neo_hookean": neo_hookean_tau}
+
+
+@wp.func
+def controlled_F(F: wp.mat33, dFc: wp.array2d(dtype=wp.mat33), control: int, p: int):
+    """F~ = F + dFc[control, p] on control steps (control >= 0), else F."""
+    if control >= 0:
+        return F + dFc[control, p]
+    return F
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# particle -> grid
 
 
 def _p2g_mass_kernel(order: str):
-    width, shift, weights = BSPLINES[order]
+    width, shift, weights, _ = BSPLINES[order]
 
     @wp.kernel(module="unique")
     def p2g_mass(
@@ -76,5 +157,218 @@ def _p2g_mass_kernel(order: str):
     return p2g_mass
 
 
-# particle mass -> grid mass, one kernel per B-spline order
+def _p2g_kernel(order: str, material: str):
+    width, shift, weights, inertia = BSPLINES[order]
+    stress = MATERIALS[material]
+
+    @wp.kernel(module="unique")
+    def p2g(
+        # model
+        grid_lower: wp.vec3,
+        dx: float,
+        dt: float,
+        particle_volume: wp.array(dtype=float),
+        particle_mass: wp.array(dtype=float),
+        mu: wp.array(dtype=float),
+        lam: wp.array(dtype=float),
+        bulk_viscosity: float,
+        # controls
+        dFc: wp.array2d(dtype=wp.mat33),
+        control: int,
+        # state in
+        x_in: wp.array(dtype=wp.vec3),
+        v_in: wp.array(dtype=wp.vec3),
+        F_in: wp.array(dtype=wp.mat33),
+        C_in: wp.array(dtype=wp.mat33),
+        # grid out
+        grid_mass_out: wp.array3d(dtype=float),
+        grid_momentum_out: wp.array3d(dtype=wp.vec3),
+    ):
+        p = wp.tid()
+        inv_dx = 1.0 / dx
+        x = x_in[p]
+        g = (x - grid_lower) * inv_dx
+        bx = clamp_base(int(wp.floor(g[0] - wp.static(shift))), grid_mass_out.shape[0], wp.static(width))
+        by = clamp_base(int(wp.floor(g[1] - wp.static(shift))), grid_mass_out.shape[1], wp.static(width))
+        bz = clamp_base(int(wp.floor(g[2] - wp.static(shift))), grid_mass_out.shape[2], wp.static(width))
+        wx = weights(g[0] - float(bx))
+        wy = weights(g[1] - float(by))
+        wz = weights(g[2] - float(bz))
+        F = controlled_F(F_in[p], dFc, control, p)
+        C = C_in[p]
+        tau = stress(F, mu[p], lam[p])
+        if bulk_viscosity > 0.0:
+            tau = tau + wp.identity(3, dtype=float) * (bulk_viscosity * wp.trace(C))
+        m = particle_mass[p]
+        affine = m * C - (dt * particle_volume[p] * wp.static(inertia) * inv_dx * inv_dx) * tau
+        mv = m * v_in[p]
+        for i in range(wp.static(width)):
+            for j in range(wp.static(width)):
+                for k in range(wp.static(width)):
+                    w = wx[i] * wy[j] * wz[k]
+                    node = wp.vec3(float(bx + i), float(by + j), float(bz + k)) * dx + grid_lower
+                    wp.atomic_add(grid_mass_out, bx + i, by + j, bz + k, w * m)
+                    wp.atomic_add(grid_momentum_out, bx + i, by + j, bz + k, w * (mv + affine * (node - x)))
+
+    return p2g
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# grid update
+
+
+@wp.func
+def axis_vector(axis: int):
+    e = wp.vec3(0.0)
+    if axis == 0:
+        e = wp.vec3(1.0, 0.0, 0.0)
+    elif axis == 1:
+        e = wp.vec3(0.0, 1.0, 0.0)
+    else:
+        e = wp.vec3(0.0, 0.0, 1.0)
+    return e
+
+
+@wp.func
+def wall(v: wp.vec3, axis: int, kind: int, outward: float):
+    """Apply a wall condition on component ``axis``; ``outward`` is +1 for a max face, -1 for a min face.
+
+    Written without in-place component assignment (``v[a] = ...``), whose generated adjoint double counts.
+    """
+    e = axis_vector(axis)
+    vn = wp.dot(v, e)
+    out = v
+    if kind == WALL_STICKY:
+        out = wp.vec3(0.0)
+    elif kind == WALL_SLIP or vn * outward > 0.0:  # separate: only motion out of the domain is stopped
+        out = v - vn * e
+    return out
+
+
+@wp.kernel
+def grid_update(
+    # model
+    grid_lower: wp.vec3,
+    dx: float,
+    dt: float,
+    gravity: wp.vec3,
+    band: int,
+    walls_min: wp.vec3i,
+    walls_max: wp.vec3i,
+    floor_enabled: int,
+    floor_normal: wp.vec3,
+    floor_height: float,
+    friction: float,
+    mass_eps: float,
+    # grid in
+    grid_mass_in: wp.array3d(dtype=float),
+    grid_momentum_in: wp.array3d(dtype=wp.vec3),
+    # grid out
+    grid_velocity_out: wp.array3d(dtype=wp.vec3),
+):
+    i, j, k = wp.tid()
+    m = grid_mass_in[i, j, k]
+    v = wp.vec3(0.0)
+    if m > mass_eps:  # nodes barely touched by a stencil edge count as empty (keeps the adjoint -p/m^2 finite)
+        v = grid_momentum_in[i, j, k] / m + dt * gravity
+        if floor_enabled != 0:
+            node = wp.vec3(float(i), float(j), float(k)) * dx + grid_lower
+            if wp.dot(floor_normal, node) < floor_height:
+                vn = wp.dot(v, floor_normal)
+                if vn < 0.0:
+                    vt = v - vn * floor_normal
+                    slide2 = wp.dot(vt, vt)
+                    stop = friction * vn  # negative: the friction impulse along -vt
+                    if slide2 <= stop * stop:
+                        v = wp.vec3(0.0)
+                    else:
+                        v = vt * (1.0 + stop / wp.sqrt(slide2))
+        index = wp.vec3i(i, j, k)
+        shape = wp.vec3i(grid_mass_in.shape[0], grid_mass_in.shape[1], grid_mass_in.shape[2])
+        for a in range(3):
+            if index[a] < band:
+                v = wall(v, a, walls_min[a], -1.0)
+            if index[a] >= shape[a] - band:
+                v = wall(v, a, walls_max[a], 1.0)
+    grid_velocity_out[i, j, k] = v
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# grid -> particle
+
+
+def _g2p_kernel(order: str):
+    width, shift, weights, inertia = BSPLINES[order]
+
+    @wp.kernel(module="unique")
+    def g2p(
+        # model
+        grid_lower: wp.vec3,
+        dx: float,
+        dt: float,
+        interior_lower: wp.vec3,
+        interior_upper: wp.vec3,
+        f_blend: float,
+        min_J: float,
+        # controls
+        dFc: wp.array2d(dtype=wp.mat33),
+        control: int,
+        # state in
+        x_in: wp.array(dtype=wp.vec3),
+        F_in: wp.array(dtype=wp.mat33),
+        grid_velocity_in: wp.array3d(dtype=wp.vec3),
+        # state out
+        x_out: wp.array(dtype=wp.vec3),
+        v_out: wp.array(dtype=wp.vec3),
+        F_out: wp.array(dtype=wp.mat33),
+        C_out: wp.array(dtype=wp.mat33),
+        clamped_out: wp.array(dtype=int),
+    ):
+        p = wp.tid()
+        inv_dx = 1.0 / dx
+        x = x_in[p]
+        g = (x - grid_lower) * inv_dx
+        bx = clamp_base(int(wp.floor(g[0] - wp.static(shift))), grid_velocity_in.shape[0], wp.static(width))
+        by = clamp_base(int(wp.floor(g[1] - wp.static(shift))), grid_velocity_in.shape[1], wp.static(width))
+        bz = clamp_base(int(wp.floor(g[2] - wp.static(shift))), grid_velocity_in.shape[2], wp.static(width))
+        wx = weights(g[0] - float(bx))
+        wy = weights(g[1] - float(by))
+        wz = weights(g[2] - float(bz))
+        v = wp.vec3(0.0)
+        B = wp.mat33(0.0)
+        for i in range(wp.static(width)):
+            for j in range(wp.static(width)):
+                for k in range(wp.static(width)):
+                    w = wx[i] * wy[j] * wz[k]
+                    node = wp.vec3(float(bx + i), float(by + j), float(bz + k)) * dx + grid_lower
+                    vi = grid_velocity_in[bx + i, by + j, bz + k]
+                    v += w * vi
+                    B += w * wp.outer(vi, node - x)
+        C = (wp.static(inertia) * inv_dx * inv_dx) * B
+        F = (wp.identity(3, dtype=float) + dt * C) * controlled_F(F_in[p], dFc, control, p)
+        if f_blend < 1.0:  # seed extra: F <- a F + (1 - a) I
+            F = f_blend * F + (1.0 - f_blend) * wp.identity(3, dtype=float)
+        if min_J > 0.0:  # seed extra: det F >= min_J by uniform scaling
+            J = wp.determinant(F)
+            if J > 0.0 and J < min_J:
+                F = F * wp.pow(min_J / J, 1.0 / 3.0)
+        x_new = x + dt * v
+        held = wp.vec3(  # a new vector: in-place component assignment has a double-counting adjoint
+            wp.clamp(x_new[0], interior_lower[0], interior_upper[0]),
+            wp.clamp(x_new[1], interior_lower[1], interior_upper[1]),
+            wp.clamp(x_new[2], interior_lower[2], interior_upper[2]),
+        )
+        if held[0] != x_new[0] or held[1] != x_new[1] or held[2] != x_new[2]:
+            wp.atomic_add(clamped_out, 0, 1)
+        x_out[p] = held
+        v_out[p] = v
+        F_out[p] = F
+        C_out[p] = C
+
+    return g2p
+
+
+# kernels per B-spline order (and material model)
 p2g_mass = {order: _p2g_mass_kernel(order) for order in BSPLINES}
+p2g = {(order, material): _p2g_kernel(order, material) for order in BSPLINES for material in MATERIALS}
+g2p = {order: _g2p_kernel(order) for order in BSPLINES}

@@ -17,7 +17,7 @@ from diffmpm_cli.config.schema import Scene
 from diffmpm_cli.errors import AssetError
 from diffmpm_cli.reference.mpm import grid_mass_ref
 from diffmpm_cli.sim.grid import GridSpec
-from diffmpm_cli.sim.grid_mass import grid_mass
+from diffmpm_cli.sim.op import grid_mass
 
 SHAPES = {
     "sphere": {"shape": "sphere", "radius": 0.2},

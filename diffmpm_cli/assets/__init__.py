@@ -92,7 +92,7 @@ def check_inside(bounds, grid: GridSpec, key: str) -> None:
 
 def build_assets(scene) -> SceneAssets:
     """Meshes, particles, target grid mass and surface samples of a loaded ``Scene``."""
-    from ..sim.grid_mass import grid_mass
+    from ..sim.op import grid_mass
 
     grid = GridSpec.from_sim(scene.sim)
     rng = np.random.default_rng(scene.optimize.seed)

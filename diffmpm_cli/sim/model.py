@@ -1,0 +1,114 @@
+"""The static MPM model (grid, time step, material model, walls, floor, controls) and the state/grid factories."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..warp_runtime import warp
+from .grid import GridSpec
+
+WALL_CODES = {"sticky": 0, "slip": 1, "separate": 2}
+FACES = ("x", "y", "z")
+
+
+@dataclass(frozen=True)
+class MPMModel:
+    """Everything about a simulation that does not change during a rollout (SI units).
+
+    ``f_blend`` is the seed's F smoothing weight a (F <- a F + (1 - a) I; 1 = off); ``min_J`` clamps det F from
+    below (0 = off); ``bulk_viscosity`` adds zeta tr(C) I to the Kirchhoff stress [Pa s] (0 = off).
+    """
+
+    grid: GridSpec
+    bspline: str
+    material: str
+    dt: float
+    gravity: tuple[float, float, float]
+    walls_min: tuple[int, int, int]
+    walls_max: tuple[int, int, int]
+    floor_enabled: bool = False
+    floor_normal: tuple[float, float, float] = (0.0, 1.0, 0.0)
+    floor_height: float = 0.0
+    friction: float = 0.0
+    f_blend: float = 1.0
+    bulk_viscosity: float = 0.0
+    min_J: float = 0.0
+    control_stride: int = 1
+
+    @classmethod
+    def from_scene(cls, scene, grid: GridSpec | None = None) -> MPMModel:
+        sim, material = scene.sim, scene.material
+        grid = grid or GridSpec.from_sim(sim)
+        walls = sim.boundaries
+        normal = np.asarray(sim.floor.normal, dtype=np.float64)
+        normal = normal / max(np.linalg.norm(normal), 1e-30)
+        return cls(
+            grid=grid,
+            bspline=sim.bspline,
+            material=material.model,
+            dt=sim.dt,
+            gravity=tuple(sim.gravity),
+            walls_min=tuple(WALL_CODES[getattr(walls, f"{a}_min")] for a in FACES),
+            walls_max=tuple(WALL_CODES[getattr(walls, f"{a}_max")] for a in FACES),
+            floor_enabled=sim.floor.enabled,
+            floor_normal=tuple(float(c) for c in normal),
+            floor_height=sim.floor.height,
+            friction=sim.floor.friction,
+            f_blend=material.f_smoothing if material.f_smoothing is not None else 1.0,
+            bulk_viscosity=material.bulk_viscosity,
+            min_J=material.min_J or 0.0,
+            control_stride=sim.control_stride,
+        )
+
+    def control_index(self, step: int) -> int:
+        """Control layer applied at ``step`` (t_k = k stride), or -1."""
+        return step // self.control_stride if step % self.control_stride == 0 else -1
+
+    def control_layers(self, steps: int) -> int:
+        """K = ceil(steps / stride)."""
+        return math.ceil(steps / self.control_stride)
+
+
+@dataclass
+class MPMState:
+    """Particle state: x [N] vec3 (m), v [N] vec3 (m/s), F [N] mat33, C [N] mat33 (1/s)."""
+
+    x: object
+    v: object
+    F: object
+    C: object
+
+    FIELDS = ("x", "v", "F", "C")
+
+    @classmethod
+    def zeros(cls, count: int, *, device: str, requires_grad: bool) -> MPMState:
+        wp = warp()
+        vec = dict(shape=count, device=device, requires_grad=requires_grad)
+        return cls(x=wp.zeros(dtype=wp.vec3, **vec), v=wp.zeros(dtype=wp.vec3, **vec),
+                   F=wp.zeros(dtype=wp.mat33, **vec), C=wp.zeros(dtype=wp.mat33, **vec))
+
+    def arrays(self):
+        return [getattr(self, name) for name in self.FIELDS]
+
+
+@dataclass
+class MPMGrid:
+    """One step's grid: mass [kg], momentum [kg m/s], velocity after the update [m/s]."""
+
+    mass: object
+    momentum: object
+    velocity: object
+
+    @classmethod
+    def zeros(cls, shape, *, device: str, requires_grad: bool) -> MPMGrid:
+        wp = warp()
+        kw = dict(shape=shape, device=device, requires_grad=requires_grad)
+        return cls(mass=wp.zeros(dtype=float, **kw), momentum=wp.zeros(dtype=wp.vec3, **kw),
+                   velocity=wp.zeros(dtype=wp.vec3, **kw))
+
+    def zero_(self) -> None:
+        for array in (self.mass, self.momentum, self.velocity):
+            array.zero_()

@@ -1,0 +1,112 @@
+"""The torch <-> Warp boundary of the simulation: one autograd.Function for the rollout, one for grid mass."""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+
+from ..warp_runtime import warp, warp_device
+from .grid import GridSpec, lame_parameters
+from .solver import Rollout, RolloutStats, Simulator
+
+
+def _stream(device: torch.device):
+    """Run Warp on torch's current stream for CUDA tensors."""
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    wp = warp()
+    return wp.ScopedStream(wp.stream_from_torch(torch.cuda.current_stream(device)))
+
+
+class _RolloutFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, rollout: Rollout, x0, v0, F0, C0, dFc, mu, lam):
+        with _stream(x0.device):
+            outputs = rollout.forward(x0, v0, F0, C0, dFc, mu, lam)
+        ctx.rollout = rollout
+        return tuple(outputs)
+
+    @staticmethod
+    def backward(ctx, gx, gv, gF, gC):
+        rollout, ctx.rollout = ctx.rollout, None
+        with _stream(gx.device):
+            grads = rollout.backward([gx, gv, gF, gC])
+        return (None, *grads)
+
+
+@dataclass
+class RolloutResult:
+    """States at ``frames`` (steps): x [R, N, 3] m, v [R, N, 3] m/s, F [R, N, 3, 3], C [R, N, 3, 3] 1/s."""
+
+    x: torch.Tensor
+    v: torch.Tensor
+    F: torch.Tensor
+    C: torch.Tensor
+    frames: list[int]
+    stats: RolloutStats
+
+    def at(self, step: int) -> dict[str, torch.Tensor]:
+        row = self.frames.index(step)
+        return {"x": self.x[row], "v": self.v[row], "F": self.F[row], "C": self.C[row]}
+
+
+def simulate(sim: Simulator, *, x0: torch.Tensor, v0: torch.Tensor, E: torch.Tensor, nu: torch.Tensor,
+             steps: int, dFc: torch.Tensor | None = None, F0: torch.Tensor | None = None,
+             C0: torch.Tensor | None = None, frames=(), segment_length: int | None = None) -> RolloutResult:
+    """Differentiable rollout of ``steps`` steps.
+
+    x0 [N, 3] m; v0 [3] or [N, 3] m/s; E [] or [N] Pa; nu [] or [N]; dFc [K, N, 3, 3] with K = ceil(steps /
+    stride) (None: no controls); F0, C0 [N, 3, 3] (default I and 0). Gradients reach every tensor input that
+    requires them, through one backward sweep over checkpointed segments.
+    """
+    n = x0.shape[0]
+    device = x0.device
+    v0 = v0.expand(n, 3)
+    F0 = F0 if F0 is not None else torch.eye(3, device=device).expand(n, 3, 3)
+    C0 = C0 if C0 is not None else torch.zeros(n, 3, 3, device=device)
+    mu, lam = lame_parameters(E, nu)
+    mu, lam = mu.expand(n), lam.expand(n)
+    rollout = Rollout(sim, steps=steps, frames=frames, segment_length=segment_length)
+    x, v, F, C = _RolloutFunction.apply(rollout, x0, v0, F0, C0, dFc, mu, lam)
+    return RolloutResult(x=x, v=v, F=F, C=C, frames=rollout.frames, stats=rollout.stats)
+
+
+class _GridMassFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, positions, masses, grid: GridSpec, bspline: str):
+        wp = warp()
+        from ..kernels import mpm
+
+        device = positions.device
+        x = wp.from_torch(positions.detach().float().contiguous().clone(), dtype=wp.vec3, requires_grad=True)
+        m = wp.from_torch(masses.detach().to(device).float().contiguous().clone(), requires_grad=True)
+        out = wp.zeros(grid.shape, dtype=float, device=warp_device(device), requires_grad=True)
+        tape = wp.Tape()
+        with _stream(device), tape:
+            if x.shape[0]:
+                wp.launch(mpm.p2g_mass[bspline], dim=x.shape[0], inputs=[wp.vec3(*grid.lower), grid.inv_dx, x, m],
+                          outputs=[out], device=warp_device(device))
+        ctx.saved = (tape, x, m, out)
+        return wp.to_torch(out).clone()
+
+    @staticmethod
+    def backward(ctx, grad_mass):
+        wp = warp()
+        tape, x, m, out = ctx.saved
+        ctx.saved = None
+        with _stream(grad_mass.device):
+            tape.backward(grads={out: wp.from_torch(grad_mass.float().contiguous())})
+            gx, gm = wp.to_torch(x.grad).clone(), wp.to_torch(m.grad).clone()
+        tape.reset()
+        return gx, gm, None, None
+
+
+def grid_mass(positions: torch.Tensor, masses: torch.Tensor, *, grid: GridSpec, bspline: str) -> torch.Tensor:
+    """Differentiable grid mass [nx, ny, nz] (kg) of particles at ``positions`` [N, 3] (m) with ``masses`` [N] (kg).
+
+    Transfers with the quadratic (27-node) or cubic (64-node) B-spline. Particles must lie in the grid interior
+    (``GridSpec.interior_*``); a stencil that would leave the grid is clamped to its edge.
+    """
+    return _GridMassFunction.apply(positions, masses, grid, bspline)

@@ -1,0 +1,219 @@
+"""MPM step launches and the checkpointed rollout (forward without a tape, backward segment by segment).
+
+The forward keeps only the states at segment starts. The backward replays each segment, last first, under a
+fresh ``wp.Tape`` with one state and one grid per step (nothing a taped launch read is ever overwritten), seeds
+the segment end with the gradient arriving from later segments plus that of any output frame there, and passes
+the gradient of the segment's start state on. All control layers, E/nu and the initial state get their
+gradients from this single backward sweep.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..errors import SimulationError
+from ..warp_runtime import warp, warp_device
+from .grid import default_segment_length
+from .model import MPMGrid, MPMModel, MPMState
+
+STATE_DTYPES = ("vec3", "vec3", "mat33", "mat33")
+NODE_MASS_EPS = 1.0e-8  # relative to the mean particle mass
+
+
+def segment_bounds(steps: int, frames, segment_length: int | None) -> list[tuple[int, int]]:
+    """[(start, end)] covering 0..steps, cut every ``segment_length`` steps and at every frame step."""
+    length = segment_length or default_segment_length(steps)
+    cuts = {steps, *range(length, steps, length), *(f for f in frames if 0 < f < steps)}
+    bounds, start = [], 0
+    for end in sorted(cuts):
+        bounds.append((start, end))
+        start = end
+    return bounds
+
+
+class Simulator:
+    """Launches MPM steps for one model and one set of particles (mass [N] kg, rest volume [N] m^3)."""
+
+    def __init__(self, model: MPMModel, *, mass: torch.Tensor, volume: torch.Tensor):
+        wp = warp()
+        from ..kernels import mpm
+
+        self.model = model
+        self.device = warp_device(mass.device)
+        self.torch_device = mass.device
+        self.particle_count = int(mass.shape[0])
+        self.mass = wp.from_torch(mass.detach().float().contiguous().clone())
+        self.volume = wp.from_torch(volume.detach().to(mass.device).float().contiguous().clone())
+        self._p2g = mpm.p2g[(model.bspline, model.material)]
+        self._grid_update = mpm.grid_update
+        self._g2p = mpm.g2p[model.bspline]
+        g = model.grid
+        self._lower = wp.vec3(*g.lower)
+        self._interior = (wp.vec3(*g.interior_lower), wp.vec3(*g.interior_upper))
+        self.clamped = wp.zeros(1, dtype=int, device=self.device)
+        # grid nodes lighter than this are empty: 1e-8 of a mean particle, far below any node a particle reaches
+        # with a real weight, and far enough above 0 that the adjoint of p / m stays finite in float32
+        self.node_mass_eps = NODE_MASS_EPS * float(mass.detach().float().mean()) if self.particle_count else 0.0
+
+    def new_state(self, requires_grad: bool = False) -> MPMState:
+        return MPMState.zeros(self.particle_count, device=self.device, requires_grad=requires_grad)
+
+    def new_grid(self, requires_grad: bool = False) -> MPMGrid:
+        return MPMGrid.zeros(self.model.grid.shape, device=self.device, requires_grad=requires_grad)
+
+    def step(self, state_in: MPMState, state_out: MPMState, grid: MPMGrid, *, mu, lam, dFc, control: int,
+             clamped=None) -> None:
+        """One MLS-MPM step from ``state_in`` into ``state_out`` through ``grid`` (which must be zero)."""
+        wp = warp()
+        m, g = self.model, self.model.grid
+        n = self.particle_count
+        wp.launch(self._p2g, dim=n, device=self.device, inputs=[
+            self._lower, g.dx, m.dt, self.volume, self.mass, mu, lam, m.bulk_viscosity, dFc, control,
+            state_in.x, state_in.v, state_in.F, state_in.C,
+        ], outputs=[grid.mass, grid.momentum])
+        wp.launch(self._grid_update, dim=g.shape, device=self.device, inputs=[
+            self._lower, g.dx, m.dt, wp.vec3(*m.gravity), g.boundary_cells, wp.vec3i(*m.walls_min),
+            wp.vec3i(*m.walls_max), int(m.floor_enabled), wp.vec3(*m.floor_normal), m.floor_height, m.friction,
+            self.node_mass_eps, grid.mass, grid.momentum,
+        ], outputs=[grid.velocity])
+        wp.launch(self._g2p, dim=n, device=self.device, inputs=[
+            self._lower, g.dx, m.dt, self._interior[0], self._interior[1], m.f_blend, m.min_J, dFc, control,
+            state_in.x, state_in.F, grid.velocity,
+        ], outputs=[state_out.x, state_out.v, state_out.F, state_out.C,
+                    clamped if clamped is not None else self.clamped])
+
+
+@dataclass
+class RolloutStats:
+    """What a rollout reports besides its states."""
+
+    steps: int = 0
+    segments: int = 0
+    clamped_particle_steps: int = 0  # particle-steps held inside the interior (walls reached)
+    bytes_per_step: int = 0  # taped bytes per step in the backward (states, grids and their adjoints)
+    peak_taped_bytes: int = 0  # largest segment held on a tape at once
+    checkpoint_bytes: int = 0
+    frames: list[int] = field(default_factory=list)
+
+
+def _to_warp(tensor: torch.Tensor, dtype: str, requires_grad: bool):
+    wp = warp()
+    return wp.from_torch(tensor.detach().float().contiguous().clone(), dtype=getattr(wp, dtype),
+                         requires_grad=requires_grad)
+
+
+def _state_from_torch(state: MPMState, tensors) -> None:
+    wp = warp()
+    for array, tensor, dtype in zip(state.arrays(), tensors, STATE_DTYPES, strict=True):
+        wp.copy(array, wp.from_torch(tensor.detach().float().contiguous(), dtype=getattr(wp, dtype)))
+
+
+def _state_to_torch(state: MPMState) -> list[torch.Tensor]:
+    wp = warp()
+    return [wp.to_torch(a).clone() for a in state.arrays()]
+
+
+class Rollout:
+    """A differentiable rollout of ``steps`` steps returning the states at ``frames`` (the last is ``steps``)."""
+
+    def __init__(self, sim: Simulator, *, steps: int, frames=(), segment_length: int | None = None):
+        if any(f < 0 or f > steps for f in frames):
+            raise SimulationError(f"frames must lie in 0..{steps}, got {sorted(frames)}")
+        self.sim = sim
+        self.steps = steps
+        self.frames = sorted({*frames, steps})
+        self.segments = segment_bounds(steps, self.frames, segment_length)
+        self.stats = RolloutStats(steps=steps, segments=len(self.segments), frames=list(self.frames))
+        self._checkpoints: list[list[torch.Tensor]] = []
+        self._params = None
+
+    # -- forward ------------------------------------------------------------------------------------------------
+    def forward(self, x0, v0, F0, C0, dFc, mu, lam) -> list[torch.Tensor]:
+        """States at the frames, stacked: x [R, N, 3], v [R, N, 3], F [R, N, 3, 3], C [R, N, 3, 3]."""
+        wp = warp()
+        sim = self.sim
+        controlled = dFc is not None
+        K = sim.model.control_layers(self.steps)
+        if controlled and tuple(dFc.shape) != (K, sim.particle_count, 3, 3):
+            raise SimulationError(f"dFc must have shape [{K}, {sim.particle_count}, 3, 3], got {list(dFc.shape)}")
+        dfc = dFc if controlled else torch.zeros(1, sim.particle_count, 3, 3, device=sim.torch_device)
+        self._params = dict(dFc=_to_warp(dfc, "mat33", controlled), mu=_to_warp(mu, "float32", True),
+                            lam=_to_warp(lam, "float32", True), controlled=controlled)
+        current, spare = sim.new_state(), sim.new_state()
+        _state_from_torch(current, (x0, v0, F0, C0))
+        grid = sim.new_grid()
+        sim.clamped.zero_()
+        outputs = {0: _state_to_torch(current)} if 0 in self.frames else {}
+        self._checkpoints = []
+        for start, end in self.segments:
+            self._checkpoints.append(_state_to_torch(current))
+            for t in range(start, end):
+                grid.zero_()
+                sim.step(current, spare, grid, mu=self._params["mu"], lam=self._params["lam"],
+                         dFc=self._params["dFc"], control=self._control(t))
+                current, spare = spare, current
+            tensors = _state_to_torch(current)
+            bad = [name for name, t in zip(MPMState.FIELDS, tensors, strict=True) if not torch.isfinite(t).all()]
+            if bad:
+                raise SimulationError(
+                    f"non-finite particle state ({', '.join(bad)}) after step {end} (segment {start}..{end}); "
+                    "lower sim.dt, soften the material or check the controls"
+                )
+            if end in self.frames:
+                outputs[end] = tensors
+        self.stats.clamped_particle_steps = int(sim.clamped.numpy()[0])
+        self._account_memory()
+        return [torch.stack([outputs[f][i] for f in self.frames]) for i in range(4)]
+
+    def _control(self, step: int) -> int:
+        return self.sim.model.control_index(step) if self._params["controlled"] else -1
+
+    def _account_memory(self) -> None:
+        n, nodes = self.sim.particle_count, self.sim.model.grid.node_count
+        state = n * (3 + 3 + 9 + 9) * 4
+        grid = nodes * (1 + 3 + 3) * 4
+        self.stats.bytes_per_step = 2 * (state + grid)
+        self.stats.peak_taped_bytes = max(e - s for s, e in self.segments) * self.stats.bytes_per_step
+        self.stats.checkpoint_bytes = len(self.segments) * state
+
+    # -- backward -----------------------------------------------------------------------------------------------
+    def backward(self, grads) -> tuple:
+        """Gradients (x0, v0, F0, C0, dFc or None, mu, lam) from gradients of the stacked frame outputs."""
+        wp = warp()
+        sim = self.sim
+        frame_row = {f: i for i, f in enumerate(self.frames)}
+        carry = [torch.zeros_like(c) for c in self._checkpoints[-1]]
+        scratch_counter = wp.zeros(1, dtype=int, device=sim.device)
+        for index in range(len(self.segments) - 1, -1, -1):
+            start, end = self.segments[index]
+            if end in frame_row:
+                carry = [c + (g[frame_row[end]] if g is not None else 0) for c, g in zip(carry, grads, strict=True)]
+            begin = sim.new_state(requires_grad=True)
+            _state_from_torch(begin, self._checkpoints[index])
+            tape = wp.Tape()
+            current = begin
+            with tape:
+                for t in range(start, end):
+                    nxt = sim.new_state(requires_grad=True)
+                    sim.step(current, nxt, sim.new_grid(requires_grad=True), mu=self._params["mu"],
+                             lam=self._params["lam"], dFc=self._params["dFc"], control=self._control(t),
+                             clamped=scratch_counter)
+                    current = nxt
+            seeds = {array: wp.from_torch(g.float().contiguous(), dtype=getattr(wp, dtype))
+                     for array, g, dtype in zip(current.arrays(), carry, STATE_DTYPES, strict=True)}
+            tape.backward(grads=seeds)
+            carry = [wp.to_torch(a.grad).clone() for a in begin.arrays()]
+            tape.reset()
+            del tape, begin, current, seeds
+        if 0 in frame_row:
+            carry = [c + (g[frame_row[0]] if g is not None else 0) for c, g in zip(carry, grads, strict=True)]
+        p = self._params
+        g_dfc = wp.to_torch(p["dFc"].grad).clone() if p["controlled"] else None
+        g_mu, g_lam = wp.to_torch(p["mu"].grad).clone(), wp.to_torch(p["lam"].grad).clone()
+        self._params, self._checkpoints = None, []  # release Warp arrays (Warp issue #675)
+        out = (*carry, g_dfc, g_mu, g_lam)
+        if not all(torch.isfinite(t).all() for t in out if t is not None):
+            raise SimulationError("non-finite gradient in the MPM backward pass")
+        return out
