@@ -107,8 +107,8 @@ def fixed_corotated_tau(F: wp.mat33, mu: float, lam: float):
 def neo_hookean_tau(F: wp.mat33, mu: float, lam: float):
     """tau = mu (F F^T - I) + lam log(J) I (undefined for J <= 0: gives NaN, caught by the solver)."""
     J = wp.determinant(F)
-    I = wp.identity(3, dtype=float)
-    return mu * (F * wp.transpose(F) - I) + I * (lam * wp.log(J))
+    eye = wp.identity(3, dtype=float)
+    return mu * (F * wp.transpose(F) - eye) + eye * (lam * wp.log(J))
 
 
 MATERIALS = {"fixed_corotated": fixed_corotated_tau, "neo_hookean": neo_hookean_tau}
@@ -116,10 +116,11 @@ MATERIALS = {"fixed_corotated": fixed_corotated_tau, "neo_hookean": neo_hookean_
 
 @wp.func
 def controlled_F(F: wp.mat33, dFc: wp.array2d(dtype=wp.mat33), control: int, p: int):
-    """F~ = F + dFc[control, p] on control steps (control >= 0), else F."""
+    """F~ = F + dFc[control, p] on control steps (control >= 0), else F (one return: see WARP_FINDINGS)."""
+    out = F
     if control >= 0:
-        return F + dFc[control, p]
-    return F
+        out = F + dFc[control, p]
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -22,3 +22,132 @@ def grid_mass_ref(positions: torch.Tensor, masses: torch.Tensor, *, lower, dx: f
     weights = [bspline_ref(x[:, a, None] - torch.arange(shape[a], dtype=torch.float64)[None, :], order)
                for a in range(3)]
     return torch.einsum("p,pi,pj,pk->ijk", masses.to(torch.float64), *weights)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# one MLS-MPM step, dense: every particle against every grid node (the semantics of kernels/mpm.py)
+
+INERTIA = {"quadratic": 4.0, "cubic": 3.0}
+
+
+def polar_rotation_ref(F: torch.Tensor) -> torch.Tensor:
+    """R of F = R S, a proper rotation (det +1) as wp.svd3 gives it."""
+    U, _, Vh = torch.linalg.svd(F)
+    sign = torch.sign(torch.linalg.det(U @ Vh))
+    D = torch.diag_embed(torch.stack([torch.ones_like(sign), torch.ones_like(sign), sign], dim=-1))
+    return U @ D @ Vh
+
+
+def kirchhoff_ref(F: torch.Tensor, mu: torch.Tensor, lam: torch.Tensor, model: str) -> torch.Tensor:
+    """tau = P(F) F^T for fixed-corotated or neo-Hookean, [N, 3, 3]."""
+    eye = torch.eye(3, dtype=F.dtype, device=F.device).expand_as(F)
+    J = torch.linalg.det(F)
+    if model == "fixed_corotated":
+        R = polar_rotation_ref(F)
+        return 2 * mu[:, None, None] * (F - R) @ F.transpose(1, 2) + (lam * (J - 1) * J)[:, None, None] * eye
+    if model == "neo_hookean":
+        return mu[:, None, None] * (F @ F.transpose(1, 2) - eye) + (lam * torch.log(J))[:, None, None] * eye
+    raise ValueError(model)
+
+
+def energy_density_ref(F: torch.Tensor, mu: torch.Tensor, lam: torch.Tensor, model: str) -> torch.Tensor:
+    """Elastic energy per rest volume psi(F) [Pa], [N]."""
+    J = torch.linalg.det(F)
+    if model == "fixed_corotated":
+        R = polar_rotation_ref(F)
+        return mu * ((F - R) ** 2).sum(dim=(1, 2)) + 0.5 * lam * (J - 1) ** 2
+    if model == "neo_hookean":
+        logJ = torch.log(J)
+        return 0.5 * mu * ((F**2).sum(dim=(1, 2)) - 3) - mu * logJ + 0.5 * lam * logJ**2
+    raise ValueError(model)
+
+
+def _apply_wall(v: torch.Tensor, axis: int, kind: int, outward: float, where: torch.Tensor) -> torch.Tensor:
+    e = torch.zeros(3, dtype=v.dtype)
+    e[axis] = 1.0
+    vn = v @ e
+    if kind == 0:  # sticky
+        new = torch.zeros_like(v)
+    elif kind == 1:  # slip
+        new = v - vn[:, None] * e
+    else:  # separate
+        new = torch.where((vn * outward > 0)[:, None], v - vn[:, None] * e, v)
+    return torch.where(where[:, None], new, v)
+
+
+def step_ref(state: dict, *, model, mass: torch.Tensor, volume: torch.Tensor, mu: torch.Tensor, lam: torch.Tensor,
+             dFc_t: torch.Tensor | None, node_mass_eps: float) -> dict:
+    """One step of ``kernels/mpm.py`` in float64 torch, every particle against every node. ``state``: x, v, F, C."""
+    g = model.grid
+    dt = model.dt
+    x, v, F, C = (state[k] for k in ("x", "v", "F", "C"))
+    dtype = x.dtype
+    lower = torch.as_tensor(g.lower, dtype=dtype)
+    eye = torch.eye(3, dtype=dtype)
+    # weights [N, G] and offsets node - x [N, G, 3]
+    rel = (x - lower) / g.dx
+    axes = [torch.arange(n, dtype=dtype) for n in g.shape]
+    wx, wy, wz = (bspline_ref(rel[:, a, None] - axes[a][None, :], model.bspline) for a in range(3))
+    w = (wx[:, :, None, None] * wy[:, None, :, None] * wz[:, None, None, :]).reshape(len(x), -1)
+    index = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).reshape(-1, 3)
+    nodes = lower + index * g.dx
+    dpos = nodes[None, :, :] - x[:, None, :]
+    inv_d = INERTIA[model.bspline] / g.dx**2
+    # stress and P2G
+    Ft = F + dFc_t if dFc_t is not None else F
+    tau = kirchhoff_ref(Ft, mu, lam, model.material)
+    if model.bulk_viscosity > 0:
+        tau = tau + model.bulk_viscosity * torch.einsum("pii->p", C)[:, None, None] * eye
+    affine = mass[:, None, None] * C - (dt * volume * inv_d)[:, None, None] * tau
+    grid_mass = (w * mass[:, None]).sum(0)
+    grid_momentum = (w[:, :, None] * (mass[:, None, None] * v[:, None, :]
+                                      + torch.einsum("pij,pgj->pgi", affine, dpos))).sum(0)
+    # grid update
+    filled = grid_mass > node_mass_eps
+    safe_mass = torch.where(filled, grid_mass, torch.ones_like(grid_mass))
+    vg = torch.where(filled[:, None], grid_momentum / safe_mass[:, None] + dt * torch.as_tensor(model.gravity, dtype=dtype),
+                     torch.zeros_like(grid_momentum))
+    if model.floor_enabled:
+        n = torch.as_tensor(model.floor_normal, dtype=dtype)
+        below = (nodes @ n < model.floor_height) & filled
+        vn = vg @ n
+        vt = vg - vn[:, None] * n
+        slide = (vt**2).sum(1)
+        stop = model.friction * vn
+        hit = below & (vn < 0)
+        scaled = vt * (1 + stop / torch.sqrt(torch.where(slide > 0, slide, torch.ones_like(slide))))[:, None]
+        contact = torch.where((slide <= stop**2)[:, None], torch.zeros_like(vg), scaled)
+        vg = torch.where(hit[:, None], contact, vg)
+    for a in range(3):
+        vg = _apply_wall(vg, a, model.walls_min[a], -1.0, filled & (index[:, a] < g.boundary_cells))
+        vg = _apply_wall(vg, a, model.walls_max[a], 1.0, filled & (index[:, a] >= g.shape[a] - g.boundary_cells))
+    # G2P
+    v_new = (w[:, :, None] * vg[None]).sum(1)
+    C_new = inv_d * torch.einsum("pg,pgi,pgj->pij", w, vg.expand(len(x), -1, -1), dpos)
+    F_new = (eye + dt * C_new) @ Ft
+    if model.f_blend < 1.0:
+        F_new = model.f_blend * F_new + (1 - model.f_blend) * eye
+    if model.min_J > 0:
+        J = torch.linalg.det(F_new)
+        low = (J > 0) & (J < model.min_J)
+        scale = torch.where(low, (model.min_J / torch.where(low, J, torch.ones_like(J))) ** (1 / 3), torch.ones_like(J))
+        F_new = F_new * scale[:, None, None]
+    lo, hi = (torch.as_tensor(b, dtype=dtype) for b in (g.interior_lower, g.interior_upper))
+    x_new = torch.minimum(torch.maximum(x + dt * v_new, lo), hi)
+    return {"x": x_new, "v": v_new, "F": F_new, "C": C_new}
+
+
+def rollout_ref(state: dict, *, model, steps: int, mass, volume, mu, lam, dFc=None, node_mass_eps: float,
+                frames=()) -> list[dict]:
+    """Run ``steps`` steps of ``step_ref``; states at sorted({*frames, steps})."""
+    out = []
+    wanted = sorted({*frames, steps})
+    if 0 in wanted:
+        out.append(state)
+    for t in range(steps):
+        k = model.control_index(t) if dFc is not None else -1
+        state = step_ref(state, model=model, mass=mass, volume=volume, mu=mu, lam=lam,
+                         dFc_t=dFc[k] if k >= 0 else None, node_mass_eps=node_mass_eps)
+        if t + 1 in wanted:
+            out.append(state)
+    return out

@@ -37,6 +37,7 @@ class MPMModel:
     bulk_viscosity: float = 0.0
     min_J: float = 0.0
     control_stride: int = 1
+    cfl_limit: float = 0.5
 
     @classmethod
     def from_scene(cls, scene, grid: GridSpec | None = None) -> MPMModel:
@@ -61,6 +62,7 @@ class MPMModel:
             bulk_viscosity=material.bulk_viscosity,
             min_J=material.min_J or 0.0,
             control_stride=sim.control_stride,
+            cfl_limit=sim.cfl_limit,
         )
 
     def control_index(self, step: int) -> int:

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..errors import SimulationError
 from ..warp_runtime import warp, warp_device
 from .grid import GridSpec, lame_parameters
 from .solver import Rollout, RolloutStats, Simulator
@@ -68,9 +69,24 @@ def simulate(sim: Simulator, *, x0: torch.Tensor, v0: torch.Tensor, E: torch.Ten
     C0 = C0 if C0 is not None else torch.zeros(n, 3, 3, device=device)
     mu, lam = lame_parameters(E, nu)
     mu, lam = mu.expand(n), lam.expand(n)
+    _check_stability(sim, mu, lam)
     rollout = Rollout(sim, steps=steps, frames=frames, segment_length=segment_length)
     x, v, F, C = _RolloutFunction.apply(rollout, x0, v0, F0, C0, dFc, mu, lam)
     return RolloutResult(x=x, v=v, F=F, C=C, frames=rollout.frames, stats=rollout.stats)
+
+
+def _check_stability(sim: Simulator, mu: torch.Tensor, lam: torch.Tensor) -> None:
+    """Refuse a rollout whose CFL number dt sqrt((lambda + 2 mu) / rho) / dx exceeds the model's limit."""
+    model = sim.model
+    density = sim.density
+    speed = torch.sqrt(torch.clamp((lam + 2 * mu).detach() / density, min=0.0)).max()
+    cfl = float(model.dt * speed / model.grid.dx)
+    if not cfl <= model.cfl_limit:
+        stable = model.cfl_limit * model.grid.dx / float(speed)
+        raise SimulationError(
+            f"sim.dt: unstable time step: CFL number {cfl:.3g} exceeds sim.cfl_limit {model.cfl_limit:g} "
+            f"(largest wave speed {float(speed):.4g} m/s, dx = {model.grid.dx:.4g} m); dt <= {stable:.3g} s would be stable"
+        )
 
 
 class _GridMassFunction(torch.autograd.Function):
@@ -99,7 +115,7 @@ class _GridMassFunction(torch.autograd.Function):
         with _stream(grad_mass.device):
             tape.backward(grads={out: wp.from_torch(grad_mass.float().contiguous())})
             gx, gm = wp.to_torch(x.grad).clone(), wp.to_torch(m.grad).clone()
-        tape.reset()
+        del tape
         return gx, gm, None, None
 
 

@@ -53,6 +53,7 @@ class Simulator:
         self._lower = wp.vec3(*g.lower)
         self._interior = (wp.vec3(*g.interior_lower), wp.vec3(*g.interior_upper))
         self.clamped = wp.zeros(1, dtype=int, device=self.device)
+        self.density = (mass.detach().float() / volume.detach().to(mass.device).float()).view(-1)
         # grid nodes lighter than this are empty: 1e-8 of a mean particle, far below any node a particle reaches
         # with a real weight, and far enough above 0 that the adjoint of p / m stays finite in float32
         self.node_mass_eps = NODE_MASS_EPS * float(mass.detach().float().mean()) if self.particle_count else 0.0
@@ -132,7 +133,6 @@ class Rollout:
     # -- forward ------------------------------------------------------------------------------------------------
     def forward(self, x0, v0, F0, C0, dFc, mu, lam) -> list[torch.Tensor]:
         """States at the frames, stacked: x [R, N, 3], v [R, N, 3], F [R, N, 3, 3], C [R, N, 3, 3]."""
-        wp = warp()
         sim = self.sim
         controlled = dFc is not None
         K = sim.model.control_layers(self.steps)
@@ -205,7 +205,7 @@ class Rollout:
                      for array, g, dtype in zip(current.arrays(), carry, STATE_DTYPES, strict=True)}
             tape.backward(grads=seeds)
             carry = [wp.to_torch(a.grad).clone() for a in begin.arrays()]
-            tape.reset()
+            # drop the tape without Tape.reset(): reset would also zero the parameter gradients accumulated so far
             del tape, begin, current, seeds
         if 0 in frame_row:
             carry = [c + (g[frame_row[0]] if g is not None else 0) for c, g in zip(carry, grads, strict=True)]
