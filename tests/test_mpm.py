@@ -7,6 +7,7 @@ from dataclasses import replace
 
 import pytest
 import torch
+from conftest import DEVICES
 
 from diffmpm_cli.errors import SimulationError
 from diffmpm_cli.gradcheck import directional_probes
@@ -40,11 +41,15 @@ def make_particles(count=120, seed=0, low=(0.3, 0.262, 0.3), high=(0.7, 0.6, 0.7
     return dict(x=x, v=v, F=F, C=C), mass, volume
 
 
-def run_warp(model, state, mass, volume, *, E, nu, steps, dFc=None, frames=(), segment_length=None):
-    sim = Simulator(model, mass=mass.float(), volume=volume.float())
-    result = simulate(sim, x0=state["x"].float(), v0=state["v"].float(), F0=state["F"].float(), C0=state["C"].float(),
-                      E=E.float(), nu=nu.float(), steps=steps, dFc=None if dFc is None else dFc.float(), frames=frames,
+def run_warp(model, state, mass, volume, *, E, nu, steps, dFc=None, frames=(), segment_length=None, device="cpu"):
+    """A Warp rollout on ``device``; the result's tensors come back on the CPU."""
+    on = lambda t: t.float().to(device)  # noqa: E731
+    sim = Simulator(model, mass=on(mass), volume=on(volume))
+    result = simulate(sim, x0=on(state["x"]), v0=on(state["v"]), F0=on(state["F"]), C0=on(state["C"]), E=on(E),
+                      nu=on(nu), steps=steps, dFc=None if dFc is None else on(dFc), frames=frames,
                       segment_length=segment_length)
+    for name in FIELDS:
+        setattr(result, name, getattr(result, name).cpu())
     return sim, result
 
 
@@ -61,15 +66,16 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("order,material", CASES)
-def test_step_matches_the_twin(order, material):
+def test_step_matches_the_twin(order, material, device):
     model = make_model(bspline=order, material=material, floor_enabled=True, floor_normal=(0.0, 1.0, 0.0),
                        floor_height=0.3, friction=0.4)
     state, mass, volume = make_particles()
     E, nu = torch.full((120,), 1.0e4, dtype=torch.float64), torch.full((120,), 0.3, dtype=torch.float64)
     E[:60] = 3.0e4  # per-particle material
     dFc = 0.02 * torch.randn(4, 120, 3, 3, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    sim, result = run_warp(model, state, mass, volume, E=E, nu=nu, steps=20, dFc=dFc, frames=[1])
+    sim, result = run_warp(model, state, mass, volume, E=E, nu=nu, steps=20, dFc=dFc, frames=[1], device=device)
     mu, lam = lame_parameters(E, nu)
     ref = rollout_ref(state, model=model, steps=20, mass=mass, volume=volume, mu=mu, lam=lam, dFc=dFc,
                       node_mass_eps=sim.node_mass_eps, frames=[1])
@@ -92,8 +98,9 @@ def test_extras_match_the_twin():
         assert rel_error(getattr(result, name)[-1], ref[-1][name]) <= 1e-4, name
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("order,material", [CASES[0], CASES[3]])
-def test_backward_matches_the_twin_by_random_cotangents(order, material):
+def test_backward_matches_the_twin_by_random_cotangents(order, material, device):
     model = make_model(bspline=order, material=material, control_stride=2)
     state, mass, volume = make_particles(count=60, seed=2)
     g = torch.Generator().manual_seed(5)
@@ -108,8 +115,8 @@ def test_backward_matches_the_twin_by_random_cotangents(order, material):
     def vjp(use_warp: bool):
         leaves = {k: v.clone().requires_grad_(True) for k, v in inputs.items()}
         if use_warp:
-            f32 = {k: v.float() for k, v in leaves.items()}
-            sim = Simulator(model, mass=mass.float(), volume=volume.float())
+            f32 = {k: v.float().to(device) for k, v in leaves.items()}
+            sim = Simulator(model, mass=mass.float().to(device), volume=volume.float().to(device))
             out = simulate(sim, x0=f32["x0"], v0=f32["v0"], F0=f32["F0"], C0=f32["C0"], E=f32["E"], nu=f32["nu"],
                            dFc=f32["dFc"], steps=steps)
             final = {name: getattr(out, name)[-1] for name in FIELDS}
@@ -155,16 +162,17 @@ def test_finite_differences_through_the_kernels():
         assert probe.rel_error <= 1e-2, probe
 
 
-def test_checkpointed_gradients_equal_full_tape_gradients():
+@pytest.mark.parametrize("device", DEVICES)
+def test_checkpointed_gradients_equal_full_tape_gradients(device):
     model = make_model(control_stride=4)
     state, mass, volume = make_particles(count=60, seed=6)
     grads = []
     for segment in (None, 16):  # about sqrt(16) = 4 steps per segment, then the whole rollout on one tape
-        sim = Simulator(model, mass=mass.float(), volume=volume.float())
-        dFc = torch.zeros(4, 60, 3, 3, requires_grad=True)
-        E = torch.tensor(1.0e4, requires_grad=True)
-        out = simulate(sim, x0=state["x"].float(), v0=state["v"].float(), E=E, nu=torch.tensor(0.3), dFc=dFc,
-                       steps=16, frames=[6], segment_length=segment)
+        sim = Simulator(model, mass=mass.float().to(device), volume=volume.float().to(device))
+        dFc = torch.zeros(4, 60, 3, 3, device=device, requires_grad=True)
+        E = torch.tensor(1.0e4, device=device, requires_grad=True)
+        out = simulate(sim, x0=state["x"].float().to(device), v0=state["v"].float().to(device), E=E,
+                       nu=torch.tensor(0.3, device=device), dFc=dFc, steps=16, frames=[6], segment_length=segment)
         assert out.stats.segments == (5 if segment is None else 2)
         (out.x.sum() + (out.F**2).sum()).backward()
         grads.append((dFc.grad.clone(), E.grad.clone()))
@@ -231,22 +239,25 @@ def test_free_oscillation_energy_does_not_grow(material):
     assert max(energies) <= 1.01 * energies[0], energies
 
 
-def test_results_do_not_depend_on_particle_order():
+@pytest.mark.parametrize("device", DEVICES)
+def test_results_do_not_depend_on_particle_order(device):
     state, mass, volume = make_particles(count=100, seed=8)
     E, nu = torch.tensor(1.0e4), torch.tensor(0.3)
-    _, a = run_warp(make_model(), state, mass, volume, E=E, nu=nu, steps=10)
+    _, a = run_warp(make_model(), state, mass, volume, E=E, nu=nu, steps=10, device=device)
     perm = torch.randperm(100, generator=torch.Generator().manual_seed(0))
     shuffled = {k: v[perm] for k, v in state.items()}
-    _, b = run_warp(make_model(), shuffled, mass[perm], volume[perm], E=E, nu=nu, steps=10)
+    _, b = run_warp(make_model(), shuffled, mass[perm], volume[perm], E=E, nu=nu, steps=10, device=device)
     for name in FIELDS:
         assert rel_error(getattr(b, name)[-1], getattr(a, name)[-1][perm]) <= 1e-5, name
 
 
-def test_a_block_flung_at_a_wall_stays_inside():
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_block_flung_at_a_wall_stays_inside(device):
     state, mass, volume = make_particles(count=100, low=(0.4, 0.4, 0.4), high=(0.55, 0.55, 0.55), stir=0.0)
     state["v"] = torch.tensor([40.0, 25.0, -30.0], dtype=torch.float64).expand(100, 3).clone()
     model = free_model(walls_max=(0, 1, 2), dt=1e-3, cfl_limit=1.0)
-    sim, result = run_warp(model, state, mass, volume, E=torch.tensor(1.0e3), nu=torch.tensor(0.3), steps=100)
+    sim, result = run_warp(model, state, mass, volume, E=torch.tensor(1.0e3), nu=torch.tensor(0.3), steps=100,
+                           device=device)
     x = result.x[-1]
     assert torch.isfinite(result.x).all() and torch.isfinite(result.F).all()
     assert (x >= torch.tensor(GRID.interior_lower) - 1e-6).all() and (x <= torch.tensor(GRID.interior_upper) + 1e-6).all()
@@ -267,16 +278,17 @@ def test_non_finite_state_is_reported_with_the_step():
                  steps=5)
 
 
-def test_grid_mass_op_backward_matches_the_twin():
+@pytest.mark.parametrize("device", DEVICES)
+def test_grid_mass_op_backward_matches_the_twin(device):
     state, mass, volume = make_particles(count=50, seed=11)
     x = state["x"].clone().requires_grad_(True)
     m = mass.clone().requires_grad_(True)
     cot = torch.randn(GRID.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
     ref = grid_mass_ref(x, m, lower=GRID.lower, dx=GRID.dx, shape=GRID.shape, order="quadratic")
     gx_ref, gm_ref = torch.autograd.grad((ref * cot).sum(), [x, m])
-    x32, m32 = state["x"].float().requires_grad_(True), mass.float().requires_grad_(True)
+    x32, m32 = state["x"].float().to(device).requires_grad_(True), mass.float().to(device).requires_grad_(True)
     out = grid_mass(x32, m32, grid=GRID, bspline="quadratic")
-    gx, gm = torch.autograd.grad((out.double() * cot).sum(), [x32, m32])
+    gx, gm = (t.cpu() for t in torch.autograd.grad((out.double() * cot.to(device)).sum(), [x32, m32]))
     assert float((gx.double() - gx_ref).norm() / gx_ref.norm()) <= 1e-4
     assert float((gm.double() - gm_ref).norm() / gm_ref.norm()) <= 1e-4
 

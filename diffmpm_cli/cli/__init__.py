@@ -6,6 +6,7 @@ import typer
 
 from .. import __version__
 from . import info, validate
+from .bench import bench_app
 
 app = typer.Typer(
     name="diffmpm",
@@ -33,6 +34,7 @@ def root(
 
 validate.register(app)
 info.register(app)
+app.add_typer(bench_app, name="bench")
 
 
 def main() -> None:

@@ -9,6 +9,7 @@ gradients from this single backward sweep.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -64,26 +65,41 @@ class Simulator:
     def new_grid(self, requires_grad: bool = False) -> MPMGrid:
         return MPMGrid.zeros(self.model.grid.shape, device=self.device, requires_grad=requires_grad)
 
-    def step(self, state_in: MPMState, state_out: MPMState, grid: MPMGrid, *, mu, lam, dFc, control: int,
-             clamped=None) -> None:
-        """One MLS-MPM step from ``state_in`` into ``state_out`` through ``grid`` (which must be zero)."""
+    def launches(self, state_in: MPMState, state_out: MPMState, grid: MPMGrid, *, mu, lam, dFc, control: int,
+                 clamped=None) -> list[tuple[str, Callable[[], None]]]:
+        """The three launches of one step, in order, as (name, launch) pairs (the benchmark times them apart)."""
         wp = warp()
         m, g = self.model, self.model.grid
         n = self.particle_count
-        wp.launch(self._p2g, dim=n, device=self.device, inputs=[
-            self._lower, g.dx, m.dt, self.volume, self.mass, mu, lam, m.bulk_viscosity, dFc, control,
-            state_in.x, state_in.v, state_in.F, state_in.C,
-        ], outputs=[grid.mass, grid.momentum])
-        wp.launch(self._grid_update, dim=g.shape, device=self.device, inputs=[
-            self._lower, g.dx, m.dt, wp.vec3(*m.gravity), g.boundary_cells, wp.vec3i(*m.walls_min),
-            wp.vec3i(*m.walls_max), int(m.floor_enabled), wp.vec3(*m.floor_normal), m.floor_height, m.friction,
-            self.node_mass_eps, grid.mass, grid.momentum,
-        ], outputs=[grid.velocity])
-        wp.launch(self._g2p, dim=n, device=self.device, inputs=[
-            self._lower, g.dx, m.dt, self._interior[0], self._interior[1], m.f_blend, m.min_J, dFc, control,
-            state_in.x, state_in.F, grid.velocity,
-        ], outputs=[state_out.x, state_out.v, state_out.F, state_out.C,
-                    clamped if clamped is not None else self.clamped])
+
+        def p2g():
+            wp.launch(self._p2g, dim=n, device=self.device, inputs=[
+                self._lower, g.dx, m.dt, self.volume, self.mass, mu, lam, m.bulk_viscosity, dFc, control,
+                state_in.x, state_in.v, state_in.F, state_in.C,
+            ], outputs=[grid.mass, grid.momentum])
+
+        def grid_update():
+            wp.launch(self._grid_update, dim=g.shape, device=self.device, inputs=[
+                self._lower, g.dx, m.dt, wp.vec3(*m.gravity), g.boundary_cells, wp.vec3i(*m.walls_min),
+                wp.vec3i(*m.walls_max), int(m.floor_enabled), wp.vec3(*m.floor_normal), m.floor_height, m.friction,
+                self.node_mass_eps, grid.mass, grid.momentum,
+            ], outputs=[grid.velocity])
+
+        def g2p():
+            wp.launch(self._g2p, dim=n, device=self.device, inputs=[
+                self._lower, g.dx, m.dt, self._interior[0], self._interior[1], m.f_blend, m.min_J, dFc, control,
+                state_in.x, state_in.F, grid.velocity,
+            ], outputs=[state_out.x, state_out.v, state_out.F, state_out.C,
+                        clamped if clamped is not None else self.clamped])
+
+        return [("p2g", p2g), ("grid_update", grid_update), ("g2p", g2p)]
+
+    def step(self, state_in: MPMState, state_out: MPMState, grid: MPMGrid, *, mu, lam, dFc, control: int,
+             clamped=None) -> None:
+        """One MLS-MPM step from ``state_in`` into ``state_out`` through ``grid`` (which must be zero)."""
+        for _, launch in self.launches(state_in, state_out, grid, mu=mu, lam=lam, dFc=dFc, control=control,
+                                       clamped=clamped):
+            launch()
 
 
 @dataclass

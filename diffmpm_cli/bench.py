@@ -1,0 +1,169 @@
+"""Benchmarks (code, not tests): MPM throughput forward and forward+backward, with a per-kernel split."""
+
+from __future__ import annotations
+
+import platform
+import resource
+import statistics
+import time
+from datetime import datetime, timezone
+
+import torch
+
+from . import __version__
+from .sim.grid import GridSpec, stable_dt
+from .sim.model import MPMModel
+from .sim.op import simulate
+from .sim.solver import Simulator
+from .warp_runtime import warp, warp_device
+
+BAND = 3
+
+
+def cube_particles(count: int, grid: GridSpec, *, shuffle: bool, seed: int = 0) -> torch.Tensor:
+    """About ``count`` particles, 2 per cell per axis, in a cube at the grid's centre ([N, 3], lattice order)."""
+    side = round(count ** (1 / 3))
+    spacing = grid.dx / 2
+    room = (grid.shape[0] - 2 * BAND) * grid.dx
+    if side * spacing >= room:
+        raise ValueError(f"{side**3} particles at 2 per cell do not fit a {grid.shape[0]}^3 grid; raise --grid")
+    axis = torch.arange(side, dtype=torch.float64) * spacing
+    axis = axis - axis.mean() + 0.5 * grid.shape[0] * grid.dx
+    x = torch.stack(torch.meshgrid(axis, axis, axis, indexing="ij"), dim=-1).reshape(-1, 3)
+    if shuffle:
+        x = x[torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))]
+    return x.float()
+
+
+def _device_name(device: str) -> str:
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(torch.device(device))
+    return f"{platform.processor() or platform.machine()} (Warp CPU backend, 1 thread)"
+
+
+def _peak_bytes(device: str) -> int:
+    wp = warp()
+    if device.startswith("cuda") and wp.is_mempool_enabled(warp_device(device)):
+        return int(wp.get_mempool_used_mem_high(warp_device(device)))
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # CPU: the process's peak resident set
+
+
+def _timed(fn, device: str, repeats: int) -> list[float]:
+    wp = warp()
+    times = []
+    for _ in range(repeats):
+        wp.synchronize_device(warp_device(device))
+        start = time.perf_counter()
+        fn()
+        wp.synchronize_device(warp_device(device))
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def bench_mpm(*, particles: int = 4096, grid: int = 32, steps: int = 50, shuffle: bool = False, device: str = "cpu",
+              backward_steps: int | None = None, material: str = "fixed_corotated", bspline: str = "quadratic",
+              repeats: int = 5) -> dict:
+    """Particle-steps per second of the forward step and of a checkpointed forward+backward rollout.
+
+    Forward: ``steps`` steps without a tape, reusing one grid (the median of ``repeats`` runs). Forward+backward:
+    a differentiable rollout of ``backward_steps`` steps (default ``steps``) with gradients for dFc and E.
+    Also the median time of each kernel (P2G with stress, grid update, G2P) over ``steps`` launches.
+    """
+    wp = warp()
+    torch_device = torch.device(device)
+    spec = GridSpec(lower=(0.0, 0.0, 0.0), dx=1.0 / grid, shape=(grid, grid, grid), boundary_cells=BAND)
+    x0 = cube_particles(particles, spec, shuffle=shuffle).to(torch_device)
+    n = len(x0)
+    E, nu, density = 1.0e5, 0.3, 1000.0
+    dt = stable_dt(E=E, nu=nu, density=density, dx=spec.dx, limit=0.4)
+    model = MPMModel(grid=spec, bspline=bspline, material=material, dt=dt, gravity=(0.0, -9.81, 0.0),
+                     walls_min=(0, 0, 0), walls_max=(2, 2, 2), control_stride=10)
+    volume = torch.full((n,), (spec.dx / 2) ** 3, device=torch_device)
+    sim = Simulator(model, mass=density * volume, volume=volume)
+    g = torch.Generator().manual_seed(1)
+    v0 = (0.5 * torch.randn(n, 3, generator=g)).to(torch_device)
+    eye = torch.eye(3, device=torch_device).expand(n, 3, 3).contiguous()
+    mu = torch.full((n,), E / (2 * (1 + nu)), device=torch_device)
+    lam = torch.full((n,), E * nu / ((1 + nu) * (1 - 2 * nu)), device=torch_device)
+    wmu, wlam = wp.from_torch(mu), wp.from_torch(lam)
+    dfc = wp.zeros((1, n), dtype=wp.mat33, device=sim.device)
+    states = [sim.new_state(), sim.new_state()]
+    grid_arrays = sim.new_grid()
+
+    def reset():
+        wp.copy(states[0].x, wp.from_torch(x0, dtype=wp.vec3))
+        wp.copy(states[0].v, wp.from_torch(v0, dtype=wp.vec3))
+        wp.copy(states[0].F, wp.from_torch(eye, dtype=wp.mat33))
+        states[0].C.zero_()
+
+    def forward():
+        a, b = states
+        for _ in range(steps):
+            grid_arrays.zero_()
+            sim.step(a, b, grid_arrays, mu=wmu, lam=wlam, dFc=dfc, control=-1)
+            a, b = b, a
+
+    reset()
+    forward()  # warm-up: compiles and loads the kernels
+    reset()
+    fwd = statistics.median(_timed(forward, device, repeats))
+
+    split = {}
+    reset()
+    for name in ("p2g", "grid_update", "g2p"):
+        split[name] = statistics.median(_kernel_times(sim, name, states, grid_arrays, wmu, wlam, dfc, device, steps))
+
+    T = backward_steps or steps
+    K = model.control_layers(T)
+
+    def forward_backward():
+        dFc = torch.zeros(K, n, 3, 3, device=torch_device, requires_grad=True)
+        E_t = torch.tensor(E, device=torch_device, requires_grad=True)
+        out = simulate(sim, x0=x0, v0=v0, E=E_t, nu=torch.tensor(nu, device=torch_device), dFc=dFc, steps=T)
+        out.x[-1].sum().backward()
+        return out.stats
+
+    stats = forward_backward()  # warm-up
+    fwd_bwd = statistics.median(_timed(forward_backward, device, max(1, repeats // 2)))
+    return {
+        "benchmark": "mpm",
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "diffmpm": __version__,
+        "device": device,
+        "device_name": _device_name(device),
+        "warp": wp.config.version,
+        "torch": torch.__version__,
+        "particles": n,
+        "grid": grid,
+        "steps": steps,
+        "shuffled": shuffle,
+        "material": material,
+        "bspline": bspline,
+        "forward_s_per_step": fwd / steps,
+        "forward_particle_steps_per_s": n * steps / fwd,
+        "kernel_s_per_step": split,  # median of single launches
+        "backward_steps": T,
+        "forward_backward_s": fwd_bwd,
+        "forward_backward_particle_steps_per_s": n * T / fwd_bwd,
+        "segments": stats.segments,
+        "taped_bytes_per_step": stats.bytes_per_step,
+        "peak_taped_bytes": stats.peak_taped_bytes,
+        "peak_bytes": _peak_bytes(device),
+        "clamped_particle_steps": stats.clamped_particle_steps,
+    }
+
+
+def _kernel_times(sim, name, states, grid, mu, lam, dfc, device, steps) -> list[float]:
+    """Time one kernel of the step ``steps`` times in a row (the others run untimed in between)."""
+    a, b = states
+    times = []
+    for _ in range(steps):
+        grid.zero_()
+        launches = sim.launches(a, b, grid, mu=mu, lam=lam, dFc=dfc, control=-1)
+        for label, launch in launches:
+            if label == name:
+                times += _timed(launch, device, 1)
+            else:
+                launch()
+        a, b = b, a
+    return times
