@@ -119,7 +119,7 @@ def test_backward_matches_the_twin_by_random_cotangents(order, material, device)
             sim = Simulator(model, mass=mass.float().to(device), volume=volume.float().to(device))
             out = simulate(sim, x0=f32["x0"], v0=f32["v0"], F0=f32["F0"], C0=f32["C0"], E=f32["E"], nu=f32["nu"],
                            dFc=f32["dFc"], steps=steps)
-            final = {name: getattr(out, name)[-1] for name in FIELDS}
+            final = {name: getattr(out, name)[-1].cpu() for name in FIELDS}
             eps = sim.node_mass_eps
         else:
             mu, lam = lame_parameters(leaves["E"], leaves["nu"])
@@ -128,7 +128,7 @@ def test_backward_matches_the_twin_by_random_cotangents(order, material, device)
             final = rollout_ref(start, model=model, steps=steps, mass=mass, volume=volume, mu=mu, lam=lam,
                                 dFc=leaves["dFc"], node_mass_eps=eps)[-1]
         total = sum((final[n].double() * cotangents[n]).sum() for n in FIELDS)
-        return dict(zip(leaves, torch.autograd.grad(total, list(leaves.values())), strict=True))
+        return {k: g.cpu() for k, g in zip(leaves, torch.autograd.grad(total, list(leaves.values())), strict=True)}
 
     v_warp, v_ref = vjp(True), vjp(False)
     for name in inputs:

@@ -155,18 +155,22 @@ def scene_cfl(scene, grid: GridSpec) -> float:
     return cfl_number(E=E, nu=nu, density=scene.material.density, dt=scene.sim.dt, dx=grid.dx)
 
 
-def check_cfl(scene, grid: GridSpec) -> float:
-    """The scene's CFL number; raises SimulationError naming a stable dt when it exceeds ``sim.cfl_limit``."""
+def check_cfl_number(*, dt: float, dx: float, speed: float, limit: float, detail: str) -> float:
+    """dt * speed / dx; raises SimulationError naming a stable dt when it exceeds ``limit`` (or is not finite)."""
     from ..errors import SimulationError
 
-    cfl = scene_cfl(scene, grid)
-    limit = scene.sim.cfl_limit
-    if cfl > limit:
-        E, nu = material_extremes(scene)
-        safe = stable_dt(E=E, nu=nu, density=scene.material.density, dx=grid.dx, limit=limit)
+    cfl = dt * speed / dx
+    if not cfl <= limit:
         raise SimulationError(
-            f"sim.dt: unstable time step: CFL number {cfl:.3g} exceeds sim.cfl_limit {limit:g} "
-            f"(E = {E:.4g} Pa, nu = {nu:g}, density = {scene.material.density:g} kg/m^3, dx = {grid.dx:.4g} m); "
-            f"dt <= {safe:.3g} s would be stable"
+            f"sim.dt: unstable time step: CFL number {cfl:.3g} exceeds sim.cfl_limit {limit:g} ({detail}, "
+            f"dx = {dx:.4g} m); dt <= {limit * dx / speed:.3g} s would be stable"
         )
     return cfl
+
+
+def check_cfl(scene, grid: GridSpec) -> float:
+    """The scene's CFL number for the stiffest material it starts from; SimulationError above ``sim.cfl_limit``."""
+    E, nu = material_extremes(scene)
+    density = scene.material.density
+    return check_cfl_number(dt=scene.sim.dt, dx=grid.dx, speed=wave_speed(E, nu, density), limit=scene.sim.cfl_limit,
+                            detail=f"E = {E:.4g} Pa, nu = {nu:g}, density = {density:g} kg/m^3")

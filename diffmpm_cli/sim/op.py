@@ -7,9 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import SimulationError
 from ..warp_runtime import warp, warp_device
-from .grid import GridSpec, lame_parameters
+from .grid import GridSpec, check_cfl_number, lame_parameters
 from .solver import Rollout, RolloutStats, Simulator
 
 
@@ -77,16 +76,9 @@ def simulate(sim: Simulator, *, x0: torch.Tensor, v0: torch.Tensor, E: torch.Ten
 
 def _check_stability(sim: Simulator, mu: torch.Tensor, lam: torch.Tensor) -> None:
     """Refuse a rollout whose CFL number dt sqrt((lambda + 2 mu) / rho) / dx exceeds the model's limit."""
-    model = sim.model
-    density = sim.density
-    speed = torch.sqrt(torch.clamp((lam + 2 * mu).detach() / density, min=0.0)).max()
-    cfl = float(model.dt * speed / model.grid.dx)
-    if not cfl <= model.cfl_limit:
-        stable = model.cfl_limit * model.grid.dx / float(speed)
-        raise SimulationError(
-            f"sim.dt: unstable time step: CFL number {cfl:.3g} exceeds sim.cfl_limit {model.cfl_limit:g} "
-            f"(largest wave speed {float(speed):.4g} m/s, dx = {model.grid.dx:.4g} m); dt <= {stable:.3g} s would be stable"
-        )
+    speed = float(torch.sqrt(torch.clamp((lam + 2 * mu).detach() / sim.density, min=0.0)).max())
+    check_cfl_number(dt=sim.model.dt, dx=sim.model.grid.dx, speed=speed, limit=sim.model.cfl_limit,
+                     detail=f"largest wave speed {speed:.4g} m/s")
 
 
 class _GridMassFunction(torch.autograd.Function):
