@@ -62,7 +62,7 @@ def _timed(fn, device: str, repeats: int) -> list[float]:
 
 def bench_mpm(*, particles: int = 4096, grid: int = 32, steps: int = 50, shuffle: bool = False, device: str = "cpu",
               backward_steps: int | None = None, material: str = "fixed_corotated", bspline: str = "quadratic",
-              repeats: int = 5) -> dict:
+              repeats: int = 5, p2g: str | None = None, sort_every: int = 0) -> dict:
     """Particle-steps per second of the forward step and of a checkpointed forward+backward rollout.
 
     Forward: ``steps`` steps without a tape, reusing one grid (the median of ``repeats`` runs). Forward+backward:
@@ -79,7 +79,7 @@ def bench_mpm(*, particles: int = 4096, grid: int = 32, steps: int = 50, shuffle
     model = MPMModel(grid=spec, bspline=bspline, material=material, dt=dt, gravity=(0.0, -9.81, 0.0),
                      walls_min=(0, 0, 0), walls_max=(2, 2, 2), control_stride=10)
     volume = torch.full((n,), (spec.dx / 2) ** 3, device=torch_device)
-    sim = Simulator(model, mass=density * volume, volume=volume)
+    sim = Simulator(model, mass=density * volume, volume=volume, p2g=p2g, sort_every=sort_every)
     g = torch.Generator().manual_seed(1)
     v0 = (0.5 * torch.randn(n, 3, generator=g)).to(torch_device)
     eye = torch.eye(3, device=torch_device).expand(n, 3, 3).contiguous()
@@ -100,7 +100,7 @@ def bench_mpm(*, particles: int = 4096, grid: int = 32, steps: int = 50, shuffle
         a, b = states
         for _ in range(steps):
             grid_arrays.zero_()
-            sim.step(a, b, grid_arrays, mu=wmu, lam=wlam, dFc=dfc, control=-1)
+            sim.step(a, b, grid_arrays, mu=wmu, lam=wlam, dFc=dfc, control=-1, taped=False)
             a, b = b, a
 
     reset()
@@ -110,7 +110,7 @@ def bench_mpm(*, particles: int = 4096, grid: int = 32, steps: int = 50, shuffle
 
     split = {}
     reset()
-    for name in ("p2g", "grid_update", "g2p"):
+    for name in ("sort", "p2g", "grid_update", "g2p") if sim.sort_every else ("p2g", "grid_update", "g2p"):
         split[name] = statistics.median(_kernel_times(sim, name, states, grid_arrays, wmu, wlam, dfc, device, steps))
 
     T = backward_steps or steps
@@ -139,6 +139,8 @@ def bench_mpm(*, particles: int = 4096, grid: int = 32, steps: int = 50, shuffle
         "shuffled": shuffle,
         "material": material,
         "bspline": bspline,
+        "p2g": sim.p2g_mode,
+        "sort_every": sim.sort_every,
         "forward_s_per_step": fwd / steps,
         "forward_particle_steps_per_s": n * steps / fwd,
         "kernel_s_per_step": split,  # median of single launches
@@ -159,7 +161,7 @@ def _kernel_times(sim, name, states, grid, mu, lam, dfc, device, steps) -> list[
     times = []
     for _ in range(steps):
         grid.zero_()
-        launches = sim.launches(a, b, grid, mu=mu, lam=lam, dFc=dfc, control=-1)
+        launches = sim.launches(a, b, grid, mu=mu, lam=lam, dFc=dfc, control=-1, taped=False)
         for label, launch in launches:
             if label == name:
                 times += _timed(launch, device, 1)

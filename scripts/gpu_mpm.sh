@@ -6,11 +6,14 @@ python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . || exit
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpu.txt"
-python3 -m diffmpm_cli info --json > "$OUT/info.json"; cat "$OUT/info.json"
+python3 -m diffmpm_cli info --json > "$OUT/info.json"
 python3 -m pytest -q tests/test_mpm.py -m gpu -p no:cacheprovider 2>&1 | tail -15 | tee "$OUT/tests_gpu.txt"
-bench() { python3 -m diffmpm_cli bench mpm --device cuda "$@"; }
+bench() { python3 -m diffmpm_cli bench mpm --device cuda "$@" | grep -E "particles|forward|kernels|peak"; }
+bench --particles 1000000 --grid 128 --steps 100 --backward-steps 100 --p2g plain --json "$OUT/mpm_1M_128_plain.json"
 bench --particles 1000000 --grid 128 --steps 100 --backward-steps 100 --json "$OUT/mpm_1M_128.json"
-bench --particles 1000000 --grid 128 --steps 100 --backward-steps 50 --shuffle --json "$OUT/mpm_1M_128_shuffled.json"
+bench --particles 1000000 --grid 128 --steps 100 --backward-steps 10 --sort-every 1 --json "$OUT/mpm_1M_128_sorted.json"
+bench --particles 1000000 --grid 128 --steps 100 --backward-steps 50 --shuffle --sort-every 1 --json "$OUT/mpm_1M_128_shuffled_sorted.json"
+bench --particles 1000000 --grid 128 --steps 100 --backward-steps 10 --shuffle --sort-every 8 --json "$OUT/mpm_1M_128_shuffled_sort8.json"
 bench --particles 100000 --grid 128 --steps 100 --backward-steps 100 --json "$OUT/mpm_100k_128.json"
 bench --particles 4000000 --grid 256 --steps 50 --backward-steps 20 --repeats 3 --json "$OUT/mpm_4M_256.json"
 bench --particles 100000 --grid 64 --steps 20 --backward-steps 1000 --repeats 1 --json "$OUT/mpm_100k_1000steps.json"

@@ -38,6 +38,8 @@ def mpm(
     material: str = typer.Option("fixed_corotated", help="fixed_corotated or neo_hookean."),
     bspline: str = typer.Option("quadratic", help="quadratic or cubic."),
     repeats: int = typer.Option(5, min=1, help="Timed repetitions (the median is reported)."),
+    p2g: str | None = typer.Option(None, help="plain or tiled (default: tiled on CUDA, plain on CPU)."),
+    sort_every: int = typer.Option(0, min=0, help="Tiled P2G: re-sort particles by cell every N steps (0 = never)."),
     json_file: Path | None = typer.Option(None, "--json", help="Also write the results to this JSON file."),
 ) -> None:
     """MPM throughput: particle-steps per second forward and forward+backward, kernel split, peak memory."""
@@ -53,11 +55,14 @@ def mpm(
             raise ConfigError("--device", f"'{device}' requested but CUDA is not available here (see diffmpm info)")
     if material not in ("fixed_corotated", "neo_hookean"):
         raise ConfigError("--material", f"must be fixed_corotated or neo_hookean, got '{material}'")
+    if p2g not in (None, "plain", "tiled"):
+        raise ConfigError("--p2g", f"must be plain or tiled, got '{p2g}'")
     if bspline not in ("quadratic", "cubic"):
         raise ConfigError("--bspline", f"must be quadratic or cubic, got '{bspline}'")
     try:
         result = bench_mpm(particles=particles, grid=grid, steps=steps, shuffle=shuffle, device=device,
-                           backward_steps=backward_steps, material=material, bspline=bspline, repeats=repeats)
+                           backward_steps=backward_steps, material=material, bspline=bspline, repeats=repeats,
+                           p2g=p2g, sort_every=sort_every)
     except ValueError as exc:
         raise ConfigError("--particles", str(exc)) from exc
     table = Table(title=f"MPM on {result['device_name']}", show_header=False, title_justify="left")
@@ -65,7 +70,8 @@ def mpm(
     table.add_column("value")
     split = ", ".join(f"{k} {v * 1e3:.3f}" for k, v in result["kernel_s_per_step"].items())
     for name, value in [
-        ("particles / grid", f"{result['particles']:,} / {grid}^3{' (shuffled)' if shuffle else ''}"),
+        ("particles / grid", f"{result['particles']:,} / {grid}^3{' (shuffled)' if shuffle else ''}, "
+                             f"{result['p2g']} P2G" + (f", sorted every {sort_every}" if sort_every else "")),
         ("forward", f"{result['forward_s_per_step'] * 1e3:.3f} ms/step = "
                     f"{_rate(result['forward_particle_steps_per_s'])} particle-steps/s"),
         ("kernels (ms/step)", split),

@@ -112,5 +112,6 @@ class MPMGrid:
                    velocity=wp.zeros(dtype=wp.vec3, **kw))
 
     def zero_(self) -> None:
-        for array in (self.mass, self.momentum, self.velocity):
-            array.zero_()
+        """Zero what P2G accumulates into (the grid update writes every velocity)."""
+        self.mass.zero_()
+        self.momentum.zero_()

@@ -35,9 +35,16 @@ def segment_bounds(steps: int, frames, segment_length: int | None) -> list[tuple
 
 
 class Simulator:
-    """Launches MPM steps for one model and one set of particles (mass [N] kg, rest volume [N] m^3)."""
+    """Launches MPM steps for one model and one set of particles (mass [N] kg, rest volume [N] m^3).
 
-    def __init__(self, model: MPMModel, *, mass: torch.Tensor, volume: torch.Tensor):
+    ``p2g``: "plain" (one thread per particle, global atomics) or "tiled" (a shared-memory reduction per block of
+    particles, CUDA only, used by untaped forward steps; taped replays always use "plain"). Default: tiled on CUDA.
+    ``sort_every``: with "tiled", visit particles in cell order, re-sorted every this many steps (0 = keep the
+    given order); the state itself is never permuted, so results do not depend on it beyond float rounding.
+    """
+
+    def __init__(self, model: MPMModel, *, mass: torch.Tensor, volume: torch.Tensor, p2g: str | None = None,
+                 sort_every: int = 0):
         wp = warp()
         from ..kernels import mpm
 
@@ -54,6 +61,16 @@ class Simulator:
         self._lower = wp.vec3(*g.lower)
         self._interior = (wp.vec3(*g.interior_lower), wp.vec3(*g.interior_upper))
         self.clamped = wp.zeros(1, dtype=int, device=self.device)
+        self.p2g_mode = p2g or ("tiled" if self.device.startswith("cuda") else "plain")
+        if self.p2g_mode not in ("plain", "tiled"):
+            raise ValueError(f"p2g must be 'plain' or 'tiled', got {p2g!r}")
+        self.sort_every = sort_every
+        self._block = mpm.P2G_BLOCK if self.device.startswith("cuda") else 1  # CPU runs one lane per block
+        self._p2g_tiled = mpm.p2g_tiled(model.bspline, model.material, self._block) if self.p2g_mode == "tiled" else None
+        n = self.particle_count
+        self._order = wp.array(torch.arange(2 * n, dtype=torch.int32).numpy() % max(n, 1), dtype=int, device=self.device)
+        self._keys = wp.zeros(2 * n, dtype=int, device=self.device)
+        self._steps_since_sort = None
         self.density = (mass.detach().float() / volume.detach().to(mass.device).float()).view(-1)
         # grid nodes lighter than this are empty: 1e-8 of a mean particle, far below any node a particle reaches
         # with a real weight, and far enough above 0 that the adjoint of p / m stays finite in float32
@@ -65,18 +82,42 @@ class Simulator:
     def new_grid(self, requires_grad: bool = False) -> MPMGrid:
         return MPMGrid.zeros(self.model.grid.shape, device=self.device, requires_grad=requires_grad)
 
+    def sort_particles(self, state: MPMState) -> None:
+        """Visiting order of the tiled P2G: particles by stencil cell (Warp's radix sort)."""
+        wp = warp()
+        from ..kernels import mpm
+
+        g = self.model.grid
+        shift = mpm.BSPLINES[self.model.bspline][1]
+        n = self.particle_count
+        wp.launch(mpm.cell_keys, dim=n, device=self.device, inputs=[self._lower, g.inv_dx, shift, g.shape[1],
+                                                                    g.shape[2], state.x], outputs=[self._keys, self._order])
+        wp.utils.radix_sort_pairs(self._keys, self._order, n)
+
     def launches(self, state_in: MPMState, state_out: MPMState, grid: MPMGrid, *, mu, lam, dFc, control: int,
-                 clamped=None) -> list[tuple[str, Callable[[], None]]]:
-        """The three launches of one step, in order, as (name, launch) pairs (the benchmark times them apart)."""
+                 clamped=None, taped: bool = True) -> list[tuple[str, Callable[[], None]]]:
+        """The launches of one step, in order, as (name, launch) pairs (the benchmark times them apart)."""
         wp = warp()
         m, g = self.model, self.model.grid
         n = self.particle_count
+        inputs = [self._lower, g.dx, m.dt, self.volume, self.mass, mu, lam, m.bulk_viscosity, dFc, control]
+        state = [state_in.x, state_in.v, state_in.F, state_in.C]
+        fast = self.p2g_mode == "tiled" and not taped
+        steps = []
+        if fast and self.sort_every:
+            due = self._steps_since_sort is None or self._steps_since_sort >= self.sort_every
+            self._steps_since_sort = 1 if due else self._steps_since_sort + 1
+            if due:
+                steps.append(("sort", lambda: self.sort_particles(state_in)))
 
         def p2g():
-            wp.launch(self._p2g, dim=n, device=self.device, inputs=[
-                self._lower, g.dx, m.dt, self.volume, self.mass, mu, lam, m.bulk_viscosity, dFc, control,
-                state_in.x, state_in.v, state_in.F, state_in.C,
-            ], outputs=[grid.mass, grid.momentum])
+            if fast:
+                wp.launch_tiled(self._p2g_tiled, dim=[(n + self._block - 1) // self._block], block_dim=self._block,
+                                device=self.device, inputs=[*inputs, self._order, *state],
+                                outputs=[grid.mass, grid.momentum])
+            else:
+                wp.launch(self._p2g, dim=n, device=self.device, inputs=[*inputs, *state],
+                          outputs=[grid.mass, grid.momentum])
 
         def grid_update():
             wp.launch(self._grid_update, dim=g.shape, device=self.device, inputs=[
@@ -92,13 +133,16 @@ class Simulator:
             ], outputs=[state_out.x, state_out.v, state_out.F, state_out.C,
                         clamped if clamped is not None else self.clamped])
 
-        return [("p2g", p2g), ("grid_update", grid_update), ("g2p", g2p)]
+        return [*steps, ("p2g", p2g), ("grid_update", grid_update), ("g2p", g2p)]
 
     def step(self, state_in: MPMState, state_out: MPMState, grid: MPMGrid, *, mu, lam, dFc, control: int,
-             clamped=None) -> None:
-        """One MLS-MPM step from ``state_in`` into ``state_out`` through ``grid`` (which must be zero)."""
+             clamped=None, taped: bool = True) -> None:
+        """One MLS-MPM step from ``state_in`` into ``state_out`` through ``grid`` (which must be zero).
+
+        ``taped=False`` (no tape recording) allows the faster tiled P2G.
+        """
         for _, launch in self.launches(state_in, state_out, grid, mu=mu, lam=lam, dFc=dFc, control=control,
-                                       clamped=clamped):
+                                       clamped=clamped, taped=taped):
             launch()
 
 
@@ -168,7 +212,7 @@ class Rollout:
             for t in range(start, end):
                 grid.zero_()
                 sim.step(current, spare, grid, mu=self._params["mu"], lam=self._params["lam"],
-                         dFc=self._params["dFc"], control=self._control(t))
+                         dFc=self._params["dFc"], control=self._control(t), taped=False)
                 current, spare = spare, current
             tensors = _state_to_torch(current)
             bad = [name for name, t in zip(MPMState.FIELDS, tensors, strict=True) if not torch.isfinite(t).all()]
