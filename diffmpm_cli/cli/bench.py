@@ -38,7 +38,7 @@ def mpm(
     material: str = typer.Option("fixed_corotated", help="fixed_corotated or neo_hookean."),
     bspline: str = typer.Option("quadratic", help="quadratic or cubic."),
     repeats: int = typer.Option(5, min=1, help="Timed repetitions (the median is reported)."),
-    p2g: str | None = typer.Option(None, help="plain or tiled (default: tiled on CUDA, plain on CPU)."),
+    p2g: str | None = typer.Option(None, help="plain (default) or tiled (shared-memory reduction per block)."),
     sort_every: int = typer.Option(0, min=0, help="Tiled P2G: re-sort particles by cell every N steps (0 = never)."),
     json_file: Path | None = typer.Option(None, "--json", help="Also write the results to this JSON file."),
 ) -> None:

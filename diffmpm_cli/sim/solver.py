@@ -37,8 +37,9 @@ def segment_bounds(steps: int, frames, segment_length: int | None) -> list[tuple
 class Simulator:
     """Launches MPM steps for one model and one set of particles (mass [N] kg, rest volume [N] m^3).
 
-    ``p2g``: "plain" (one thread per particle, global atomics) or "tiled" (a shared-memory reduction per block of
-    particles, CUDA only, used by untaped forward steps; taped replays always use "plain"). Default: tiled on CUDA.
+    ``p2g``: "plain" (one thread per particle, global atomics; the default) or "tiled" (a shared-memory reduction
+    per block of particles, used by untaped forward steps; taped replays always use "plain"). On the H100 the tiled
+    P2G only pays for particles in no spatial order, together with ``sort_every`` (BENCHMARKS.md).
     ``sort_every``: with "tiled", visit particles in cell order, re-sorted every this many steps (0 = keep the
     given order); the state itself is never permuted, so results do not depend on it beyond float rounding.
     """
@@ -61,7 +62,7 @@ class Simulator:
         self._lower = wp.vec3(*g.lower)
         self._interior = (wp.vec3(*g.interior_lower), wp.vec3(*g.interior_upper))
         self.clamped = wp.zeros(1, dtype=int, device=self.device)
-        self.p2g_mode = p2g or ("tiled" if self.device.startswith("cuda") else "plain")
+        self.p2g_mode = p2g or "plain"
         if self.p2g_mode not in ("plain", "tiled"):
             raise ValueError(f"p2g must be 'plain' or 'tiled', got {p2g!r}")
         self.sort_every = sort_every
