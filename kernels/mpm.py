@@ -126,11 +126,49 @@ def controlled_F(F: wp.mat33, dFc: wp.array2d(dtype=wp.mat33), control: int, p: 
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# per-particle transfer pieces shared by the kernels (built per B-spline order / material)
+
+
+@functools.cache
+def _stencil_func(order: str):
+    width, shift, weights, _ = BSPLINES[order]
+
+    @wp.func
+    def stencil(x: wp.vec3, grid_lower: wp.vec3, inv_dx: float, nx: int, ny: int, nz: int):
+        """Base node of a particle's stencil (kept inside the grid) and its weights along x, y and z."""
+        g = (x - grid_lower) * inv_dx
+        bx = clamp_base(int(wp.floor(g[0] - wp.static(shift))), nx, wp.static(width))
+        by = clamp_base(int(wp.floor(g[1] - wp.static(shift))), ny, wp.static(width))
+        bz = clamp_base(int(wp.floor(g[2] - wp.static(shift))), nz, wp.static(width))
+        return bx, by, bz, weights(g[0] - float(bx)), weights(g[1] - float(by)), weights(g[2] - float(bz))
+
+    return stencil
+
+
+@functools.cache
+def _affine_func(order: str, material: str):
+    inertia = BSPLINES[order][3]
+    stress = MATERIALS[material]
+
+    @wp.func
+    def particle_affine(F: wp.mat33, C: wp.mat33, mu: float, lam: float, m: float, volume: float, dt: float,
+                        inv_dx: float, bulk_viscosity: float):
+        """MLS/APIC affine momentum m C - dt V D^-1 tau(F) (+ bulk viscosity zeta tr(C) I in tau)."""
+        tau = stress(F, mu, lam)
+        if bulk_viscosity > 0.0:
+            tau = tau + wp.identity(3, dtype=float) * (bulk_viscosity * wp.trace(C))
+        return m * C - (dt * volume * wp.static(inertia) * inv_dx * inv_dx) * tau
+
+    return particle_affine
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # particle -> grid
 
 
 def _p2g_mass_kernel(order: str):
-    width, shift, weights, _ = BSPLINES[order]
+    width = BSPLINES[order][0]
+    stencil = _stencil_func(order)
 
     @wp.kernel(module="unique")
     def p2g_mass(
@@ -144,13 +182,8 @@ def _p2g_mass_kernel(order: str):
         grid_mass_out: wp.array3d(dtype=float),
     ):
         p = wp.tid()
-        g = (x_in[p] - grid_lower) * inv_dx
-        bx = clamp_base(int(wp.floor(g[0] - wp.static(shift))), grid_mass_out.shape[0], wp.static(width))
-        by = clamp_base(int(wp.floor(g[1] - wp.static(shift))), grid_mass_out.shape[1], wp.static(width))
-        bz = clamp_base(int(wp.floor(g[2] - wp.static(shift))), grid_mass_out.shape[2], wp.static(width))
-        wx = weights(g[0] - float(bx))
-        wy = weights(g[1] - float(by))
-        wz = weights(g[2] - float(bz))
+        bx, by, bz, wx, wy, wz = stencil(x_in[p], grid_lower, inv_dx, grid_mass_out.shape[0], grid_mass_out.shape[1],
+                                         grid_mass_out.shape[2])
         m = mass_in[p]
         for i in range(wp.static(width)):
             for j in range(wp.static(width)):
@@ -161,8 +194,9 @@ def _p2g_mass_kernel(order: str):
 
 
 def _p2g_kernel(order: str, material: str):
-    width, shift, weights, inertia = BSPLINES[order]
-    stress = MATERIALS[material]
+    width = BSPLINES[order][0]
+    stencil = _stencil_func(order)
+    particle_affine = _affine_func(order, material)
 
     @wp.kernel(module="unique")
     def p2g(
@@ -190,20 +224,10 @@ def _p2g_kernel(order: str, material: str):
         p = wp.tid()
         inv_dx = 1.0 / dx
         x = x_in[p]
-        g = (x - grid_lower) * inv_dx
-        bx = clamp_base(int(wp.floor(g[0] - wp.static(shift))), grid_mass_out.shape[0], wp.static(width))
-        by = clamp_base(int(wp.floor(g[1] - wp.static(shift))), grid_mass_out.shape[1], wp.static(width))
-        bz = clamp_base(int(wp.floor(g[2] - wp.static(shift))), grid_mass_out.shape[2], wp.static(width))
-        wx = weights(g[0] - float(bx))
-        wy = weights(g[1] - float(by))
-        wz = weights(g[2] - float(bz))
-        F = controlled_F(F_in[p], dFc, control, p)
-        C = C_in[p]
-        tau = stress(F, mu[p], lam[p])
-        if bulk_viscosity > 0.0:
-            tau = tau + wp.identity(3, dtype=float) * (bulk_viscosity * wp.trace(C))
+        bx, by, bz, wx, wy, wz = stencil(x, grid_lower, inv_dx, grid_mass_out.shape[0], grid_mass_out.shape[1], grid_mass_out.shape[2])
         m = particle_mass[p]
-        affine = m * C - (dt * particle_volume[p] * wp.static(inertia) * inv_dx * inv_dx) * tau
+        affine = particle_affine(controlled_F(F_in[p], dFc, control, p), C_in[p], mu[p], lam[p], m,
+                                 particle_volume[p], dt, inv_dx, bulk_viscosity)
         mv = m * v_in[p]
         for i in range(wp.static(width)):
             for j in range(wp.static(width)):
@@ -248,8 +272,9 @@ def cell_keys(
 
 
 def _p2g_tiled_kernel(order: str, material: str, block_dim: int):
-    width, shift, weights, inertia = BSPLINES[order]
-    stress = MATERIALS[material]
+    width = BSPLINES[order][0]
+    stencil = _stencil_func(order)
+    particle_affine = _affine_func(order, material)
 
     @wp.kernel(module="unique")
     def p2g_tiled(
@@ -283,23 +308,10 @@ def _p2g_tiled_kernel(order: str, material: str, block_dim: int):
         p = order[wp.min(slot, n - 1)]
         inv_dx = 1.0 / dx
         x = x_in[p]
-        g = (x - grid_lower) * inv_dx
-        nx = grid_mass_out.shape[0]
-        ny = grid_mass_out.shape[1]
-        nz = grid_mass_out.shape[2]
-        bx = clamp_base(int(wp.floor(g[0] - wp.static(shift))), nx, wp.static(width))
-        by = clamp_base(int(wp.floor(g[1] - wp.static(shift))), ny, wp.static(width))
-        bz = clamp_base(int(wp.floor(g[2] - wp.static(shift))), nz, wp.static(width))
-        wx = weights(g[0] - float(bx))
-        wy = weights(g[1] - float(by))
-        wz = weights(g[2] - float(bz))
-        F = controlled_F(F_in[p], dFc, control, p)
-        C = C_in[p]
-        tau = stress(F, mu[p], lam[p])
-        if bulk_viscosity > 0.0:
-            tau = tau + wp.identity(3, dtype=float) * (bulk_viscosity * wp.trace(C))
+        bx, by, bz, wx, wy, wz = stencil(x, grid_lower, inv_dx, grid_mass_out.shape[0], grid_mass_out.shape[1], grid_mass_out.shape[2])
         m = particle_mass[p]
-        affine = m * C - (dt * particle_volume[p] * wp.static(inertia) * inv_dx * inv_dx) * tau
+        affine = particle_affine(controlled_F(F_in[p], dFc, control, p), C_in[p], mu[p], lam[p], m,
+                                 particle_volume[p], dt, inv_dx, bulk_viscosity)
         mv = m * v_in[p]
         # the block's box of stencil nodes
         lo_x = wp.tile_extract(wp.tile_min(wp.tile(bx)), 0)
@@ -427,7 +439,8 @@ def grid_update(
 
 
 def _g2p_kernel(order: str):
-    width, shift, weights, inertia = BSPLINES[order]
+    width, inertia = BSPLINES[order][0], BSPLINES[order][3]
+    stencil = _stencil_func(order)
 
     @wp.kernel(module="unique")
     def g2p(
@@ -456,13 +469,7 @@ def _g2p_kernel(order: str):
         p = wp.tid()
         inv_dx = 1.0 / dx
         x = x_in[p]
-        g = (x - grid_lower) * inv_dx
-        bx = clamp_base(int(wp.floor(g[0] - wp.static(shift))), grid_velocity_in.shape[0], wp.static(width))
-        by = clamp_base(int(wp.floor(g[1] - wp.static(shift))), grid_velocity_in.shape[1], wp.static(width))
-        bz = clamp_base(int(wp.floor(g[2] - wp.static(shift))), grid_velocity_in.shape[2], wp.static(width))
-        wx = weights(g[0] - float(bx))
-        wy = weights(g[1] - float(by))
-        wz = weights(g[2] - float(bz))
+        bx, by, bz, wx, wy, wz = stencil(x, grid_lower, inv_dx, grid_velocity_in.shape[0], grid_velocity_in.shape[1], grid_velocity_in.shape[2])
         v = wp.vec3(0.0)
         B = wp.mat33(0.0)
         for i in range(wp.static(width)):
