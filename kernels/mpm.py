@@ -224,7 +224,8 @@ def _p2g_kernel(order: str, material: str):
         p = wp.tid()
         inv_dx = 1.0 / dx
         x = x_in[p]
-        bx, by, bz, wx, wy, wz = stencil(x, grid_lower, inv_dx, grid_mass_out.shape[0], grid_mass_out.shape[1], grid_mass_out.shape[2])
+        bx, by, bz, wx, wy, wz = stencil(x, grid_lower, inv_dx, grid_mass_out.shape[0], grid_mass_out.shape[1],
+                                         grid_mass_out.shape[2])
         m = particle_mass[p]
         affine = particle_affine(controlled_F(F_in[p], dFc, control, p), C_in[p], mu[p], lam[p], m,
                                  particle_volume[p], dt, inv_dx, bulk_viscosity)
@@ -308,7 +309,8 @@ def _p2g_tiled_kernel(order: str, material: str, block_dim: int):
         p = order[wp.min(slot, n - 1)]
         inv_dx = 1.0 / dx
         x = x_in[p]
-        bx, by, bz, wx, wy, wz = stencil(x, grid_lower, inv_dx, grid_mass_out.shape[0], grid_mass_out.shape[1], grid_mass_out.shape[2])
+        bx, by, bz, wx, wy, wz = stencil(x, grid_lower, inv_dx, grid_mass_out.shape[0], grid_mass_out.shape[1],
+                                         grid_mass_out.shape[2])
         m = particle_mass[p]
         affine = particle_affine(controlled_F(F_in[p], dFc, control, p), C_in[p], mu[p], lam[p], m,
                                  particle_volume[p], dt, inv_dx, bulk_viscosity)
@@ -469,7 +471,8 @@ def _g2p_kernel(order: str):
         p = wp.tid()
         inv_dx = 1.0 / dx
         x = x_in[p]
-        bx, by, bz, wx, wy, wz = stencil(x, grid_lower, inv_dx, grid_velocity_in.shape[0], grid_velocity_in.shape[1], grid_velocity_in.shape[2])
+        bx, by, bz, wx, wy, wz = stencil(x, grid_lower, inv_dx, grid_velocity_in.shape[0], grid_velocity_in.shape[1],
+                                         grid_velocity_in.shape[2])
         v = wp.vec3(0.0)
         B = wp.mat33(0.0)
         for i in range(wp.static(width)):
