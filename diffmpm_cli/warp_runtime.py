@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import sys
@@ -42,3 +43,14 @@ def warp_device(torch_device) -> str:
     if device.type == "cuda":
         return f"cuda:{device.index if device.index is not None else torch.cuda.current_device()}"
     return "cpu"
+
+
+def torch_stream(device):
+    """Context that runs Warp on torch's current stream for a CUDA device (nothing to do on the CPU)."""
+    import torch
+
+    device = torch.device(device)
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    wp = warp()
+    return wp.ScopedStream(wp.stream_from_torch(torch.cuda.current_stream(device)))

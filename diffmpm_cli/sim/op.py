@@ -2,28 +2,19 @@
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 
 import torch
 
-from ..warp_runtime import warp, warp_device
+from ..warp_runtime import torch_stream, warp, warp_device
 from .grid import GridSpec, check_cfl_number, lame_parameters
 from .solver import Rollout, RolloutStats, Simulator
-
-
-def _stream(device: torch.device):
-    """Run Warp on torch's current stream for CUDA tensors."""
-    if device.type != "cuda":
-        return contextlib.nullcontext()
-    wp = warp()
-    return wp.ScopedStream(wp.stream_from_torch(torch.cuda.current_stream(device)))
 
 
 class _RolloutFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, rollout: Rollout, x0, v0, F0, C0, dFc, mu, lam):
-        with _stream(x0.device):
+        with torch_stream(x0.device):
             outputs = rollout.forward(x0, v0, F0, C0, dFc, mu, lam)
         ctx.rollout = rollout
         return tuple(outputs)
@@ -31,7 +22,7 @@ class _RolloutFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, gx, gv, gF, gC):
         rollout, ctx.rollout = ctx.rollout, None
-        with _stream(gx.device):
+        with torch_stream(gx.device):
             grads = rollout.backward([gx, gv, gF, gC])
         return (None, *grads)
 
@@ -92,7 +83,7 @@ class _GridMassFunction(torch.autograd.Function):
         m = wp.from_torch(masses.detach().to(device).float().contiguous().clone(), requires_grad=True)
         out = wp.zeros(grid.shape, dtype=float, device=warp_device(device), requires_grad=True)
         tape = wp.Tape()
-        with _stream(device), tape:
+        with torch_stream(device), tape:
             if x.shape[0]:
                 wp.launch(mpm.p2g_mass[bspline], dim=x.shape[0], inputs=[wp.vec3(*grid.lower), grid.inv_dx, x, m],
                           outputs=[out], device=warp_device(device))
@@ -104,7 +95,7 @@ class _GridMassFunction(torch.autograd.Function):
         wp = warp()
         tape, x, m, out = ctx.saved
         ctx.saved = None
-        with _stream(grad_mass.device):
+        with torch_stream(grad_mass.device):
             tape.backward(grads={out: wp.from_torch(grad_mass.float().contiguous())})
             gx, gm = wp.to_torch(x.grad).clone(), wp.to_torch(m.grad).clone()
         del tape

@@ -1,0 +1,357 @@
+"""Gaussian-splat rasterisation kernels with gsplat 1.5.3 semantics (portable per-pixel path).
+
+Projection (differentiable through Warp's generated adjoints): world -> camera by the 4x4 view matrix (OpenCV
+frame), EWA 2D covariance J Sigma_c J^T with the Jacobian's x/y clamped to 1.3 tan(fov/2) (gsplat's limits),
+dilation by eps2d, culling (depth outside [near, far], det <= 0, opacity < 1/255, box outside the image) and an
+opacity-aware box radius ceil(k sqrt(Sigma_2D axis)) with k = min(3.33, sqrt(2 ln(255 opacity))).
+Intersections: one key per (camera, 16x16 tile, Gaussian) = (camera tile id << 32) | IEEE bits of the depth,
+radix-sorted. Compositing per pixel, front to back: alpha = min(0.999, o exp(-sigma)); skip alpha < 1/255 or
+sigma < 0; stop before T would fall to <= 1e-4; colour + T background. The compositing backward is hand-written
+(back to front from the final T and the last contributing index).
+"""
+
+import warp as wp
+
+TILE = wp.constant(16)
+ALPHA_MIN = wp.constant(1.0 / 255.0)
+ALPHA_MAX = wp.constant(0.999)
+T_STOP = wp.constant(1.0e-4)
+EXTEND_MAX = wp.constant(3.33)
+
+# ----------------------------------------------------------------------------------------------------------------
+# projection
+
+
+@wp.func
+def f64(m: wp.mat33):
+    return wp.mat33d(wp.float64(m[0, 0]), wp.float64(m[0, 1]), wp.float64(m[0, 2]),
+                     wp.float64(m[1, 0]), wp.float64(m[1, 1]), wp.float64(m[1, 2]),
+                     wp.float64(m[2, 0]), wp.float64(m[2, 1]), wp.float64(m[2, 2]))
+
+
+@wp.func
+def projected_covariance(R: wp.mat33, covar: wp.mat33, j00: float, j02: float, j11: float, j12: float, eps2d: float):
+    """Entries a, b, d of J R Sigma R^T J^T + eps2d I, computed in float64.
+
+    The determinant a d - b^2 of a needle-thin Gaussian's footprint cancels catastrophically in float32 (relative
+    error ~ 1e-7 times the condition number); in float64 the footprint is exact for the given float32 inputs.
+    """
+    Rd = f64(R)
+    c = Rd * f64(covar) * wp.transpose(Rd)
+    J00 = wp.float64(j00)
+    J02 = wp.float64(j02)
+    J11 = wp.float64(j11)
+    J12 = wp.float64(j12)
+    a = J00 * J00 * c[0, 0] + wp.float64(2.0) * J00 * J02 * c[0, 2] + J02 * J02 * c[2, 2]
+    b = J00 * J11 * c[0, 1] + J00 * J12 * c[0, 2] + J02 * J11 * c[1, 2] + J02 * J12 * c[2, 2]
+    d = J11 * J11 * c[1, 1] + wp.float64(2.0) * J11 * J12 * c[1, 2] + J12 * J12 * c[2, 2]
+    return a + wp.float64(eps2d), b, d + wp.float64(eps2d)
+
+
+@wp.kernel
+def project(
+    # inputs
+    means: wp.array(dtype=wp.vec3),
+    covars: wp.array(dtype=wp.mat33),
+    opacities: wp.array(dtype=float),
+    viewmats: wp.array(dtype=wp.mat44),
+    Ks: wp.array(dtype=wp.mat33),
+    width: int,
+    height: int,
+    near: float,
+    far: float,
+    eps2d: float,
+    # outputs [C, N]
+    means2d: wp.array2d(dtype=wp.vec2),
+    conics: wp.array2d(dtype=wp.vec3d),
+    depths: wp.array2d(dtype=float),
+    radii: wp.array2d(dtype=wp.vec2i),
+):
+    c, g = wp.tid()
+    view = viewmats[c]
+    K = Ks[c]
+    R = wp.mat33(view[0, 0], view[0, 1], view[0, 2], view[1, 0], view[1, 1], view[1, 2], view[2, 0], view[2, 1],
+                 view[2, 2])
+    t = wp.vec3(view[0, 3], view[1, 3], view[2, 3])
+    pc = R * means[g] + t
+    z = pc[2]
+    rad = wp.vec2i(0, 0)
+    m2 = wp.vec2(0.0, 0.0)
+    conic = wp.vec3d(wp.float64(0.0), wp.float64(0.0), wp.float64(0.0))
+    if z >= near and z <= far:
+        fx = K[0, 0]
+        fy = K[1, 1]
+        cx = K[0, 2]
+        cy = K[1, 2]
+        tan_x = 0.5 * float(width) / fx
+        tan_y = 0.5 * float(height) / fy
+        lim_x_pos = (float(width) - cx) / fx + 0.3 * tan_x
+        lim_x_neg = cx / fx + 0.3 * tan_x
+        lim_y_pos = (float(height) - cy) / fy + 0.3 * tan_y
+        lim_y_neg = cy / fy + 0.3 * tan_y
+        rz = 1.0 / z
+        rz2 = rz * rz
+        tx = z * wp.min(lim_x_pos, wp.max(-lim_x_neg, pc[0] * rz))
+        ty = z * wp.min(lim_y_pos, wp.max(-lim_y_neg, pc[1] * rz))
+        a, b, d = projected_covariance(R, covars[g], fx * rz, -fx * tx * rz2, fy * rz, -fy * ty * rz2, eps2d)
+        det = a * d - b * b
+        o = opacities[g]
+        if det > wp.float64(0.0) and o >= ALPHA_MIN:
+            extend = wp.min(EXTEND_MAX, wp.sqrt(2.0 * wp.log(o / ALPHA_MIN)))
+            radius_x = wp.ceil(extend * wp.sqrt(float(a)))
+            radius_y = wp.ceil(extend * wp.sqrt(float(d)))
+            mx = fx * pc[0] * rz + cx
+            my = fy * pc[1] * rz + cy
+            inside = mx + radius_x > 0.0 and mx - radius_x < float(width)
+            inside = inside and my + radius_y > 0.0 and my - radius_y < float(height)
+            if (radius_x > 0.0 or radius_y > 0.0) and inside:
+                rad = wp.vec2i(int(radius_x), int(radius_y))
+                m2 = wp.vec2(mx, my)
+                conic = wp.vec3d(d / det, -b / det, a / det)
+    means2d[c, g] = m2
+    conics[c, g] = conic
+    depths[c, g] = z
+    radii[c, g] = rad
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# tile intersections
+
+
+@wp.func
+def tile_box(m2: wp.vec2, rad: wp.vec2i, tiles_x: int, tiles_y: int):
+    """First and one-past-last tile along x and y covered by a Gaussian's box (gsplat's isect_tiles)."""
+    tx = m2[0] / float(TILE)
+    ty = m2[1] / float(TILE)
+    rx = float(rad[0]) / float(TILE)
+    ry = float(rad[1]) / float(TILE)
+    x0 = wp.min(wp.max(0, int(wp.floor(tx - rx))), tiles_x)
+    x1 = wp.min(wp.max(0, int(wp.ceil(tx + rx))), tiles_x)
+    y0 = wp.min(wp.max(0, int(wp.floor(ty - ry))), tiles_y)
+    y1 = wp.min(wp.max(0, int(wp.ceil(ty + ry))), tiles_y)
+    return x0, x1, y0, y1
+
+
+@wp.kernel
+def count_tiles(
+    means2d: wp.array2d(dtype=wp.vec2),
+    radii: wp.array2d(dtype=wp.vec2i),
+    tiles_x: int,
+    tiles_y: int,
+    counts_out: wp.array(dtype=int),
+):
+    c, g = wp.tid()
+    n = means2d.shape[1]
+    rad = radii[c, g]
+    count = int(0)
+    if rad[0] > 0 or rad[1] > 0:
+        x0, x1, y0, y1 = tile_box(means2d[c, g], rad, tiles_x, tiles_y)
+        count = (x1 - x0) * (y1 - y0)
+    counts_out[c * n + g] = count
+
+
+@wp.func
+def depth_bits(z: float):
+    """The IEEE-754 bit pattern of a positive normal float32 as an integer (monotonic in z), without a bit cast."""
+    e = int(wp.floor(wp.log2(z)))
+    m = z / wp.pow(2.0, float(e))
+    if m >= 2.0:
+        e = e + 1
+        m = m * 0.5
+    elif m < 1.0:
+        e = e - 1
+        m = m * 2.0
+    return wp.int64(e + 127) * wp.int64(8388608) + wp.int64(int((m - 1.0) * 8388608.0))
+
+
+@wp.kernel
+def emit_intersections(
+    means2d: wp.array2d(dtype=wp.vec2),
+    radii: wp.array2d(dtype=wp.vec2i),
+    depths: wp.array2d(dtype=float),
+    offsets: wp.array(dtype=int),
+    tiles_x: int,
+    tiles_y: int,
+    keys_out: wp.array(dtype=wp.int64),
+    values_out: wp.array(dtype=int),
+):
+    c, g = wp.tid()
+    n = means2d.shape[1]
+    rad = radii[c, g]
+    if rad[0] > 0 or rad[1] > 0:
+        x0, x1, y0, y1 = tile_box(means2d[c, g], rad, tiles_x, tiles_y)
+        bits = depth_bits(depths[c, g])
+        i = offsets[c * n + g]
+        for ty in range(y0, y1):
+            for tx in range(x0, x1):
+                tile = (c * tiles_y + ty) * tiles_x + tx
+                keys_out[i] = wp.int64(tile) * wp.int64(4294967296) + bits
+                values_out[i] = c * n + g
+                i += 1
+
+
+@wp.kernel
+def tile_ranges(keys: wp.array(dtype=wp.int64), count: int, starts_out: wp.array(dtype=int),
+                ends_out: wp.array(dtype=int)):
+    """[start, end) of every (camera, tile) in the sorted intersection list."""
+    i = wp.tid()
+    tile = int(keys[i] / wp.int64(4294967296))
+    if i == 0:
+        starts_out[tile] = 0
+    else:
+        prev = int(keys[i - 1] / wp.int64(4294967296))
+        if prev != tile:
+            starts_out[tile] = i
+            ends_out[prev] = i
+    if i == count - 1:
+        ends_out[tile] = count
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# compositing
+
+
+@wp.func
+def gaussian_alpha(m2: wp.vec2, conic: wp.vec3d, opacity: float, px: float, py: float):
+    """(alpha, sigma, dx, dy) of a Gaussian at a pixel centre, before the skip test.
+
+    sigma is evaluated in float64 from a float64 conic: for a needle-thin footprint its terms cancel by orders of
+    magnitude, and float32 coefficients would put ~1e-4 errors into alpha.
+    """
+    dx = wp.float64(m2[0] - px)
+    dy = wp.float64(m2[1] - py)
+    sigma = float(wp.float64(0.5) * (conic[0] * dx * dx + conic[2] * dy * dy) + conic[1] * dx * dy)
+    alpha = wp.min(ALPHA_MAX, opacity * wp.exp(-sigma))
+    return alpha, sigma, float(dx), float(dy)
+
+
+@wp.kernel
+def rasterize_forward(
+    # per (camera, Gaussian), flattened c * N + g
+    means2d: wp.array(dtype=wp.vec2),
+    conics: wp.array(dtype=wp.vec3d),
+    colors: wp.array2d(dtype=float),
+    opacities: wp.array(dtype=float),
+    depths: wp.array(dtype=float),
+    with_depth: int,
+    backgrounds: wp.array2d(dtype=float),
+    gaussian_count: int,
+    # sorted intersections
+    values: wp.array(dtype=int),
+    starts: wp.array(dtype=int),
+    ends: wp.array(dtype=int),
+    tiles_x: int,
+    tiles_y: int,
+    width: int,
+    height: int,
+    color_channels: int,
+    # outputs per pixel, flattened (c * H + i) * W + j
+    image_out: wp.array2d(dtype=float),
+    alpha_out: wp.array(dtype=float),
+    T_out: wp.array(dtype=float),
+    last_out: wp.array(dtype=int),
+):
+    c, i, j = wp.tid()
+    pix = (c * height + i) * width + j
+    tile = (c * tiles_y + i / TILE) * tiles_x + j / TILE
+    px = float(j) + 0.5
+    py = float(i) + 0.5
+    D = color_channels
+    T = float(1.0)
+    last = int(-1)
+    for k in range(starts[tile], ends[tile]):
+        idx = values[k]
+        alpha, sigma, dx, dy = gaussian_alpha(means2d[idx], conics[idx], opacities[idx % gaussian_count], px, py)
+        if sigma >= 0.0 and alpha >= ALPHA_MIN:
+            next_T = T * (1.0 - alpha)
+            if next_T <= T_STOP:
+                break
+            w = alpha * T
+            for d in range(D):
+                image_out[pix, d] = image_out[pix, d] + w * colors[idx, d]
+            if with_depth != 0:
+                image_out[pix, D] = image_out[pix, D] + w * depths[idx]
+            last = k
+            T = next_T
+    for d in range(D):
+        image_out[pix, d] = image_out[pix, d] + T * backgrounds[c, d]
+    alpha_out[pix] = 1.0 - T
+    T_out[pix] = T
+    last_out[pix] = last
+
+
+@wp.kernel
+def rasterize_backward(
+    means2d: wp.array(dtype=wp.vec2),
+    conics: wp.array(dtype=wp.vec3d),
+    colors: wp.array2d(dtype=float),
+    opacities: wp.array(dtype=float),
+    depths: wp.array(dtype=float),
+    with_depth: int,
+    backgrounds: wp.array2d(dtype=float),
+    gaussian_count: int,
+    values: wp.array(dtype=int),
+    starts: wp.array(dtype=int),
+    tiles_x: int,
+    tiles_y: int,
+    width: int,
+    height: int,
+    color_channels: int,
+    T_final: wp.array(dtype=float),
+    last: wp.array(dtype=int),
+    # gradients of the outputs
+    v_image: wp.array2d(dtype=float),
+    v_alpha_out: wp.array(dtype=float),
+    # gradients of the inputs (accumulated)
+    v_means2d: wp.array(dtype=wp.vec2),
+    v_conics: wp.array(dtype=wp.vec3d),
+    v_colors: wp.array2d(dtype=float),
+    v_opacities: wp.array(dtype=float),
+    v_depths: wp.array(dtype=float),
+    v_backgrounds: wp.array2d(dtype=float),
+):
+    c, i, j = wp.tid()
+    pix = (c * height + i) * width + j
+    tile = (c * tiles_y + i / TILE) * tiles_x + j / TILE
+    px = float(j) + 0.5
+    py = float(i) + 0.5
+    D = color_channels
+    T_end = T_final[pix]
+    v_a = v_alpha_out[pix]
+    # d/d T_end of (colour + T background) and of alpha = 1 - T
+    bg_dot = float(0.0)
+    for d in range(D):
+        bg_dot += backgrounds[c, d] * v_image[pix, d]
+        wp.atomic_add(v_backgrounds, c, d, T_end * v_image[pix, d])
+    T = T_end
+    behind = float(0.0)  # sum over later Gaussians of w_k v_image . colour_k (colour seen behind, per unit T)
+    for k in range(last[pix], starts[tile] - 1, -1):
+        idx = values[k]
+        o = opacities[idx % gaussian_count]
+        alpha, sigma, dx, dy = gaussian_alpha(means2d[idx], conics[idx], o, px, py)
+        if sigma >= 0.0 and alpha >= ALPHA_MIN:
+            T = T / (1.0 - alpha)  # transmittance in front of this Gaussian
+            w = alpha * T
+            dot = float(0.0)
+            for d in range(D):
+                wp.atomic_add(v_colors, idx, d, w * v_image[pix, d])
+                dot += colors[idx, d] * v_image[pix, d]
+            if with_depth != 0:
+                wp.atomic_add(v_depths, idx, w * v_image[pix, D])
+                dot += depths[idx] * v_image[pix, D]
+            one_minus = 1.0 - alpha
+            # d out / d alpha: own colour T, minus what shines through from behind, alpha and background terms
+            v_alpha = dot * T - behind / one_minus + T_end / one_minus * (v_a - bg_dot)
+            behind += w * dot
+            vis = wp.exp(-sigma)
+            if o * vis <= ALPHA_MAX:
+                v_sigma = -o * vis * v_alpha
+                vs = wp.float64(v_sigma)
+                ddx = wp.float64(dx)
+                ddy = wp.float64(dy)
+                q = conics[idx]
+                wp.atomic_add(v_conics, idx, wp.vec3d(wp.float64(0.5) * vs * ddx * ddx, vs * ddx * ddy,
+                                                      wp.float64(0.5) * vs * ddy * ddy))
+                wp.atomic_add(v_means2d, idx, wp.vec2(float(vs * (q[0] * ddx + q[1] * ddy)),
+                                                      float(vs * (q[1] * ddx + q[2] * ddy))))
+                wp.atomic_add(v_opacities, idx % gaussian_count, vis * v_alpha)

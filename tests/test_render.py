@@ -1,0 +1,161 @@
+"""The rasteriser: Warp vs the float64 twin (forward, VJP), finite differences, degenerate input, counts."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import DEVICES
+
+from diffmpm_cli.gradcheck import directional_probes
+from diffmpm_cli.reference.splat import (
+    intersection_count_ref,
+    orbit_cameras,
+    project_ref,
+    random_gaussians,
+    rasterize_ref,
+)
+from diffmpm_cli.render.rasterize import covars_from_quats_scales, rasterization
+
+SIZE = 64
+
+
+def warp_render(means, covars, opac, colors, views, Ks, *, device="cpu", size=SIZE, **kw):
+    on = lambda t: t.float().to(device)  # noqa: E731
+    bg = kw.pop("backgrounds", None)
+    img, alpha, meta = rasterization(on(means), on(covars), on(opac), on(colors), on(views), on(Ks), size, size,
+                                     backgrounds=None if bg is None else on(bg), **kw)
+    return img.cpu(), alpha.cpu(), meta
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mode", ["RGB", "RGB+ED", "ED"])
+def test_forward_matches_the_twin(mode, device):
+    means, covars, opac, colors = random_gaussians(500, seed=1)
+    views, Ks = orbit_cameras(2, SIZE, SIZE)
+    bg = torch.rand(2, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    ref_img, ref_alpha, unsure = rasterize_ref(means, covars, opac, colors, views, Ks, SIZE, SIZE, backgrounds=bg,
+                                               render_mode=mode, return_ambiguous=True)
+    img, alpha, meta = warp_render(means, covars, opac, colors, views, Ks, backgrounds=bg, render_mode=mode,
+                                   device=device)
+    assert img.shape == ref_img.shape and alpha.shape == ref_alpha.shape
+    sure = ~unsure
+    assert float(unsure.float().mean()) < 0.01  # the comparison covers nearly every pixel
+    assert float(ref_alpha.max()) > 0.99 and float(ref_alpha.min()) < 0.01  # opaque and empty pixels both occur
+    assert float((img.double() - ref_img).abs()[sure].max()) <= 1e-4
+    assert float((alpha.double() - ref_alpha).abs()[sure].max()) <= 1e-4
+    means2d, _, _, radii = project_ref(means, covars, opac, views, Ks, SIZE, SIZE, 0.01, 1e10)
+    assert torch.equal(meta.radii.cpu().long(), radii)
+    assert meta.intersection_count == intersection_count_ref(means2d, radii, SIZE, SIZE)
+
+
+@pytest.mark.parametrize("channels", [1, 4])
+def test_channel_counts(channels):
+    means, covars, opac, _ = random_gaussians(120, seed=2)
+    colors = torch.rand(120, channels, dtype=torch.float64)
+    views, Ks = orbit_cameras(1, 32, 32)
+    ref_img, _, unsure = rasterize_ref(means, covars, opac, colors, views, Ks, 32, 32, return_ambiguous=True)
+    img, _, _ = warp_render(means, covars, opac, colors, views, Ks, size=32)
+    assert img.shape == (1, 32, 32, channels)
+    assert float((img.double() - ref_img).abs()[~unsure].max()) <= 1e-4
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_backward_matches_the_twin_by_random_cotangents(device):
+    means, covars, opac, colors = random_gaussians(150, seed=3)
+    views, Ks = orbit_cameras(2, 32, 32)
+    bg = torch.rand(2, 3, dtype=torch.float64)
+    g = torch.Generator().manual_seed(4)
+    v_img = torch.randn(2, 32, 32, 4, generator=g, dtype=torch.float64)
+    v_alpha = torch.randn(2, 32, 32, 1, generator=g, dtype=torch.float64)
+    inputs = {"means": means, "covars": covars, "opacities": opac, "colors": colors, "backgrounds": bg}
+
+    def grads(use_warp):
+        leaves = {k: v.clone().requires_grad_(True) for k, v in inputs.items()}
+        args = (leaves["means"], leaves["covars"], leaves["opacities"], leaves["colors"])
+        if use_warp:
+            img, alpha, _ = warp_render(*args, views, Ks, size=32, backgrounds=leaves["backgrounds"],
+                                        render_mode="RGB+ED", device=device)
+            mask = ~unsure[..., None]
+        else:
+            img, alpha, unsure_ref = rasterize_ref(*args, views, Ks, 32, 32, backgrounds=leaves["backgrounds"],
+                                                   render_mode="RGB+ED", return_ambiguous=True)
+            mask = ~unsure_ref[..., None]
+        total = (img.double() * v_img * mask).sum() + (alpha.double() * v_alpha * mask).sum()
+        return dict(zip(leaves, torch.autograd.grad(total, list(leaves.values())), strict=True))
+
+    _, _, unsure = rasterize_ref(means, covars, opac, colors, views, Ks, 32, 32, backgrounds=bg, render_mode="RGB+ED",
+                                 return_ambiguous=True)
+    v_warp, v_ref = grads(True), grads(False)
+    # only the symmetric part of a covariance gradient is defined (the input is symmetric)
+    v_ref["covars"] = 0.5 * (v_ref["covars"] + v_ref["covars"].transpose(1, 2))
+    for name in inputs:
+        err = float((v_warp[name].double().cpu() - v_ref[name]).norm() / v_ref[name].norm())
+        assert err <= 1e-3, f"d/d{name}: relative L2 error {err:.2e}"
+
+
+def test_finite_differences_through_the_kernels():
+    """Wide, semi-transparent Gaussians: no 1/255 cut-off or T stop falls inside the image, so the loss is smooth
+    (elsewhere those cut-offs are true discontinuities that finite differences cannot see past)."""
+    g = torch.Generator().manual_seed(5)
+    means = torch.randn(6, 3, generator=g) * 0.1
+    covars = covars_from_quats_scales(torch.randn(6, 4, generator=g), 0.4 + 0.2 * torch.rand(6, 3, generator=g))
+    opac = 0.2 + 0.3 * torch.rand(6, generator=g)
+    colors = torch.rand(6, 3, generator=g)
+    views, Ks = orbit_cameras(1, 32, 32)
+    weights = torch.randn(1, 32, 32, 3, generator=g, dtype=torch.float64)
+
+    def loss(p):
+        covs = 0.5 * (p["covars"] + p["covars"].transpose(1, 2))
+        img, alpha, _ = warp_render(p["means"], covs, p["opacities"], p["colors"], views, Ks, size=32)
+        return (img.double() * weights).sum() + alpha.double().sum()
+
+    params = {"means": means, "covars": covars, "opacities": opac, "colors": colors}
+    probes = directional_probes(loss, params, eps={"means": 1e-2, "covars": 1e-2, "opacities": 1e-2, "colors": 1e-2},
+                                probes=2, coordinates=1, seed=7)
+    assert len(probes) == 12
+    for probe in probes:
+        assert probe.rel_error <= 1e-2, probe
+
+
+def test_degenerate_input_stays_finite():
+    views, Ks = orbit_cameras(1, 32, 32)
+    bg = torch.tensor([[0.2, 0.4, 0.6]])
+    # N = 0: the background, alpha 0
+    img, alpha, meta = warp_render(torch.zeros(0, 3), torch.zeros(0, 3, 3), torch.zeros(0), torch.zeros(0, 3), views,
+                                   Ks, size=32, backgrounds=bg)
+    assert torch.allclose(img, bg.expand(32 * 32, 3).reshape(1, 32, 32, 3)) and float(alpha.abs().max()) == 0.0
+    assert meta.intersection_count == 0
+    # all culled (behind the camera): the background; gradients zero and finite
+    means = torch.tensor([[0.0, 0.0, 4.0], [0.1, 0.0, 5.0]], requires_grad=True)
+    covars = (0.01 * torch.eye(3)).expand(2, 3, 3).clone().requires_grad_(True)
+    opac = torch.tensor([0.5, 0.9], requires_grad=True)
+    colors = torch.rand(2, 3, requires_grad=True)
+    img, alpha, meta = rasterization(means, covars, opac, colors, views.float(), Ks.float(), 32, 32, backgrounds=bg)
+    assert torch.allclose(img, bg.expand(32 * 32, 3).reshape(1, 32, 32, 3)) and meta.intersection_count == 0
+    (img.sum() + alpha.sum()).backward()
+    for t in (means, covars, opac, colors):
+        assert torch.isfinite(t.grad).all() and float(t.grad.abs().max()) == 0.0
+    # det ~ 0 (a flat disc seen edge-on, and a zero covariance) and opacity -> 1
+    means = torch.tensor([[0.0, 0.0, 0.0], [0.05, 0.0, 0.0], [0.0, 0.05, 0.0]], requires_grad=True)
+    covars = torch.stack([torch.diag(torch.tensor([0.01, 0.01, 0.0])), torch.zeros(3, 3),
+                          torch.diag(torch.tensor([0.0, 0.02, 0.02]))]).requires_grad_(True)
+    opac = torch.tensor([1.0, 0.99999, 1.0], requires_grad=True)
+    img, alpha, _ = rasterization(means, covars, opac, torch.rand(3, 3), views.float(), Ks.float(), 32, 32)
+    (img.sum() + alpha.sum()).backward()
+    assert torch.isfinite(img).all() and float(alpha.max()) <= 1.0 and float(alpha.max()) > 0.9
+    for t in (means, covars, opac):
+        assert torch.isfinite(t.grad).all()
+
+
+def test_quats_scales_path_gives_gradients():
+    quats = torch.tensor([[1.0, 0.2, -0.1, 0.3]] * 5, requires_grad=True)
+    scales = torch.full((5, 3), 0.05, requires_grad=True)
+    covars = covars_from_quats_scales(quats, scales)
+    R = covars_from_quats_scales(quats.detach(), torch.ones(5, 3))
+    assert torch.allclose(R, torch.eye(3).expand(5, 3, 3), atol=1e-6)  # unit scales: identity covariance
+    means = torch.randn(5, 3, generator=torch.Generator().manual_seed(0)) * 0.2
+    views, Ks = orbit_cameras(1, 32, 32)
+    img, alpha, _ = rasterization(means, covars, torch.full((5,), 0.8), torch.rand(5, 3), views.float(), Ks.float(),
+                                  32, 32)
+    alpha.sum().backward()
+    assert float(scales.grad.abs().sum()) > 0 and torch.isfinite(quats.grad).all()
