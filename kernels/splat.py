@@ -225,11 +225,18 @@ def gaussian_alpha(m2: wp.vec2, conic: wp.vec3d, opacity: float, px: float, py: 
     return alpha, sigma, float(dx), float(dy)
 
 
+@wp.func
+def outside_box(m2: wp.vec2, rad: wp.vec2i, px: float, py: float):
+    """Pixel centre outside the Gaussian's box: there alpha < 1/255 already, so it is skipped without evaluating."""
+    return wp.abs(m2[0] - px) > float(rad[0]) or wp.abs(m2[1] - py) > float(rad[1])
+
+
 @wp.kernel
 def rasterize_forward(
     # per (camera, Gaussian), flattened c * N + g
     means2d: wp.array(dtype=wp.vec2),
     conics: wp.array(dtype=wp.vec3d),
+    radii: wp.array(dtype=wp.vec2i),
     colors: wp.array2d(dtype=float),
     opacities: wp.array(dtype=float),
     depths: wp.array(dtype=float),
@@ -259,22 +266,33 @@ def rasterize_forward(
     D = color_channels
     T = float(1.0)
     last = int(-1)
+    acc = wp.vec4(0.0)  # the first four channels accumulate in registers, further ones in the output
+    depth_acc = float(0.0)
     for k in range(starts[tile], ends[tile]):
         idx = values[k]
+        if outside_box(means2d[idx], radii[idx], px, py):
+            continue
         alpha, sigma, dx, dy = gaussian_alpha(means2d[idx], conics[idx], opacities[idx % gaussian_count], px, py)
         if sigma >= 0.0 and alpha >= ALPHA_MIN:
             next_T = T * (1.0 - alpha)
             if next_T <= T_STOP:
                 break
             w = alpha * T
-            for d in range(D):
+            for d in range(wp.min(D, 4)):
+                acc[d] = acc[d] + w * colors[idx, d]
+            for d in range(4, D):
                 image_out[pix, d] = image_out[pix, d] + w * colors[idx, d]
             if with_depth != 0:
-                image_out[pix, D] = image_out[pix, D] + w * depths[idx]
+                depth_acc += w * depths[idx]
             last = k
             T = next_T
     for d in range(D):
-        image_out[pix, d] = image_out[pix, d] + T * backgrounds[c, d]
+        value = image_out[pix, d]
+        if d < 4:
+            value = acc[d]
+        image_out[pix, d] = value + T * backgrounds[c, d]
+    if with_depth != 0:
+        image_out[pix, D] = depth_acc
     alpha_out[pix] = 1.0 - T
     T_out[pix] = T
     last_out[pix] = last
@@ -284,6 +302,7 @@ def rasterize_forward(
 def rasterize_backward(
     means2d: wp.array(dtype=wp.vec2),
     conics: wp.array(dtype=wp.vec3d),
+    radii: wp.array(dtype=wp.vec2i),
     colors: wp.array2d(dtype=float),
     opacities: wp.array(dtype=float),
     depths: wp.array(dtype=float),
@@ -327,6 +346,8 @@ def rasterize_backward(
     behind = float(0.0)  # sum over later Gaussians of w_k v_image . colour_k (colour seen behind, per unit T)
     for k in range(last[pix], starts[tile] - 1, -1):
         idx = values[k]
+        if outside_box(means2d[idx], radii[idx], px, py):
+            continue
         o = opacities[idx % gaussian_count]
         alpha, sigma, dx, dy = gaussian_alpha(means2d[idx], conics[idx], o, px, py)
         if sigma >= 0.0 and alpha >= ALPHA_MIN:
@@ -355,3 +376,190 @@ def rasterize_backward(
                 wp.atomic_add(v_means2d, idx, wp.vec2(float(vs * (q[0] * ddx + q[1] * ddy)),
                                                       float(vs * (q[1] * ddx + q[2] * ddy))))
                 wp.atomic_add(v_opacities, idx % gaussian_count, vis * v_alpha)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the portable (CPU) path: one thread per tile, Gaussian-major inside the tile, touching only the pixels of each
+# Gaussian's box. Same per-pixel math as above; the per-pixel state lives in the output/scratch arrays.
+
+
+@wp.func
+def box_pixels(m: float, rad: int, lo: int, hi: int):
+    """Pixel indices [first, last] in [lo, hi) whose centres lie within m -+ rad (empty when first > last)."""
+    first = wp.max(lo, int(wp.ceil(m - float(rad) - 0.5)))
+    last = wp.min(hi - 1, int(wp.floor(m + float(rad) - 0.5)))
+    return first, last
+
+
+@wp.kernel
+def rasterize_forward_tiles(
+    means2d: wp.array(dtype=wp.vec2),
+    conics: wp.array(dtype=wp.vec3d),
+    radii: wp.array(dtype=wp.vec2i),
+    colors: wp.array2d(dtype=float),
+    opacities: wp.array(dtype=float),
+    depths: wp.array(dtype=float),
+    with_depth: int,
+    backgrounds: wp.array2d(dtype=float),
+    gaussian_count: int,
+    values: wp.array(dtype=int),
+    starts: wp.array(dtype=int),
+    ends: wp.array(dtype=int),
+    tiles_x: int,
+    tiles_y: int,
+    width: int,
+    height: int,
+    color_channels: int,
+    image_out: wp.array2d(dtype=float),
+    alpha_out: wp.array(dtype=float),
+    T_out: wp.array(dtype=float),
+    last_out: wp.array(dtype=int),
+    done_scratch: wp.array(dtype=int),
+):
+    c, ty, tx = wp.tid()
+    tile = (c * tiles_y + ty) * tiles_x + tx
+    D = color_channels
+    x0 = tx * TILE
+    y0 = ty * TILE
+    x1 = wp.min(x0 + TILE, width)
+    y1 = wp.min(y0 + TILE, height)
+    for i in range(y0, y1):
+        for j in range(x0, x1):
+            pix = (c * height + i) * width + j
+            T_out[pix] = 1.0
+            last_out[pix] = -1
+            done_scratch[pix] = 0
+    for k in range(starts[tile], ends[tile]):
+        idx = values[k]
+        m2 = means2d[idx]
+        rad = radii[idx]
+        o = opacities[idx % gaussian_count]
+        j_lo, j_hi = box_pixels(m2[0], rad[0], x0, x1)
+        i_lo, i_hi = box_pixels(m2[1], rad[1], y0, y1)
+        for i in range(i_lo, i_hi + 1):
+            for j in range(j_lo, j_hi + 1):
+                pix = (c * height + i) * width + j
+                if done_scratch[pix] != 0:
+                    continue
+                alpha, sigma, dx, dy = gaussian_alpha(m2, conics[idx], o, float(j) + 0.5, float(i) + 0.5)
+                if sigma >= 0.0 and alpha >= ALPHA_MIN:
+                    T = T_out[pix]
+                    next_T = T * (1.0 - alpha)
+                    if next_T <= T_STOP:
+                        done_scratch[pix] = 1
+                        continue
+                    w = alpha * T
+                    for d in range(D):
+                        image_out[pix, d] = image_out[pix, d] + w * colors[idx, d]
+                    if with_depth != 0:
+                        image_out[pix, D] = image_out[pix, D] + w * depths[idx]
+                    last_out[pix] = k
+                    T_out[pix] = next_T
+    for i in range(y0, y1):
+        for j in range(x0, x1):
+            pix = (c * height + i) * width + j
+            T = T_out[pix]
+            for d in range(D):
+                image_out[pix, d] = image_out[pix, d] + T * backgrounds[c, d]
+            alpha_out[pix] = 1.0 - T
+
+
+@wp.kernel
+def rasterize_backward_tiles(
+    means2d: wp.array(dtype=wp.vec2),
+    conics: wp.array(dtype=wp.vec3d),
+    radii: wp.array(dtype=wp.vec2i),
+    colors: wp.array2d(dtype=float),
+    opacities: wp.array(dtype=float),
+    depths: wp.array(dtype=float),
+    with_depth: int,
+    backgrounds: wp.array2d(dtype=float),
+    gaussian_count: int,
+    values: wp.array(dtype=int),
+    starts: wp.array(dtype=int),
+    tiles_x: int,
+    tiles_y: int,
+    width: int,
+    height: int,
+    color_channels: int,
+    T_final: wp.array(dtype=float),
+    last: wp.array(dtype=int),
+    v_image: wp.array2d(dtype=float),
+    v_alpha_out: wp.array(dtype=float),
+    T_scratch: wp.array(dtype=float),
+    behind_scratch: wp.array(dtype=float),
+    bg_scratch: wp.array(dtype=float),
+    v_means2d: wp.array(dtype=wp.vec2),
+    v_conics: wp.array(dtype=wp.vec3d),
+    v_colors: wp.array2d(dtype=float),
+    v_opacities: wp.array(dtype=float),
+    v_depths: wp.array(dtype=float),
+    v_backgrounds: wp.array2d(dtype=float),
+):
+    c, ty, tx = wp.tid()
+    tile = (c * tiles_y + ty) * tiles_x + tx
+    D = color_channels
+    x0 = tx * TILE
+    y0 = ty * TILE
+    x1 = wp.min(x0 + TILE, width)
+    y1 = wp.min(y0 + TILE, height)
+    k_max = int(-1)
+    for i in range(y0, y1):
+        for j in range(x0, x1):
+            pix = (c * height + i) * width + j
+            T_scratch[pix] = T_final[pix]
+            behind_scratch[pix] = 0.0
+            bg_dot = float(0.0)
+            for d in range(D):
+                bg_dot += backgrounds[c, d] * v_image[pix, d]
+                wp.atomic_add(v_backgrounds, c, d, T_final[pix] * v_image[pix, d])
+            bg_scratch[pix] = bg_dot
+            k_max = wp.max(k_max, last[pix])
+    for k in range(k_max, starts[tile] - 1, -1):
+        idx = values[k]
+        m2 = means2d[idx]
+        rad = radii[idx]
+        q = conics[idx]
+        o = opacities[idx % gaussian_count]
+        j_lo, j_hi = box_pixels(m2[0], rad[0], x0, x1)
+        i_lo, i_hi = box_pixels(m2[1], rad[1], y0, y1)
+        g_m2 = wp.vec2(0.0, 0.0)
+        g_conic = wp.vec3d(wp.float64(0.0), wp.float64(0.0), wp.float64(0.0))
+        g_opacity = float(0.0)
+        g_depth = float(0.0)
+        for i in range(i_lo, i_hi + 1):
+            for j in range(j_lo, j_hi + 1):
+                pix = (c * height + i) * width + j
+                if k > last[pix]:
+                    continue
+                alpha, sigma, dx, dy = gaussian_alpha(m2, q, o, float(j) + 0.5, float(i) + 0.5)
+                if sigma >= 0.0 and alpha >= ALPHA_MIN:
+                    one_minus = 1.0 - alpha
+                    T = T_scratch[pix] / one_minus
+                    T_scratch[pix] = T
+                    w = alpha * T
+                    dot = float(0.0)
+                    for d in range(D):
+                        wp.atomic_add(v_colors, idx, d, w * v_image[pix, d])
+                        dot += colors[idx, d] * v_image[pix, d]
+                    if with_depth != 0:
+                        g_depth += w * v_image[pix, D]
+                        dot += depths[idx] * v_image[pix, D]
+                    T_end = T_final[pix]
+                    v_alpha = dot * T - behind_scratch[pix] / one_minus
+                    v_alpha = v_alpha + T_end / one_minus * (v_alpha_out[pix] - bg_scratch[pix])
+                    behind_scratch[pix] = behind_scratch[pix] + w * dot
+                    vis = wp.exp(-sigma)
+                    if o * vis <= ALPHA_MAX:
+                        vs = wp.float64(-o * vis * v_alpha)
+                        ddx = wp.float64(dx)
+                        ddy = wp.float64(dy)
+                        g_conic += wp.vec3d(wp.float64(0.5) * vs * ddx * ddx, vs * ddx * ddy,
+                                            wp.float64(0.5) * vs * ddy * ddy)
+                        g_m2 += wp.vec2(float(vs * (q[0] * ddx + q[1] * ddy)), float(vs * (q[1] * ddx + q[2] * ddy)))
+                        g_opacity += vis * v_alpha
+        wp.atomic_add(v_means2d, idx, g_m2)
+        wp.atomic_add(v_conics, idx, g_conic)
+        wp.atomic_add(v_opacities, idx % gaussian_count, g_opacity)
+        if with_depth != 0:
+            wp.atomic_add(v_depths, idx, g_depth)

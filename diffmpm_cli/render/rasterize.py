@@ -98,16 +98,22 @@ class _Rasterize(torch.autograd.Function):
             alpha = wp.zeros(C * H * W, dtype=float, device=wdev)
             T_final = wp.zeros(C * H * W, dtype=float, device=wdev)
             last = wp.zeros(C * H * W, dtype=int, device=wdev)
-            raster_common = [means2d.flatten(), conics.flatten(), flat_colors, w_opac, depths.flatten(), with_depth,
+            raster_common = [means2d.flatten(), conics.flatten(), radii.flatten(), flat_colors, w_opac, depths.flatten(), with_depth,
                              w_bg, N, values, starts]
-            wp.launch(splat.rasterize_forward, dim=(C, H, W), device=wdev,
-                      inputs=[*raster_common[:9], starts, ends, tiles_x, tiles_y, W, H, D],
-                      outputs=[image, alpha, T_final, last])
+            per_pixel = settings["path"] == "pixel"
+            if per_pixel:
+                wp.launch(splat.rasterize_forward, dim=(C, H, W), device=wdev,
+                          inputs=[*raster_common[:10], starts, ends, tiles_x, tiles_y, W, H, D],
+                          outputs=[image, alpha, T_final, last])
+            else:
+                wp.launch(splat.rasterize_forward_tiles, dim=(C, tiles_y, tiles_x), device=wdev,
+                          inputs=[*raster_common[:10], starts, ends, tiles_x, tiles_y, W, H, D],
+                          outputs=[image, alpha, T_final, last, wp.zeros(C * H * W, dtype=int, device=wdev)])
             out_image = wp.to_torch(image)[:, :channels].reshape(C, H, W, channels).clone()
             out_alpha = wp.to_torch(alpha).reshape(C, H, W, 1).clone()
         ctx.saved = dict(tape=tape, w_means=w_means, w_covars=w_covars, means2d=means2d, conics=conics, depths=depths,
                          raster_common=raster_common, T_final=T_final, last=last, shape=(C, N, D, H, W, tiles_x, tiles_y),
-                         channels=channels, device=device)
+                         channels=channels, device=device, per_pixel=per_pixel)
         meta = (wp.to_torch(means2d).clone(), wp.to_torch(depths).clone(), wp.to_torch(radii).clone(),
                 torch.tensor(total))
         ctx.mark_non_differentiable(*meta)  # the meta is for inspection; gradients flow through the images
@@ -132,12 +138,16 @@ class _Rasterize(torch.autograd.Function):
             v_depths = torch.zeros(C * N, device=device)
             v_bg = torch.zeros(C, max(D, 1), device=device)
             if N:
-                wp.launch(splat.rasterize_backward, dim=(C, H, W), device=wdev, inputs=[
-                    *s["raster_common"], tiles_x, tiles_y, W, H, D, s["T_final"], s["last"],
-                    wp.from_torch(v_img), wp.from_torch(v_alpha.reshape(-1).float().contiguous()),
-                ], outputs=[wp.from_torch(v_means2d, dtype=wp.vec2), wp.from_torch(v_conics, dtype=wp.vec3d),
-                            wp.from_torch(v_colors), wp.from_torch(v_opac), wp.from_torch(v_depths),
-                            wp.from_torch(v_bg)])
+                inputs = [*s["raster_common"], tiles_x, tiles_y, W, H, D, s["T_final"], s["last"],
+                          wp.from_torch(v_img), wp.from_torch(v_alpha.reshape(-1).float().contiguous())]
+                outputs = [wp.from_torch(v_means2d, dtype=wp.vec2), wp.from_torch(v_conics, dtype=wp.vec3d),
+                           wp.from_torch(v_colors), wp.from_torch(v_opac), wp.from_torch(v_depths), wp.from_torch(v_bg)]
+                if s["per_pixel"]:
+                    wp.launch(splat.rasterize_backward, dim=(C, H, W), device=wdev, inputs=inputs, outputs=outputs)
+                else:
+                    scratch = [wp.zeros(C * H * W, dtype=float, device=wdev) for _ in range(3)]
+                    wp.launch(splat.rasterize_backward_tiles, dim=(C, tiles_y, tiles_x), device=wdev,
+                              inputs=[*inputs, *scratch], outputs=outputs)
                 s["tape"].backward(grads={
                     s["means2d"]: wp.from_torch(v_means2d.reshape(C, N, 2), dtype=wp.vec2),
                     s["conics"]: wp.from_torch(v_conics.reshape(C, N, 3), dtype=wp.vec3d),
@@ -155,13 +165,16 @@ class _Rasterize(torch.autograd.Function):
 def rasterization(means: torch.Tensor, covars: torch.Tensor, opacities: torch.Tensor, colors: torch.Tensor,
                   viewmats: torch.Tensor, Ks: torch.Tensor, width: int, height: int, *, near_plane: float = 0.01,
                   far_plane: float = 1e10, backgrounds: torch.Tensor | None = None, render_mode: RenderMode = "RGB",
-                  eps2d: float = 0.3):
+                  eps2d: float = 0.3, path: Literal["auto", "pixel", "tile"] = "auto"):
     """Render Gaussians from C cameras.
 
     means [N, 3] m, covars [N, 3, 3] m^2, opacities [N] in [0, 1], colors [N, D] or [C, N, D], viewmats [C, 4, 4]
     (world -> camera, OpenCV), Ks [C, 3, 3] px, backgrounds [C, D]. ``render_mode``: "RGB" (D channels), "RGB+ED"
     (D channels + expected depth), "ED" (expected depth only). Returns (colors [C, H, W, D'], alphas [C, H, W, 1],
     RasterMeta). Gradients reach means, covars, opacities, colors and backgrounds.
+
+    ``path``: "pixel" (one thread per pixel walking its tile's list; the CUDA path), "tile" (one thread per tile,
+    each Gaussian touching only the pixels of its box; the CPU path), "auto" picks by device. Same results.
     """
     C, N = viewmats.shape[0], means.shape[0]
     if colors.dim() == 2:
@@ -172,8 +185,10 @@ def rasterization(means: torch.Tensor, covars: torch.Tensor, opacities: torch.Te
     D = colors.shape[-1]
     if backgrounds is None:
         backgrounds = torch.zeros(C, D, device=means.device)
+    if path == "auto":
+        path = "pixel" if means.device.type == "cuda" else "tile"
     settings = dict(width=int(width), height=int(height), near=float(near_plane), far=float(far_plane),
-                    eps2d=float(eps2d), with_depth=with_depth)
+                    eps2d=float(eps2d), with_depth=with_depth, path=path)
     image, alpha, means2d, depths, radii, total = _Rasterize.apply(settings, means, covars, colors, opacities,
                                                                  backgrounds, viewmats, Ks)
     if with_depth:
