@@ -169,3 +169,107 @@ def _kernel_times(sim, name, states, grid, mu, lam, dfc, device, steps) -> list[
                 launch()
         a, b = b, a
     return times
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# renderer
+
+
+def render_scene(gaussians: int, width: int, height: int, device: str, seed: int = 0):
+    """Gaussians in front of one camera (a few off-screen and behind it) and the camera: means, covars, opacities,
+    colors, viewmats, Ks on ``device`` in float32."""
+    from .reference.splat import orbit_cameras
+    from .render.rasterize import covars_from_quats_scales
+
+    g = torch.Generator().manual_seed(seed)
+    means = torch.randn(gaussians, 3, generator=g) * 0.4
+    scales = torch.exp(torch.randn(gaussians, 3, generator=g) * 0.4 - 4.8)
+    covars = covars_from_quats_scales(torch.randn(gaussians, 4, generator=g), scales)
+    opacities = torch.rand(gaussians, generator=g)
+    colors = torch.rand(gaussians, 3, generator=g)
+    views, Ks = orbit_cameras(1, width, height, dtype=torch.float32)
+    return [t.to(device) for t in (means, covars, opacities, colors, views, Ks)]
+
+
+def _ours(means, covars, opacities, colors, views, Ks, width, height):
+    from .render.rasterize import rasterization
+
+    img, alpha, meta = rasterization(means, covars, opacities, colors, views, Ks, width, height,
+                                     backgrounds=torch.ones(1, 3, device=means.device))
+    return img, alpha, meta.intersection_count
+
+
+def _gsplat(means, covars, opacities, colors, views, Ks, width, height):
+    import gsplat
+
+    img, alpha, meta = gsplat.rasterization(means, None, None, opacities, colors, views, Ks, width, height,
+                                            covars=covars, packed=False, backgrounds=torch.ones(1, 3, device=means.device))
+    return img, alpha, int(meta["flatten_ids"].numel())
+
+
+def _fwd_bwd_times(render, inputs, width, height, repeats):
+    """Median forward and backward seconds of one renderer (CUDA events around each)."""
+    leaves = [t.clone().requires_grad_(True) for t in inputs[:4]]
+    fwd, bwd = [], []
+    for rep in range(repeats + 2):
+        for t in leaves:
+            t.grad = None
+        torch.cuda.synchronize() if leaves[0].is_cuda else None
+        t0 = time.perf_counter()
+        img, alpha, _ = render(*leaves, *inputs[4:], width, height)
+        torch.cuda.synchronize() if leaves[0].is_cuda else None
+        t1 = time.perf_counter()
+        (img.sum() + alpha.sum()).backward()
+        torch.cuda.synchronize() if leaves[0].is_cuda else None
+        t2 = time.perf_counter()
+        if rep >= 2:  # the first two runs warm up (compilation, allocator)
+            fwd.append(t1 - t0)
+            bwd.append(t2 - t1)
+    return statistics.median(fwd), statistics.median(bwd)
+
+
+def bench_render(*, gaussians: int = 3000, width: int = 128, height: int = 128, device: str = "cpu",
+                 compare_gsplat: bool = False, repeats: int = 5) -> dict:
+    """Forward and backward time of the rasteriser (RGB, one camera); with gsplat timed on the same tensors."""
+    inputs = render_scene(gaussians, width, height, device)
+    fwd, bwd = _fwd_bwd_times(_ours, inputs, width, height, repeats)
+    _, _, isects = _ours(*inputs, width, height)
+    result = {
+        "benchmark": "render", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "diffmpm": __version__,
+        "device": device, "device_name": _device_name(device), "warp": warp().config.version, "torch": torch.__version__,
+        "gaussians": gaussians, "width": width, "height": height, "intersections": isects,
+        "forward_s": fwd, "backward_s": bwd, "peak_bytes": _peak_bytes(device),
+    }
+    if compare_gsplat:
+        import gsplat
+
+        g_fwd, g_bwd = _fwd_bwd_times(_gsplat, inputs, width, height, repeats)
+        result.update(gsplat=gsplat.__version__, gsplat_forward_s=g_fwd, gsplat_backward_s=g_bwd,
+                      ratio_forward=fwd / g_fwd, ratio_backward=bwd / g_bwd,
+                      ratio_forward_backward=(fwd + bwd) / (g_fwd + g_bwd))
+    return result
+
+
+def compare_with_gsplat(*, gaussians: int = 100_000, width: int = 1024, height: int = 1024, device: str = "cuda",
+                        seed: int = 0) -> dict:
+    """Images, alphas, gradients and intersection counts of ours vs gsplat on the same tensors."""
+    inputs = render_scene(gaussians, width, height, device, seed=seed)
+    out = {}
+    g = torch.Generator(device=device).manual_seed(seed)
+    v_img = torch.randn(1, height, width, 3, generator=g, device=device)
+    v_alpha = torch.randn(1, height, width, 1, generator=g, device=device)
+    for name, render in (("ours", _ours), ("gsplat", _gsplat)):
+        leaves = [t.clone().requires_grad_(True) for t in inputs[:4]]
+        img, alpha, isects = render(*leaves, *inputs[4:], width, height)
+        ((img * v_img).sum() + (alpha * v_alpha).sum()).backward()
+        grads = [t.grad for t in leaves]
+        grads[1] = 0.5 * (grads[1] + grads[1].transpose(1, 2))  # the symmetric part of the covariance gradient
+        out[name] = (img.detach(), alpha.detach(), isects, grads)
+    (i1, a1, n1, g1), (i2, a2, n2, g2) = out["ours"], out["gsplat"]
+    names = ("means", "covars", "opacities", "colors")
+    return {
+        "gaussians": gaussians, "width": width, "height": height,
+        "image_max_abs": float((i1 - i2).abs().max()), "alpha_max_abs": float((a1 - a2).abs().max()),
+        "intersections": {"ours": n1, "gsplat": n2},
+        "grad_rel_l2": {k: float((a - b).norm() / b.norm().clamp_min(1e-30)) for k, a, b in zip(names, g1, g2, strict=True)},
+    }

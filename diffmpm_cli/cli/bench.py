@@ -10,6 +10,13 @@ from rich.table import Table
 
 from .common import handle_errors, out
 
+RENDER_EPILOG = """[bold]Examples[/]
+
+  diffmpm bench render --gaussians 3000 --size 128x128
+
+  diffmpm bench render --gaussians 1000000 --size 1024x1024 --device cuda --compare-gsplat --json render.json
+"""
+
 EPILOG = """[bold]Examples[/]
 
   diffmpm bench mpm --particles 4096 --grid 32 --steps 50
@@ -20,6 +27,17 @@ EPILOG = """[bold]Examples[/]
 """
 
 bench_app = typer.Typer(help="Benchmarks (results as a table and, with --json, a file).", no_args_is_help=True)
+
+
+def _check_device(device: str) -> None:
+    import torch
+
+    from ..errors import ConfigError
+
+    if device != "cpu" and not device.startswith("cuda"):
+        raise ConfigError("--device", f"must be cpu or cuda[:i], got '{device}'")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError("--device", f"'{device}' requested but CUDA is not available here (see diffmpm info)")
 
 
 def _rate(value: float) -> str:
@@ -46,13 +64,7 @@ def mpm(
     from ..bench import bench_mpm
     from ..errors import ConfigError
 
-    if device != "cpu" and not device.startswith("cuda"):
-        raise ConfigError("--device", f"must be cpu or cuda[:i], got '{device}'")
-    if device.startswith("cuda"):
-        import torch
-
-        if not torch.cuda.is_available():
-            raise ConfigError("--device", f"'{device}' requested but CUDA is not available here (see diffmpm info)")
+    _check_device(device)
     if material not in ("fixed_corotated", "neo_hookean"):
         raise ConfigError("--material", f"must be fixed_corotated or neo_hookean, got '{material}'")
     if p2g not in (None, "plain", "tiled"):
@@ -81,6 +93,61 @@ def mpm(
         ("peak memory", f"{result['peak_bytes'] / 2**20:.0f} MiB"),
     ]:
         table.add_row(name, value)
+    out.print(table)
+    if json_file is not None:
+        json_file.parent.mkdir(parents=True, exist_ok=True)
+        json_file.write_text(json.dumps(result, indent=2))
+        out.print(f"wrote {json_file}")
+
+
+def _size(text: str) -> tuple[int, int]:
+    from ..errors import ConfigError
+
+    try:
+        width, height = (int(v) for v in text.lower().split("x"))
+    except ValueError as exc:
+        raise ConfigError("--size", f"must be WIDTHxHEIGHT, e.g. 1024x1024, got '{text}'") from exc
+    if not (1 <= width <= 8192 and 1 <= height <= 8192):
+        raise ConfigError("--size", f"must be between 1x1 and 8192x8192, got '{text}'")
+    return width, height
+
+
+@bench_app.command("render", epilog=RENDER_EPILOG)
+@handle_errors
+def render(
+    gaussians: int = typer.Option(3000, min=1, help="Number of Gaussians."),
+    size: str = typer.Option("128x128", help="Image size WIDTHxHEIGHT."),
+    device: str = typer.Option("cpu", help="cpu or cuda[:i]."),
+    compare_gsplat: bool = typer.Option(False, "--compare-gsplat", help="Time gsplat on the same tensors (CUDA)."),
+    repeats: int = typer.Option(5, min=1, help="Timed repetitions (the median is reported)."),
+    json_file: Path | None = typer.Option(None, "--json", help="Also write the results to this JSON file."),
+) -> None:
+    """Rasteriser forward and backward time (RGB, one camera); optionally beside gsplat."""
+    from ..bench import bench_render
+    from ..errors import ConfigError
+
+    width, height = _size(size)
+    _check_device(device)
+    if compare_gsplat:
+        try:
+            import gsplat  # noqa: F401
+        except ImportError as exc:
+            raise ConfigError("--compare-gsplat", "gsplat is not installed (pip install gsplat==1.5.3)") from exc
+        if not device.startswith("cuda"):
+            raise ConfigError("--compare-gsplat", "gsplat runs on CUDA only: add --device cuda")
+    result = bench_render(gaussians=gaussians, width=width, height=height, device=device,
+                          compare_gsplat=compare_gsplat, repeats=repeats)
+    table = Table(title=f"rasteriser on {result['device_name']}", show_header=False, title_justify="left")
+    table.add_column("quantity", style="bold", no_wrap=True)
+    table.add_column("value")
+    table.add_row("Gaussians / image", f"{gaussians:,} / {width}x{height} ({result['intersections']:,} tile hits)")
+    table.add_row("diffmpm", f"forward {result['forward_s'] * 1e3:.3f} ms, backward {result['backward_s'] * 1e3:.3f} ms")
+    if compare_gsplat:
+        table.add_row(f"gsplat {result['gsplat']}", f"forward {result['gsplat_forward_s'] * 1e3:.3f} ms, "
+                                                    f"backward {result['gsplat_backward_s'] * 1e3:.3f} ms")
+        ratios = (result["ratio_forward"], result["ratio_backward"], result["ratio_forward_backward"])
+        table.add_row("ratio (ours / gsplat)", "forward {:.2f}x, backward {:.2f}x, both {:.2f}x".format(*ratios))
+    table.add_row("peak memory", f"{result['peak_bytes'] / 2**20:.0f} MiB")
     out.print(table)
     if json_file is not None:
         json_file.parent.mkdir(parents=True, exist_ok=True)

@@ -98,8 +98,8 @@ class _Rasterize(torch.autograd.Function):
             alpha = wp.zeros(C * H * W, dtype=float, device=wdev)
             T_final = wp.zeros(C * H * W, dtype=float, device=wdev)
             last = wp.zeros(C * H * W, dtype=int, device=wdev)
-            raster_common = [means2d.flatten(), conics.flatten(), radii.flatten(), flat_colors, w_opac, depths.flatten(), with_depth,
-                             w_bg, N, values, starts]
+            raster_common = [means2d.flatten(), conics.flatten(), radii.flatten(), flat_colors, w_opac,
+                             depths.flatten(), with_depth, w_bg, N, values, starts]
             per_pixel = settings["path"] == "pixel"
             if per_pixel:
                 wp.launch(splat.rasterize_forward, dim=(C, H, W), device=wdev,
