@@ -267,9 +267,12 @@ def compare_with_gsplat(*, gaussians: int = 100_000, width: int = 1024, height: 
         out[name] = (img.detach(), alpha.detach(), isects, grads)
     (i1, a1, n1, g1), (i2, a2, n2, g2) = out["ours"], out["gsplat"]
     names = ("means", "covars", "opacities", "colors")
+    pixel_err = torch.maximum((i1 - i2).abs().amax(-1), (a1 - a2).abs()[..., 0])
     return {
         "gaussians": gaussians, "width": width, "height": height,
         "image_max_abs": float((i1 - i2).abs().max()), "alpha_max_abs": float((a1 - a2).abs().max()),
+        "pixels_over_1e-3": int((pixel_err > 1e-3).sum()), "pixels_over_1e-4": int((pixel_err > 1e-4).sum()),
+        "pixels": pixel_err.numel(),
         "intersections": {"ours": n1, "gsplat": n2},
         "grad_rel_l2": {k: float((a - b).norm() / b.norm().clamp_min(1e-30)) for k, a, b in zip(names, g1, g2, strict=True)},
     }
