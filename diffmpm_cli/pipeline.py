@@ -1,0 +1,138 @@
+"""The map parameters -> (images per camera and frame, states): simulation, splats, rendering.
+
+``Pipeline.from_scene(scene, assets, device=...)`` builds everything that does not change between iterations;
+``pipeline.forward(params)`` runs it differentiably for any subset of the parameter groups
+(dFc, log_E, nu, v0, color, opacity_logit, log_sigma0; missing ones take the scene's values).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .render.camera import build_cameras
+from .render.rasterize import rasterization
+from .sim.model import MPMModel
+from .sim.op import RolloutResult, simulate
+from .sim.solver import Simulator
+from .splats import default_sigma0, embed_surface, particle_gaussians, surface_gaussians
+
+GROUPS = ("dFc", "log_E", "nu", "v0", "color", "opacity_logit", "log_sigma0")
+
+
+@dataclass
+class PipelineOutput:
+    """images [R, C, H, W, 3], alphas [R, C, H, W, 1] for the frames ``result.frames``, and the rollout."""
+
+    images: torch.Tensor
+    alphas: torch.Tensor
+    result: RolloutResult
+
+
+class Pipeline:
+    def __init__(self, scene, assets, *, device: str = "cpu"):
+        self.scene, self.assets = scene, assets
+        self.device = torch.device(device)
+        source = assets.source
+        self.model = MPMModel.from_scene(scene, assets.grid)
+        self.sim = Simulator(self.model, mass=source.masses.to(self.device), volume=source.volumes.to(self.device))
+        self.x0 = source.positions.to(self.device)
+        appearance = scene.appearance
+        self.mode = appearance.gaussians
+        self.embedding = None
+        if self.mode == "surface":
+            self.embedding = embed_surface(source.surface_points.to(self.device), source.surface_normals.to(self.device),
+                                           self.x0, neighbors=appearance.neighbors)
+        cameras = build_cameras(scene.render, default_target=assets.grid.center)
+        self.camera_names = cameras.names
+        self.viewmats, self.Ks = cameras.to_torch(self.device)
+        self.width, self.height = scene.render.width, scene.render.height
+        self.background = torch.tensor(scene.render.background, device=self.device).expand(cameras.camera_count, 3)
+        self.steps = scene.sim.steps
+        self.frames = scene.sim.frames
+        self.sigma0 = appearance.sigma0 or default_sigma0(mode=self.mode, surface_area=float(source.mesh.area),
+                                                          samples=appearance.surface_samples, spacing=assets.spacing)
+
+    @property
+    def gaussian_count(self) -> int:
+        return self.embedding.gaussian_count if self.embedding is not None else int(self.x0.shape[0])
+
+    def initial_parameters(self, groups=GROUPS, *, seed: int | None = None) -> dict[str, torch.Tensor]:
+        """Starting values of the parameter groups, from the scene (learn.*.init where given)."""
+        s, learn = self.scene, self.scene.learn
+        n, m, dev = int(self.x0.shape[0]), self.gaussian_count, self.device
+        g = torch.Generator().manual_seed(s.optimize.seed if seed is None else seed)
+        K = self.model.control_layers(self.steps)
+
+        def sized(value, per: int | None, *shape):
+            t = torch.as_tensor(value, dtype=torch.float32)
+            return (t.expand(per, *shape) if per else t.reshape(shape)).clone().to(dev)
+
+        E = learn.E.init or s.material.E
+        nu = learn.nu.init if learn.nu.init is not None else s.material.nu
+        v0 = learn.v0.init if learn.v0.init is not None else s.sim.initial_velocity
+        color = learn.color.init or s.appearance.color
+        opacity = learn.opacity.init or s.appearance.opacity
+        sigma0 = learn.sigma0.init or self.sigma0
+        values = {
+            "dFc": (learn.dFc.init_scale * torch.randn(K, n, 3, 3, generator=g)).to(dev),
+            "log_E": sized(math.log(E), n if learn.E.per_particle else None),
+            "nu": sized(nu, n if learn.nu.per_particle else None),
+            "v0": sized(v0, n if learn.v0.per_particle else None, 3),
+            "color": sized(color, m if learn.color.per_gaussian else None, 3),
+            "opacity_logit": sized(math.log(opacity / (1 - opacity)), m if learn.opacity.per_gaussian else None),
+            "log_sigma0": sized(math.log(sigma0), None),
+        }
+        return {k: values[k] for k in groups}
+
+    def simulate(self, params: dict[str, torch.Tensor]) -> RolloutResult:
+        p = {**self.initial_parameters([k for k in ("log_E", "nu", "v0") if k not in params]), **params}
+        return simulate(self.sim, x0=self.x0, v0=p["v0"], E=torch.exp(p["log_E"]), nu=p["nu"], steps=self.steps,
+                        dFc=p.get("dFc"), frames=self.frames, segment_length=self.scene.sim.segment_length)
+
+    def gaussians(self, x: torch.Tensor, F: torch.Tensor, params: dict[str, torch.Tensor]):
+        """means [M, 3], covars [M, 3, 3], colors [M, 3], opacities [M] for one state."""
+        p = {**self.initial_parameters([k for k in ("color", "opacity_logit", "log_sigma0") if k not in params]),
+             **params}
+        sigma0 = torch.exp(p["log_sigma0"])
+        if self.embedding is not None:
+            means, covars = surface_gaussians(x, F, self.embedding, sigma0=sigma0,
+                                              thickness=self.scene.appearance.thickness_ratio)
+        else:
+            means, covars = particle_gaussians(x, F, sigma0=sigma0)
+        m = means.shape[0]
+        colors = p["color"].expand(m, 3)
+        opacities = torch.sigmoid(p["opacity_logit"]).expand(m)
+        return means, covars, colors, opacities
+
+    def render(self, means, covars, colors, opacities):
+        images, alphas, _ = rasterization(means, covars, opacities, colors, self.viewmats, self.Ks, self.width,
+                                          self.height, near_plane=self.scene.render.near,
+                                          far_plane=self.scene.render.far, backgrounds=self.background)
+        return images, alphas
+
+    def forward(self, params: dict[str, torch.Tensor]) -> PipelineOutput:
+        result = self.simulate(params)
+        images, alphas = [], []
+        for row in range(len(result.frames)):
+            image, alpha = self.render(*self.gaussians(result.x[row], result.F[row], params))
+            images.append(image)
+            alphas.append(alpha)
+        return PipelineOutput(images=torch.stack(images), alphas=torch.stack(alphas), result=result)
+
+    def render_target(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images [C, H, W, 3] and alphas [C, H, W, 1] of the target mesh's surface Gaussians (rest, no physics)."""
+        target = self.assets.target
+        if target is None:
+            raise ValueError("the scene has no target mesh")
+        points = target.surface_points.to(self.device)
+        normals = target.surface_normals.to(self.device)
+        eye = torch.eye(3, device=self.device)
+        sigma0 = default_sigma0(mode="surface", surface_area=float(target.mesh.area), samples=len(points),
+                                spacing=self.assets.spacing)
+        rest = sigma0**2 * (eye - (1 - self.scene.appearance.thickness_ratio**2) * normals[:, :, None] * normals[:, None])
+        colors = torch.tensor(self.scene.appearance.color, device=self.device).expand(len(points), 3)
+        opacities = torch.full((len(points),), self.scene.appearance.opacity, device=self.device)
+        return self.render(points, rest, colors, opacities)
