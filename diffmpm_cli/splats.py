@@ -32,6 +32,10 @@ class SurfaceEmbedding:
     def gaussian_count(self) -> int:
         return int(self.indices.shape[0])
 
+    def to(self, dtype: torch.dtype) -> SurfaceEmbedding:
+        return SurfaceEmbedding(indices=self.indices, weights=self.weights.to(dtype), offsets=self.offsets.to(dtype),
+                                normals=self.normals.to(dtype))
+
 
 def embed_surface(samples: torch.Tensor, normals: torch.Tensor, particles: torch.Tensor, *, neighbors: int,
                   eps: float = 1e-6) -> SurfaceEmbedding:
