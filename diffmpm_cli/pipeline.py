@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from .render.camera import build_cameras
-from .render.rasterize import rasterization
+from .render.rasterize import GSPLAT, RasterCutoffs, rasterization
 from .sim.model import MPMModel
 from .sim.op import RolloutResult, simulate
 from .sim.solver import Simulator
@@ -24,11 +24,13 @@ GROUPS = ("dFc", "log_E", "nu", "v0", "color", "opacity_logit", "log_sigma0")
 
 @dataclass
 class PipelineOutput:
-    """images [R, C, H, W, 3], alphas [R, C, H, W, 1] for the frames ``result.frames``, and the rollout."""
+    """images [R, C, H, W, 3], alphas [R, C, H, W, 1] (and expected depths [R, C, H, W, 1] m when the scene's loss
+    uses depth) for the frames ``result.frames``, and the rollout."""
 
     images: torch.Tensor
     alphas: torch.Tensor
     result: RolloutResult
+    depths: torch.Tensor | None = None
 
 
 class Pipeline:
@@ -49,6 +51,8 @@ class Pipeline:
         self.camera_names = cameras.names
         self.viewmats, self.Ks = cameras.to_torch(self.device)
         self.width, self.height = scene.render.width, scene.render.height
+        self.cutoffs: RasterCutoffs = GSPLAT  # the gradient checker swaps in RasterCutoffs.smooth()
+        self.with_depth = scene.loss.depth_l1 > 0
         self.background = torch.tensor(scene.render.background, device=self.device).expand(cameras.camera_count, 3)
         self.steps = scene.sim.steps
         self.frames = scene.sim.frames
@@ -107,23 +111,47 @@ class Pipeline:
         opacities = torch.sigmoid(p["opacity_logit"]).expand(m)
         return means, covars, colors, opacities
 
-    def render(self, means, covars, colors, opacities):
-        images, alphas, _ = rasterization(means, covars, opacities, colors, self.viewmats, self.Ks, self.width,
-                                          self.height, near_plane=self.scene.render.near,
-                                          far_plane=self.scene.render.far, backgrounds=self.background)
-        return images, alphas
+    def surface_points(self, x: torch.Tensor, F: torch.Tensor) -> torch.Tensor:
+        """Where the source's rest surface samples [M, 3] are carried by a state (metrics; either Gaussian mode)."""
+        embedding = self.embedding
+        if embedding is None:
+            source = self.assets.source
+            embedding = self._metric_embedding = getattr(self, "_metric_embedding", None) or embed_surface(
+                source.surface_points.to(self.device), source.surface_normals.to(self.device), self.x0,
+                neighbors=self.scene.appearance.neighbors)
+        means, _ = surface_gaussians(x, F, embedding, sigma0=torch.ones((), device=self.device), thickness=1.0)
+        return means
+
+    def render(self, means, covars, colors, opacities, *, with_depth: bool | None = None, viewmats=None, Ks=None,
+               size: tuple[int, int] | None = None):
+        """(images [C, H, W, 3], alphas [C, H, W, 1], expected depths [C, H, W, 1] or None) from the scene's
+        cameras (or the given ones, at ``size`` = (width, height))."""
+        with_depth = self.with_depth if with_depth is None else with_depth
+        viewmats = self.viewmats if viewmats is None else viewmats
+        Ks = self.Ks if Ks is None else Ks
+        width, height = size or (self.width, self.height)
+        background = self.background[:1].expand(viewmats.shape[0], 3)
+        images, alphas, _ = rasterization(means, covars, opacities, colors, viewmats, Ks, width, height,
+                                          near_plane=self.scene.render.near, far_plane=self.scene.render.far,
+                                          backgrounds=background, render_mode="RGB+ED" if with_depth else "RGB",
+                                          cutoffs=self.cutoffs)
+        if with_depth:
+            return images[..., :3], alphas, images[..., 3:]
+        return images, alphas, None
 
     def forward(self, params: dict[str, torch.Tensor]) -> PipelineOutput:
         result = self.simulate(params)
-        images, alphas = [], []
+        images, alphas, depths = [], [], []
         for row in range(len(result.frames)):
-            image, alpha = self.render(*self.gaussians(result.x[row], result.F[row], params))
+            image, alpha, depth = self.render(*self.gaussians(result.x[row], result.F[row], params))
             images.append(image)
             alphas.append(alpha)
-        return PipelineOutput(images=torch.stack(images), alphas=torch.stack(alphas), result=result)
+            depths.append(depth)
+        return PipelineOutput(images=torch.stack(images), alphas=torch.stack(alphas), result=result,
+                              depths=torch.stack(depths) if self.with_depth else None)
 
-    def render_target(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Images [C, H, W, 3] and alphas [C, H, W, 1] of the target mesh's surface Gaussians (rest, no physics)."""
+    def target_gaussians(self):
+        """means, covars, colors, opacities of the target mesh's surface Gaussians (rest, no physics)."""
         target = self.assets.target
         if target is None:
             raise ValueError("the scene has no target mesh")
@@ -133,6 +161,11 @@ class Pipeline:
         sigma0 = default_sigma0(mode="surface", surface_area=float(target.mesh.area), samples=len(points),
                                 spacing=self.assets.spacing)
         rest = sigma0**2 * (eye - (1 - self.scene.appearance.thickness_ratio**2) * normals[:, :, None] * normals[:, None])
-        colors = torch.tensor(self.scene.appearance.color, device=self.device).expand(len(points), 3)
+        color = self.scene.target.color or self.scene.appearance.color
+        colors = torch.tensor(color, device=self.device).expand(len(points), 3)
         opacities = torch.full((len(points),), self.scene.appearance.opacity, device=self.device)
-        return self.render(points, rest, colors, opacities)
+        return points, rest, colors, opacities
+
+    def render_target(self):
+        """(images [C, H, W, 3], alphas [C, H, W, 1], depths or None) of the target mesh's surface Gaussians."""
+        return self.render(*self.target_gaussians())

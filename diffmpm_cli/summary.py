@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
+from .render.rasterize import raster_memory
 from .sim.grid import default_segment_length, rollout_memory, scene_cfl
 
 
@@ -28,6 +29,8 @@ class SceneSummary:
     segment_length: int
     camera_count: int
     surface_gaussians: int
+    rendered_frames: int
+    memory_render: int
 
     @property
     def cfl_ok(self) -> bool:
@@ -46,6 +49,9 @@ def summarize_scene(*, scene, assets, camera_count: int) -> SceneSummary:
                             control_layers=layers if scene.learn.dFc.enabled else 0,
                             segment_length=sim.segment_length or default_segment_length(sim.steps))
     gaussians = scene.appearance.surface_samples if scene.appearance.gaussians == "surface" else particles
+    frames = len(set(sim.frames) | {sim.steps})
+    render = frames * raster_memory(gaussians=gaussians, cameras=camera_count, width=scene.render.width,
+                                    height=scene.render.height)
     return SceneSummary(
         name=scene.name,
         source_particles=particles,
@@ -65,4 +71,6 @@ def summarize_scene(*, scene, assets, camera_count: int) -> SceneSummary:
         segment_length=memory.segment_length,
         camera_count=camera_count,
         surface_gaussians=gaussians,
+        rendered_frames=frames,
+        memory_render=render,
     )

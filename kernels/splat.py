@@ -13,10 +13,10 @@ sigma < 0; stop before T would fall to <= 1e-4; colour + T background. The compo
 import warp as wp
 
 TILE = wp.constant(16)
-ALPHA_MIN = wp.constant(1.0 / 255.0)
 ALPHA_MAX = wp.constant(0.999)
-T_STOP = wp.constant(1.0e-4)
-EXTEND_MAX = wp.constant(3.33)
+# The cut-offs alpha_min (gsplat: 1/255), t_stop (1e-4) and the box's extend_max (3.33) are kernel arguments: the
+# renderer passes gsplat's values; the gradient checker passes tiny ones, so that the image is continuous in the
+# Gaussians and central differences converge (render/rasterize.py, RasterCutoffs).
 
 # ----------------------------------------------------------------------------------------------------------------
 # projection
@@ -61,6 +61,8 @@ def project(
     near: float,
     far: float,
     eps2d: float,
+    alpha_min: float,
+    extend_max: float,
     # outputs [C, N]
     means2d: wp.array2d(dtype=wp.vec2),
     conics: wp.array2d(dtype=wp.vec3d),
@@ -96,8 +98,8 @@ def project(
         a, b, d = projected_covariance(R, covars[g], fx * rz, -fx * tx * rz2, fy * rz, -fy * ty * rz2, eps2d)
         det = a * d - b * b
         o = opacities[g]
-        if det > wp.float64(0.0) and o >= ALPHA_MIN:
-            extend = wp.min(EXTEND_MAX, wp.sqrt(2.0 * wp.log(o / ALPHA_MIN)))
+        if det > wp.float64(0.0) and o >= alpha_min:
+            extend = wp.min(extend_max, wp.sqrt(2.0 * wp.log(o / alpha_min)))
             radius_x = wp.ceil(extend * wp.sqrt(float(a)))
             radius_y = wp.ceil(extend * wp.sqrt(float(d)))
             mx = fx * pc[0] * rz + cx
@@ -227,7 +229,7 @@ def gaussian_alpha(m2: wp.vec2, conic: wp.vec3d, opacity: float, px: float, py: 
 
 @wp.func
 def outside_box(m2: wp.vec2, rad: wp.vec2i, px: float, py: float):
-    """Pixel centre outside the Gaussian's box: there alpha < 1/255 already, so it is skipped without evaluating."""
+    """Pixel centre outside the Gaussian's box: there alpha < alpha_min already, so it is skipped without evaluating."""
     return wp.abs(m2[0] - px) > float(rad[0]) or wp.abs(m2[1] - py) > float(rad[1])
 
 
@@ -243,6 +245,8 @@ def rasterize_forward(
     with_depth: int,
     backgrounds: wp.array2d(dtype=float),
     gaussian_count: int,
+    alpha_min: float,
+    t_stop: float,
     # sorted intersections
     values: wp.array(dtype=int),
     starts: wp.array(dtype=int),
@@ -273,9 +277,9 @@ def rasterize_forward(
         if outside_box(means2d[idx], radii[idx], px, py):
             continue
         alpha, sigma, dx, dy = gaussian_alpha(means2d[idx], conics[idx], opacities[idx % gaussian_count], px, py)
-        if sigma >= 0.0 and alpha >= ALPHA_MIN:
+        if sigma >= 0.0 and alpha >= alpha_min:
             next_T = T * (1.0 - alpha)
-            if next_T <= T_STOP:
+            if next_T <= t_stop:
                 break
             w = alpha * T
             for d in range(wp.min(D, 4)):
@@ -309,6 +313,8 @@ def rasterize_backward(
     with_depth: int,
     backgrounds: wp.array2d(dtype=float),
     gaussian_count: int,
+    alpha_min: float,
+    t_stop: float,
     values: wp.array(dtype=int),
     starts: wp.array(dtype=int),
     tiles_x: int,
@@ -350,7 +356,7 @@ def rasterize_backward(
             continue
         o = opacities[idx % gaussian_count]
         alpha, sigma, dx, dy = gaussian_alpha(means2d[idx], conics[idx], o, px, py)
-        if sigma >= 0.0 and alpha >= ALPHA_MIN:
+        if sigma >= 0.0 and alpha >= alpha_min:
             T = T / (1.0 - alpha)  # transmittance in front of this Gaussian
             w = alpha * T
             dot = float(0.0)
@@ -402,6 +408,8 @@ def rasterize_forward_tiles(
     with_depth: int,
     backgrounds: wp.array2d(dtype=float),
     gaussian_count: int,
+    alpha_min: float,
+    t_stop: float,
     values: wp.array(dtype=int),
     starts: wp.array(dtype=int),
     ends: wp.array(dtype=int),
@@ -442,10 +450,10 @@ def rasterize_forward_tiles(
                 if done_scratch[pix] != 0:
                     continue
                 alpha, sigma, dx, dy = gaussian_alpha(m2, conics[idx], o, float(j) + 0.5, float(i) + 0.5)
-                if sigma >= 0.0 and alpha >= ALPHA_MIN:
+                if sigma >= 0.0 and alpha >= alpha_min:
                     T = T_out[pix]
                     next_T = T * (1.0 - alpha)
-                    if next_T <= T_STOP:
+                    if next_T <= t_stop:
                         done_scratch[pix] = 1
                         continue
                     w = alpha * T
@@ -475,6 +483,8 @@ def rasterize_backward_tiles(
     with_depth: int,
     backgrounds: wp.array2d(dtype=float),
     gaussian_count: int,
+    alpha_min: float,
+    t_stop: float,
     values: wp.array(dtype=int),
     starts: wp.array(dtype=int),
     tiles_x: int,
@@ -533,7 +543,7 @@ def rasterize_backward_tiles(
                 if k > last[pix]:
                     continue
                 alpha, sigma, dx, dy = gaussian_alpha(m2, q, o, float(j) + 0.5, float(i) + 0.5)
-                if sigma >= 0.0 and alpha >= ALPHA_MIN:
+                if sigma >= 0.0 and alpha >= alpha_min:
                     one_minus = 1.0 - alpha
                     T = T_scratch[pix] / one_minus
                     T_scratch[pix] = T

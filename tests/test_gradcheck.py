@@ -41,3 +41,54 @@ def test_a_wrong_adjoint_is_caught(pipe, monkeypatch):
     rows = check_stages(pipe, stages=["sim"], groups=["dFc", "E"], probes=3, coordinates=0)
     verdict = {r.parameter: r.passed for r in rows}
     assert verdict == {"dFc": False, "log_E": True}
+
+
+def test_render_and_whole_pipeline_stages_pass(pipe):
+    """Through the float32 rasteriser and the whole pipeline (scene loss), with the cut-offs made continuous."""
+    rows = check_stages(pipe, stages=["render", "all"], groups=["dFc", "E", "v0", "opacity", "sigma0"], probes=3,
+                        coordinates=1)
+    assert {(r.stage, r.parameter) for r in rows} == {
+        ("render", "opacity_logit"), ("render", "means"), ("render", "covars"),
+        ("all", "dFc"), ("all", "log_E"), ("all", "v0"), ("all", "opacity_logit"), ("all", "log_sigma0")}
+    for row in rows:
+        assert row.passed and row.worst_rel_error < 0.05 and row.noise < 0.05, row
+
+
+def test_the_cli_reports_a_wrong_adjoint_with_exit_1(monkeypatch, tmp_path):
+    from typer.testing import CliRunner
+
+    from diffmpm_cli.cli import app
+
+    scene = REPO / "scenes" / "sphere_to_snowman.yaml"
+    args = ["check-grad", str(scene), "--stage", "sim", "--param", "dFc,E", "--probes", "3", "--coordinates", "0",
+            "--json", str(tmp_path / "grad.json")]
+    ok = CliRunner().invoke(app, args)
+    assert ok.exit_code == 0, ok.stdout
+    assert "all 2 rows passed" in ok.stdout
+    original = solver.Rollout.backward
+
+    def wrong(self, grads):
+        out = list(original(self, grads))
+        out[4] = out[4] * 1.1
+        return tuple(out)
+
+    monkeypatch.setattr(solver.Rollout, "backward", wrong)
+    bad = CliRunner().invoke(app, args)
+    assert bad.exit_code == 1, bad.stdout
+    assert "FAIL" in bad.stdout and "1 of 2 rows failed" in bad.stdout
+    import json
+
+    rows = {r["parameter"]: r["passed"] for r in json.loads((tmp_path / "grad.json").read_text())["rows"]}
+    assert rows == {"dFc": False, "log_E": True}
+
+
+def test_the_cli_refuses_bad_options_with_exit_2():
+    from typer.testing import CliRunner
+
+    from diffmpm_cli.cli import app
+
+    scene = str(REPO / "scenes" / "sphere_to_snowman.yaml")
+    for extra in (["--stage", "physics"], ["--param", "dFc,mass"], ["--device", "tpu"], ["--set", "sim.dt=-1"]):
+        result = CliRunner().invoke(app, ["check-grad", scene, *extra])
+        assert result.exit_code == 2, (extra, result.stdout)
+        assert "Traceback" not in result.stdout

@@ -34,7 +34,7 @@ def test_forward_shapes_and_every_group_gets_a_gradient():
 def test_silhouette_loss_falls_under_plain_gradient_steps_on_dFc_alone():
     """The render signal really moves the physics: only the deformation-gradient controls are updated."""
     pipe = snowman("sim.frames=[]")
-    _, target_alpha = pipe.render_target()
+    _, target_alpha, _ = pipe.render_target()
     dFc = pipe.initial_parameters(["dFc"])["dFc"].requires_grad_(True)
     losses = []
     for _ in range(5):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 
 from .. import __version__
-from . import info, validate
+from . import check_grad, info, optimize, validate
 from .bench import bench_app
 
 app = typer.Typer(
@@ -34,6 +34,8 @@ def root(
 
 validate.register(app)
 info.register(app)
+check_grad.register(app)
+optimize.register(app)
 app.add_typer(bench_app, name="bench")
 
 

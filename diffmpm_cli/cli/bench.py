@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from .common import handle_errors, out
+from .common import check_device, handle_errors, out
 
 RENDER_EPILOG = """[bold]Examples[/]
 
@@ -27,17 +27,6 @@ EPILOG = """[bold]Examples[/]
 """
 
 bench_app = typer.Typer(help="Benchmarks (results as a table and, with --json, a file).", no_args_is_help=True)
-
-
-def _check_device(device: str) -> None:
-    import torch
-
-    from ..errors import ConfigError
-
-    if device != "cpu" and not device.startswith("cuda"):
-        raise ConfigError("--device", f"must be cpu or cuda[:i], got '{device}'")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError("--device", f"'{device}' requested but CUDA is not available here (see diffmpm info)")
 
 
 def _rate(value: float) -> str:
@@ -64,7 +53,7 @@ def mpm(
     from ..bench import bench_mpm
     from ..errors import ConfigError
 
-    _check_device(device)
+    check_device(device)
     if material not in ("fixed_corotated", "neo_hookean"):
         raise ConfigError("--material", f"must be fixed_corotated or neo_hookean, got '{material}'")
     if p2g not in (None, "plain", "tiled"):
@@ -127,7 +116,7 @@ def render(
     from ..errors import ConfigError
 
     width, height = _size(size)
-    _check_device(device)
+    check_device(device)
     if compare_gsplat:
         try:
             import gsplat  # noqa: F401

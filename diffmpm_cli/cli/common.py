@@ -28,3 +28,15 @@ def handle_errors(command):
             raise typer.Exit(exc.exit_code) from None
 
     return wrapper
+
+
+def check_device(device: str) -> None:
+    """--device must be cpu or cuda[:i], and CUDA must be there when asked for (ConfigError, exit 2, otherwise)."""
+    import torch
+
+    from ..errors import ConfigError
+
+    if device != "cpu" and not device.startswith("cuda"):
+        raise ConfigError("--device", f"must be cpu or cuda[:i], got '{device}'")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError("--device", f"'{device}' requested but CUDA is not available here (see diffmpm info)")

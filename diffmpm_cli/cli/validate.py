@@ -44,6 +44,7 @@ def _table(s) -> Table:
         ("memory, checkpointed", f"{_bytes(s.memory_checkpointed)} ({s.segment_length}-step segments)"),
         ("cameras", str(s.camera_count)),
         ("Gaussians", f"{s.surface_gaussians:,}"),
+        ("memory, rendering", f"{_bytes(s.memory_render)} ({s.rendered_frames} frame(s) x {s.camera_count} camera(s))"),
     ]
     for name, value in rows:
         table.add_row(name, value)

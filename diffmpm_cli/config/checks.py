@@ -80,6 +80,8 @@ def _check_target(scene: Scene, cameras) -> None:
             raise ConfigError(f"{key}.camera", f"no camera named '{image.camera}' (cameras: {', '.join(cameras.names)})")
         if image.frame is not None and image.frame > scene.sim.steps:
             raise ConfigError(f"{key}.frame", f"must be <= sim.steps ({scene.sim.steps}), got {image.frame}")
+        if image.frame is not None and image.frame != scene.sim.steps and image.frame not in scene.sim.frames:
+            raise ConfigError(f"{key}.frame", f"step {image.frame} is not kept by the rollout: add it to sim.frames")
         try:
             with Image.open(image.path) as img:
                 size = img.size

@@ -179,6 +179,7 @@ class TargetConfig(Section):
         None, description="for images without alpha: pixels of this colour are background (RGB in [0, 1])"
     )
     truth: Truth | None = Field(None, description="ground truth for synthetic targets (material identification)")
+    color: Color | None = Field(None, description="colour of the target's rendered Gaussians; null = appearance.color")
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ EXTEND_MAX = 3.33
 
 
 def project_ref(means, covars, opacities, viewmats, Ks, width: int, height: int, near: float, far: float,
-                eps2d: float = 0.3):
+                eps2d: float = 0.3, alpha_min: float = ALPHA_MIN, extend_max: float = EXTEND_MAX):
     """means2d [C, N, 2], conics [C, N, 3] (inverse 2D covariance a, b, c), depths [C, N], radii [C, N, 2]."""
     R, t = viewmats[:, None, :3, :3], viewmats[:, None, :3, 3]
     pc = (R @ means[None, :, :, None])[..., 0] + t
@@ -33,8 +33,8 @@ def project_ref(means, covars, opacities, viewmats, Ks, width: int, height: int,
     means2d = torch.stack([fx * x / z + cx, fy * y / z + cy], -1)
     with torch.no_grad():  # culling and box radii are not differentiable
         o = opacities[None].expand_as(z)
-        ok = (z >= near) & (z <= far) & (det > 0) & (o >= ALPHA_MIN)
-        extend = torch.clamp(torch.sqrt(2 * torch.log(torch.clamp(o, min=ALPHA_MIN) / ALPHA_MIN)), max=EXTEND_MAX)
+        ok = (z >= near) & (z <= far) & (det > 0) & (o >= alpha_min)
+        extend = torch.clamp(torch.sqrt(2 * torch.log(torch.clamp(o, min=alpha_min) / alpha_min)), max=extend_max)
         rx = torch.ceil(extend * torch.sqrt(torch.clamp(a, min=0)))
         ry = torch.ceil(extend * torch.sqrt(torch.clamp(d, min=0)))
         mx, my = means2d.unbind(-1)
@@ -47,7 +47,8 @@ def project_ref(means, covars, opacities, viewmats, Ks, width: int, height: int,
 
 def rasterize_ref(means, covars, opacities, colors, viewmats, Ks, width: int, height: int, *, near: float = 0.01,
                   far: float = 1e10, backgrounds=None, render_mode: str = "RGB", eps2d: float = 0.3,
-                  return_ambiguous: bool = False, band: float = 1e-5):
+                  return_ambiguous: bool = False, band: float = 1e-5, alpha_min: float = ALPHA_MIN,
+                  t_stop: float = T_STOP, extend_max: float = EXTEND_MAX):
     """(colors [C, H, W, D'], alphas [C, H, W, 1]) composited front to back over all pixels, in float64.
 
     With ``return_ambiguous`` also a mask [C, H, W] of pixels where a Gaussian sits within ``band`` (relative) of
@@ -57,7 +58,7 @@ def rasterize_ref(means, covars, opacities, colors, viewmats, Ks, width: int, he
     if colors.dim() == 2:
         colors = colors.expand(C, N, colors.shape[-1])
     means2d, conics, depths, radii = project_ref(means, covars, opacities, viewmats, Ks, width, height, near, far,
-                                                 eps2d)
+                                                 eps2d, alpha_min, extend_max)
     with_depth = render_mode in ("RGB+ED", "ED")
     if render_mode == "ED":
         colors = colors[..., :0]
@@ -78,13 +79,13 @@ def rasterize_ref(means, covars, opacities, colors, viewmats, Ks, width: int, he
             ca, cb, cc = conics[c, g]
             sigma = 0.5 * (ca * dx * dx + cc * dy * dy) + cb * dx * dy
             alpha = torch.clamp(opacities[g] * torch.exp(-sigma), max=ALPHA_MAX)
-            hit = (sigma >= 0) & (alpha >= ALPHA_MIN) & ~done
+            hit = (sigma >= 0) & (alpha >= alpha_min) & ~done
             next_T = T * (1 - alpha)
             with torch.no_grad():
-                near_skip = (alpha - ALPHA_MIN).abs() <= band * ALPHA_MIN
-                near_stop = (next_T - T_STOP).abs() <= band * 10 * T_STOP
-                unsure |= ~done & (sigma >= -band) & (near_skip | (near_stop & (alpha >= ALPHA_MIN)))
-            stop = hit & (next_T <= T_STOP)
+                near_skip = (alpha - alpha_min).abs() <= band * alpha_min
+                near_stop = (next_T - t_stop).abs() <= band * 10 * t_stop
+                unsure |= ~done & (sigma >= -band) & (near_skip | (near_stop & (alpha >= alpha_min)))
+            stop = hit & (next_T <= t_stop)
             done = done | stop
             hit = hit & ~stop
             feature = colors[c, g]

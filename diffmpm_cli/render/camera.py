@@ -156,3 +156,19 @@ def camera_location(index: int, render) -> str:
         if index < count:
             return f"render.cameras[{i}]"
     raise IndexError(index)
+
+
+def turntable_cameras(render, *, count: int, default_target, width: int | None = None,
+                      height: int | None = None) -> CameraSet:
+    """``count`` cameras evenly around the vertical axis, at the elevation, radius, fov and target of the scene's
+    first orbit rig (or 20 deg, 2 m, 30 deg, the domain centre when it has none)."""
+    rig = next((cam for cam in render.cameras if cam.type == "orbit"), None)
+    elevation, radius, fov = (rig.elevation, rig.radius, rig.fov) if rig else (20.0, 2.0, 30.0)
+    target = rig.target if rig is not None and rig.target is not None else default_target
+    up = rig.up if rig is not None else [0.0, 1.0, 0.0]
+    width, height = width or render.width, height or render.height
+    K = intrinsics_from_fov(fov, width, height)
+    views = [look_at(orbit_eye(target=target, up=up, azimuth_deg=360.0 * i / count, elevation_deg=elevation,
+                               radius=radius), target, up) for i in range(count)]
+    return CameraSet(names=tuple(f"turntable{i}" for i in range(count)), viewmats=np.stack(views),
+                     Ks=np.stack([K] * count), width=width, height=height)

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -17,6 +18,28 @@ RenderMode = Literal["RGB", "RGB+ED", "ED"]
 TILE = 16
 
 
+@dataclass(frozen=True)
+class RasterCutoffs:
+    """Where compositing stops looking: alpha below ``alpha_min`` is skipped (and opacity below it culled), a pixel
+    stops before its transmittance would fall to ``t_stop``, boxes reach ``extend_max`` standard deviations.
+
+    The defaults are gsplat 1.5.3's. Each cut-off makes the image jump (by up to alpha_min) when a Gaussian crosses
+    it, so central differences of a loss do not converge to its gradient; ``RasterCutoffs.smooth()`` moves them
+    where the jumps are ~1e-9 and is what the gradient checker renders with. Forward and backward code are the same.
+    """
+
+    alpha_min: float = 1.0 / 255.0
+    t_stop: float = 1e-4
+    extend_max: float = 3.33
+
+    @classmethod
+    def smooth(cls, alpha_min: float = 1e-9) -> RasterCutoffs:
+        return cls(alpha_min=alpha_min, t_stop=0.0, extend_max=math.sqrt(2.0 * math.log(1.0 / alpha_min)))
+
+
+GSPLAT = RasterCutoffs()
+
+
 @dataclass
 class RasterMeta:
     """radii [C, N, 2] px (0 = culled), means2d [C, N, 2] px, depths [C, N] m, intersection count, tile grid."""
@@ -26,6 +49,20 @@ class RasterMeta:
     depths: torch.Tensor
     intersection_count: int
     tiles: tuple[int, int]
+
+
+def raster_memory(*, gaussians: int, cameras: int, width: int, height: int, tiles_per_gaussian: float = 4.0) -> int:
+    """Bytes one differentiable render keeps until its backward (float32, RGB), an estimate.
+
+    Per (camera, Gaussian) the projection and its adjoint (means2d, conics in float64, depths, radii, tile counts
+    and offsets, colours: ~120 B); per intersection a 64-bit key and a 32-bit value, doubled for the radix sort
+    (``tiles_per_gaussian`` of them per Gaussian, ~4 for Gaussians of a few pixels); per pixel the image, alpha,
+    final transmittance, last index and the backward's cotangents and scratch (~64 B).
+    """
+    per_gaussian = 120 * cameras * gaussians
+    intersections = int(2 * 12 * tiles_per_gaussian * cameras * gaussians)
+    per_pixel = 64 * cameras * width * height
+    return per_gaussian + intersections + per_pixel
 
 
 def covars_from_quats_scales(quats: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
@@ -72,7 +109,8 @@ class _Rasterize(torch.autograd.Function):
                 if N:
                     wp.launch(splat.project, dim=(C, N), device=wdev, inputs=[
                         w_means, w_covars, w_opac, w_view, w_K, W, H, settings["near"], settings["far"],
-                        settings["eps2d"]], outputs=[means2d, conics, depths, radii])
+                        settings["eps2d"], settings["alpha_min"], settings["extend_max"]],
+                        outputs=[means2d, conics, depths, radii])
             # intersections: count, scan, emit, sort, ranges
             counts = wp.zeros(C * N, dtype=int, device=wdev)
             offsets = wp.zeros(C * N, dtype=int, device=wdev)
@@ -99,15 +137,16 @@ class _Rasterize(torch.autograd.Function):
             T_final = wp.zeros(C * H * W, dtype=float, device=wdev)
             last = wp.zeros(C * H * W, dtype=int, device=wdev)
             raster_common = [means2d.flatten(), conics.flatten(), radii.flatten(), flat_colors, w_opac,
-                             depths.flatten(), with_depth, w_bg, N, values, starts]
+                             depths.flatten(), with_depth, w_bg, N, settings["alpha_min"], settings["t_stop"], values,
+                             starts]
             per_pixel = settings["path"] == "pixel"
             if per_pixel:
                 wp.launch(splat.rasterize_forward, dim=(C, H, W), device=wdev,
-                          inputs=[*raster_common[:10], starts, ends, tiles_x, tiles_y, W, H, D],
+                          inputs=[*raster_common, ends, tiles_x, tiles_y, W, H, D],
                           outputs=[image, alpha, T_final, last])
             else:
                 wp.launch(splat.rasterize_forward_tiles, dim=(C, tiles_y, tiles_x), device=wdev,
-                          inputs=[*raster_common[:10], starts, ends, tiles_x, tiles_y, W, H, D],
+                          inputs=[*raster_common, ends, tiles_x, tiles_y, W, H, D],
                           outputs=[image, alpha, T_final, last, wp.zeros(C * H * W, dtype=int, device=wdev)])
             out_image = wp.to_torch(image)[:, :channels].reshape(C, H, W, channels).clone()
             out_alpha = wp.to_torch(alpha).reshape(C, H, W, 1).clone()
@@ -165,7 +204,8 @@ class _Rasterize(torch.autograd.Function):
 def rasterization(means: torch.Tensor, covars: torch.Tensor, opacities: torch.Tensor, colors: torch.Tensor,
                   viewmats: torch.Tensor, Ks: torch.Tensor, width: int, height: int, *, near_plane: float = 0.01,
                   far_plane: float = 1e10, backgrounds: torch.Tensor | None = None, render_mode: RenderMode = "RGB",
-                  eps2d: float = 0.3, path: Literal["auto", "pixel", "tile"] = "auto"):
+                  eps2d: float = 0.3, path: Literal["auto", "pixel", "tile"] = "auto",
+                  cutoffs: RasterCutoffs = GSPLAT):
     """Render Gaussians from C cameras.
 
     means [N, 3] m, covars [N, 3, 3] m^2, opacities [N] in [0, 1], colors [N, D] or [C, N, D], viewmats [C, 4, 4]
@@ -175,6 +215,7 @@ def rasterization(means: torch.Tensor, covars: torch.Tensor, opacities: torch.Te
 
     ``path``: "pixel" (one thread per pixel walking its tile's list; the CUDA path), "tile" (one thread per tile,
     each Gaussian touching only the pixels of its box; the CPU path), "auto" picks by device. Same results.
+    ``cutoffs``: gsplat's by default (RasterCutoffs).
     """
     C, N = viewmats.shape[0], means.shape[0]
     if colors.dim() == 2:
@@ -188,7 +229,8 @@ def rasterization(means: torch.Tensor, covars: torch.Tensor, opacities: torch.Te
     if path == "auto":
         path = "pixel" if means.device.type == "cuda" else "tile"
     settings = dict(width=int(width), height=int(height), near=float(near_plane), far=float(far_plane),
-                    eps2d=float(eps2d), with_depth=with_depth, path=path)
+                    eps2d=float(eps2d), with_depth=with_depth, path=path, alpha_min=float(cutoffs.alpha_min),
+                    t_stop=float(cutoffs.t_stop), extend_max=float(cutoffs.extend_max))
     image, alpha, means2d, depths, radii, total = _Rasterize.apply(settings, means, covars, colors, opacities,
                                                                  backgrounds, viewmats, Ks)
     if with_depth:

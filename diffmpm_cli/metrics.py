@@ -1,0 +1,246 @@
+"""Evaluation metrics for reconstructions: silhouettes, point clouds, occupancy, images and material parameters.
+
+These are reporting metrics, not losses: every function runs under ``torch.no_grad()``, accepts float tensors on any
+device (CPU or CUDA, float32 or float64; second arguments are moved to the first argument's device) and returns
+plain Python floats (or lists of floats, one per camera view). Lengths are in the units of the inputs (metres in
+this project); images are expected in [0, 1].
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+CHAMFER_CHUNK = 4096  # rows (and columns) per distance tile in chamfer_distance
+
+__all__ = [
+    "CHAMFER_CHUNK",
+    "bbox_diagonal",
+    "chamfer_distance",
+    "material_errors",
+    "psnr",
+    "silhouette_iou",
+    "volumetric_iou",
+]
+
+
+def _as_views(x: torch.Tensor, name: str) -> torch.Tensor:
+    """[C,H,W,1] or [C,H,W] -> [C,H,W]."""
+    if x.dim() == 4 and x.shape[-1] == 1:
+        x = x[..., 0]
+    if x.dim() != 3:
+        raise ValueError(f"{name} must have shape [C,H,W,1] or [C,H,W], got {tuple(x.shape)}")
+    return x
+
+
+def _as_points(x: torch.Tensor, name: str) -> torch.Tensor:
+    """[..., 3] -> [N, 3], floating point."""
+    if x.dim() < 1 or x.shape[-1] != 3:
+        raise ValueError(f"{name} must have shape [N,3], got {tuple(x.shape)}")
+    x = x.detach().reshape(-1, 3)
+    if not x.is_floating_point():
+        x = x.to(torch.float32)
+    return x
+
+
+@torch.no_grad()
+def silhouette_iou(alphas: torch.Tensor, target_alphas: torch.Tensor, threshold: float = 0.5) -> list[float]:
+    """Per-view intersection over union of binarised silhouettes.
+
+    Args:
+        alphas: rendered opacities, [C,H,W,1] or [C,H,W], values in [0, 1].
+        target_alphas: reference opacities of the same shape.
+        threshold: a pixel belongs to a mask when its alpha is strictly greater than this.
+
+    Returns:
+        C floats in [0, 1]: |A ∩ B| / |A ∪ B| for each view; a view where both masks are empty counts 1.0.
+    """
+    a = _as_views(alphas.detach(), "alphas")
+    b = _as_views(target_alphas.detach(), "target_alphas").to(a.device)
+    if a.shape != b.shape:
+        raise ValueError(f"alphas {tuple(a.shape)} and target_alphas {tuple(b.shape)} differ in shape")
+    ma = a > threshold
+    mb = b > threshold
+    inter = (ma & mb).flatten(1).sum(dim=1)
+    union = (ma | mb).flatten(1).sum(dim=1)
+    out = []
+    for i, u in zip(inter.tolist(), union.tolist()):
+        out.append(1.0 if u == 0 else i / u)
+    return out
+
+
+@torch.no_grad()
+def chamfer_distance(points: torch.Tensor, target_points: torch.Tensor, *, normalize_by: float | None = None,
+                     chunk_size: int | None = None) -> float:
+    """Symmetric Chamfer distance between two point clouds, with Euclidean (not squared) distances.
+
+        CD = 0.5 * (mean_{p in P} min_{q in Q} |p - q| + mean_{q in Q} min_{p in P} |p - q|)
+
+    The distance matrix is never formed in full: it is evaluated in tiles of ``chunk_size`` x ``chunk_size``
+    (default ``CHAMFER_CHUNK``) with running minima in both directions, so 100k x 100k clouds fit in memory.
+
+    Args:
+        points: [N,3] (any [...,3] is flattened), same length unit as ``target_points``.
+        target_points: [M,3].
+        normalize_by: when given, the result is divided by it (e.g. ``bbox_diagonal(target_points)``), making it
+            dimensionless.
+        chunk_size: tile edge (rows and columns per ``torch.cdist`` call); mostly for testing.
+
+    Returns:
+        The Chamfer distance in input length units (or relative to ``normalize_by``).
+    """
+    p = _as_points(points, "points")
+    q = _as_points(target_points, "target_points").to(device=p.device)
+    if p.shape[0] == 0 or q.shape[0] == 0:
+        raise ValueError("chamfer_distance needs non-empty point sets")
+    dtype = torch.promote_types(p.dtype, q.dtype)
+    p, q = p.to(dtype), q.to(dtype)
+    chunk = int(chunk_size or CHAMFER_CHUNK)
+    if chunk < 1:
+        raise ValueError(f"chunk_size must be positive, got {chunk}")
+    n, m = p.shape[0], q.shape[0]
+    p_min = torch.full((n,), math.inf, dtype=dtype, device=p.device)
+    q_min = torch.full((m,), math.inf, dtype=dtype, device=p.device)
+    for i in range(0, n, chunk):
+        pi = p[i:i + chunk]
+        for j in range(0, m, chunk):
+            # direct differences rather than the |a|^2 + |b|^2 - 2ab expansion: no cancellation for close points
+            d = torch.cdist(pi, q[j:j + chunk], compute_mode="donot_use_mm_for_euclid_dist")
+            p_min[i:i + chunk] = torch.minimum(p_min[i:i + chunk], d.min(dim=1).values)
+            q_min[j:j + chunk] = torch.minimum(q_min[j:j + chunk], d.min(dim=0).values)
+    cd = 0.5 * (p_min.double().mean().item() + q_min.double().mean().item())
+    if normalize_by is not None:
+        cd /= float(normalize_by)
+    return cd
+
+
+@torch.no_grad()
+def bbox_diagonal(points: torch.Tensor) -> float:
+    """Length of the diagonal of the axis-aligned bounding box of ``points`` [N,3], in input length units."""
+    p = _as_points(points, "points")
+    if p.shape[0] == 0:
+        raise ValueError("bbox_diagonal needs at least one point")
+    extent = p.max(dim=0).values.double() - p.min(dim=0).values.double()
+    return float(torch.linalg.vector_norm(extent).item())
+
+
+def _occupancy(x: torch.Tensor, lower: torch.Tensor, dx: torch.Tensor, shape: torch.Tensor, cells: int) -> torch.Tensor:
+    """Flat boolean occupancy grid of ``cells`` entries; a cell is occupied when at least one point falls in it."""
+    occ = torch.zeros(cells, dtype=torch.bool, device=x.device)
+    if x.shape[0] == 0:
+        return occ
+    ijk = torch.floor((x.double() - lower) / dx).long()
+    ijk = torch.minimum(torch.clamp(ijk, min=0), shape - 1)
+    flat = (ijk[:, 0] * shape[1] + ijk[:, 1]) * shape[2] + ijk[:, 2]
+    occ[flat] = True
+    return occ
+
+
+@torch.no_grad()
+def volumetric_iou(positions: torch.Tensor, target_positions: torch.Tensor, *,
+                   lower: Sequence[float] | torch.Tensor, dx: float | Sequence[float] | torch.Tensor,
+                   shape: Sequence[int]) -> float:
+    """Intersection over union of the voxel occupancy of two particle sets.
+
+    Both sets are binned into the same grid of ``shape`` = (nx, ny, nz) cells of edge ``dx`` (a scalar, or one
+    per axis) whose lowest corner is ``lower`` (3 floats). A point x lands in cell floor((x - lower) / dx),
+    clamped into [0, shape - 1] per axis, so points outside the grid count in its border cells. A cell is
+    occupied when at least one particle lands in it.
+
+    Args:
+        positions: [N,3] particle positions (same units as ``lower`` and ``dx``).
+        target_positions: [M,3] reference particle positions.
+
+    Returns:
+        |occ(P) ∩ occ(Q)| / |occ(P) ∪ occ(Q)| in [0, 1]; 1.0 when both grids are empty.
+    """
+    p = _as_points(positions, "positions")
+    q = _as_points(target_positions, "target_positions").to(p.device)
+    dims = [int(s) for s in shape]
+    if len(dims) != 3 or min(dims) < 1:
+        raise ValueError(f"shape must be three positive ints, got {tuple(shape)}")
+    lo = torch.as_tensor(lower, dtype=torch.float64, device=p.device).reshape(-1).expand(3)
+    h = torch.as_tensor(dx, dtype=torch.float64, device=p.device).reshape(-1).expand(3)
+    if bool((h <= 0).any()):
+        raise ValueError(f"dx must be positive, got {dx}")
+    shp = torch.tensor(dims, dtype=torch.long, device=p.device)
+    cells = dims[0] * dims[1] * dims[2]
+    occ_p = _occupancy(p, lo, h, shp, cells)
+    occ_q = _occupancy(q, lo, h, shp, cells)
+    union = int((occ_p | occ_q).sum().item())
+    if union == 0:
+        return 1.0
+    return int((occ_p & occ_q).sum().item()) / union
+
+
+@torch.no_grad()
+def psnr(images: torch.Tensor, target_images: torch.Tensor, mask: torch.Tensor | None = None) -> list[float]:
+    """Per-view peak signal-to-noise ratio in dB, for images with values in [0, 1] (peak 1).
+
+        PSNR = 10 log10(1 / MSE) = -10 log10(MSE)
+
+    Args:
+        images: [C,H,W,3] rendered images.
+        target_images: [C,H,W,3] reference images.
+        mask: optional [C,H,W,1] or [C,H,W]; when given, the MSE of a view is averaged over its pixels with
+            mask > 0.5 only (all colour channels of those pixels).
+
+    Returns:
+        C floats: ``inf`` for a view whose MSE is 0, ``nan`` for a view whose mask selects no pixel.
+    """
+    x = images.detach()
+    y = target_images.detach().to(x.device)
+    if x.dim() != 4 or x.shape != y.shape:
+        raise ValueError(f"images {tuple(x.shape)} and target_images {tuple(y.shape)} must both be [C,H,W,3]")
+    sq = (x.double() - y.double()).square()  # [C,H,W,K]
+    if mask is None:
+        mse = sq.flatten(1).mean(dim=1).tolist()
+    else:
+        m = _as_views(mask.detach(), "mask").to(x.device)
+        if m.shape != x.shape[:3]:
+            raise ValueError(f"mask {tuple(mask.shape)} does not match images {tuple(x.shape)}")
+        sel = (m > 0.5).unsqueeze(-1).double()  # [C,H,W,1]
+        count = (sel.flatten(1).sum(dim=1) * x.shape[-1]).tolist()
+        total = (sq * sel).flatten(1).sum(dim=1).tolist()
+        mse = [t / c if c > 0 else math.nan for t, c in zip(total, count)]
+    out = []
+    for e in mse:
+        if math.isnan(e):
+            out.append(math.nan)
+        elif e <= 0.0:
+            out.append(math.inf)
+        else:
+            out.append(-10.0 * math.log10(e))
+    return out
+
+
+def _scalar(v: float | torch.Tensor) -> float:
+    return float(v.detach().reshape(()).item()) if isinstance(v, torch.Tensor) else float(v)
+
+
+@torch.no_grad()
+def material_errors(*, E: float | torch.Tensor | None = None, nu: float | torch.Tensor | None = None,
+                    truth_E: float | torch.Tensor | None = None,
+                    truth_nu: float | torch.Tensor | None = None) -> dict[str, float]:
+    """Errors of recovered material parameters against the ground truth.
+
+    Args:
+        E, truth_E: estimated and true Young's modulus (Pa; any consistent unit); truth_E must be non-zero.
+        nu, truth_nu: estimated and true Poisson ratio (dimensionless).
+        Scalars may be Python numbers or one-element tensors.
+
+    Returns:
+        ``{"E_rel_error": |E - E*| / |E*|, "nu_abs_error": |nu - nu*|}``, each key present only when both its
+        estimate and its truth are given (so possibly an empty dict).
+    """
+    out: dict[str, float] = {}
+    if E is not None and truth_E is not None:
+        e, te = _scalar(E), _scalar(truth_E)
+        if te == 0.0:
+            raise ValueError("truth_E must be non-zero for a relative error")
+        out["E_rel_error"] = abs(e - te) / abs(te)
+    if nu is not None and truth_nu is not None:
+        out["nu_abs_error"] = abs(_scalar(nu) - _scalar(truth_nu))
+    return out

@@ -1,0 +1,121 @@
+"""What a run leaves behind: iteration renders and the final/ folder (PLYs, trajectory, pictures, summary)."""
+
+from __future__ import annotations
+
+import platform
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .. import __version__
+from ..outputs.pictures import comparison_grid, loss_curves, mp4_available, save_png, to_uint8, write_animation
+from ..outputs.ply import write_gaussians_ply, write_particles_ply
+from .evaluate import evaluate_metrics
+
+PICTURE_HEIGHT = 192  # comparison and turntable pictures are upscaled (nearest) to at least this height
+
+
+def write_iteration_renders(folder: Path, iteration: int, output) -> list[Path]:
+    """renders/iter_000010_view0.png ...: the final frame from every camera."""
+    images = output.images[-1].detach().cpu()
+    return [save_png(Path(folder) / f"iter_{iteration:06d}_view{c}.png", images[c]) for c in range(images.shape[0])]
+
+
+def _upscale(image: np.ndarray, factor: int) -> np.ndarray:
+    return image.repeat(factor, axis=0).repeat(factor, axis=1) if factor > 1 else image
+
+
+def render_turntable(pipeline, params, x, F, *, count: int, size: tuple[int, int]) -> list[np.ndarray]:
+    """``count`` RGB views [H, W, 3] uint8 of a state, orbiting it (render/camera.py turntable_cameras)."""
+    from ..render.camera import turntable_cameras
+
+    cams = turntable_cameras(pipeline.scene.render, count=count, default_target=pipeline.assets.grid.center,
+                             width=size[0], height=size[1])
+    viewmats, Ks = cams.to_torch(pipeline.device)
+    frames = []
+    with torch.no_grad():
+        gaussians = pipeline.gaussians(x, F, params)
+        for start in range(0, count, 8):
+            images, _, _ = pipeline.render(*gaussians, with_depth=False, viewmats=viewmats[start:start + 8],
+                                           Ks=Ks[start:start + 8], size=size)
+            frames.extend(to_uint8(img.cpu()) for img in images)
+    return frames
+
+
+def write_final_outputs(run, out_dir: Path, *, history: list[dict], wall_s: float, device: str) -> dict:
+    """final/: gaussians.ply, particles.ply, trajectory.npz, comparison.png, turntable.gif (.mp4), loss.png;
+    returns the summary (initial and final metrics, losses, wall time, device, versions, iterations)."""
+    from .targets import rollout_frames
+
+    pipeline, scene = run.pipeline, run.scene
+    final = Path(out_dir) / "final"
+    final.mkdir(parents=True, exist_ok=True)
+    with torch.no_grad():
+        total, terms, out = run.loss(grad=False)
+        initial_params = pipeline.initial_parameters(list(run.params))
+        initial_total, initial_terms, initial = run.loss(initial_params, grad=False)
+    final_metrics = evaluate_metrics(pipeline, out, run.targets, run.params)
+    initial_metrics = evaluate_metrics(pipeline, initial, run.targets, initial_params)
+    x, F = out.result.x[-1], out.result.F[-1]
+    written = []
+    with torch.no_grad():
+        means, covars, colors, opacities = pipeline.gaussians(x, F, run.params)
+    written.append(write_gaussians_ply(final / "gaussians.ply", means=means.cpu(), covars=covars.cpu(),
+                                       colors=colors.cpu(), opacities=opacities.cpu()))
+    written.append(write_particles_ply(final / "particles.ply", positions=x.cpu(),
+                                       extra={"J": torch.linalg.det(F).cpu()}))
+    np.savez_compressed(final / "trajectory.npz", steps=np.asarray(rollout_frames(scene)),
+                        x=out.result.x.detach().cpu().numpy(), F=out.result.F.detach().cpu().numpy())
+    written.append(final / "trajectory.npz")
+    # comparison: target | initial | final, one row per camera with a target at the final target frame
+    tf = run.targets.final
+    factor = max(1, -(-PICTURE_HEIGHT // pipeline.height))
+    rows = []
+    for c in range(tf.images.shape[0]):
+        if bool(tf.cameras[c]):
+            cells = [tf.images[c], initial.images[tf.row][c], out.images[tf.row][c]]
+            rows.append([_upscale(to_uint8(cell.cpu()), factor) for cell in cells])
+    save_png(final / "comparison.png", comparison_grid(rows, labels=["target", "initial", "final"]))
+    written.append(final / "comparison.png")
+    count = scene.output.turntable_frames
+    if count:
+        size = (pipeline.width * factor, pipeline.height * factor)
+        frames = render_turntable(pipeline, run.params, x, F, count=count, size=size)
+        if scene.output.video in ("gif", "both"):
+            written += write_animation(final / "turntable.gif", frames)
+        if scene.output.video in ("mp4", "both") or (scene.output.video == "gif" and mp4_available()):
+            if mp4_available():
+                written += write_animation(final / "turntable.mp4", frames)
+    keys = ["loss", *sorted({k for r in history for k in r if k in ("grid_mass", "silhouette", "rgb_l1", "dssim",
+                                                                      "depth_l1", "dFc_l2", "dFc_smooth")})]
+    loss_curves(history, final / "loss.png", keys=keys)
+    written.append(final / "loss.png")
+    learned = {}
+    for k, v in run.params.items():
+        if v.numel() <= 3:
+            value = v.detach().cpu()
+            if k in ("log_E", "log_sigma0", "opacity_logit"):
+                value = {"log_E": torch.exp, "log_sigma0": torch.exp, "opacity_logit": torch.sigmoid}[k](value)
+            learned[k.replace("log_", "").replace("_logit", "")] = value.tolist()
+    return {
+        "scene": scene.name,
+        "iterations": len(history),
+        "initial": {"loss": float(initial_total), **initial_terms, **initial_metrics},
+        "final": {"loss": float(total), **terms, **final_metrics},
+        "learned": learned,
+        "wall_s": wall_s,
+        "mean_step_s": float(np.mean([r["step_s"] for r in history])) if history else None,
+        "device": device,
+        "device_name": torch.cuda.get_device_name(torch.device(device)) if device.startswith("cuda") else
+        platform.processor() or platform.machine(),
+        "versions": _versions(),
+        "outputs": [str(p.relative_to(out_dir)) for p in written],
+    }
+
+
+def _versions() -> dict:
+    import warp
+
+    return {"diffmpm": __version__, "torch": torch.__version__, "warp": warp.config.version,
+            "python": platform.python_version()}

@@ -1,0 +1,123 @@
+"""What a run is compared with: target images (and alphas, depths) per kept frame and camera.
+
+Three sources, in this order of precedence: the scene's target images (PNG/JPEG per camera and frame), a
+ground truth (``target.truth``: the source simulated with the true material / velocity and rendered at every
+kept frame), or the target mesh (its own surface Gaussians rendered at the final step).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ..errors import ConfigError
+
+
+@dataclass
+class TargetFrame:
+    """Targets at one kept step: row into the rollout's frames; images [C, H, W, 3], alphas [C, H, W, 1],
+    depths [C, H, W, 1] m or None; ``cameras`` [C] bool: which cameras have a target at this step."""
+
+    step: int
+    row: int
+    images: torch.Tensor
+    alphas: torch.Tensor
+    depths: torch.Tensor | None
+    cameras: torch.Tensor
+
+
+@dataclass
+class Targets:
+    frames: list[TargetFrame]
+    kind: str  # "images", "truth" or "mesh"
+
+    @property
+    def final(self) -> TargetFrame:
+        return self.frames[-1]
+
+
+def rollout_frames(scene) -> list[int]:
+    """The steps a rollout keeps, sorted: sim.frames and the final step."""
+    return sorted(set(scene.sim.frames) | {scene.sim.steps})
+
+
+def build_targets(pipeline) -> Targets:
+    scene = pipeline.scene
+    frames = rollout_frames(scene)
+    if scene.target.images:
+        return _image_targets(pipeline, frames)
+    if scene.target.truth is not None:
+        return _truth_targets(pipeline, frames)
+    with torch.no_grad():
+        images, alphas, depths = pipeline.render_target()
+    cams = torch.ones(images.shape[0], dtype=torch.bool, device=images.device)
+    return Targets([TargetFrame(scene.sim.steps, len(frames) - 1, images, alphas, depths, cams)], kind="mesh")
+
+
+def truth_parameters(pipeline) -> dict[str, torch.Tensor]:
+    """The scene's material / velocity with target.truth's values put in (the others as in the scene)."""
+    truth = pipeline.scene.target.truth
+    params = pipeline.initial_parameters(["log_E", "nu", "v0"])
+    if truth.E is not None:
+        params["log_E"] = torch.full_like(params["log_E"], math.log(truth.E))
+    if truth.nu is not None:
+        params["nu"] = torch.full_like(params["nu"], truth.nu)
+    if truth.v0 is not None:
+        params["v0"] = torch.tensor(truth.v0, device=pipeline.device).expand_as(params["v0"]).clone()
+    return params
+
+
+def _truth_targets(pipeline, frames) -> Targets:
+    with torch.no_grad():
+        out = pipeline.forward(truth_parameters(pipeline))
+    cams = torch.ones(out.images.shape[1], dtype=torch.bool, device=out.images.device)
+    return Targets([TargetFrame(step, row, out.images[row], out.alphas[row],
+                                None if out.depths is None else out.depths[row], cams)
+                    for row, step in enumerate(frames)], kind="truth")
+
+
+def load_target_image(path: str, *, background) -> tuple[np.ndarray, np.ndarray]:
+    """(rgb [H, W, 3], alpha [H, W, 1]) in [0, 1]: alpha from the image's alpha channel, else pixels within 2/255
+    of ``background`` are transparent, else the whole image is opaque."""
+    with Image.open(path) as img:
+        has_alpha = img.mode in ("RGBA", "LA") or "transparency" in img.info
+        data = np.asarray(img.convert("RGBA" if has_alpha else "RGB"), dtype=np.float32) / 255.0
+    rgb = data[..., :3]
+    if has_alpha:
+        alpha = data[..., 3:4]
+    elif background is not None:
+        alpha = (np.abs(rgb - np.asarray(background, dtype=np.float32)).max(-1, keepdims=True) > 2.0 / 255.0)
+        alpha = alpha.astype(np.float32)
+    else:
+        alpha = np.ones_like(rgb[..., :1])
+    return rgb, alpha
+
+
+def _image_targets(pipeline, frames) -> Targets:
+    scene = pipeline.scene
+    names = list(pipeline.camera_names)
+    C, H, W = len(names), scene.render.height, scene.render.width
+    by_step: dict[int, TargetFrame] = {}
+    for i, spec in enumerate(scene.target.images):
+        step = scene.sim.steps if spec.frame is None else spec.frame
+        if step not in frames:
+            raise ConfigError(f"target.images[{i}].frame", f"step {step} is not kept by the rollout: add it to sim.frames")
+        rgb, alpha = load_target_image(spec.path, background=scene.target.image_background)
+        if rgb.shape[:2] != (H, W):
+            raise ConfigError(f"target.images[{i}].path",
+                              f"image is {rgb.shape[1]}x{rgb.shape[0]} px but render is {W}x{H}")
+        frame = by_step.get(step)
+        if frame is None:
+            dev = pipeline.device
+            frame = by_step[step] = TargetFrame(step, frames.index(step), torch.zeros(C, H, W, 3, device=dev),
+                                                torch.zeros(C, H, W, 1, device=dev), None,
+                                                torch.zeros(C, dtype=torch.bool, device=dev))
+        c = names.index(spec.camera)
+        frame.images[c] = torch.from_numpy(rgb)
+        frame.alphas[c] = torch.from_numpy(alpha)
+        frame.cameras[c] = True
+    return Targets([by_step[s] for s in sorted(by_step)], kind="images")
