@@ -121,4 +121,4 @@ def scene_loss(pipeline, output, params: dict[str, torch.Tensor], *, targets,
     if dFc is not None and w.dFc_smooth > 0 and dFc.shape[0] > 1:
         add("dFc_smooth", w.dFc_smooth * ((dFc[1:] - dFc[:-1]).double() ** 2).mean())
     total = sum(parts.values(), torch.zeros((), dtype=torch.float64, device=pipeline.device))
-    return total, {k: float(v) for k, v in parts.items()}
+    return total, {k: float(v.detach()) for k, v in parts.items()}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 
 from .. import __version__
-from . import check_grad, info, optimize, validate
+from . import check_grad, info, optimize, render, validate
 from .bench import bench_app
 
 app = typer.Typer(
@@ -36,6 +36,7 @@ validate.register(app)
 info.register(app)
 check_grad.register(app)
 optimize.register(app)
+render.register(app)
 app.add_typer(bench_app, name="bench")
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from .common import check_device, handle_errors, out
+from .common import check_device, handle_errors, out, parse_size
 
 RENDER_EPILOG = """[bold]Examples[/]
 
@@ -89,18 +89,6 @@ def mpm(
         out.print(f"wrote {json_file}")
 
 
-def _size(text: str) -> tuple[int, int]:
-    from ..errors import ConfigError
-
-    try:
-        width, height = (int(v) for v in text.lower().split("x"))
-    except ValueError as exc:
-        raise ConfigError("--size", f"must be WIDTHxHEIGHT, e.g. 1024x1024, got '{text}'") from exc
-    if not (1 <= width <= 8192 and 1 <= height <= 8192):
-        raise ConfigError("--size", f"must be between 1x1 and 8192x8192, got '{text}'")
-    return width, height
-
-
 @bench_app.command("render", epilog=RENDER_EPILOG)
 @handle_errors
 def render(
@@ -115,7 +103,7 @@ def render(
     from ..bench import bench_render
     from ..errors import ConfigError
 
-    width, height = _size(size)
+    width, height = parse_size(size)
     check_device(device)
     if compare_gsplat:
         try:

@@ -40,3 +40,15 @@ def check_device(device: str) -> None:
         raise ConfigError("--device", f"must be cpu or cuda[:i], got '{device}'")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError("--device", f"'{device}' requested but CUDA is not available here (see diffmpm info)")
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    from ..errors import ConfigError
+
+    try:
+        width, height = (int(v) for v in text.lower().split("x"))
+    except ValueError as exc:
+        raise ConfigError("--size", f"must be WIDTHxHEIGHT, e.g. 1024x1024, got '{text}'") from exc
+    if not (1 <= width <= 8192 and 1 <= height <= 8192):
+        raise ConfigError("--size", f"must be between 1x1 and 8192x8192, got '{text}'")
+    return width, height

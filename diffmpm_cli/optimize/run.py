@@ -185,6 +185,11 @@ def optimize(*, scene, assets, out_dir: Path, device: str = "cpu", iterations: i
 
     out_dir = Path(out_dir)
     stop = stop or StopFlag()
+    if not str(device).startswith("cuda"):
+        # torch's multithreaded CPU reductions sum in a varying order (dFc gradients differ at ~1e-11 between
+        # identical runs); one thread makes a CPU run, and its resume, bitwise reproducible for ~7 % of its time.
+        # Warp's CPU kernels are single-threaded anyway.
+        torch.set_num_threads(1)
     started = time.perf_counter()
     metrics_path = out_dir / "metrics.jsonl"
     ckpt_dir = out_dir / "checkpoints"
@@ -217,7 +222,7 @@ def optimize(*, scene, assets, out_dir: Path, device: str = "cpu", iterations: i
             t0 = time.perf_counter()
             run.optimizer.zero_grad(set_to_none=True)
             total, terms, out = run.loss()
-            loss_value = float(total)
+            loss_value = float(total.detach())
             if not math.isfinite(loss_value):
                 raise RunFailed(f"iteration {it}: the loss is {loss_value} (terms: {terms}); the last good "
                                 f"checkpoint is in {ckpt_dir}")
@@ -245,14 +250,14 @@ def optimize(*, scene, assets, out_dir: Path, device: str = "cpu", iterations: i
             if opt_cfg.render_every and it % opt_cfg.render_every == 0:
                 write_iteration_renders(out_dir / "renders", it, out)
             last = state.iteration == run.iterations
+            if progress is not None:
+                progress(state.iteration, run.iterations, record)
             if last or state.iteration % opt_cfg.checkpoint_every == 0 or stop.requested:
                 save_checkpoint(ckpt_dir, iteration=state.iteration, params=run.params, optimizer=run.optimizer,
                                 scheduler=run.scheduler, best_loss=state.best_loss, keep=opt_cfg.keep_checkpoints)
                 if best is not None:
                     save_best(ckpt_dir, iteration=best_at, params=best, loss=state.best_loss)
                     best = None
-            if progress is not None:
-                progress(state.iteration, run.iterations, record)
             if stop.requested and not last:
                 raise RunInterrupted(f"interrupted after iteration {it}: checkpoint written; continue with "
                                      f"--resume {out_dir}")
