@@ -20,8 +20,11 @@ $(STAMP): $(BIN)/python pyproject.toml
 
 install: $(STAMP)
 
+# the main job on the default scene: outputs in runs/demo (a previous runs/demo is replaced)
 demo: $(STAMP)
-	$(BIN)/diffmpm validate $(DEMO_SCENE) --preview runs/demo-preview
+	$(BIN)/diffmpm validate $(DEMO_SCENE)
+	rm -rf runs/demo
+	$(BIN)/diffmpm optimize $(DEMO_SCENE) --out runs/demo
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -276,3 +276,93 @@ def compare_with_gsplat(*, gaussians: int = 100_000, width: int = 1024, height: 
         "intersections": {"ours": n1, "gsplat": n2},
         "grad_rel_l2": {k: float((a - b).norm() / b.norm().clamp_min(1e-30)) for k, a, b in zip(names, g1, g2, strict=True)},
     }
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# one optimisation iteration, split by stage
+
+
+def bench_optimize(*, scene, assets, device: str = "cpu", repeats: int = 5) -> dict:
+    """Median seconds per stage of one optimisation iteration of ``scene`` (its learned groups, its loss).
+
+    The iteration is cut at every stage boundary (states -> Gaussians -> images -> loss) by detached leaves, and
+    each backward is run on its own from the gradients the next stage handed back, so the split is exact:
+    sim forward/backward, splats forward/backward, render forward/backward, losses forward/backward.
+    """
+    from .losses import scene_loss
+    from .optimize.run import Optimization
+
+    run = Optimization(scene, assets, device=device)
+    pipe, params = run.pipeline, run.params
+    wp = warp()
+    sync = lambda: wp.synchronize_device(warp_device(device))  # noqa: E731
+    stages = ("sim_forward", "splats_forward", "render_forward", "loss_forward", "loss_backward", "render_backward",
+              "splats_backward", "sim_backward")
+    samples = {k: [] for k in (*stages, "iteration")}
+
+    def clock(name, fn):
+        sync()
+        start = time.perf_counter()
+        value = fn()
+        sync()
+        samples[name].append(time.perf_counter() - start)
+        return value
+
+    def leaf(t):
+        return t.detach().requires_grad_(True)
+
+    def iteration():
+        for v in params.values():
+            v.grad = None
+        result = clock("sim_forward", lambda: pipe.simulate(params))
+        xs, Fs = leaf(result.x), leaf(result.F)
+        gaussians = clock("splats_forward", lambda: [pipe.gaussians(xs[r], Fs[r], params) for r in range(len(xs))])
+        g_leaves = [[leaf(t) for t in g] for g in gaussians]
+        rendered = clock("render_forward", lambda: [pipe.render(*g) for g in g_leaves])
+        images = leaf(torch.stack([r[0] for r in rendered]))
+        alphas = leaf(torch.stack([r[1] for r in rendered]))
+        depths = leaf(torch.stack([r[2] for r in rendered])) if pipe.with_depth else None
+        from .pipeline import PipelineOutput
+
+        output = PipelineOutput(images=images, alphas=alphas, result=result.__class__(
+            x=xs, v=result.v, F=Fs, C=result.C, frames=result.frames, stats=result.stats), depths=depths)
+        total = clock("loss_forward", lambda: scene_loss(pipe, output, params, targets=run.targets)[0])
+        clock("loss_backward", lambda: total.backward())
+        outs, grads = [], []
+        for r, rend in enumerate(rendered):
+            for t, g in ((rend[0], images.grad), (rend[1], alphas.grad), (rend[2], None if depths is None else
+                                                                            depths.grad)):
+                if t is not None and g is not None:
+                    outs.append(t)
+                    grads.append(g[r])
+        clock("render_backward", lambda: torch.autograd.backward(outs, grads))
+        outs, grads = [], []
+        for g_out, g_leaf in zip(gaussians, g_leaves):
+            for t, lf in zip(g_out, g_leaf):
+                if lf.grad is not None and t.requires_grad:
+                    outs.append(t)
+                    grads.append(lf.grad)
+        clock("splats_backward", lambda: torch.autograd.backward(outs, grads) if outs else None)
+        outs = [t for t, lf in ((result.x, xs), (result.F, Fs)) if lf.grad is not None]
+        grads = [lf.grad for lf in (xs, Fs) if lf.grad is not None]
+        clock("sim_backward", lambda: torch.autograd.backward(outs, grads) if outs and outs[0].requires_grad else None)
+
+        return result
+
+    for repeat in range(repeats + 1):  # the first round compiles and warms up
+        result = iteration()
+        samples["iteration"].append(sum(samples[k][-1] for k in stages))
+        if repeat == 0:
+            for k in samples:
+                samples[k].clear()
+    wp_cfg = wp.config.version
+    return {
+        "benchmark": "optimize",
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "diffmpm": __version__, "device": device, "device_name": _device_name(device), "warp": wp_cfg,
+        "torch": torch.__version__, "scene": scene.name, "particles": int(pipe.x0.shape[0]),
+        "gaussians": pipe.gaussian_count, "grid": list(assets.grid.shape), "steps": scene.sim.steps,
+        "cameras": int(pipe.viewmats.shape[0]), "size": [pipe.width, pipe.height], "frames": len(result.frames),
+        "repeats": repeats, "seconds": {k: statistics.median(v) for k, v in samples.items()},
+        "peak_bytes": _peak_bytes(device),
+    }

@@ -25,7 +25,7 @@ def test_version():
     assert result.stdout.strip() == f"diffmpm {__version__}"
 
 
-@pytest.mark.parametrize("command", ["validate", "info", "check-grad"])
+@pytest.mark.parametrize("command", ["validate", "info", "check-grad", "optimize", "render"])
 def test_every_command_has_help_with_examples(command):
     result = invoke(command, "--help")
     assert result.exit_code == 0
@@ -35,7 +35,7 @@ def test_every_command_has_help_with_examples(command):
 def test_top_level_help_lists_commands():
     result = invoke("--help")
     assert result.exit_code == 0
-    for command in ("validate", "info", "check-grad"):
+    for command in ("validate", "info", "check-grad", "optimize", "render", "bench"):
         assert command in result.stdout
 
 

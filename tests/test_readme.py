@@ -23,7 +23,7 @@ def test_python_example_runs(monkeypatch):
 def test_cli_reference_covers_every_command():
     listed = re.findall(r"^### `diffmpm (\w[\w-]*)", README, re.M)
     result = CliRunner().invoke(app, ["--help"])
-    commands = re.findall(r"│ (\w+)\s{2,}", result.stdout)
+    commands = re.findall(r"│ (\w[\w-]*)\s{2,}", result.stdout)
     assert commands, result.stdout
     for command in commands:
         assert command in listed, f"`diffmpm {command}` is not documented in the README"

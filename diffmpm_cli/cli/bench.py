@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from .common import check_device, handle_errors, out, parse_size
+from .common import SET_HELP, check_device, handle_errors, out, parse_size
 
 RENDER_EPILOG = """[bold]Examples[/]
 
@@ -125,6 +125,49 @@ def render(
         ratios = (result["ratio_forward"], result["ratio_backward"], result["ratio_forward_backward"])
         table.add_row("ratio (ours / gsplat)", "forward {:.2f}x, backward {:.2f}x, both {:.2f}x".format(*ratios))
     table.add_row("peak memory", f"{result['peak_bytes'] / 2**20:.0f} MiB")
+    out.print(table)
+    if json_file is not None:
+        json_file.parent.mkdir(parents=True, exist_ok=True)
+        json_file.write_text(json.dumps(result, indent=2))
+        out.print(f"wrote {json_file}")
+
+
+OPTIMIZE_EPILOG = """[bold]Examples[/]
+
+  diffmpm bench optimize scenes/sphere_to_snowman.yaml
+
+  diffmpm bench optimize scenes/sphere_to_snowman.yaml --device cuda --set sim.grid_resolution=64 --json it.json
+"""
+
+
+@bench_app.command("optimize", epilog=OPTIMIZE_EPILOG)
+@handle_errors
+def optimize(
+    scene: Path = typer.Argument(..., help="Scene YAML file."),
+    device: str = typer.Option("cpu", help="cpu or cuda[:i]."),
+    repeats: int = typer.Option(5, min=1, help="Timed iterations (the median of each stage is reported)."),
+    set_: list[str] = typer.Option([], "--set", help=SET_HELP),
+    json_file: Path | None = typer.Option(None, "--json", help="Also write the results to this JSON file."),
+) -> None:
+    """Time one optimisation iteration of a scene, split by stage (sim, splats, render, losses; each both ways)."""
+    from ..assets import build_assets
+    from ..bench import bench_optimize
+    from ..config import load_scene
+
+    check_device(device)
+    cfg = load_scene(scene, set_)
+    result = bench_optimize(scene=cfg, assets=build_assets(cfg), device=device, repeats=repeats)
+    sec = result["seconds"]
+    table = Table(title=f"one iteration of '{cfg.name}' on {result['device_name']}", title_justify="left")
+    for name in ("stage", "forward ms", "backward ms"):
+        table.add_column(name, justify="left" if name == "stage" else "right")
+    for stage in ("sim", "splats", "render", "loss"):
+        table.add_row(stage, f"{sec[stage + '_forward'] * 1e3:.2f}", f"{sec[stage + '_backward'] * 1e3:.2f}")
+    table.add_row("[bold]iteration[/]", "", f"[bold]{sec['iteration'] * 1e3:.2f}[/]")
+    table.caption = (f"{result['particles']:,} particles, {result['gaussians']:,} Gaussians, grid "
+                     f"{'x'.join(map(str, result['grid']))}, {result['steps']} steps, {result['cameras']} cameras x "
+                     f"{result['frames']} frames at {result['size'][0]}x{result['size'][1]}; peak "
+                     f"{result['peak_bytes'] / 2**20:.0f} MiB")
     out.print(table)
     if json_file is not None:
         json_file.parent.mkdir(parents=True, exist_ok=True)

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import functools
+import sys
 
 import typer
 from rich.console import Console
 
 from ..errors import DiffMPMError
 
-out = Console(highlight=False)
+# tables stay whole when the output is a file or a pipe (rich would wrap them at 80 columns)
+out = Console(highlight=False, width=None if sys.stdout.isatty() else 120)
 err = Console(stderr=True, highlight=False)
 
 SET_HELP = "Override a scene key, KEY=VALUE (repeatable), e.g. --set sim.dt=5e-4 --set render.cameras[0].fov=30."
