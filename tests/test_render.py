@@ -14,7 +14,7 @@ from diffmpm_cli.reference.splat import (
     random_gaussians,
     rasterize_ref,
 )
-from diffmpm_cli.render.rasterize import covars_from_quats_scales, rasterization
+from diffmpm_cli.render.rasterize import RasterCutoffs, covars_from_quats_scales, rasterization
 
 SIZE = 64
 
@@ -94,8 +94,8 @@ def test_backward_matches_the_twin_by_random_cotangents(device):
 
 
 def test_finite_differences_through_the_kernels():
-    """Wide, semi-transparent Gaussians: no 1/255 cut-off or T stop falls inside the image, so the loss is smooth
-    (elsewhere those cut-offs are true discontinuities that finite differences cannot see past)."""
+    """Wide, semi-transparent Gaussians rendered with the cut-offs made continuous (RasterCutoffs.smooth, as
+    check-grad does): at gsplat's 1/255 and 1e-4 a crossing is a jump no difference quotient converges through."""
     g = torch.Generator().manual_seed(5)
     means = torch.randn(6, 3, generator=g) * 0.1
     covars = covars_from_quats_scales(torch.randn(6, 4, generator=g), 0.4 + 0.2 * torch.rand(6, 3, generator=g))
@@ -106,15 +106,17 @@ def test_finite_differences_through_the_kernels():
 
     def loss(p):
         covs = 0.5 * (p["covars"] + p["covars"].transpose(1, 2))
-        img, alpha, _ = warp_render(p["means"], covs, p["opacities"], p["colors"], views, Ks, size=32)
+        img, alpha, _ = warp_render(p["means"], covs, p["opacities"], p["colors"], views, Ks, size=32,
+                                    cutoffs=RasterCutoffs.smooth())
         return (img.double() * weights).sum() + alpha.double().sum()
 
     params = {"means": means, "covars": covars, "opacities": opac, "colors": colors}
-    probes = directional_probes(loss, params, eps={"means": 1e-2, "covars": 1e-2, "opacities": 1e-2, "colors": 1e-2},
+    # steps up to 2 eps (Richardson): small enough that no two Gaussians swap depth order (a true discontinuity)
+    probes = directional_probes(loss, params, eps={"means": 5e-3, "covars": 5e-3, "opacities": 5e-3, "colors": 5e-3},
                                 probes=2, coordinates=1, seed=7)
     assert len(probes) == 12
-    for probe in probes:
-        assert probe.rel_error <= 1e-2, probe
+    for probe in probes:  # within 1 % plus 3 standard deviations of the measured float32 noise
+        assert abs(probe.ad - probe.fd) <= 1e-2 * max(abs(probe.ad), abs(probe.fd)) + 3 * probe.noise, probe
 
 
 def test_degenerate_input_stays_finite():
@@ -177,3 +179,21 @@ def test_pixel_and_tile_paths_agree():
     assert torch.allclose(out["pixel"][1], out["tile"][1], atol=1e-6)
     for a, b in zip(out["pixel"][2], out["tile"][2], strict=True):
         assert float((a - b).norm() / b.norm()) <= 1e-4
+
+
+def test_smooth_cutoffs_match_the_twin_with_the_same_cutoffs():
+    """The cut-offs are kernel arguments: with check-grad's (alpha 1e-9, no transmittance stop, wider boxes) the
+    kernels still equal the twin (images, alphas and box radii)."""
+    cut = RasterCutoffs.smooth()
+    means, covars, opac, colors = random_gaussians(150, seed=11)
+    views, Ks = orbit_cameras(2, 32, 32)
+    kw = dict(alpha_min=cut.alpha_min, t_stop=cut.t_stop, extend_max=cut.extend_max)
+    leaves = [t.clone().requires_grad_(True) for t in (means, covars, opac, colors)]
+    ref_img, ref_alpha = rasterize_ref(*leaves, views, Ks, 32, 32, **kw)
+    img, alpha, meta = warp_render(*[t.float().detach().requires_grad_(True) for t in leaves], views, Ks, size=32,
+                                   cutoffs=cut)
+    assert float((img.double() - ref_img).abs().max()) <= 1e-4
+    assert float((alpha.double() - ref_alpha).abs().max()) <= 1e-4
+    _, _, ref_radii = project_ref(means, covars, opac, views, Ks, 32, 32, 0.01, 1e10, 0.3, cut.alpha_min,
+                                  cut.extend_max)[1:]
+    assert torch.equal(meta.radii.cpu().long(), ref_radii)

@@ -90,8 +90,12 @@ def check_inside(bounds, grid: GridSpec, key: str) -> None:
     )
 
 
-def build_assets(scene) -> SceneAssets:
-    """Meshes, particles, target grid mass and surface samples of a loaded ``Scene``."""
+def build_assets(scene, *, device: str = "cpu") -> SceneAssets:
+    """Meshes, particles, target grid mass and surface samples of a loaded ``Scene``.
+
+    Everything is on the CPU except the target's grid mass, which is transferred (a Warp kernel) on ``device``:
+    the device the run will use, which need not have a CPU kernel compiler.
+    """
     from ..sim.op import grid_mass
 
     grid = GridSpec.from_sim(scene.sim)
@@ -104,6 +108,7 @@ def build_assets(scene) -> SceneAssets:
     if scene.target.mesh is not None:
         target_mesh = build_mesh(scene.target.mesh, key="target.mesh", default_center=grid.center)
         target = make_body(target_mesh, key="target.mesh", rng=rng, **common)
-        target_mass = grid_mass(target.positions, target.masses, grid=grid, bspline=scene.sim.bspline)
+        target_mass = grid_mass(target.positions.to(device), target.masses.to(device), grid=grid,
+                                bspline=scene.sim.bspline)
     return SceneAssets(grid=grid, spacing=grid.dx / scene.sim.particles_per_cell, source=source, target=target,
                        target_grid_mass=target_mass)

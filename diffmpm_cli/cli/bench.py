@@ -156,7 +156,7 @@ def optimize(
 
     check_device(device)
     cfg = load_scene(scene, set_)
-    result = bench_optimize(scene=cfg, assets=build_assets(cfg), device=device, repeats=repeats)
+    result = bench_optimize(scene=cfg, assets=build_assets(cfg, device=device), device=device, repeats=repeats)
     sec = result["seconds"]
     table = Table(title=f"one iteration of '{cfg.name}' on {result['device_name']}", title_justify="left")
     for name in ("stage", "forward ms", "backward ms"):

@@ -76,7 +76,7 @@ def check_grad(
     groups = _parse_list(param, tuple(GROUP_NAMES), "--param")
     check_device(device)
     cfg = load_scene(scene, set_)
-    pipeline = Pipeline(cfg, build_assets(cfg), device=device)
+    pipeline = Pipeline(cfg, build_assets(cfg, device=device), device=device)
     rows = check_stages(pipeline, stages=stages, groups=groups, probes=probes, coordinates=coordinates, rtol=rtol,
                         eps_scale=eps, seed=seed)
     out.print(_table(rows, rtol=rtol, title=f"gradient check of '{cfg.name}' on {device}"))

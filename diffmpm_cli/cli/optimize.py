@@ -60,7 +60,7 @@ def optimize(
     else:
         cfg = load_scene(scene, set_)
         out_dir = out_dir or Path(cfg.output.dir or _default_out(cfg.name))
-    assets = build_assets(cfg)
+    assets = build_assets(cfg, device=device)
     log = err if as_json else out
     stop = StopFlag()
 

@@ -29,7 +29,7 @@ def load_source(path: Path, *, checkpoint: Path | None, overrides=(), device: st
             raise ConfigError("RUN_DIR", f"{path} has no checkpoint yet")
     else:
         scene = load_scene(path, overrides)
-    pipeline = Pipeline(scene, build_assets(scene), device=device)
+    pipeline = Pipeline(scene, build_assets(scene, device=device), device=device)
     params, label = {}, "initial"
     if checkpoint is not None:
         if not Path(checkpoint).exists():

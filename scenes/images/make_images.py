@@ -7,14 +7,13 @@ Run from the repository root: python scenes/images/make_images.py
 import math
 from pathlib import Path
 
+import numpy as np
 import torch
+import yaml
+from PIL import Image
 
 from diffmpm_cli.assets import build_assets
-import yaml
-
 from diffmpm_cli.config import scene_from_dict
-import numpy as np
-from PIL import Image
 from diffmpm_cli.pipeline import Pipeline
 
 TRUE_COLOR = [0.2, 0.6, 0.9]
