@@ -28,8 +28,8 @@ def test_sim_and_splat_stages_pass(pipe):
         assert row.passed and row.probes == 4, row
 
 
-def test_a_wrong_adjoint_is_caught(pipe, monkeypatch):
-    """Scale the dFc gradient of the MPM backward by 1.1: the checker must report that row as failed."""
+def break_the_dfc_adjoint(monkeypatch):
+    """Scale the dFc gradient of the MPM backward by 1.1 (a wrong adjoint the checker must catch)."""
     original = solver.Rollout.backward
 
     def wrong(self, grads):
@@ -38,6 +38,10 @@ def test_a_wrong_adjoint_is_caught(pipe, monkeypatch):
         return tuple(out)
 
     monkeypatch.setattr(solver.Rollout, "backward", wrong)
+
+
+def test_a_wrong_adjoint_is_caught(pipe, monkeypatch):
+    break_the_dfc_adjoint(monkeypatch)
     rows = check_stages(pipe, stages=["sim"], groups=["dFc", "E"], probes=3, coordinates=0)
     verdict = {r.parameter: r.passed for r in rows}
     assert verdict == {"dFc": False, "log_E": True}
@@ -65,14 +69,7 @@ def test_the_cli_reports_a_wrong_adjoint_with_exit_1(monkeypatch, tmp_path):
     ok = CliRunner().invoke(app, args)
     assert ok.exit_code == 0, ok.stdout
     assert "all 2 rows passed" in ok.stdout
-    original = solver.Rollout.backward
-
-    def wrong(self, grads):
-        out = list(original(self, grads))
-        out[4] = out[4] * 1.1
-        return tuple(out)
-
-    monkeypatch.setattr(solver.Rollout, "backward", wrong)
+    break_the_dfc_adjoint(monkeypatch)
     bad = CliRunner().invoke(app, args)
     assert bad.exit_code == 1, bad.stdout
     assert "FAIL" in bad.stdout and "1 of 2 rows failed" in bad.stdout
