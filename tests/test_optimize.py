@@ -149,6 +149,13 @@ def test_bad_input_and_failed_runs(finished, tmp_path, monkeypatch):
     result = runner.invoke(app, ["optimize", str(SCENE), "--set", "learn.dFc.enabled=false", "--set",
                                  "learn.color.enabled=false", "--set", "learn.sigma0.enabled=false"])
     assert result.exit_code == 2 and "nothing is learned" in result.output
+    result = runner.invoke(app, ["optimize", str(SCENE), "--set", "optimize.episodes=2"])
+    assert result.exit_code == 2 and "optimize.episodes" in result.output
+    from diffmpm_cli.outputs import pictures
+
+    if not pictures.mp4_available():
+        result = runner.invoke(app, ["optimize", str(SCENE), "--set", "output.video=mp4"])
+        assert result.exit_code == 2 and "output.video" in result.output
 
     import diffmpm_cli.optimize.run as run_module
 

@@ -440,7 +440,9 @@ class OptimizeConfig(Section):
     schedule: Schedule = Field(default_factory=Schedule, description="learning-rate schedule")
     grad_clip: Positive | None = Field(None, description="clip the global gradient norm; null = off")
     line_search: LineSearch = Field(default_factory=LineSearch, description="optional backtracking line search")
-    episodes: Annotated[int, Field(ge=1)] = Field(1, description="episodes; each starts from the previous final state")
+    episodes: Annotated[int, Field(ge=1)] = Field(
+        1, description="episodes; each would start from the previous final state (only 1 is implemented yet)"
+    )
     checkpoint_every: Annotated[int, Field(ge=1)] = Field(10, description="iterations between checkpoints")
     keep_checkpoints: Annotated[int, Field(ge=1)] = Field(3, description="latest checkpoints kept (plus the best)")
     render_every: Annotated[int, Field(ge=0)] = Field(10, description="iterations between renders; 0 = never")

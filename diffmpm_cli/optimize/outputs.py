@@ -84,9 +84,8 @@ def write_final_outputs(run, out_dir: Path, *, history: list[dict], wall_s: floa
         frames = render_turntable(pipeline, run.params, x, F, count=count, size=size)
         if scene.output.video in ("gif", "both"):
             written += write_animation(final / "turntable.gif", frames)
-        if scene.output.video in ("mp4", "both") or (scene.output.video == "gif" and mp4_available()):
-            if mp4_available():
-                written += write_animation(final / "turntable.mp4", frames)
+        if mp4_available():  # "mp4"/"both" without a writer are refused before the run starts
+            written += write_animation(final / "turntable.mp4", frames)
     keys = ["loss", *sorted({k for r in history for k in r if k in ("grid_mass", "silhouette", "rgb_l1", "dssim",
                                                                       "depth_l1", "dFc_l2", "dFc_smooth")})]
     loss_curves(history, final / "loss.png", keys=keys)

@@ -94,8 +94,15 @@ class Optimization:
     """Everything one run holds: pipeline, targets, parameters, optimiser, schedule."""
 
     def __init__(self, scene, assets, *, device: str, iterations: int | None = None):
+        from ..outputs.pictures import mp4_available
         from ..pipeline import Pipeline
 
+        if scene.output.video in ("mp4", "both") and scene.output.turntable_frames and not mp4_available():
+            raise ConfigError("output.video", f"'{scene.output.video}' needs an ffmpeg writer (pip install "
+                                              "imageio[ffmpeg]); use gif")
+        if scene.optimize.episodes > 1:
+            raise ConfigError("optimize.episodes", f"episodes > 1 are not implemented yet (got "
+                                                   f"{scene.optimize.episodes}); run one episode")
         self.scene = scene
         self.iterations = scene.optimize.iterations if iterations is None else iterations
         torch.manual_seed(scene.optimize.seed)
