@@ -41,6 +41,7 @@ class Pipeline:
         self.model = MPMModel.from_scene(scene, assets.grid)
         self.sim = Simulator(self.model, mass=source.masses.to(self.device), volume=source.volumes.to(self.device))
         self.x0 = source.positions.to(self.device)
+        self.start: dict[str, torch.Tensor] | None = None  # a later episode's starting state (optimize/run.py)
         appearance = scene.appearance
         self.mode = appearance.gaussians
         self.embedding = None
@@ -92,9 +93,14 @@ class Pipeline:
         return {k: makers[k]() for k in groups}
 
     def simulate(self, params: dict[str, torch.Tensor]) -> RolloutResult:
+        """The rollout from the rest state, or from ``self.start`` (x, v, F, C of the particles, set between
+        optimisation episodes); a v0 in ``params`` replaces the carried velocity."""
         p = {**self.initial_parameters([k for k in ("log_E", "nu", "v0") if k not in params]), **params}
-        return simulate(self.sim, x0=self.x0, v0=p["v0"], E=torch.exp(p["log_E"]), nu=p["nu"], steps=self.steps,
-                        dFc=p.get("dFc"), frames=self.frames, segment_length=self.scene.sim.segment_length)
+        start = self.start or {}
+        v0 = start["v"] if start and "v0" not in params else p["v0"]
+        return simulate(self.sim, x0=start.get("x", self.x0), v0=v0, E=torch.exp(p["log_E"]), nu=p["nu"],
+                        steps=self.steps, dFc=p.get("dFc"), F0=start.get("F"), C0=start.get("C"), frames=self.frames,
+                        segment_length=self.scene.sim.segment_length)
 
     def gaussians(self, x: torch.Tensor, F: torch.Tensor, params: dict[str, torch.Tensor]):
         """means [M, 3], covars [M, 3, 3], colors [M, 3], opacities [M] for one state."""

@@ -149,7 +149,8 @@ def test_bad_input_and_failed_runs(finished, tmp_path, monkeypatch):
     result = runner.invoke(app, ["optimize", str(SCENE), "--set", "learn.dFc.enabled=false", "--set",
                                  "learn.color.enabled=false", "--set", "learn.sigma0.enabled=false"])
     assert result.exit_code == 2 and "nothing is learned" in result.output
-    result = runner.invoke(app, ["optimize", str(SCENE), "--set", "optimize.episodes=2"])
+    result = runner.invoke(app, ["optimize", str(REPO / "scenes" / "elastic_drop.yaml"), "--set",
+                                 "optimize.episodes=2"])
     assert result.exit_code == 2 and "optimize.episodes" in result.output
     from diffmpm_cli.outputs import pictures
 
@@ -167,3 +168,29 @@ def test_bad_input_and_failed_runs(finished, tmp_path, monkeypatch):
                                                                                               SMALL), [])])
     assert result.exit_code == 1 and "the loss is nan" in result.output
     assert "Traceback" not in result.output
+
+
+def test_episodes_start_from_the_previous_final_state(tmp_path):
+    """Two episodes of 2 iterations: the second starts where the first ended, with fresh controls; a resume from
+    the checkpoint inside episode 2 ends bitwise where the uninterrupted run ends."""
+    scene = small_scene("optimize.episodes=2", "optimize.iterations=2", "optimize.checkpoint_every=1")
+    summary = optimize(scene=scene, assets=build_assets(scene), out_dir=tmp_path / "a")
+    lines = [json.loads(x) for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["episode"] for r in lines] == [0, 0, 1, 1] and summary["episodes"] == 2
+    ckpt = load_checkpoint(tmp_path / "a" / "checkpoints" / "iter_000004.pt")
+    assert ckpt["start"] is not None and ckpt["start"]["x"].shape[1] == 3
+    # episode 2 started from a deformed state: its first loss is below episode 1's first
+    assert lines[2]["loss"] < lines[0]["loss"]
+    stop = StopFlag()
+
+    def progress(i, n, record):
+        if i == 3:
+            stop.requested = True
+
+    with pytest.raises(RunInterrupted):
+        optimize(scene=scene, assets=build_assets(scene), out_dir=tmp_path / "b", stop=stop, progress=progress)
+    optimize(scene=scene, assets=build_assets(scene), out_dir=tmp_path / "b", resume=True)
+    a = load_checkpoint(tmp_path / "a" / "checkpoints" / "iter_000004.pt")["params"]
+    b = load_checkpoint(tmp_path / "b" / "checkpoints" / "iter_000004.pt")["params"]
+    for k in a:
+        assert torch.equal(a[k], b[k]), k

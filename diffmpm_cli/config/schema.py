@@ -441,7 +441,8 @@ class OptimizeConfig(Section):
     grad_clip: Positive | None = Field(None, description="clip the global gradient norm; null = off")
     line_search: LineSearch = Field(default_factory=LineSearch, description="optional backtracking line search")
     episodes: Annotated[int, Field(ge=1)] = Field(
-        1, description="episodes; each would start from the previous final state (only 1 is implemented yet)"
+        1, description="episodes of optimize.iterations each; episode k + 1 starts from episode k's final state "
+        "(x, v, F, C) with fresh controls (targets of the final state only)"
     )
     checkpoint_every: Annotated[int, Field(ge=1)] = Field(10, description="iterations between checkpoints")
     keep_checkpoints: Annotated[int, Field(ge=1)] = Field(3, description="latest checkpoints kept (plus the best)")

@@ -62,11 +62,13 @@ def save_checkpoint(folder: Path, *, iteration: int, params: dict, optimizer, sc
     return path
 
 
-def save_best(folder: Path, *, iteration: int, params: dict, loss: float) -> Path:
-    """best.pt: the parameters that gave the lowest loss so far (evaluated at ``iteration``)."""
+def save_best(folder: Path, *, iteration: int, params: dict, loss: float, start: dict | None = None) -> Path:
+    """best.pt: the parameters that gave the lowest loss so far (evaluated at ``iteration``) and the episode's
+    starting state (None: the rest state)."""
     path = Path(folder) / "best.pt"
-    _atomic_save({"iteration": iteration, "loss": loss, "params": {k: v.detach().cpu().clone() for k, v in
-                                                                    params.items()}}, path)
+    _atomic_save({"iteration": iteration, "loss": loss,
+                  "params": {k: v.detach().cpu().clone() for k, v in params.items()},
+                  "start": None if start is None else {k: v.detach().cpu() for k, v in start.items()}}, path)
     return path
 
 

@@ -54,7 +54,11 @@ def write_final_outputs(run, out_dir: Path, *, history: list[dict], wall_s: floa
     with torch.no_grad():
         total, terms, out = run.loss(grad=False)
         initial_params = pipeline.initial_parameters(list(run.params))
-        initial_total, initial_terms, initial = run.loss(initial_params, grad=False)
+        start, pipeline.start = pipeline.start, None  # "initial" is the first episode's start
+        try:
+            initial_total, initial_terms, initial = run.loss(initial_params, grad=False)
+        finally:
+            pipeline.start = start
     final_metrics = evaluate_metrics(pipeline, out, run.targets, run.params)
     initial_metrics = evaluate_metrics(pipeline, initial, run.targets, initial_params)
     x, F = out.result.x[-1], out.result.F[-1]
@@ -100,6 +104,7 @@ def write_final_outputs(run, out_dir: Path, *, history: list[dict], wall_s: floa
     return {
         "scene": scene.name,
         "iterations": len(history),
+        "episodes": scene.optimize.episodes,
         "initial": {"loss": float(initial_total), **initial_terms, **initial_metrics},
         "final": {"loss": float(total), **terms, **final_metrics},
         "learned": learned,

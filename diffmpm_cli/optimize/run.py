@@ -101,10 +101,13 @@ class Optimization:
             raise ConfigError("output.video", f"'{scene.output.video}' needs an ffmpeg writer (pip install "
                                               "imageio[ffmpeg]); use gif")
         if scene.optimize.episodes > 1:
-            raise ConfigError("optimize.episodes", f"episodes > 1 are not implemented yet (got "
-                                                   f"{scene.optimize.episodes}); run one episode")
+            per_frame = [i for i, im in enumerate(scene.target.images) if im.frame not in (None, scene.sim.steps)]
+            if scene.target.truth is not None or per_frame:
+                raise ConfigError("optimize.episodes", "episodes > 1 need targets of the final state only (a mesh "
+                                                       "or final-frame images), not truth or per-frame targets")
         self.scene = scene
-        self.iterations = scene.optimize.iterations if iterations is None else iterations
+        self.per_episode = scene.optimize.iterations if iterations is None else iterations
+        self.iterations = self.per_episode * scene.optimize.episodes
         torch.manual_seed(scene.optimize.seed)
         self.pipeline = Pipeline(scene, assets, device=device)
         self.targets = build_targets(self.pipeline)
@@ -115,6 +118,18 @@ class Optimization:
         groups = [{"params": [self.params[k]], "lr": lr, "name": k} for k, lr in rates.items()]
         self.optimizer = (torch.optim.Adam(groups) if opt_cfg.optimizer == "adam" else torch.optim.SGD(groups))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _schedule(opt_cfg, self.iterations))
+
+    def episode(self, iteration: int) -> int:
+        return iteration // max(self.per_episode, 1)
+
+    def next_episode(self) -> None:
+        """The current parameters' final state becomes the start; fresh (zero) controls and optimiser moments."""
+        with torch.no_grad():
+            result = self.pipeline.simulate(self.params)
+            self.pipeline.start = {k: getattr(result, k)[-1].clone() for k in ("x", "v", "F", "C")}
+            if "dFc" in self.params:
+                self.params["dFc"].zero_()
+        self.optimizer.state.clear()
 
     def loss(self, params=None, *, grad: bool = True):
         params = self.params if params is None else params
@@ -218,6 +233,8 @@ def optimize(*, scene, assets, out_dir: Path, device: str = "cpu", iterations: i
             run.scheduler.load_state_dict(ckpt["scheduler"])
             set_rng_state(ckpt["rng"])
             state.iteration, state.best_loss = ckpt["iteration"], ckpt["best_loss"]
+            if ckpt.get("start") is not None:
+                run.pipeline.start = {k: v.to(run.pipeline.device) for k, v in ckpt["start"].items()}
         # the log holds exactly the iterations before the checkpoint (a killed run may have logged more)
         state.history = _read_history(metrics_path, state.iteration)
         metrics_path.write_text("".join(json.dumps(r) + "\n" for r in state.history))
@@ -226,6 +243,11 @@ def optimize(*, scene, assets, out_dir: Path, device: str = "cpu", iterations: i
     with metrics_path.open("a") as log:
         while state.iteration < run.iterations:
             it = state.iteration
+            if it and it % max(run.per_episode, 1) == 0:  # episode k + 1 starts from episode k's final state
+                if best is not None:
+                    save_best(ckpt_dir, iteration=best_at, params=best, loss=state.best_loss, start=run.pipeline.start)
+                run.next_episode()
+                best, state.best_loss = None, math.inf  # losses of different episodes are not comparable
             t0 = time.perf_counter()
             run.optimizer.zero_grad(set_to_none=True)
             total, terms, out = run.loss()
@@ -246,7 +268,8 @@ def optimize(*, scene, assets, out_dir: Path, device: str = "cpu", iterations: i
                 best_at = it
             step_info = run.step(loss_value)
             run.scheduler.step()
-            record = {"iteration": it, "loss": loss_value, **terms, **metrics, "grad_norm": grad_norm, **step_info,
+            record = {"iteration": it, "episode": run.episode(it), "loss": loss_value, **terms, **metrics,
+                      "grad_norm": grad_norm, **step_info,
                       "lr": {g["name"]: g["lr"] for g in run.optimizer.param_groups},
                       "step_s": time.perf_counter() - t0}
             log.write(json.dumps(record) + "\n")
@@ -261,9 +284,11 @@ def optimize(*, scene, assets, out_dir: Path, device: str = "cpu", iterations: i
                 progress(state.iteration, run.iterations, record)
             if last or state.iteration % opt_cfg.checkpoint_every == 0 or stop.requested:
                 save_checkpoint(ckpt_dir, iteration=state.iteration, params=run.params, optimizer=run.optimizer,
-                                scheduler=run.scheduler, best_loss=state.best_loss, keep=opt_cfg.keep_checkpoints)
+                                scheduler=run.scheduler, best_loss=state.best_loss, keep=opt_cfg.keep_checkpoints,
+                                extra={"start": None if run.pipeline.start is None else
+                                       {k: v.detach().cpu() for k, v in run.pipeline.start.items()}})
                 if best is not None:
-                    save_best(ckpt_dir, iteration=best_at, params=best, loss=state.best_loss)
+                    save_best(ckpt_dir, iteration=best_at, params=best, loss=state.best_loss, start=run.pipeline.start)
                     best = None
             if stop.requested and not last:
                 raise RunInterrupted(f"interrupted after iteration {it}: checkpoint written; continue with "
