@@ -373,18 +373,48 @@ def axis_vector(axis: int):
 
 
 @wp.func
-def wall(v: wp.vec3, axis: int, kind: int, outward: float):
+def wall(v: wp.vec3, axis: int, kind: int, outward: float, forced: int):
     """Apply a wall condition on component ``axis``; ``outward`` is +1 for a max face, -1 for a min face.
 
+    A separating wall decides whether the node moves outwards (then that motion is stopped); ``forced`` >= 0 takes
+    that decision as given (replayed decisions, see grid_update), -1 computes it. Returns (velocity, decision).
     Written without in-place component assignment (``v[a] = ...``), whose generated adjoint double counts.
     """
     e = axis_vector(axis)
     vn = wp.dot(v, e)
     out = v
+    stop = int(0)
     if kind == WALL_STICKY:
         out = wp.vec3(0.0)
-    elif kind == WALL_SLIP or vn * outward > 0.0:  # separate: only motion out of the domain is stopped
+    elif kind == WALL_SLIP:
         out = v - vn * e
+    else:
+        stop = int(vn * outward > 0.0)
+        if forced >= 0:
+            stop = forced
+        if stop != 0:
+            out = v - vn * e
+    return out, stop
+
+
+# Decisions of one node in one step, as bits: which branch of each kink the update took. Recorded in a base
+# rollout and replayed in perturbed ones, they make a rollout with contact smooth around that base (the gradient
+# checker's view; autodiff differentiates the taken branches in the same way).
+NODE_ACTIVE = wp.constant(1)  # m > mass_eps
+FLOOR_CONTACT = wp.constant(2)  # below the floor and moving into it
+FLOOR_STICK = wp.constant(4)  # friction stops the tangential motion
+WALL_BIT0 = wp.constant(8)  # walls: bit 3 + 2 axis (min face), 4 + 2 axis (max face)
+DECIDE = wp.constant(0)
+DECIDE_AND_RECORD = wp.constant(1)
+REPLAY = wp.constant(2)
+
+
+@wp.func
+def forced_bit(code: int, bit: int, mode: int):
+    """-1 (decide) unless replaying, then whether ``bit`` is set in ``code``."""
+    out = int(-1)
+    if mode == REPLAY:
+        out = int((code & bit) != 0)
     return out
 
 
@@ -406,33 +436,60 @@ def grid_update(
     # grid in
     grid_mass_in: wp.array3d(dtype=float),
     grid_momentum_in: wp.array3d(dtype=wp.vec3),
+    # decisions: DECIDE (ignored), DECIDE_AND_RECORD (written) or REPLAY (read)
+    decision_mode: int,
+    decisions: wp.array3d(dtype=int),
     # grid out
     grid_velocity_out: wp.array3d(dtype=wp.vec3),
 ):
     i, j, k = wp.tid()
     m = grid_mass_in[i, j, k]
+    code = int(0)
+    if decision_mode == REPLAY:
+        code = decisions[i, j, k]
+    active = m > mass_eps  # nodes barely touched by a stencil edge count as empty (keeps -p/m^2 finite)
+    if decision_mode == REPLAY:
+        active = (code & NODE_ACTIVE) != 0 and m > 0.0
+    taken = int(0)
     v = wp.vec3(0.0)
-    if m > mass_eps:  # nodes barely touched by a stencil edge count as empty (keeps the adjoint -p/m^2 finite)
+    if active:
+        taken = NODE_ACTIVE
         v = grid_momentum_in[i, j, k] / m + dt * gravity
         if floor_enabled != 0:
             node = wp.vec3(float(i), float(j), float(k)) * dx + grid_lower
             if wp.dot(floor_normal, node) < floor_height:
                 vn = wp.dot(v, floor_normal)
-                if vn < 0.0:
+                contact = vn < 0.0
+                if decision_mode == REPLAY:
+                    contact = (code & FLOOR_CONTACT) != 0
+                if contact:
+                    taken = taken | FLOOR_CONTACT
                     vt = v - vn * floor_normal
                     slide2 = wp.dot(vt, vt)
                     stop = friction * vn  # negative: the friction impulse along -vt
-                    if slide2 <= stop * stop:
+                    stick = slide2 <= stop * stop
+                    if decision_mode == REPLAY:
+                        stick = (code & FLOOR_STICK) != 0
+                    if stick or slide2 == 0.0:
+                        taken = taken | FLOOR_STICK
                         v = wp.vec3(0.0)
                     else:
                         v = vt * (1.0 + stop / wp.sqrt(slide2))
         index = wp.vec3i(i, j, k)
         shape = wp.vec3i(grid_mass_in.shape[0], grid_mass_in.shape[1], grid_mass_in.shape[2])
         for a in range(3):
+            bit_min = WALL_BIT0 << (2 * a)
+            bit_max = WALL_BIT0 << (2 * a + 1)
             if index[a] < band:
-                v = wall(v, a, walls_min[a], -1.0)
+                v, stopped = wall(v, a, walls_min[a], -1.0, forced_bit(code, bit_min, decision_mode))
+                if stopped != 0:
+                    taken = taken | bit_min
             if index[a] >= shape[a] - band:
-                v = wall(v, a, walls_max[a], 1.0)
+                v, stopped = wall(v, a, walls_max[a], 1.0, forced_bit(code, bit_max, decision_mode))
+                if stopped != 0:
+                    taken = taken | bit_max
+    if decision_mode == DECIDE_AND_RECORD:
+        decisions[i, j, k] = taken
     grid_velocity_out[i, j, k] = v
 
 

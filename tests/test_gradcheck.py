@@ -89,3 +89,26 @@ def test_the_cli_refuses_bad_options_with_exit_2():
         result = CliRunner().invoke(app, ["check-grad", scene, *extra])
         assert result.exit_code == 2, (extra, result.stdout)
         assert "Traceback" not in result.stdout
+
+
+def test_contact_decisions_record_and_replay():
+    """Replaying the recorded grid-update decisions at the recording point gives the same rollout bit for bit;
+    and the sim stage of a ball hitting a frictional floor passes only because its kinks are frozen."""
+    import torch
+
+    scene = load_scene(REPO / "scenes" / "elastic_drop.yaml")
+    drop = Pipeline(scene, build_assets(scene))
+    with torch.no_grad():
+        deciding = drop.simulate({})
+        drop.sim.record_decisions()
+        recorded = drop.simulate({})
+        drop.sim.replay_decisions()
+        replayed = drop.simulate({})
+        drop.sim.forget_decisions()
+    contact_steps = [t for t, a in drop.sim._decisions.items()] if drop.sim._decisions else []
+    assert contact_steps == []  # forgotten
+    for a, b, c in zip((deciding.x, deciding.F), (recorded.x, recorded.F), (replayed.x, replayed.F), strict=True):
+        assert torch.equal(a, b) and torch.equal(b, c)
+    assert float(deciding.x[-1][:, 1].min()) < scene.sim.floor.height + 0.02  # it did reach the floor
+    rows = check_stages(drop, stages=["sim"], groups=["dFc", "v0"], probes=2, coordinates=2)
+    assert all(r.passed for r in rows), rows

@@ -169,6 +169,17 @@ def test_bad_input_and_failed_runs(finished, tmp_path, monkeypatch):
     assert result.exit_code == 1 and "the loss is nan" in result.output
     assert "Traceback" not in result.output
 
+    from diffmpm_cli.errors import SimulationError
+    from diffmpm_cli.pipeline import Pipeline
+
+    def blow_up(self, params):
+        raise SimulationError("non-finite particle state (F) after step 7")
+
+    monkeypatch.setattr(Pipeline, "simulate", blow_up)
+    result = runner.invoke(app, ["optimize", str(SCENE), "--out", str(tmp_path / "boom"), *sum((["--set", s] for s in
+                                                                                               SMALL), [])])
+    assert result.exit_code == 1 and "iteration 0: non-finite particle state" in result.output
+
 
 def test_episodes_start_from_the_previous_final_state(tmp_path):
     """Two episodes of 2 iterations: the second starts where the first ended, with fresh controls; a resume from

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import ConfigError, DiffMPMError
+from ..errors import ConfigError, DiffMPMError, SimulationError
 from ..losses import scene_loss
 from .checkpoint import latest_checkpoint, load_checkpoint, save_best, save_checkpoint, set_rng_state
 from .evaluate import evaluate_metrics, main_metric
@@ -157,7 +157,10 @@ class Optimization:
                     g["lr"] = lr * ls.shrink**attempt
                 self.optimizer.step()
                 project_parameters(self.params)
-                trial = float(self.loss(grad=False)[0])
+                try:
+                    trial = float(self.loss(grad=False)[0])
+                except SimulationError:  # the step made the simulation blow up: a rejected step, not a failed run
+                    trial = math.nan
                 if math.isfinite(trial) and trial < loss_value:
                     return {"line_search_tries": attempt + 1, "accepted": True}
                 with torch.no_grad():
@@ -250,12 +253,16 @@ def optimize(*, scene, assets, out_dir: Path, device: str = "cpu", iterations: i
                 best, state.best_loss = None, math.inf  # losses of different episodes are not comparable
             t0 = time.perf_counter()
             run.optimizer.zero_grad(set_to_none=True)
-            total, terms, out = run.loss()
-            loss_value = float(total.detach())
-            if not math.isfinite(loss_value):
-                raise RunFailed(f"iteration {it}: the loss is {loss_value} (terms: {terms}); the last good "
-                                f"checkpoint is in {ckpt_dir}")
-            total.backward()
+            try:
+                total, terms, out = run.loss()
+                loss_value = float(total.detach())
+                if not math.isfinite(loss_value):
+                    raise RunFailed(f"iteration {it}: the loss is {loss_value} (terms: {terms}); the last good "
+                                    f"checkpoint is in {ckpt_dir}")
+                total.backward()
+            except SimulationError as exc:  # the parameters of this iteration make the rollout blow up
+                raise RunFailed(f"iteration {it}: {exc}; the last good checkpoint is in {ckpt_dir} (a smaller "
+                                "learning rate, optimize.grad_clip or optimize.line_search help)") from exc
             bad = [k for k, v in run.params.items() if not _finite(v.grad)]
             if bad:
                 raise RunFailed(f"iteration {it}: non-finite gradient of {', '.join(bad)}; the last good checkpoint "

@@ -76,6 +76,37 @@ class Simulator:
         # grid nodes lighter than this are empty: 1e-8 of a mean particle, far below any node a particle reaches
         # with a real weight, and far enough above 0 that the adjoint of p / m stays finite in float32
         self.node_mass_eps = NODE_MASS_EPS * float(mass.detach().float().mean()) if self.particle_count else 0.0
+        self._decision_mode, self._decisions = None, {}
+        self._no_decisions = wp.zeros((1, 1, 1), dtype=int, device=self.device)
+
+    def record_decisions(self) -> None:
+        """From now on, rollouts record each step's grid-update decisions (contact, friction, separating walls,
+        empty nodes) per node; ``replay_decisions()`` then makes every later rollout take the same branches, and
+        ``forget_decisions()`` returns to deciding. The gradient checker uses this to compare autodiff with finite
+        differences of the smooth piece a rollout with contact lies on (kernels/mpm.py grid_update)."""
+        self._decision_mode, self._decisions = "record", {}
+
+    def replay_decisions(self) -> None:
+        if self._decision_mode is None:
+            raise RuntimeError("no decisions were recorded")
+        self._decision_mode = "replay"
+
+    def forget_decisions(self) -> None:
+        self._decision_mode, self._decisions = None, {}
+
+    def _decision_args(self, step: int | None, taped: bool):
+        """(mode, array) for the grid update of ``step``; untaped forward steps record, everything replays after."""
+        from ..kernels import mpm
+
+        wp = warp()
+        if self._decision_mode is None or step is None:
+            return mpm.DECIDE, self._no_decisions
+        if self._decision_mode == "record" and not taped and step not in self._decisions:
+            array = self._decisions[step] = wp.zeros(self.model.grid.shape, dtype=int, device=self.device)
+            return mpm.DECIDE_AND_RECORD, array
+        if step in self._decisions:
+            return mpm.REPLAY, self._decisions[step]
+        return mpm.DECIDE, self._no_decisions
 
     def new_state(self, requires_grad: bool = False) -> MPMState:
         return MPMState.zeros(self.particle_count, device=self.device, requires_grad=requires_grad)
@@ -96,8 +127,11 @@ class Simulator:
         wp.utils.radix_sort_pairs(self._keys, self._order, n)
 
     def launches(self, state_in: MPMState, state_out: MPMState, grid: MPMGrid, *, mu, lam, dFc, control: int,
-                 clamped=None, taped: bool = True) -> list[tuple[str, Callable[[], None]]]:
-        """The launches of one step, in order, as (name, launch) pairs (the benchmark times them apart)."""
+                 clamped=None, taped: bool = True, step: int | None = None) -> list[tuple[str, Callable[[], None]]]:
+        """The launches of one step, in order, as (name, launch) pairs (the benchmark times them apart).
+
+        ``step`` (the rollout's step index) keys recorded / replayed grid-update decisions (``record_decisions``).
+        """
         wp = warp()
         m, g = self.model, self.model.grid
         n = self.particle_count
@@ -124,7 +158,7 @@ class Simulator:
             wp.launch(self._grid_update, dim=g.shape, device=self.device, inputs=[
                 self._lower, g.dx, m.dt, wp.vec3(*m.gravity), g.boundary_cells, wp.vec3i(*m.walls_min),
                 wp.vec3i(*m.walls_max), int(m.floor_enabled), wp.vec3(*m.floor_normal), m.floor_height, m.friction,
-                self.node_mass_eps, grid.mass, grid.momentum,
+                self.node_mass_eps, grid.mass, grid.momentum, *self._decision_args(step, taped),
             ], outputs=[grid.velocity])
 
         def g2p():
@@ -137,13 +171,13 @@ class Simulator:
         return [*steps, ("p2g", p2g), ("grid_update", grid_update), ("g2p", g2p)]
 
     def step(self, state_in: MPMState, state_out: MPMState, grid: MPMGrid, *, mu, lam, dFc, control: int,
-             clamped=None, taped: bool = True) -> None:
+             clamped=None, taped: bool = True, step: int | None = None) -> None:
         """One MLS-MPM step from ``state_in`` into ``state_out`` through ``grid`` (which must be zero).
 
         ``taped=False`` (no tape recording) allows the faster tiled P2G.
         """
         for _, launch in self.launches(state_in, state_out, grid, mu=mu, lam=lam, dFc=dFc, control=control,
-                                       clamped=clamped, taped=taped):
+                                       clamped=clamped, taped=taped, step=step):
             launch()
 
 
@@ -213,7 +247,7 @@ class Rollout:
             for t in range(start, end):
                 grid.zero_()
                 sim.step(current, spare, grid, mu=self._params["mu"], lam=self._params["lam"],
-                         dFc=self._params["dFc"], control=self._control(t), taped=False)
+                         dFc=self._params["dFc"], control=self._control(t), taped=False, step=t)
                 current, spare = spare, current
             tensors = _state_to_torch(current)
             bad = [name for name, t in zip(MPMState.FIELDS, tensors, strict=True) if not torch.isfinite(t).all()]
@@ -260,7 +294,7 @@ class Rollout:
                     nxt = sim.new_state(requires_grad=True)
                     sim.step(current, nxt, sim.new_grid(requires_grad=True), mu=self._params["mu"],
                              lam=self._params["lam"], dFc=self._params["dFc"], control=self._control(t),
-                             clamped=scratch_counter)
+                             clamped=scratch_counter, step=t)
                     current = nxt
             seeds = {array: wp.from_torch(g.float().contiguous(), dtype=getattr(wp, dtype))
                      for array, g, dtype in zip(current.arrays(), carry, STATE_DTYPES, strict=True)}
