@@ -8,6 +8,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .pipeline import GROUP_OF
+
 MAX_HALVINGS = 6  # of a finite-difference step whose central differences at h and 2h disagree
 RICHARDSON_NOISE = (16 + 0.25) ** 0.5 / 3  # noise of (4 D(h) - D(2h)) / 3 relative to that of D(h)
 
@@ -118,10 +120,8 @@ def _loss_noise(loss_fn, leaves, grads, eps, generator, samples: int) -> float:
 # stages of the pipeline (diffmpm check-grad)
 
 STAGES = ("sim", "splats", "render", "all")
-GROUP_NAMES = {"dFc": "dFc", "E": "log_E", "nu": "nu", "v0": "v0", "color": "color", "opacity": "opacity_logit",
-               "sigma0": "log_sigma0"}
 STAGE_GROUPS = {"sim": ("dFc", "E", "nu", "v0"), "splats": ("sigma0",), "render": ("color", "opacity"),
-                "all": tuple(GROUP_NAMES)}
+                "all": tuple(GROUP_OF)}
 # steps along a unit direction, in each group's own parameterisation (log E, logit opacity, log sigma0)
 DEFAULT_EPS = {"dFc": 0.1, "log_E": 1e-2, "nu": 4e-3, "v0": 1e-2, "color": 1e-2, "opacity_logit": 1e-1,
                "log_sigma0": 1e-2}
@@ -168,7 +168,7 @@ def stage_problem(pipeline, stage: str, groups, *, seed: int):
     from .splats import particle_gaussians, surface_gaussians
 
     g = torch.Generator().manual_seed(seed)
-    chosen = [GROUP_NAMES[k] for k in groups if k in STAGE_GROUPS[stage]]
+    chosen = [GROUP_OF[k] for k in groups if k in STAGE_GROUPS[stage]]
     params = pipeline.initial_parameters(chosen)
     if "dFc" in params:  # probe around a deformed state, not the trivial zero control
         params["dFc"] = params["dFc"] + 0.01 * torch.randn(params["dFc"].shape, generator=g).to(params["dFc"].device)

@@ -19,7 +19,10 @@ from .sim.op import RolloutResult, simulate
 from .sim.solver import Simulator
 from .splats import default_sigma0, embed_surface, particle_gaussians, surface_gaussians
 
-GROUPS = ("dFc", "log_E", "nu", "v0", "color", "opacity_logit", "log_sigma0")
+# learn.<key> (also check-grad's --param names) -> the parameter group it optimises, in its parameterisation
+GROUP_OF = {"dFc": "dFc", "E": "log_E", "nu": "nu", "v0": "v0", "color": "color", "opacity": "opacity_logit",
+            "sigma0": "log_sigma0"}
+GROUPS = tuple(GROUP_OF.values())
 
 
 @dataclass

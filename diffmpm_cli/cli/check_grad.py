@@ -69,11 +69,11 @@ def check_grad(
     """Compare autodiff directional derivatives with central differences through the real kernels."""
     from ..assets import build_assets
     from ..config import load_scene
-    from ..gradcheck import GROUP_NAMES, STAGES, check_stages
-    from ..pipeline import Pipeline
+    from ..gradcheck import STAGES, check_stages
+    from ..pipeline import GROUP_OF, Pipeline
 
     stages = _parse_list(stage, STAGES, "--stage")
-    groups = _parse_list(param, tuple(GROUP_NAMES), "--param")
+    groups = _parse_list(param, tuple(GROUP_OF), "--param")
     check_device(device)
     cfg = load_scene(scene, set_)
     pipeline = Pipeline(cfg, build_assets(cfg, device=device), device=device)

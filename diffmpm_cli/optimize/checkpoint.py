@@ -42,17 +42,28 @@ def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
 
 
+def _cpu(tensors: dict | None) -> dict | None:
+    return None if tensors is None else {k: v.detach().cpu().clone() for k, v in tensors.items()}
+
+
+def start_state(checkpoint: dict, device) -> dict | None:
+    """The episode's starting state (x, v, F, C) a checkpoint carries, on ``device``; None: the rest state."""
+    start = checkpoint.get("start")
+    return None if start is None else {k: v.to(device) for k, v in start.items()}
+
+
 def save_checkpoint(folder: Path, *, iteration: int, params: dict, optimizer, scheduler, best_loss: float,
-                    keep: int, extra: dict | None = None) -> Path:
-    """Write the state after ``iteration`` completed iterations; prune to the latest ``keep``."""
+                    keep: int, start: dict | None = None) -> Path:
+    """Write the state after ``iteration`` completed iterations (and the episode's ``start``); prune to the latest
+    ``keep``."""
     state = {
         "iteration": iteration,
-        "params": {k: v.detach().cpu().clone() for k, v in params.items()},
+        "params": _cpu(params),
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
         "rng": rng_state(),
         "best_loss": best_loss,
-        **(extra or {}),
+        "start": _cpu(start),
     }
     folder = Path(folder)
     path = folder / PATTERN.format(iteration)
@@ -66,9 +77,7 @@ def save_best(folder: Path, *, iteration: int, params: dict, loss: float, start:
     """best.pt: the parameters that gave the lowest loss so far (evaluated at ``iteration``) and the episode's
     starting state (None: the rest state)."""
     path = Path(folder) / "best.pt"
-    _atomic_save({"iteration": iteration, "loss": loss,
-                  "params": {k: v.detach().cpu().clone() for k, v in params.items()},
-                  "start": None if start is None else {k: v.detach().cpu() for k, v in start.items()}}, path)
+    _atomic_save({"iteration": iteration, "loss": loss, "params": _cpu(params), "start": _cpu(start)}, path)
     return path
 
 

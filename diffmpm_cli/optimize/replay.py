@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from ..errors import ConfigError
-from .checkpoint import latest_checkpoint, load_checkpoint
+from .checkpoint import latest_checkpoint, load_checkpoint, start_state
 
 
 def load_source(path: Path, *, checkpoint: Path | None, overrides=(), device: str = "cpu"):
@@ -37,8 +37,7 @@ def load_source(path: Path, *, checkpoint: Path | None, overrides=(), device: st
         try:
             state = load_checkpoint(Path(checkpoint))
             params = {k: v.to(pipeline.device) for k, v in state["params"].items()}
-            if state.get("start") is not None:  # a later episode: it starts from the previous final state
-                pipeline.start = {k: v.to(pipeline.device) for k, v in state["start"].items()}
+            pipeline.start = start_state(state, pipeline.device)  # a later episode starts where the last ended
         except Exception as exc:  # a foreign or torn file
             raise ConfigError("--checkpoint", f"not a diffmpm checkpoint: {checkpoint} ({exc})") from exc
         label = f"iter {state['iteration']}"

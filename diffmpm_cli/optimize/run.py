@@ -8,6 +8,7 @@ checkpoint and, on the CPU, ends bitwise where an uninterrupted run ends.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import time
@@ -19,13 +20,17 @@ import torch
 
 from ..errors import ConfigError, DiffMPMError, SimulationError
 from ..losses import scene_loss
-from .checkpoint import latest_checkpoint, load_checkpoint, save_best, save_checkpoint, set_rng_state
+from ..pipeline import GROUP_OF, Pipeline
+from .checkpoint import (
+    latest_checkpoint,
+    load_checkpoint,
+    save_best,
+    save_checkpoint,
+    set_rng_state,
+    start_state,
+)
 from .evaluate import evaluate_metrics, main_metric
 from .targets import build_targets
-
-# learn.<key> -> parameter group name
-LEARNED = {"dFc": "dFc", "E": "log_E", "nu": "nu", "v0": "v0", "color": "color", "opacity": "opacity_logit",
-           "sigma0": "log_sigma0"}
 
 
 class RunFailed(DiffMPMError):
@@ -56,9 +61,9 @@ class RunState:
 
 def learned_groups(scene) -> dict[str, float]:
     """Parameter group -> learning rate, for every enabled learn.* section."""
-    groups = {LEARNED[key]: section.lr for key, section in scene.learn if getattr(section, "enabled", False)}
+    groups = {GROUP_OF[key]: section.lr for key, section in scene.learn if getattr(section, "enabled", False)}
     if not groups:
-        raise ConfigError("learn", "nothing is learned: enable at least one of " + ", ".join(LEARNED))
+        raise ConfigError("learn", "nothing is learned: enable at least one of " + ", ".join(GROUP_OF))
     return groups
 
 
@@ -95,7 +100,6 @@ class Optimization:
 
     def __init__(self, scene, assets, *, device: str, iterations: int | None = None):
         from ..outputs.pictures import mp4_available
-        from ..pipeline import Pipeline
 
         if scene.output.video in ("mp4", "both") and scene.output.turntable_frames and not mp4_available():
             raise ConfigError("output.video", f"'{scene.output.video}' needs an ffmpeg writer (pip install "
@@ -149,7 +153,7 @@ class Optimization:
             return {}
         ls = opt_cfg.line_search
         saved_params = {k: v.detach().clone() for k, v in self.params.items()}
-        saved_state = _clone_state(self.optimizer.state_dict())
+        saved_state = copy.deepcopy(self.optimizer.state_dict())
         rates = [g["lr"] for g in self.optimizer.param_groups]
         try:
             for attempt in range(ls.max_tries):
@@ -166,24 +170,11 @@ class Optimization:
                 with torch.no_grad():
                     for k, v in self.params.items():
                         v.copy_(saved_params[k])
-                self.optimizer.load_state_dict(_clone_state(saved_state))
+                self.optimizer.load_state_dict(copy.deepcopy(saved_state))
             return {"line_search_tries": ls.max_tries, "accepted": False}
         finally:
             for g, lr in zip(self.optimizer.param_groups, rates):
                 g["lr"] = lr
-
-
-def _clone_state(state: dict) -> dict:
-    def clone(v):
-        if isinstance(v, torch.Tensor):
-            return v.clone()
-        if isinstance(v, dict):
-            return {k: clone(x) for k, x in v.items()}
-        if isinstance(v, list):
-            return [clone(x) for x in v]
-        return v
-
-    return clone(state)
 
 
 def _read_history(path: Path, before: int) -> list[dict]:
@@ -236,8 +227,7 @@ def optimize(*, scene, assets, out_dir: Path, device: str = "cpu", iterations: i
             run.scheduler.load_state_dict(ckpt["scheduler"])
             set_rng_state(ckpt["rng"])
             state.iteration, state.best_loss = ckpt["iteration"], ckpt["best_loss"]
-            if ckpt.get("start") is not None:
-                run.pipeline.start = {k: v.to(run.pipeline.device) for k, v in ckpt["start"].items()}
+            run.pipeline.start = start_state(ckpt, run.pipeline.device)
         # the log holds exactly the iterations before the checkpoint (a killed run may have logged more)
         state.history = _read_history(metrics_path, state.iteration)
         metrics_path.write_text("".join(json.dumps(r) + "\n" for r in state.history))
@@ -292,8 +282,7 @@ def optimize(*, scene, assets, out_dir: Path, device: str = "cpu", iterations: i
             if last or state.iteration % opt_cfg.checkpoint_every == 0 or stop.requested:
                 save_checkpoint(ckpt_dir, iteration=state.iteration, params=run.params, optimizer=run.optimizer,
                                 scheduler=run.scheduler, best_loss=state.best_loss, keep=opt_cfg.keep_checkpoints,
-                                extra={"start": None if run.pipeline.start is None else
-                                       {k: v.detach().cpu() for k, v in run.pipeline.start.items()}})
+                                start=run.pipeline.start)
                 if best is not None:
                     save_best(ckpt_dir, iteration=best_at, params=best, loss=state.best_loss, start=run.pipeline.start)
                     best = None
