@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import platform
 import resource
 import statistics
@@ -191,11 +192,11 @@ def render_scene(gaussians: int, width: int, height: int, device: str, seed: int
     return [t.to(device) for t in (means, covars, opacities, colors, views, Ks)]
 
 
-def _ours(means, covars, opacities, colors, views, Ks, width, height):
+def _ours(means, covars, opacities, colors, views, Ks, width, height, **kw):
     from .render.rasterize import rasterization
 
     img, alpha, meta = rasterization(means, covars, opacities, colors, views, Ks, width, height,
-                                     backgrounds=torch.ones(1, 3, device=means.device))
+                                     backgrounds=torch.ones(1, 3, device=means.device), **kw)
     return img, alpha, meta.intersection_count
 
 
@@ -205,6 +206,36 @@ def _gsplat(means, covars, opacities, colors, views, Ks, width, height):
     img, alpha, meta = gsplat.rasterization(means, None, None, opacities, colors, views, Ks, width, height,
                                             covars=covars, packed=False, backgrounds=torch.ones(1, 3, device=means.device))
     return img, alpha, int(meta["flatten_ids"].numel())
+
+
+def _graph_time(inputs, width, height, repeats, capacity: int) -> float:
+    """Median seconds of one replay of forward + backward captured as a single CUDA graph (fixed capacity)."""
+    from .warp_runtime import graph_capture
+
+    leaves = [t.clone().requires_grad_(True) for t in inputs[:4]]
+
+    def step():
+        img, alpha, _ = _ours(*leaves, *inputs[4:], width, height, capacity=capacity)
+        return torch.autograd.grad(img.sum() + alpha.sum(), leaves)
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        step()
+        graph = torch.cuda.CUDAGraph()
+        with graph_capture(graph, stream):
+            step()
+    torch.cuda.synchronize()
+    times = []
+    for rep in range(repeats + 2):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        if rep >= 2:
+            times.append(start.elapsed_time(end) * 1e-3)
+    return statistics.median(times)
 
 
 def _fwd_bwd_times(render, inputs, width, height, repeats):
@@ -240,6 +271,11 @@ def bench_render(*, gaussians: int = 3000, width: int = 128, height: int = 128, 
         "gaussians": gaussians, "width": width, "height": height, "intersections": isects,
         "forward_s": fwd, "backward_s": bwd, "peak_bytes": _peak_bytes(device),
     }
+    if device.startswith("cuda"):
+        pixel_fwd, pixel_bwd = _fwd_bwd_times(functools.partial(_ours, path="pixel"), inputs, width, height, repeats)
+        result.update(pixel_forward_s=pixel_fwd, pixel_backward_s=pixel_bwd,
+                      graph_capacity=int(isects * 1.25) + 1024,
+                      graph_forward_backward_s=_graph_time(inputs, width, height, repeats, int(isects * 1.25) + 1024))
     if compare_gsplat:
         import gsplat
 

@@ -48,3 +48,7 @@ class SimulationError(DiffMPMError):
 
 def _line(path: str, message: str) -> str:
     return f"{path}: {message}" if path else message
+
+
+class RenderCapacityError(DiffMPMError):
+    """A render with fixed-capacity intersection buffers needed more intersections than they hold."""

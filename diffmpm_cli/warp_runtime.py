@@ -54,3 +54,19 @@ def torch_stream(device):
         return contextlib.nullcontext()
     wp = warp()
     return wp.ScopedStream(wp.stream_from_torch(torch.cuda.current_stream(device)))
+
+
+@contextlib.contextmanager
+def graph_capture(graph, stream):
+    """Capture into a ``torch.cuda.CUDAGraph`` on a torch stream, with Warp told that the capture is under way
+    (external capture), so that Warp's launches and allocations inside it are captured correctly too."""
+    import torch
+
+    wp = warp()
+    w_stream = wp.stream_from_torch(stream)
+    with torch.cuda.graph(graph, stream=stream):
+        wp.capture_begin(stream=w_stream, external=True)
+        try:
+            yield
+        finally:
+            wp.capture_end(stream=w_stream)

@@ -167,6 +167,13 @@ def depth_bits(z: float):
 
 
 @wp.kernel
+def intersection_total(counts: wp.array(dtype=int), offsets: wp.array(dtype=int), total_out: wp.array(dtype=int)):
+    """The number of intersections (the exclusive scan's last offset plus the last count), kept on the device."""
+    n = counts.shape[0]
+    total_out[0] = offsets[n - 1] + counts[n - 1]
+
+
+@wp.kernel
 def emit_intersections(
     means2d: wp.array2d(dtype=wp.vec2),
     radii: wp.array2d(dtype=wp.vec2i),
@@ -174,9 +181,12 @@ def emit_intersections(
     offsets: wp.array(dtype=int),
     tiles_x: int,
     tiles_y: int,
+    capacity: int,
     keys_out: wp.array(dtype=wp.int64),
     values_out: wp.array(dtype=int),
 ):
+    """One (camera tile id << 32 | depth bits, c * N + g) pair per covered tile; pairs past ``capacity`` are dropped
+    (the launcher reports that as an overflow)."""
     c, g = wp.tid()
     n = means2d.shape[1]
     rad = radii[c, g]
@@ -186,24 +196,39 @@ def emit_intersections(
         i = offsets[c * n + g]
         for ty in range(y0, y1):
             for tx in range(x0, x1):
-                tile = (c * tiles_y + ty) * tiles_x + tx
-                keys_out[i] = wp.int64(tile) * wp.int64(4294967296) + bits
-                values_out[i] = c * n + g
+                if i < capacity:
+                    tile = (c * tiles_y + ty) * tiles_x + tx
+                    keys_out[i] = wp.int64(tile) * wp.int64(4294967296) + bits
+                    values_out[i] = c * n + g
                 i += 1
 
 
 @wp.kernel
-def tile_ranges(keys: wp.array(dtype=wp.int64), count: int, starts_out: wp.array(dtype=int),
+def pad_intersections(total: wp.array(dtype=int), sentinel: wp.int64, keys_out: wp.array(dtype=wp.int64),
+                      values_out: wp.array(dtype=int)):
+    """Fill the unused tail of a fixed-capacity key buffer with a key that sorts after every tile."""
+    i = wp.tid()
+    if i >= total[0]:
+        keys_out[i] = sentinel
+        values_out[i] = 0
+
+
+@wp.kernel
+def tile_ranges(keys: wp.array(dtype=wp.int64), count: int, tile_count: int, starts_out: wp.array(dtype=int),
                 ends_out: wp.array(dtype=int)):
-    """[start, end) of every (camera, tile) in the sorted intersection list."""
+    """[start, end) of every (camera, tile) in the first ``count`` sorted keys; ids >= tile_count are padding."""
     i = wp.tid()
     tile = int(keys[i] / wp.int64(4294967296))
-    if i == 0:
-        starts_out[tile] = 0
-    else:
+    prev = int(-1)
+    if i > 0:
         prev = int(keys[i - 1] / wp.int64(4294967296))
-        if prev != tile:
-            starts_out[tile] = i
+    if tile >= tile_count:
+        if prev >= 0 and prev < tile_count:
+            ends_out[prev] = i
+        return
+    if prev != tile:
+        starts_out[tile] = i
+        if prev >= 0:
             ends_out[prev] = i
     if i == count - 1:
         ends_out[tile] = count

@@ -6,6 +6,7 @@ import pytest
 import torch
 from conftest import DEVICES
 
+from diffmpm_cli.errors import RenderCapacityError
 from diffmpm_cli.gradcheck import directional_probes
 from diffmpm_cli.reference.splat import (
     intersection_count_ref,
@@ -163,22 +164,28 @@ def test_quats_scales_path_gives_gradients():
     assert float(scales.grad.abs().sum()) > 0 and torch.isfinite(quats.grad).all()
 
 
-def test_pixel_and_tile_paths_agree():
-    """The CUDA-style per-pixel path and the CPU tile path give the same images and gradients."""
-    means, covars, opac, colors = (t.float() for t in random_gaussians(300, seed=8))
-    views, Ks = (t.float() for t in orbit_cameras(2, 48, 48))
+@pytest.mark.parametrize("channels", [3, 6])
+def test_the_three_raster_paths_agree(channels):
+    """The GPU block path (run on the CPU with cooperative lanes), the per-pixel path and the CPU tile path give the
+    same images and gradients; 40 px is not a multiple of the 16 px tile, and 6 channels pass the 4 kept in
+    shared memory."""
+    means, covars, opac, _ = (t.float() for t in random_gaussians(300, seed=8))
+    colors = torch.rand(300, channels, generator=torch.Generator().manual_seed(2))
+    views, Ks = (t.float() for t in orbit_cameras(2, 40, 40))
     out = {}
-    for path in ("pixel", "tile"):
+    for path in ("pixel", "tile", "block"):
         leaves = [t.clone().requires_grad_(True) for t in (means, covars, opac, colors)]
-        img, alpha, meta = rasterization(*leaves, views, Ks, 48, 48, render_mode="RGB+ED", path=path,
-                                         backgrounds=torch.ones(2, 3))
+        bg = torch.linspace(0.2, 1.0, 2 * channels).reshape(2, channels).requires_grad_(True)
+        img, alpha, meta = rasterization(*leaves, views, Ks, 40, 40, render_mode="RGB+ED", path=path,
+                                         backgrounds=bg)
         w = torch.randn(img.shape, generator=torch.Generator().manual_seed(1))
         ((img * w).sum() + alpha.sum()).backward()
-        out[path] = (img.detach(), alpha.detach(), [t.grad for t in leaves])
-    assert torch.allclose(out["pixel"][0], out["tile"][0], atol=1e-5)
-    assert torch.allclose(out["pixel"][1], out["tile"][1], atol=1e-6)
-    for a, b in zip(out["pixel"][2], out["tile"][2], strict=True):
-        assert float((a - b).norm() / b.norm()) <= 1e-4
+        out[path] = (img.detach(), alpha.detach(), [*(t.grad for t in leaves), bg.grad])
+    for path in ("pixel", "block"):
+        assert torch.allclose(out[path][0], out["tile"][0], atol=1e-5), path
+        assert torch.allclose(out[path][1], out["tile"][1], atol=1e-6), path
+        for a, b in zip(out[path][2], out["tile"][2], strict=True):
+            assert float((a - b).norm() / b.norm()) <= 1e-4, path
 
 
 def test_smooth_cutoffs_match_the_twin_with_the_same_cutoffs():
@@ -197,3 +204,59 @@ def test_smooth_cutoffs_match_the_twin_with_the_same_cutoffs():
     _, _, ref_radii = project_ref(means, covars, opac, views, Ks, 32, 32, 0.01, 1e10, 0.3, cut.alpha_min,
                                   cut.extend_max)[1:]
     assert torch.equal(meta.radii.cpu().long(), ref_radii)
+
+
+@pytest.mark.parametrize("path", ["tile", "block"])
+def test_fixed_capacity_buffers_give_the_same_render_and_report_overflow(path):
+    """With a fixed intersection capacity nothing is read back; a large enough one renders exactly as the sized
+    buffers do, a too small one is reported by check_capacity (typed error) instead of passing silently."""
+    means, covars, opac, colors = (t.float() for t in random_gaussians(200, seed=5))
+    views, Ks = (t.float() for t in orbit_cameras(2, 32, 32))
+    img, alpha, meta = rasterization(means, covars, opac, colors, views, Ks, 32, 32, path=path)
+    n = meta.intersection_count
+    fixed = rasterization(means, covars, opac, colors, views, Ks, 32, 32, path=path, capacity=n + 77)
+    assert torch.equal(fixed[0], img) and torch.equal(fixed[1], alpha)
+    assert isinstance(fixed[2].intersection_count, torch.Tensor) and fixed[2].check_capacity() == n
+    small = rasterization(means, covars, opac, colors, views, Ks, 32, 32, path=path, capacity=n // 2)
+    assert torch.isfinite(small[0]).all()
+    with pytest.raises(RenderCapacityError, match=f"needed {n:,} tile intersections"):
+        small[2].check_capacity()
+
+
+@pytest.mark.gpu
+def test_forward_and_backward_capture_as_one_cuda_graph():
+    """With a fixed capacity the whole differentiable render (projection, intersections, sort, compositing, the
+    hand-written and taped adjoints) is captured in one CUDA graph; replays on new input values equal eager runs."""
+    from diffmpm_cli.warp_runtime import graph_capture
+
+    device = "cuda"
+    means, covars, opac, colors = (t.float().to(device) for t in random_gaussians(400, seed=6))
+    views, Ks = (t.float().to(device) for t in orbit_cameras(2, 64, 64))
+    leaves = [t.clone().requires_grad_(True) for t in (means, covars, opac, colors)]
+    w = torch.randn(2, 64, 64, 3, device=device)
+
+    def step():
+        img, alpha, meta = rasterization(*leaves, views, Ks, 64, 64, capacity=20_000)
+        grads = torch.autograd.grad((img * w).sum() + alpha.sum(), leaves)
+        return img, grads, meta
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            step()  # warm-up: kernels compiled and loaded outside the capture
+        graph = torch.cuda.CUDAGraph()
+        with graph_capture(graph, stream):
+            img_g, grads_g, meta_g = step()
+    torch.cuda.current_stream().wait_stream(stream)
+    for seed in (11, 12):
+        with torch.no_grad():
+            g = torch.Generator(device).manual_seed(seed)
+            leaves[0].add_(0.02 * torch.randn(means.shape, device=device, generator=g))
+        graph.replay()
+        torch.cuda.synchronize()
+        img_e, grads_e, meta_e = step()
+        assert meta_g.check_capacity() == meta_e.check_capacity()
+        assert torch.allclose(img_g, img_e, atol=1e-6)
+        for a, b in zip(grads_g, grads_e, strict=True):
+            assert float((a - b).norm() / b.norm()) <= 1e-5

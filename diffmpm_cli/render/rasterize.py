@@ -6,16 +6,31 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 
+from ..errors import RenderCapacityError
 from ..warp_runtime import torch_stream, warp, warp_device
 
 RenderMode = Literal["RGB", "RGB+ED", "ED"]
 TILE = 16
+BLOCK = TILE * TILE  # threads per block of the GPU path (kernels/raster_block.py)
+
+
+@contextlib.contextmanager
+def cpu_blocks(wdev: str):
+    """Run a tiled launch on the CPU with all its lanes (Warp's cooperative CPU blocks; the tests use it)."""
+    wp = warp()
+    saved = wp.config.enable_cpu_blocks
+    wp.config.enable_cpu_blocks = saved or wdev == "cpu"
+    try:
+        yield
+    finally:
+        wp.config.enable_cpu_blocks = saved
 
 
 @dataclass(frozen=True)
@@ -42,13 +57,27 @@ GSPLAT = RasterCutoffs()
 
 @dataclass
 class RasterMeta:
-    """radii [C, N, 2] px (0 = culled), means2d [C, N, 2] px, depths [C, N] m, intersection count, tile grid."""
+    """radii [C, N, 2] px (0 = culled), means2d [C, N, 2] px, depths [C, N] m, intersection count, tile grid.
+
+    ``intersection_count`` is an int, or with a fixed ``capacity`` a 0-d device tensor (nothing is read back then;
+    ``check_capacity()`` does the read and raises if the buffers were too small).
+    """
 
     radii: torch.Tensor
     means2d: torch.Tensor
     depths: torch.Tensor
-    intersection_count: int
+    intersection_count: int | torch.Tensor
     tiles: tuple[int, int]
+    capacity: int | None = None
+
+    def check_capacity(self) -> int:
+        """The intersection count; RenderCapacityError if it exceeded the fixed capacity (the image is then wrong)."""
+        count = int(self.intersection_count)
+        if self.capacity is not None and count > self.capacity:
+            raise RenderCapacityError(f"the render needed {count:,} tile intersections but its buffers hold "
+                                      f"{self.capacity:,}; raise the capacity (the image and gradients of this "
+                                      "render are incomplete)")
+        return count
 
 
 def raster_memory(*, gaussians: int, cameras: int, width: int, height: int, tiles_per_gaussian: float = 4.0) -> int:
@@ -77,11 +106,46 @@ def covars_from_quats_scales(quats: torch.Tensor, scales: torch.Tensor) -> torch
     return M @ M.transpose(-1, -2)
 
 
+def _intersections(wp, splat, *, means2d, radii, depths, C, N, tiles_x, tiles_y, wdev, capacity):
+    """Sorted (camera tile | depth) keys with their (camera, Gaussian) indices and each tile's [start, end).
+
+    Without ``capacity`` the count is read back to size the buffers (one host synchronisation). With it, nothing
+    is read back (a CUDA graph can hold the whole render): the buffers hold ``capacity`` pairs, the unused tail
+    sorts last, pairs past the capacity are dropped and the true count stays on the device for
+    ``RasterMeta.check_capacity``.
+    """
+    tile_count = C * tiles_x * tiles_y
+    counts = wp.empty(C * N, dtype=int, device=wdev)
+    offsets = wp.empty(C * N, dtype=int, device=wdev)
+    total = wp.zeros(1, dtype=int, device=wdev)
+    starts = wp.zeros(tile_count, dtype=int, device=wdev)
+    ends = wp.zeros(tile_count, dtype=int, device=wdev)
+    if N:
+        wp.launch(splat.count_tiles, dim=(C, N), device=wdev, inputs=[means2d, radii, tiles_x, tiles_y],
+                  outputs=[counts])
+        wp.utils.array_scan(counts, offsets, inclusive=False)
+        wp.launch(splat.intersection_total, dim=1, device=wdev, inputs=[counts, offsets], outputs=[total])
+    sorted_count = capacity if capacity is not None else int(total.numpy()[0])
+    keys = wp.empty(2 * max(sorted_count, 1), dtype=wp.int64, device=wdev)
+    values = wp.empty(2 * max(sorted_count, 1), dtype=int, device=wdev)
+    if N and sorted_count:
+        if capacity is not None:
+            wp.launch(splat.pad_intersections, dim=capacity, device=wdev, inputs=[total, wp.int64(tile_count << 32)],
+                      outputs=[keys, values])
+        wp.launch(splat.emit_intersections, dim=(C, N), device=wdev,
+                  inputs=[means2d, radii, depths, offsets, tiles_x, tiles_y, sorted_count], outputs=[keys, values])
+        # only the bits in use: 32 of depth and enough for every (camera, tile) id and the padding's
+        wp.utils.radix_sort_pairs(keys, values, sorted_count, end_bit=32 + tile_count.bit_length())
+        wp.launch(splat.tile_ranges, dim=sorted_count, device=wdev, inputs=[keys, sorted_count, tile_count],
+                  outputs=[starts, ends])
+    return values, starts, ends, total
+
+
 class _Rasterize(torch.autograd.Function):
     @staticmethod
     def forward(ctx, settings: dict, means, covars, colors, opacities, backgrounds, viewmats, Ks):
         wp = warp()
-        from ..kernels import splat
+        from ..kernels import raster_block, splat
 
         device = means.device
         wdev = warp_device(device)
@@ -89,6 +153,7 @@ class _Rasterize(torch.autograd.Function):
         W, H = settings["width"], settings["height"]
         with_depth = int(settings["with_depth"])
         tiles_x, tiles_y = (W + TILE - 1) // TILE, (H + TILE - 1) // TILE
+        path = settings["path"]
 
         def wrap(t, dtype=None, grad=False):
             t = t.detach().float().contiguous()
@@ -98,78 +163,70 @@ class _Rasterize(torch.autograd.Function):
             w_means = wrap(means, wp.vec3, True)
             w_covars = wrap(covars, wp.mat33, True)
             w_opac = wrap(opacities)
-            w_view = wrap(viewmats, wp.mat44)
-            w_K = wrap(Ks, wp.mat33)
-            means2d = wp.zeros((C, N), dtype=wp.vec2, device=wdev, requires_grad=True)
-            conics = wp.zeros((C, N), dtype=wp.vec3d, device=wdev, requires_grad=True)
-            depths = wp.zeros((C, N), dtype=float, device=wdev, requires_grad=True)
-            radii = wp.zeros((C, N), dtype=wp.vec2i, device=wdev)
+            means2d = wp.empty((C, N), dtype=wp.vec2, device=wdev, requires_grad=True)
+            conics = wp.empty((C, N), dtype=wp.vec3d, device=wdev, requires_grad=True)
+            depths = wp.empty((C, N), dtype=float, device=wdev, requires_grad=True)
+            radii = wp.empty((C, N), dtype=wp.vec2i, device=wdev)
             tape = wp.Tape()
-            with tape:
-                if N:
-                    wp.launch(splat.project, dim=(C, N), device=wdev, inputs=[
-                        w_means, w_covars, w_opac, w_view, w_K, W, H, settings["near"], settings["far"],
-                        settings["eps2d"], settings["alpha_min"], settings["extend_max"]],
-                        outputs=[means2d, conics, depths, radii])
-            # intersections: count, scan, emit, sort, ranges
-            counts = wp.zeros(C * N, dtype=int, device=wdev)
-            offsets = wp.zeros(C * N, dtype=int, device=wdev)
-            total = 0
             if N:
-                wp.launch(splat.count_tiles, dim=(C, N), device=wdev, inputs=[means2d, radii, tiles_x, tiles_y],
-                          outputs=[counts])
-                wp.utils.array_scan(counts, offsets, inclusive=False)
-                total = int(wp.to_torch(offsets)[-1] + wp.to_torch(counts)[-1])
-            keys = wp.zeros(2 * max(total, 1), dtype=wp.int64, device=wdev)
-            values = wp.zeros(2 * max(total, 1), dtype=int, device=wdev)
-            starts = wp.zeros(C * tiles_x * tiles_y, dtype=int, device=wdev)
-            ends = wp.zeros(C * tiles_x * tiles_y, dtype=int, device=wdev)
-            if total:
-                wp.launch(splat.emit_intersections, dim=(C, N), device=wdev,
-                          inputs=[means2d, radii, depths, offsets, tiles_x, tiles_y], outputs=[keys, values])
-                wp.utils.radix_sort_pairs(keys, values, total)
-                wp.launch(splat.tile_ranges, dim=total, device=wdev, inputs=[keys, total], outputs=[starts, ends])
-            flat_colors = wrap(colors.reshape(C * N, D) if D else torch.zeros(C * N, 1, device=device))
-            w_bg = wrap(backgrounds if D else torch.zeros(C, 1, device=device))
+                with tape:
+                    wp.launch(splat.project, dim=(C, N), device=wdev, inputs=[
+                        w_means, w_covars, w_opac, wrap(viewmats, wp.mat44), wrap(Ks, wp.mat33), W, H,
+                        settings["near"], settings["far"], settings["eps2d"], settings["alpha_min"],
+                        settings["extend_max"]], outputs=[means2d, conics, depths, radii])
+            values, starts, ends, total = _intersections(
+                wp, splat, means2d=means2d, radii=radii, depths=depths, C=C, N=N, tiles_x=tiles_x, tiles_y=tiles_y,
+                wdev=wdev, capacity=settings["capacity"])
             channels = D + with_depth
-            image = wp.zeros((C * H * W, max(channels, 1)), dtype=float, device=wdev)
-            alpha = wp.zeros(C * H * W, dtype=float, device=wdev)
-            T_final = wp.zeros(C * H * W, dtype=float, device=wdev)
-            last = wp.zeros(C * H * W, dtype=int, device=wdev)
-            raster_common = [means2d.flatten(), conics.flatten(), radii.flatten(), flat_colors, w_opac,
-                             depths.flatten(), with_depth, w_bg, N, settings["alpha_min"], settings["t_stop"], values,
-                             starts]
-            per_pixel = settings["path"] == "pixel"
-            if per_pixel:
-                wp.launch(splat.rasterize_forward, dim=(C, H, W), device=wdev,
-                          inputs=[*raster_common, ends, tiles_x, tiles_y, W, H, D],
-                          outputs=[image, alpha, T_final, last])
+            accumulates = D > 4 or path == "tile"  # these write the image with +=
+            out_image = (torch.zeros if accumulates else torch.empty)(C * H * W, max(channels, 1), device=device)
+            out_alpha = torch.empty(C * H * W, device=device)
+            T_final = wp.empty(C * H * W, dtype=float, device=wdev)
+            last = wp.empty(C * H * W, dtype=int, device=wdev)
+            # per (camera, Gaussian), flattened c * N + g
+            flat = dict(means2d=means2d.flatten(), conics=conics.flatten(), radii=radii.flatten(),
+                        colors=wrap(colors.reshape(C * N, D) if D else torch.zeros(C * N, 1, device=device)),
+                        opacities=w_opac, depths=depths.flatten())
+            if path == "block" and C > 1:
+                flat["opacities"] = wrap(opacities.repeat(C))
+            common = dict(with_depth=with_depth, backgrounds=wrap(backgrounds if D else torch.zeros(C, 1, device=device)),
+                          gaussian_count=N, alpha_min=settings["alpha_min"], t_stop=settings["t_stop"], values=values,
+                          starts=starts)
+            frame = [tiles_x, tiles_y, W, H, D]
+            outputs = [wp.from_torch(out_image), wp.from_torch(out_alpha), T_final, last]
+            if path == "block":
+                with cpu_blocks(wdev):
+                    wp.launch_tiled(raster_block.rasterize_forward_block, dim=C * tiles_y * tiles_x, block_dim=BLOCK,
+                                    device=wdev, inputs=[
+                                        flat["means2d"], flat["conics"], flat["colors"], flat["opacities"],
+                                        flat["depths"], with_depth, common["backgrounds"], common["alpha_min"],
+                                        common["t_stop"], values, starts, ends, *frame], outputs=outputs)
             else:
-                wp.launch(splat.rasterize_forward_tiles, dim=(C, tiles_y, tiles_x), device=wdev,
-                          inputs=[*raster_common, ends, tiles_x, tiles_y, W, H, D],
-                          outputs=[image, alpha, T_final, last, wp.zeros(C * H * W, dtype=int, device=wdev)])
-            out_image = wp.to_torch(image)[:, :channels].reshape(C, H, W, channels).clone()
-            out_alpha = wp.to_torch(alpha).reshape(C, H, W, 1).clone()
+                kernel = splat.rasterize_forward if path == "pixel" else splat.rasterize_forward_tiles
+                dim = (C, H, W) if path == "pixel" else (C, tiles_y, tiles_x)
+                scratch = [] if path == "pixel" else [wp.zeros(C * H * W, dtype=int, device=wdev)]
+                wp.launch(kernel, dim=dim, device=wdev, inputs=[*flat.values(), *common.values(), ends, *frame],
+                          outputs=[*outputs, *scratch])
+            out_image = out_image[:, :channels].reshape(C, H, W, channels)
+            out_alpha = out_alpha.reshape(C, H, W, 1)
         ctx.saved = dict(tape=tape, w_means=w_means, w_covars=w_covars, means2d=means2d, conics=conics, depths=depths,
-                         raster_common=raster_common, T_final=T_final, last=last, shape=(C, N, D, H, W, tiles_x, tiles_y),
-                         channels=channels, device=device, per_pixel=per_pixel)
+                         flat=flat, common=common, T_final=T_final, last=last, shape=(C, N, D, H, W, tiles_x, tiles_y),
+                         channels=channels, device=device, path=path)
         meta = (wp.to_torch(means2d).clone(), wp.to_torch(depths).clone(), wp.to_torch(radii).clone(),
-                torch.tensor(total))
+                wp.to_torch(total).reshape(()).clone())
         ctx.mark_non_differentiable(*meta)  # the meta is for inspection; gradients flow through the images
         return (out_image, out_alpha, *meta)
 
     @staticmethod
     def backward(ctx, v_image, v_alpha, *_):
         wp = warp()
-        from ..kernels import splat
+        from ..kernels import raster_block, splat
 
         s, ctx.saved = ctx.saved, None
         C, N, D, H, W, tiles_x, tiles_y = s["shape"]
         device = s["device"]
         wdev = warp_device(device)
         with torch_stream(device):
-            v_img = torch.zeros(C * H * W, max(s["channels"], 1), device=device)
-            v_img[:, : s["channels"]] = v_image.reshape(C * H * W, s["channels"]).float()
             v_means2d = torch.zeros(C * N, 2, device=device)
             v_conics = torch.zeros(C * N, 3, device=device, dtype=torch.float64)
             v_colors = torch.zeros(C * N, max(D, 1), device=device)
@@ -177,16 +234,33 @@ class _Rasterize(torch.autograd.Function):
             v_depths = torch.zeros(C * N, device=device)
             v_bg = torch.zeros(C, max(D, 1), device=device)
             if N:
-                inputs = [*s["raster_common"], tiles_x, tiles_y, W, H, D, s["T_final"], s["last"],
-                          wp.from_torch(v_img), wp.from_torch(v_alpha.reshape(-1).float().contiguous())]
-                outputs = [wp.from_torch(v_means2d, dtype=wp.vec2), wp.from_torch(v_conics, dtype=wp.vec3d),
-                           wp.from_torch(v_colors), wp.from_torch(v_opac), wp.from_torch(v_depths), wp.from_torch(v_bg)]
-                if s["per_pixel"]:
-                    wp.launch(splat.rasterize_backward, dim=(C, H, W), device=wdev, inputs=inputs, outputs=outputs)
+                if s["channels"]:
+                    v_img = v_image.reshape(C * H * W, s["channels"]).float().contiguous()
                 else:
-                    scratch = [wp.zeros(C * H * W, dtype=float, device=wdev) for _ in range(3)]
-                    wp.launch(splat.rasterize_backward_tiles, dim=(C, tiles_y, tiles_x), device=wdev,
-                              inputs=[*inputs, *scratch], outputs=outputs)
+                    v_img = torch.zeros(C * H * W, 1, device=device)
+                flat, common = s["flat"], s["common"]
+                cotangents = [tiles_x, tiles_y, W, H, D, s["T_final"], s["last"], wp.from_torch(v_img),
+                              wp.from_torch(v_alpha.reshape(-1).float().contiguous())]
+                if s["path"] == "block":
+                    with cpu_blocks(wdev):
+                        wp.launch_tiled(raster_block.rasterize_backward_block, dim=C * tiles_y * tiles_x,
+                                        block_dim=BLOCK, device=wdev, inputs=[
+                                            flat["means2d"], flat["conics"], flat["colors"], flat["opacities"],
+                                            flat["depths"], *common.values(), *cotangents],
+                                        outputs=[wp.from_torch(v_means2d.reshape(-1)),
+                                                 wp.from_torch(v_conics.reshape(-1)),
+                                                 wp.from_torch(v_colors.reshape(-1)), wp.from_torch(v_opac),
+                                                 wp.from_torch(v_depths), wp.from_torch(v_bg)])
+                else:
+                    kernel = splat.rasterize_backward if s["path"] == "pixel" else splat.rasterize_backward_tiles
+                    dim = (C, H, W) if s["path"] == "pixel" else (C, tiles_y, tiles_x)
+                    scratch = [] if s["path"] == "pixel" else [wp.zeros(C * H * W, dtype=float, device=wdev)
+                                                                for _ in range(3)]
+                    wp.launch(kernel, dim=dim, device=wdev, inputs=[*flat.values(), *common.values(), *cotangents,
+                                                                    *scratch],
+                              outputs=[wp.from_torch(v_means2d, dtype=wp.vec2), wp.from_torch(v_conics, dtype=wp.vec3d),
+                                       wp.from_torch(v_colors), wp.from_torch(v_opac), wp.from_torch(v_depths),
+                                       wp.from_torch(v_bg)])
                 s["tape"].backward(grads={
                     s["means2d"]: wp.from_torch(v_means2d.reshape(C, N, 2), dtype=wp.vec2),
                     s["conics"]: wp.from_torch(v_conics.reshape(C, N, 3), dtype=wp.vec3d),
@@ -204,8 +278,8 @@ class _Rasterize(torch.autograd.Function):
 def rasterization(means: torch.Tensor, covars: torch.Tensor, opacities: torch.Tensor, colors: torch.Tensor,
                   viewmats: torch.Tensor, Ks: torch.Tensor, width: int, height: int, *, near_plane: float = 0.01,
                   far_plane: float = 1e10, backgrounds: torch.Tensor | None = None, render_mode: RenderMode = "RGB",
-                  eps2d: float = 0.3, path: Literal["auto", "pixel", "tile"] = "auto",
-                  cutoffs: RasterCutoffs = GSPLAT):
+                  eps2d: float = 0.3, path: Literal["auto", "block", "pixel", "tile"] = "auto",
+                  cutoffs: RasterCutoffs = GSPLAT, capacity: int | None = None):
     """Render Gaussians from C cameras.
 
     means [N, 3] m, covars [N, 3, 3] m^2, opacities [N] in [0, 1], colors [N, D] or [C, N, D], viewmats [C, 4, 4]
@@ -213,9 +287,13 @@ def rasterization(means: torch.Tensor, covars: torch.Tensor, opacities: torch.Te
     (D channels + expected depth), "ED" (expected depth only). Returns (colors [C, H, W, D'], alphas [C, H, W, 1],
     RasterMeta). Gradients reach means, covars, opacities, colors and backgrounds.
 
-    ``path``: "pixel" (one thread per pixel walking its tile's list; the CUDA path), "tile" (one thread per tile,
-    each Gaussian touching only the pixels of its box; the CPU path), "auto" picks by device. Same results.
+    ``path``: "block" (a 256-thread block per 16x16 tile with shared-memory batches and warp-reduced gradients;
+    the CUDA path), "pixel" (one thread per pixel walking its tile's list from global memory), "tile" (one thread
+    per tile, each Gaussian touching only the pixels of its box; the CPU path), "auto" picks "block" on CUDA and
+    "tile" on the CPU. Same results.
     ``cutoffs``: gsplat's by default (RasterCutoffs).
+    ``capacity``: a fixed number of tile intersections to hold. Then nothing is read back to the host, so the
+    forward and backward can be captured in one CUDA graph; call ``meta.check_capacity()`` afterwards.
     """
     C, N = viewmats.shape[0], means.shape[0]
     if colors.dim() == 2:
@@ -227,15 +305,17 @@ def rasterization(means: torch.Tensor, covars: torch.Tensor, opacities: torch.Te
     if backgrounds is None:
         backgrounds = torch.zeros(C, D, device=means.device)
     if path == "auto":
-        path = "pixel" if means.device.type == "cuda" else "tile"
+        path = "block" if means.device.type == "cuda" else "tile"
     settings = dict(width=int(width), height=int(height), near=float(near_plane), far=float(far_plane),
                     eps2d=float(eps2d), with_depth=with_depth, path=path, alpha_min=float(cutoffs.alpha_min),
-                    t_stop=float(cutoffs.t_stop), extend_max=float(cutoffs.extend_max))
+                    t_stop=float(cutoffs.t_stop), extend_max=float(cutoffs.extend_max),
+                    capacity=None if capacity is None else int(capacity))
     image, alpha, means2d, depths, radii, total = _Rasterize.apply(settings, means, covars, colors, opacities,
                                                                  backgrounds, viewmats, Ks)
     if with_depth:
         expected = image[..., D:] / alpha.clamp_min(1e-10)
         image = torch.cat([image[..., :D], expected], dim=-1)
     meta = RasterMeta(radii=radii, means2d=means2d.reshape(C, N, 2), depths=depths.reshape(C, N),
-                      intersection_count=int(total), tiles=((width + TILE - 1) // TILE, (height + TILE - 1) // TILE))
+                      intersection_count=int(total) if capacity is None else total,
+                      tiles=((width + TILE - 1) // TILE, (height + TILE - 1) // TILE), capacity=settings["capacity"])
     return image, alpha, meta

@@ -1,0 +1,287 @@
+"""The GPU compositing path: one 256-thread block per 16x16 tile, one thread per pixel, shared-memory batches.
+
+Same semantics and per-pixel math as the portable kernels in splat.py (gaussian_alpha, the 0.999 clamp, the
+alpha_min skip, the t_stop stop, the background term). What differs is only the memory traffic:
+
+- each batch of BLOCK consecutive entries of the tile's sorted list is gathered once into shared memory
+  (tile_load_indexed), then every pixel thread walks it from there;
+- the forward leaves a batch loop when every pixel of the block has stopped (one block reduction per batch);
+- the backward walks the batches back to front from the block's largest last index, and sums each Gaussian's
+  gradient over the 32 pixels of a warp (register shuffles) before one atomic add per warp, skipping warps where
+  no pixel saw the Gaussian. The background gradient is summed over the block before its atomic add.
+
+On the CPU (only with ``wp.config.enable_cpu_blocks``, used by the tests) the warp helpers degrade to one lane:
+the warp sum is the lane's own value and every lane is its own leader, so the same kernel gives the same sums.
+"""
+
+import warp as wp
+
+from .splat import ALPHA_MAX, TILE, gaussian_alpha
+
+wp.set_module_options({"enable_backward": False})  # hand-written adjoints only; nothing here is taped
+
+BLOCK = wp.constant(256)  # TILE * TILE pixels per block, and Gaussians per shared-memory batch
+
+
+@wp.func_native("""
+#if defined(__CUDA_ARCH__)
+for (int s = 16; s > 0; s >>= 1) x += __shfl_xor_sync(0xffffffff, x, s);
+#endif
+return x;
+""")
+def warp_sum(x: float) -> float: ...
+
+
+@wp.func_native("""
+#if defined(__CUDA_ARCH__)
+return __any_sync(0xffffffff, flag);
+#else
+return flag;
+#endif
+""")
+def warp_any(flag: int) -> int: ...
+
+
+@wp.func_native("""
+#if defined(__CUDA_ARCH__)
+return (lane & 31) == 0;
+#else
+return 1;
+#endif
+""")
+def warp_leader(lane: int) -> int: ...
+
+
+@wp.func
+def block_pixel(block: int, lane: int, tiles_x: int, tiles_y: int):
+    """(camera, row, column) of a block's lane: blocks enumerate (camera, tile row, tile column)."""
+    per_camera = tiles_x * tiles_y
+    c = block / per_camera
+    r = block - c * per_camera
+    ty = r / tiles_x
+    tx = r - ty * tiles_x
+    return c, ty * TILE + lane / TILE, tx * TILE + lane - (lane / TILE) * TILE
+
+
+@wp.kernel
+def rasterize_forward_block(
+    means2d: wp.array(dtype=wp.vec2),
+    conics: wp.array(dtype=wp.vec3d),
+    colors: wp.array2d(dtype=float),
+    opacities: wp.array(dtype=float),  # per (camera, Gaussian), flattened like means2d
+    depths: wp.array(dtype=float),
+    with_depth: int,
+    backgrounds: wp.array2d(dtype=float),
+    alpha_min: float,
+    t_stop: float,
+    values: wp.array(dtype=int),
+    starts: wp.array(dtype=int),
+    ends: wp.array(dtype=int),
+    tiles_x: int,
+    tiles_y: int,
+    width: int,
+    height: int,
+    color_channels: int,
+    image_out: wp.array2d(dtype=float),
+    alpha_out: wp.array(dtype=float),
+    T_out: wp.array(dtype=float),
+    last_out: wp.array(dtype=int),
+):
+    block, lane = wp.tid()
+    c, i, j = block_pixel(block, lane, tiles_x, tiles_y)
+    inside = i < height and j < width
+    pix = (c * height + i) * width + j
+    px = float(j) + 0.5
+    py = float(i) + 0.5
+    D = color_channels
+    T = float(1.0)
+    last = int(-1)
+    acc = wp.vec4(0.0)
+    depth_acc = float(0.0)
+    done = int(0)
+    if not inside:
+        done = 1
+    b = starts[block]
+    end = ends[block]
+    while b < end:
+        stopped = wp.tile_sum(wp.tile(done))
+        if stopped[0] == BLOCK:
+            break
+        ids = wp.tile_load(values, shape=BLOCK, offset=b, storage="shared")
+        t_m2 = wp.tile_load_indexed(means2d, indices=ids, shape=(BLOCK,), offset=(0,), axis=0, storage="shared")
+        t_q = wp.tile_load_indexed(conics, indices=ids, shape=(BLOCK,), offset=(0,), axis=0, storage="shared")
+        t_o = wp.tile_load_indexed(opacities, indices=ids, shape=(BLOCK,), offset=(0,), axis=0, storage="shared")
+        t_rgb = wp.tile_load_indexed(colors, indices=ids, shape=(BLOCK, 4), offset=(0, 0), axis=0, storage="shared")
+        n = wp.min(BLOCK, end - b)
+        if done == 0:
+            for kk in range(n):
+                alpha, sigma, dx, dy = gaussian_alpha(wp.tile_extract(t_m2, kk), wp.tile_extract(t_q, kk),
+                                                      wp.tile_extract(t_o, kk), px, py)
+                if sigma < 0.0 or alpha < alpha_min:
+                    continue
+                next_T = T * (1.0 - alpha)
+                if next_T <= t_stop:
+                    done = 1
+                    break
+                w = alpha * T
+                acc += w * wp.vec4(wp.tile_extract(t_rgb, kk, 0), wp.tile_extract(t_rgb, kk, 1),
+                                   wp.tile_extract(t_rgb, kk, 2), wp.tile_extract(t_rgb, kk, 3))
+                if D > 4:
+                    idx = wp.tile_extract(ids, kk)
+                    for d in range(4, D):
+                        image_out[pix, d] = image_out[pix, d] + w * colors[idx, d]
+                if with_depth != 0:
+                    depth_acc += w * depths[wp.tile_extract(ids, kk)]
+                last = b + kk
+                T = next_T
+        b += BLOCK
+    if inside:
+        for d in range(D):
+            value = image_out[pix, d]
+            if d < 4:
+                value = acc[d]
+            image_out[pix, d] = value + T * backgrounds[c, d]
+        if with_depth != 0:
+            image_out[pix, D] = depth_acc
+        alpha_out[pix] = 1.0 - T
+        T_out[pix] = T
+        last_out[pix] = last
+
+
+@wp.func
+def warp_add(a: wp.array(dtype=float), index: int, value: float, leader: int):
+    s = warp_sum(value)
+    if leader != 0:
+        wp.atomic_add(a, index, s)
+
+
+@wp.kernel
+def rasterize_backward_block(
+    means2d: wp.array(dtype=wp.vec2),
+    conics: wp.array(dtype=wp.vec3d),
+    colors: wp.array2d(dtype=float),
+    opacities: wp.array(dtype=float),  # per (camera, Gaussian)
+    depths: wp.array(dtype=float),
+    with_depth: int,
+    backgrounds: wp.array2d(dtype=float),
+    gaussian_count: int,
+    alpha_min: float,
+    t_stop: float,
+    values: wp.array(dtype=int),
+    starts: wp.array(dtype=int),
+    tiles_x: int,
+    tiles_y: int,
+    width: int,
+    height: int,
+    color_channels: int,
+    T_final: wp.array(dtype=float),
+    last: wp.array(dtype=int),
+    v_image: wp.array2d(dtype=float),
+    v_alpha_out: wp.array(dtype=float),
+    # gradients, flat float arrays: means2d [C*N*2], conics [C*N*3] (float64), colours [C*N*D], opacities [N],
+    # depths [C*N], backgrounds [C, D]
+    v_means2d: wp.array(dtype=float),
+    v_conics: wp.array(dtype=wp.float64),
+    v_colors: wp.array(dtype=float),
+    v_opacities: wp.array(dtype=float),
+    v_depths: wp.array(dtype=float),
+    v_backgrounds: wp.array2d(dtype=float),
+):
+    block, lane = wp.tid()
+    c, i, j = block_pixel(block, lane, tiles_x, tiles_y)
+    inside = i < height and j < width
+    pix = (c * height + i) * width + j
+    px = float(j) + 0.5
+    py = float(i) + 0.5
+    D = color_channels
+    leader = warp_leader(lane)
+    T_end = float(1.0)
+    v_a = float(0.0)
+    my_last = int(-1)
+    v_rgb = wp.vec4(0.0)
+    v_dep = float(0.0)
+    bg_dot = float(0.0)
+    if inside:
+        T_end = T_final[pix]
+        v_a = v_alpha_out[pix]
+        my_last = last[pix]
+        for d in range(D):
+            bg_dot += backgrounds[c, d] * v_image[pix, d]
+            if d < 4:
+                v_rgb[d] = v_image[pix, d]
+        if with_depth != 0:
+            v_dep = v_image[pix, D]
+    # the background's gradient: T_end v_image summed over the block, one atomic add per channel
+    for d in range(D):
+        g = float(0.0)
+        if inside:
+            g = T_end * v_image[pix, d]
+        total = wp.tile_sum(wp.tile(g))
+        if lane == 0:
+            wp.atomic_add(v_backgrounds, c, d, total[0])
+    T = T_end
+    behind = float(0.0)
+    start = starts[block]
+    hi = wp.tile_max(wp.tile(my_last))[0] + 1
+    while hi > start:
+        lo = wp.max(start, hi - BLOCK)
+        ids = wp.tile_load(values, shape=BLOCK, offset=lo, storage="shared")
+        t_m2 = wp.tile_load_indexed(means2d, indices=ids, shape=(BLOCK,), offset=(0,), axis=0, storage="shared")
+        t_q = wp.tile_load_indexed(conics, indices=ids, shape=(BLOCK,), offset=(0,), axis=0, storage="shared")
+        t_o = wp.tile_load_indexed(opacities, indices=ids, shape=(BLOCK,), offset=(0,), axis=0, storage="shared")
+        t_rgb = wp.tile_load_indexed(colors, indices=ids, shape=(BLOCK, 4), offset=(0, 0), axis=0, storage="shared")
+        for kk in range(hi - lo - 1, -1, -1):
+            k = lo + kk
+            idx = wp.tile_extract(ids, kk)
+            m2 = wp.tile_extract(t_m2, kk)
+            q = wp.tile_extract(t_q, kk)
+            o = wp.tile_extract(t_o, kk)
+            valid = int(0)
+            g_rgb = wp.vec4(0.0)
+            g_m = wp.vec2(0.0)
+            g_q = wp.vec3(0.0)
+            g_o = float(0.0)
+            g_dep = float(0.0)
+            if k <= my_last:
+                alpha, sigma, dx, dy = gaussian_alpha(m2, q, o, px, py)
+                if sigma >= 0.0 and alpha >= alpha_min:
+                    valid = 1
+                    one_minus = 1.0 - alpha
+                    T = T / one_minus
+                    w = alpha * T
+                    g_rgb = w * v_rgb
+                    dot = wp.dot(v_rgb, wp.vec4(wp.tile_extract(t_rgb, kk, 0), wp.tile_extract(t_rgb, kk, 1),
+                                                wp.tile_extract(t_rgb, kk, 2), wp.tile_extract(t_rgb, kk, 3)))
+                    for d in range(4, D):
+                        wp.atomic_add(v_colors, idx * D + d, w * v_image[pix, d])
+                        dot += colors[idx, d] * v_image[pix, d]
+                    if with_depth != 0:
+                        g_dep = w * v_dep
+                        dot += depths[idx] * v_dep
+                    v_alpha = dot * T - behind / one_minus + T_end / one_minus * (v_a - bg_dot)
+                    behind += w * dot
+                    vis = wp.exp(-sigma)
+                    if o * vis <= ALPHA_MAX:
+                        vs = -o * vis * v_alpha
+                        qx = float(q[0])
+                        qy = float(q[1])
+                        qz = float(q[2])
+                        g_q = wp.vec3(0.5 * vs * dx * dx, vs * dx * dy, 0.5 * vs * dy * dy)
+                        g_m = wp.vec2(vs * (qx * dx + qy * dy), vs * (qy * dx + qz * dy))
+                        g_o = vis * v_alpha
+            if warp_any(valid) != 0:
+                for d in range(wp.min(D, 4)):
+                    warp_add(v_colors, idx * D + d, g_rgb[d], leader)
+                warp_add(v_means2d, 2 * idx, g_m[0], leader)
+                warp_add(v_means2d, 2 * idx + 1, g_m[1], leader)
+                s0 = warp_sum(g_q[0])
+                s1 = warp_sum(g_q[1])
+                s2 = warp_sum(g_q[2])
+                if leader != 0:
+                    wp.atomic_add(v_conics, 3 * idx, wp.float64(s0))
+                    wp.atomic_add(v_conics, 3 * idx + 1, wp.float64(s1))
+                    wp.atomic_add(v_conics, 3 * idx + 2, wp.float64(s2))
+                warp_add(v_opacities, idx - (idx / gaussian_count) * gaussian_count, g_o, leader)
+                if with_depth != 0:
+                    warp_add(v_depths, idx, g_dep, leader)
+        hi = lo
