@@ -53,7 +53,9 @@ def torch_stream(device):
     if device.type != "cuda":
         return contextlib.nullcontext()
     wp = warp()
-    return wp.ScopedStream(wp.stream_from_torch(torch.cuda.current_stream(device)))
+    # inside a graph capture, waiting on Warp's own (non-capturing) stream would invalidate the capture
+    capturing = torch.cuda.is_current_stream_capturing()
+    return wp.ScopedStream(wp.stream_from_torch(torch.cuda.current_stream(device)), sync_enter=not capturing)
 
 
 @contextlib.contextmanager

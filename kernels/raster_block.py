@@ -6,12 +6,14 @@ alpha_min skip, the t_stop stop, the background term). What differs is only the 
 - each batch of BLOCK consecutive entries of the tile's sorted list is gathered once into shared memory
   (tile_load_indexed), then every pixel thread walks it from there;
 - the forward leaves a batch loop when every pixel of the block has stopped (one block reduction per batch);
-- the backward walks the batches back to front from the block's largest last index, and sums each Gaussian's
-  gradient over the 32 pixels of a warp (register shuffles) before one atomic add per warp, skipping warps where
-  no pixel saw the Gaussian. The background gradient is summed over the block before its atomic add.
+- the backward walks the batches back to front from the block's largest last index. Each Gaussian's gradient
+  (16 slots: colour, mean, conic, opacity, depth) is summed over the 32 pixels of a warp by a transposing
+  reduction (16 register shuffles in all), after which 11 lanes each make one atomic add into a packed
+  per-Gaussian row; warps where no pixel saw the Gaussian skip it. The background gradient is summed over the
+  block before its atomic add.
 
-On the CPU (only with ``wp.config.enable_cpu_blocks``, used by the tests) the warp helpers degrade to one lane:
-the warp sum is the lane's own value and every lane is its own leader, so the same kernel gives the same sums.
+On the CPU (only with ``wp.config.enable_cpu_blocks``, used by the tests) each lane acts as a warp of one and adds
+its own slots, so the same kernel gives the same sums.
 """
 
 import warp as wp
@@ -23,13 +25,33 @@ wp.set_module_options({"enable_backward": False})  # hand-written adjoints only;
 BLOCK = wp.constant(256)  # TILE * TILE pixels per block, and Gaussians per shared-memory batch
 
 
+SLOTS = wp.constant(16)  # per-Gaussian gradient slots: colour 0-3, mean2d 4-5, conic 6-8, opacity 9, depth 10
+vec16 = wp.types.vector(length=16, dtype=float)
+
+
 @wp.func_native("""
 #if defined(__CUDA_ARCH__)
-for (int s = 16; s > 0; s >>= 1) x += __shfl_xor_sync(0xffffffff, x, s);
+float a[16];
+#pragma unroll
+for (int i = 0; i < 16; ++i) a[i] = v.c[i];
+// recursive halving: at each exchange a lane keeps half of its slots and receives its partner's sum of them,
+// so 16 values are summed over the warp with 16 shuffles instead of 80; lane l ends with slot (l >> 1) & 15
+#pragma unroll
+for (int m = 16, n = 16; m >= 2; m >>= 1, n >>= 1) {
+    const bool upper = (lane & m) != 0;
+#pragma unroll
+    for (int i = 0; i < n / 2; ++i) {
+        const float send = upper ? a[i] : a[i + n / 2];
+        const float keep = upper ? a[i + n / 2] : a[i];
+        a[i] = keep + __shfl_xor_sync(0xffffffff, send, m);
+    }
+}
+return a[0] + __shfl_xor_sync(0xffffffff, a[0], 1);
+#else
+return v.c[0];
 #endif
-return x;
 """)
-def warp_sum(x: float) -> float: ...
+def warp_slot_sum(v: vec16, lane: int) -> float: ...
 
 
 @wp.func_native("""
@@ -44,12 +66,30 @@ def warp_any(flag: int) -> int: ...
 
 @wp.func_native("""
 #if defined(__CUDA_ARCH__)
-return (lane & 31) == 0;
-#else
 return 1;
+#else
+return 0;
 #endif
 """)
-def warp_leader(lane: int) -> int: ...
+def warp_lanes() -> int: ...
+
+
+@wp.func
+def add_gradient(grads: wp.array(dtype=float), row: int, g: vec16, lane: int, used: int):
+    """Add one Gaussian's gradient slots, summed over the warp, to its row of ``grads`` ([rows, SLOTS] flat).
+
+    On CUDA (all 32 lanes calling with the same row): one transposing warp reduction, then the even lanes add
+    one slot each. On the CPU every lane is its own warp and adds its own non-zero slots.
+    """
+    if warp_lanes() != 0:
+        s = warp_slot_sum(g, lane)
+        slot = (lane >> 1) & 15
+        if (lane & 1) == 0 and slot < used and s != 0.0:
+            wp.atomic_add(grads, row * SLOTS + slot, s)
+    else:
+        for slot in range(used):
+            if g[slot] != 0.0:
+                wp.atomic_add(grads, row * SLOTS + slot, g[slot])
 
 
 @wp.func
@@ -148,13 +188,6 @@ def rasterize_forward_block(
         last_out[pix] = last
 
 
-@wp.func
-def warp_add(a: wp.array(dtype=float), index: int, value: float, leader: int):
-    s = warp_sum(value)
-    if leader != 0:
-        wp.atomic_add(a, index, s)
-
-
 @wp.kernel
 def rasterize_backward_block(
     means2d: wp.array(dtype=wp.vec2),
@@ -178,13 +211,9 @@ def rasterize_backward_block(
     last: wp.array(dtype=int),
     v_image: wp.array2d(dtype=float),
     v_alpha_out: wp.array(dtype=float),
-    # gradients, flat float arrays: means2d [C*N*2], conics [C*N*3] (float64), colours [C*N*D], opacities [N],
-    # depths [C*N], backgrounds [C, D]
-    v_means2d: wp.array(dtype=float),
-    v_conics: wp.array(dtype=wp.float64),
-    v_colors: wp.array(dtype=float),
-    v_opacities: wp.array(dtype=float),
-    v_depths: wp.array(dtype=float),
+    # per (camera, Gaussian) gradient slots [C*N, SLOTS] flat (see SLOTS); colour channels past 4 [C*N, D] flat
+    v_slots: wp.array(dtype=float),
+    v_colors_rest: wp.array(dtype=float),
     v_backgrounds: wp.array2d(dtype=float),
 ):
     block, lane = wp.tid()
@@ -194,7 +223,7 @@ def rasterize_backward_block(
     px = float(j) + 0.5
     py = float(i) + 0.5
     D = color_channels
-    leader = warp_leader(lane)
+    used = 10 + with_depth  # slots in use
     T_end = float(1.0)
     v_a = float(0.0)
     my_last = int(-1)
@@ -213,10 +242,10 @@ def rasterize_backward_block(
             v_dep = v_image[pix, D]
     # the background's gradient: T_end v_image summed over the block, one atomic add per channel
     for d in range(D):
-        g = float(0.0)
+        g_bg = float(0.0)
         if inside:
-            g = T_end * v_image[pix, d]
-        total = wp.tile_sum(wp.tile(g))
+            g_bg = T_end * v_image[pix, d]
+        total = wp.tile_sum(wp.tile(g_bg))
         if lane == 0:
             wp.atomic_add(v_backgrounds, c, d, total[0])
     T = T_end
@@ -237,11 +266,7 @@ def rasterize_backward_block(
             q = wp.tile_extract(t_q, kk)
             o = wp.tile_extract(t_o, kk)
             valid = int(0)
-            g_rgb = wp.vec4(0.0)
-            g_m = wp.vec2(0.0)
-            g_q = wp.vec3(0.0)
-            g_o = float(0.0)
-            g_dep = float(0.0)
+            g = vec16()
             if k <= my_last:
                 alpha, sigma, dx, dy = gaussian_alpha(m2, q, o, px, py)
                 if sigma >= 0.0 and alpha >= alpha_min:
@@ -249,14 +274,15 @@ def rasterize_backward_block(
                     one_minus = 1.0 - alpha
                     T = T / one_minus
                     w = alpha * T
-                    g_rgb = w * v_rgb
-                    dot = wp.dot(v_rgb, wp.vec4(wp.tile_extract(t_rgb, kk, 0), wp.tile_extract(t_rgb, kk, 1),
-                                                wp.tile_extract(t_rgb, kk, 2), wp.tile_extract(t_rgb, kk, 3)))
+                    dot = float(0.0)
+                    for d in range(4):
+                        g[d] = w * v_rgb[d]
+                        dot += v_rgb[d] * wp.tile_extract(t_rgb, kk, d)
                     for d in range(4, D):
-                        wp.atomic_add(v_colors, idx * D + d, w * v_image[pix, d])
+                        wp.atomic_add(v_colors_rest, idx * D + d, w * v_image[pix, d])
                         dot += colors[idx, d] * v_image[pix, d]
                     if with_depth != 0:
-                        g_dep = w * v_dep
+                        g[10] = w * v_dep
                         dot += depths[idx] * v_dep
                     v_alpha = dot * T - behind / one_minus + T_end / one_minus * (v_a - bg_dot)
                     behind += w * dot
@@ -266,22 +292,12 @@ def rasterize_backward_block(
                         qx = float(q[0])
                         qy = float(q[1])
                         qz = float(q[2])
-                        g_q = wp.vec3(0.5 * vs * dx * dx, vs * dx * dy, 0.5 * vs * dy * dy)
-                        g_m = wp.vec2(vs * (qx * dx + qy * dy), vs * (qy * dx + qz * dy))
-                        g_o = vis * v_alpha
+                        g[4] = vs * (qx * dx + qy * dy)
+                        g[5] = vs * (qy * dx + qz * dy)
+                        g[6] = 0.5 * vs * dx * dx
+                        g[7] = vs * dx * dy
+                        g[8] = 0.5 * vs * dy * dy
+                        g[9] = vis * v_alpha
             if warp_any(valid) != 0:
-                for d in range(wp.min(D, 4)):
-                    warp_add(v_colors, idx * D + d, g_rgb[d], leader)
-                warp_add(v_means2d, 2 * idx, g_m[0], leader)
-                warp_add(v_means2d, 2 * idx + 1, g_m[1], leader)
-                s0 = warp_sum(g_q[0])
-                s1 = warp_sum(g_q[1])
-                s2 = warp_sum(g_q[2])
-                if leader != 0:
-                    wp.atomic_add(v_conics, 3 * idx, wp.float64(s0))
-                    wp.atomic_add(v_conics, 3 * idx + 1, wp.float64(s1))
-                    wp.atomic_add(v_conics, 3 * idx + 2, wp.float64(s2))
-                warp_add(v_opacities, idx - (idx / gaussian_count) * gaussian_count, g_o, leader)
-                if with_depth != 0:
-                    warp_add(v_depths, idx, g_dep, leader)
+                add_gradient(v_slots, idx, g, lane, used)
         hi = lo

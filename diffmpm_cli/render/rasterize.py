@@ -242,15 +242,18 @@ class _Rasterize(torch.autograd.Function):
                 cotangents = [tiles_x, tiles_y, W, H, D, s["T_final"], s["last"], wp.from_torch(v_img),
                               wp.from_torch(v_alpha.reshape(-1).float().contiguous())]
                 if s["path"] == "block":
+                    slots = torch.zeros(C * N, raster_block.SLOTS, device=device)
                     with cpu_blocks(wdev):
                         wp.launch_tiled(raster_block.rasterize_backward_block, dim=C * tiles_y * tiles_x,
                                         block_dim=BLOCK, device=wdev, inputs=[
                                             flat["means2d"], flat["conics"], flat["colors"], flat["opacities"],
                                             flat["depths"], *common.values(), *cotangents],
-                                        outputs=[wp.from_torch(v_means2d.reshape(-1)),
-                                                 wp.from_torch(v_conics.reshape(-1)),
-                                                 wp.from_torch(v_colors.reshape(-1)), wp.from_torch(v_opac),
-                                                 wp.from_torch(v_depths), wp.from_torch(v_bg)])
+                                        outputs=[wp.from_torch(slots.reshape(-1)), wp.from_torch(v_colors.reshape(-1)),
+                                                 wp.from_torch(v_bg)])
+                    kept = min(D, 4)
+                    v_colors[:, :kept] = slots[:, :kept]
+                    v_means2d, v_conics, v_depths = slots[:, 4:6], slots[:, 6:9].double(), slots[:, 10]
+                    v_opac = slots[:, 9].reshape(C, N).sum(0)
                 else:
                     kernel = splat.rasterize_backward if s["path"] == "pixel" else splat.rasterize_backward_tiles
                     dim = (C, H, W) if s["path"] == "pixel" else (C, tiles_y, tiles_x)
@@ -262,9 +265,9 @@ class _Rasterize(torch.autograd.Function):
                                        wp.from_torch(v_colors), wp.from_torch(v_opac), wp.from_torch(v_depths),
                                        wp.from_torch(v_bg)])
                 s["tape"].backward(grads={
-                    s["means2d"]: wp.from_torch(v_means2d.reshape(C, N, 2), dtype=wp.vec2),
+                    s["means2d"]: wp.from_torch(v_means2d.contiguous().reshape(C, N, 2), dtype=wp.vec2),
                     s["conics"]: wp.from_torch(v_conics.reshape(C, N, 3), dtype=wp.vec3d),
-                    s["depths"]: wp.from_torch(v_depths.reshape(C, N)),
+                    s["depths"]: wp.from_torch(v_depths.contiguous().reshape(C, N)),
                 })
                 v_means = wp.to_torch(s["w_means"].grad).clone()
                 v_covars = wp.to_torch(s["w_covars"].grad).clone()
