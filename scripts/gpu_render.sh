@@ -7,8 +7,9 @@ python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . || exit
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 python3 -c "import gsplat; print('gsplat', gsplat.__version__)"
-python3 -m pytest -q tests/test_render.py tests/test_gsplat.py -m gpu -s -p no:cacheprovider 2>&1 | tail -15 | tee "$OUT/tests_gpu_render.txt"
-python3 scripts/profile_render.py 1000000 1024 1024 > "$OUT/profile_1M_1024.txt" 2>&1; head -40 "$OUT/profile_1M_1024.txt"
+t() { python3 -m pytest -q -m gpu -s -p no:cacheprovider "$@" 2>&1 | tail -6; }
+{ t tests/test_render.py -k "not capture"; t tests/test_gsplat.py; t tests/test_render.py -k capture; } | tee "$OUT/tests_gpu_render.txt"
+python3 scripts/profile_render.py 1000000 1024 1024 > "$OUT/profile_1M_1024.txt" 2>&1; head -30 "$OUT/profile_1M_1024.txt"
 bench() { python3 -m diffmpm_cli bench render --device cuda --compare-gsplat "$@"; }
 bench --gaussians 1000000 --size 1024x1024 --json "$OUT/render_1M_1024.json"
 bench --gaussians 100000 --size 1024x1024 --json "$OUT/render_100k_1024.json"
