@@ -55,7 +55,20 @@ def torch_stream(device):
     wp = warp()
     # inside a graph capture, waiting on Warp's own (non-capturing) stream would invalidate the capture
     capturing = torch.cuda.is_current_stream_capturing()
-    return wp.ScopedStream(wp.stream_from_torch(torch.cuda.current_stream(device)), sync_enter=not capturing)
+    return wp.ScopedStream(warp_stream(torch.cuda.current_stream(device)), sync_enter=not capturing)
+
+
+_STREAMS: dict = {}
+
+
+def warp_stream(stream):
+    """One Warp stream object per torch stream, kept: a Warp stream object unregisters its CUDA stream when it is
+    collected, which would also drop a graph capture that Warp tracks on it."""
+    wp = warp()
+    key = (str(stream.device), stream.cuda_stream)
+    if key not in _STREAMS:
+        _STREAMS[key] = wp.stream_from_torch(stream)
+    return _STREAMS[key]
 
 
 @contextlib.contextmanager
@@ -65,7 +78,7 @@ def graph_capture(graph, stream):
     import torch
 
     wp = warp()
-    w_stream = wp.stream_from_torch(stream)
+    w_stream = warp_stream(stream)
     with torch.cuda.graph(graph, stream=stream):
         wp.capture_begin(stream=w_stream, external=True)
         try:
