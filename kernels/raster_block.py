@@ -27,7 +27,6 @@ BLOCK = wp.constant(256)  # TILE * TILE pixels per block, and Gaussians per shar
 
 SLOTS = wp.constant(16)  # per-Gaussian gradient slots: colour 0-3, mean2d 4-5, conic 6-8, opacity 9, depth 10
 vec16 = wp.types.vector(length=16, dtype=float)
-BATCH_SLOTS = wp.constant(256 * 16)  # BLOCK * SLOTS: one batch's gradient sums in shared memory (16 KiB)
 
 
 @wp.func_native("""
@@ -216,7 +215,6 @@ def rasterize_backward_block(
     v_slots: wp.array(dtype=float),
     v_colors_rest: wp.array(dtype=float),
     v_backgrounds: wp.array2d(dtype=float),
-    block_sums: int,  # 1: sum each batch's gradients over the block in shared memory before the global atomics
 ):
     block, lane = wp.tid()
     c, i, j = block_pixel(block, lane, tiles_x, tiles_y)
@@ -261,7 +259,6 @@ def rasterize_backward_block(
         t_q = wp.tile_load_indexed(conics, indices=ids, shape=(BLOCK,), offset=(0,), axis=0, storage="shared")
         t_o = wp.tile_load_indexed(opacities, indices=ids, shape=(BLOCK,), offset=(0,), axis=0, storage="shared")
         t_rgb = wp.tile_load_indexed(colors, indices=ids, shape=(BLOCK, 4), offset=(0, 0), axis=0, storage="shared")
-        acc = wp.tile_zeros(shape=BATCH_SLOTS, dtype=float, storage="shared")
         for kk in range(hi - lo - 1, -1, -1):
             k = lo + kk
             idx = wp.tile_extract(ids, kk)
@@ -301,21 +298,6 @@ def rasterize_backward_block(
                         g[7] = vs * dx * dy
                         g[8] = 0.5 * vs * dy * dy
                         g[9] = vis * v_alpha
-            if block_sums == 0:
-                if warp_any(valid) != 0:
-                    add_gradient(v_slots, idx, g, lane, used)
-            elif warp_lanes() != 0:
-                s = float(0.0)
-                slot = (lane >> 1) & 15
-                if warp_any(valid) != 0:
-                    s = warp_slot_sum(g, lane)
-                wp.tile_scatter_add(acc, kk * SLOTS + slot, s, (lane & 1) == 0 and slot < used and s != 0.0)
-            else:  # CPU lanes: each lane is a warp of one and adds its own slots
-                for slot in range(SLOTS):
-                    wp.tile_scatter_add(acc, kk * SLOTS + slot, g[slot], valid != 0 and slot < used)
-        if block_sums != 0:  # one global atomic per (block, Gaussian, slot)
-            for e in range(lane, (hi - lo) * SLOTS, BLOCK):
-                summed = wp.tile_extract(acc, e)
-                if summed != 0.0:
-                    wp.atomic_add(v_slots, wp.tile_extract(ids, e / SLOTS) * SLOTS + e - (e / SLOTS) * SLOTS, summed)
+            if warp_any(valid) != 0:
+                add_gradient(v_slots, idx, g, lane, used)
         hi = lo

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 from dataclasses import dataclass
 from typing import Literal
 
@@ -20,9 +19,6 @@ from ..warp_runtime import torch_stream, warp, warp_device
 RenderMode = Literal["RGB", "RGB+ED", "ED"]
 TILE = 16
 BLOCK = TILE * TILE  # threads per block of the GPU path (kernels/raster_block.py)
-# the block path's backward sums each batch's gradients over the block in shared memory before its global atomics
-# (1), or makes them per warp (0); measured in BENCHMARKS.md
-BLOCK_SUMS = int(os.environ.get("DIFFMPM_BLOCK_SUMS", "1"))
 
 
 @contextlib.contextmanager
@@ -215,7 +211,7 @@ class _Rasterize(torch.autograd.Function):
             out_alpha = out_alpha.reshape(C, H, W, 1)
         ctx.saved = dict(tape=tape, w_means=w_means, w_covars=w_covars, means2d=means2d, conics=conics, depths=depths,
                          flat=flat, common=common, T_final=T_final, last=last, shape=(C, N, D, H, W, tiles_x, tiles_y),
-                         channels=channels, device=device, path=path, block_sums=settings["block_sums"])
+                         channels=channels, device=device, path=path)
         meta = (wp.to_torch(means2d).clone(), wp.to_torch(depths).clone(), wp.to_torch(radii).clone(),
                 wp.to_torch(total).reshape(()).clone())
         ctx.mark_non_differentiable(*meta)  # the meta is for inspection; gradients flow through the images
@@ -253,7 +249,7 @@ class _Rasterize(torch.autograd.Function):
                                             flat["means2d"], flat["conics"], flat["colors"], flat["opacities"],
                                             flat["depths"], *common.values(), *cotangents],
                                         outputs=[wp.from_torch(slots.reshape(-1)), wp.from_torch(v_colors.reshape(-1)),
-                                                 wp.from_torch(v_bg), s["block_sums"]])
+                                                 wp.from_torch(v_bg)])
                     kept = min(D, 4)
                     v_colors[:, :kept] = slots[:, :kept]
                     v_means2d, v_conics, v_depths = slots[:, 4:6], slots[:, 6:9].double(), slots[:, 10]
@@ -316,7 +312,7 @@ def rasterization(means: torch.Tensor, covars: torch.Tensor, opacities: torch.Te
     settings = dict(width=int(width), height=int(height), near=float(near_plane), far=float(far_plane),
                     eps2d=float(eps2d), with_depth=with_depth, path=path, alpha_min=float(cutoffs.alpha_min),
                     t_stop=float(cutoffs.t_stop), extend_max=float(cutoffs.extend_max),
-                    capacity=None if capacity is None else int(capacity), block_sums=BLOCK_SUMS)
+                    capacity=None if capacity is None else int(capacity))
     image, alpha, means2d, depths, radii, total = _Rasterize.apply(settings, means, covars, colors, opacities,
                                                                  backgrounds, viewmats, Ks)
     if with_depth:
