@@ -1,7 +1,8 @@
 """The GPU compositing path: one 256-thread block per 16x16 tile, one thread per pixel, shared-memory batches.
 
-Same semantics and per-pixel math as the portable kernels in splat.py (gaussian_alpha, the 0.999 clamp, the
-alpha_min skip, the t_stop stop, the background term). What differs is only the memory traffic:
+Same semantics as the portable kernels in splat.py (the 0.999 clamp, the alpha_min skip, the t_stop stop, the
+background term). The exponent is evaluated in float32 from the conic's principal axes (conic_axes) instead of
+from a float64 conic, with the same accuracy. What else differs is the memory traffic:
 
 - each batch of BLOCK consecutive entries of the tile's sorted list is gathered once into shared memory
   (tile_load_indexed), then every pixel thread walks it from there;
@@ -18,7 +19,7 @@ its own slots, so the same kernel gives the same sums.
 
 import warp as wp
 
-from .splat import ALPHA_MAX, TILE, gaussian_alpha
+from .splat import ALPHA_MAX, TILE
 
 wp.set_module_options({"enable_backward": False})  # hand-written adjoints only; nothing here is taped
 
@@ -92,6 +93,60 @@ def add_gradient(grads: wp.array(dtype=float), row: int, g: vec16, lane: int, us
                 wp.atomic_add(grads, row * SLOTS + slot, g[slot])
 
 
+@wp.kernel
+def conic_axes(conics: wp.array(dtype=wp.vec3d), axes_out: wp.array(dtype=wp.vec4)):
+    """The conic [[a, b], [b, c]] as its principal axes (ux, uy, l1, l2), conic = l1 u u^T + l2 v v^T with
+    v = (-uy, ux), l1 >= l2 >= 0; computed in float64, stored in float32.
+
+    sigma = (l1 p^2 + l2 q^2) / 2 with p = u.d, q = v.d is a sum of non-negative terms, so it is accurate in float32
+    where a dx^2 + 2 b dx dy + c dy^2 cancels for needle-thin footprints (which is why the portable kernels use a
+    float64 conic). Eigenvalues are bounded by 1 / eps2d, so a rounding of u by ~6e-8 rad moves alpha by at most
+    ~sqrt(l1) |d| 6e-8 ~ 2e-5 even 300 px along a needle.
+    """
+    i = wp.tid()
+    q = conics[i]
+    a = q[0]
+    b = q[1]
+    c = q[2]
+    half = wp.float64(0.5)
+    r = wp.sqrt(half * half * (a - c) * (a - c) + b * b)
+    l1 = half * (a + c) + r
+    l2 = wp.float64(0.0)
+    ux = wp.float64(1.0)
+    uy = wp.float64(0.0)
+    if l1 > wp.float64(0.0):
+        l2 = wp.max(wp.float64(0.0), (a * c - b * b) / l1)
+        # the eigenvector of l1 from whichever row of (conic - l1 I) is better conditioned
+        x1 = b
+        y1 = l1 - a
+        x2 = l1 - c
+        y2 = b
+        n1 = x1 * x1 + y1 * y1
+        n2 = x2 * x2 + y2 * y2
+        if n1 >= n2 and n1 > wp.float64(0.0):
+            ux = x1 / wp.sqrt(n1)
+            uy = y1 / wp.sqrt(n1)
+        elif n2 > wp.float64(0.0):
+            ux = x2 / wp.sqrt(n2)
+            uy = y2 / wp.sqrt(n2)
+        elif a < c:
+            ux = wp.float64(0.0)
+            uy = wp.float64(1.0)
+    axes_out[i] = wp.vec4(float(ux), float(uy), float(l1), float(l2))
+
+
+@wp.func
+def axes_alpha(m2: wp.vec2, ax: wp.vec4, opacity: float, px: float, py: float):
+    """(alpha, sigma, p, q) of a Gaussian at a pixel centre from its principal axes (conic_axes), float32."""
+    dx = m2[0] - px
+    dy = m2[1] - py
+    p = ax[0] * dx + ax[1] * dy
+    q = ax[0] * dy - ax[1] * dx
+    sigma = 0.5 * (ax[2] * p * p + ax[3] * q * q)
+    alpha = wp.min(ALPHA_MAX, opacity * wp.exp(-sigma))
+    return alpha, sigma, dx, dy, p, q
+
+
 @wp.func
 def block_pixel(block: int, lane: int, tiles_x: int, tiles_y: int):
     """(camera, row, column) of a block's lane: blocks enumerate (camera, tile row, tile column)."""
@@ -106,7 +161,7 @@ def block_pixel(block: int, lane: int, tiles_x: int, tiles_y: int):
 @wp.kernel
 def rasterize_forward_block(
     means2d: wp.array(dtype=wp.vec2),
-    conics: wp.array(dtype=wp.vec3d),
+    axes: wp.array(dtype=wp.vec4),  # per (camera, Gaussian): conic_axes
     colors: wp.array2d(dtype=float),
     opacities: wp.array(dtype=float),  # per (camera, Gaussian), flattened like means2d
     depths: wp.array(dtype=float),
@@ -149,15 +204,15 @@ def rasterize_forward_block(
             break
         ids = wp.tile_load(values, shape=BLOCK, offset=b, storage="shared")
         t_m2 = wp.tile_load_indexed(means2d, indices=ids, shape=(BLOCK,), offset=(0,), axis=0, storage="shared")
-        t_q = wp.tile_load_indexed(conics, indices=ids, shape=(BLOCK,), offset=(0,), axis=0, storage="shared")
+        t_ax = wp.tile_load_indexed(axes, indices=ids, shape=(BLOCK,), offset=(0,), axis=0, storage="shared")
         t_o = wp.tile_load_indexed(opacities, indices=ids, shape=(BLOCK,), offset=(0,), axis=0, storage="shared")
         t_rgb = wp.tile_load_indexed(colors, indices=ids, shape=(BLOCK, 4), offset=(0, 0), axis=0, storage="shared")
         n = wp.min(BLOCK, end - b)
         if done == 0:
             for kk in range(n):
-                alpha, sigma, dx, dy = gaussian_alpha(wp.tile_extract(t_m2, kk), wp.tile_extract(t_q, kk),
-                                                      wp.tile_extract(t_o, kk), px, py)
-                if sigma < 0.0 or alpha < alpha_min:
+                alpha, sigma, dx, dy, p, q = axes_alpha(wp.tile_extract(t_m2, kk), wp.tile_extract(t_ax, kk),
+                                                        wp.tile_extract(t_o, kk), px, py)
+                if alpha < alpha_min:
                     continue
                 next_T = T * (1.0 - alpha)
                 if next_T <= t_stop:
@@ -191,7 +246,7 @@ def rasterize_forward_block(
 @wp.kernel
 def rasterize_backward_block(
     means2d: wp.array(dtype=wp.vec2),
-    conics: wp.array(dtype=wp.vec3d),
+    axes: wp.array(dtype=wp.vec4),  # per (camera, Gaussian): conic_axes
     colors: wp.array2d(dtype=float),
     opacities: wp.array(dtype=float),  # per (camera, Gaussian)
     depths: wp.array(dtype=float),
@@ -256,20 +311,20 @@ def rasterize_backward_block(
         lo = wp.max(start, hi - BLOCK)
         ids = wp.tile_load(values, shape=BLOCK, offset=lo, storage="shared")
         t_m2 = wp.tile_load_indexed(means2d, indices=ids, shape=(BLOCK,), offset=(0,), axis=0, storage="shared")
-        t_q = wp.tile_load_indexed(conics, indices=ids, shape=(BLOCK,), offset=(0,), axis=0, storage="shared")
+        t_ax = wp.tile_load_indexed(axes, indices=ids, shape=(BLOCK,), offset=(0,), axis=0, storage="shared")
         t_o = wp.tile_load_indexed(opacities, indices=ids, shape=(BLOCK,), offset=(0,), axis=0, storage="shared")
         t_rgb = wp.tile_load_indexed(colors, indices=ids, shape=(BLOCK, 4), offset=(0, 0), axis=0, storage="shared")
         for kk in range(hi - lo - 1, -1, -1):
             k = lo + kk
             idx = wp.tile_extract(ids, kk)
             m2 = wp.tile_extract(t_m2, kk)
-            q = wp.tile_extract(t_q, kk)
+            ax = wp.tile_extract(t_ax, kk)
             o = wp.tile_extract(t_o, kk)
             valid = int(0)
             g = vec16()
             if k <= my_last:
-                alpha, sigma, dx, dy = gaussian_alpha(m2, q, o, px, py)
-                if sigma >= 0.0 and alpha >= alpha_min:
+                alpha, sigma, dx, dy, p, q = axes_alpha(m2, ax, o, px, py)
+                if alpha >= alpha_min:
                     valid = 1
                     one_minus = 1.0 - alpha
                     T = T / one_minus
@@ -289,11 +344,9 @@ def rasterize_backward_block(
                     vis = wp.exp(-sigma)
                     if o * vis <= ALPHA_MAX:
                         vs = -o * vis * v_alpha
-                        qx = float(q[0])
-                        qy = float(q[1])
-                        qz = float(q[2])
-                        g[4] = vs * (qx * dx + qy * dy)
-                        g[5] = vs * (qy * dx + qz * dy)
+                        # d sigma / d mean2d = conic d = l1 p u + l2 q v
+                        g[4] = vs * (ax[2] * p * ax[0] - ax[3] * q * ax[1])
+                        g[5] = vs * (ax[2] * p * ax[1] + ax[3] * q * ax[0])
                         g[6] = 0.5 * vs * dx * dx
                         g[7] = vs * dx * dy
                         g[8] = 0.5 * vs * dy * dy

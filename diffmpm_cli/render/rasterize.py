@@ -187,8 +187,13 @@ class _Rasterize(torch.autograd.Function):
             flat = dict(means2d=means2d.flatten(), conics=conics.flatten(), radii=radii.flatten(),
                         colors=wrap(colors.reshape(C * N, D) if D else torch.zeros(C * N, 1, device=device)),
                         opacities=w_opac, depths=depths.flatten())
-            if path == "block" and C > 1:
-                flat["opacities"] = wrap(opacities.repeat(C))
+            if path == "block":
+                if C > 1:
+                    flat["opacities"] = wrap(opacities.repeat(C))
+                flat["axes"] = wp.empty(C * N, dtype=wp.vec4, device=wdev)
+                if N:
+                    wp.launch(raster_block.conic_axes, dim=C * N, device=wdev, inputs=[flat["conics"]],
+                              outputs=[flat["axes"]])
             common = dict(with_depth=with_depth, backgrounds=wrap(backgrounds if D else torch.zeros(C, 1, device=device)),
                           gaussian_count=N, alpha_min=settings["alpha_min"], t_stop=settings["t_stop"], values=values,
                           starts=starts)
@@ -198,7 +203,7 @@ class _Rasterize(torch.autograd.Function):
                 with cpu_blocks(wdev):
                     wp.launch_tiled(raster_block.rasterize_forward_block, dim=C * tiles_y * tiles_x, block_dim=BLOCK,
                                     device=wdev, inputs=[
-                                        flat["means2d"], flat["conics"], flat["colors"], flat["opacities"],
+                                        flat["means2d"], flat["axes"], flat["colors"], flat["opacities"],
                                         flat["depths"], with_depth, common["backgrounds"], common["alpha_min"],
                                         common["t_stop"], values, starts, ends, *frame], outputs=outputs)
             else:
@@ -246,7 +251,7 @@ class _Rasterize(torch.autograd.Function):
                     with cpu_blocks(wdev):
                         wp.launch_tiled(raster_block.rasterize_backward_block, dim=C * tiles_y * tiles_x,
                                         block_dim=BLOCK, device=wdev, inputs=[
-                                            flat["means2d"], flat["conics"], flat["colors"], flat["opacities"],
+                                            flat["means2d"], flat["axes"], flat["colors"], flat["opacities"],
                                             flat["depths"], *common.values(), *cotangents],
                                         outputs=[wp.from_torch(slots.reshape(-1)), wp.from_torch(v_colors.reshape(-1)),
                                                  wp.from_torch(v_bg)])
