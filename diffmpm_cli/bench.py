@@ -273,9 +273,9 @@ def bench_render(*, gaussians: int = 3000, width: int = 128, height: int = 128, 
     }
     if device.startswith("cuda"):
         pixel_fwd, pixel_bwd = _fwd_bwd_times(functools.partial(_ours, path="pixel"), inputs, width, height, repeats)
-        result.update(pixel_forward_s=pixel_fwd, pixel_backward_s=pixel_bwd,
-                      graph_capacity=int(isects * 1.25) + 1024,
-                      graph_forward_backward_s=_graph_time(inputs, width, height, repeats, int(isects * 1.25) + 1024))
+        capacity = int(isects * 1.25) + 1024
+        result.update(pixel_forward_s=pixel_fwd, pixel_backward_s=pixel_bwd, graph_capacity=capacity,
+                      graph_forward_backward_s=_graph_time(inputs, width, height, repeats, capacity))
     if compare_gsplat:
         import gsplat
 

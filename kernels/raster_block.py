@@ -24,8 +24,6 @@ from .splat import ALPHA_MAX, TILE
 wp.set_module_options({"enable_backward": False})  # hand-written adjoints only; nothing here is taped
 
 BLOCK = wp.constant(256)  # TILE * TILE pixels per block, and Gaussians per shared-memory batch
-
-
 SLOTS = wp.constant(16)  # per-Gaussian gradient slots: colour 0-3, mean2d 4-5, conic 6-8, opacity 9, depth 10
 vec16 = wp.types.vector(length=16, dtype=float)
 
@@ -129,15 +127,14 @@ def conic_axes(conics: wp.array(dtype=wp.vec3d), axes_out: wp.array(dtype=wp.vec
         elif n2 > wp.float64(0.0):
             ux = x2 / wp.sqrt(n2)
             uy = y2 / wp.sqrt(n2)
-        elif a < c:
-            ux = wp.float64(0.0)
-            uy = wp.float64(1.0)
+        # else b = 0 and a = c: isotropic, any unit u will do
     axes_out[i] = wp.vec4(float(ux), float(uy), float(l1), float(l2))
 
 
 @wp.func
 def axes_alpha(m2: wp.vec2, ax: wp.vec4, opacity: float, px: float, py: float):
-    """(alpha, sigma, p, q) of a Gaussian at a pixel centre from its principal axes (conic_axes), float32."""
+    """(alpha, sigma, dx, dy, p, q) of a Gaussian at a pixel centre from its principal axes (conic_axes), float32:
+    d = mean - pixel centre, p = u.d, q = v.d."""
     dx = m2[0] - px
     dy = m2[1] - py
     p = ax[0] * dx + ax[1] * dy

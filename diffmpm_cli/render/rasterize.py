@@ -232,11 +232,8 @@ class _Rasterize(torch.autograd.Function):
         device = s["device"]
         wdev = warp_device(device)
         with torch_stream(device):
-            v_means2d = torch.zeros(C * N, 2, device=device)
-            v_conics = torch.zeros(C * N, 3, device=device, dtype=torch.float64)
             v_colors = torch.zeros(C * N, max(D, 1), device=device)
             v_opac = torch.zeros(N, device=device)
-            v_depths = torch.zeros(C * N, device=device)
             v_bg = torch.zeros(C, max(D, 1), device=device)
             if N:
                 if s["channels"]:
@@ -260,6 +257,9 @@ class _Rasterize(torch.autograd.Function):
                     v_means2d, v_conics, v_depths = slots[:, 4:6], slots[:, 6:9].double(), slots[:, 10]
                     v_opac = slots[:, 9].reshape(C, N).sum(0)
                 else:
+                    v_means2d = torch.zeros(C * N, 2, device=device)
+                    v_conics = torch.zeros(C * N, 3, device=device, dtype=torch.float64)
+                    v_depths = torch.zeros(C * N, device=device)
                     kernel = splat.rasterize_backward if s["path"] == "pixel" else splat.rasterize_backward_tiles
                     dim = (C, H, W) if s["path"] == "pixel" else (C, tiles_y, tiles_x)
                     scratch = [] if s["path"] == "pixel" else [wp.zeros(C * H * W, dtype=float, device=wdev)
