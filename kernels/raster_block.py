@@ -19,7 +19,7 @@ its own slots, so the same kernel gives the same sums.
 
 import warp as wp
 
-from .splat import ALPHA_MAX, TILE
+from .splat import ALPHA_MAX, TILE, alpha_cotangent, exponent_cotangents
 
 wp.set_module_options({"enable_backward": False})  # hand-written adjoints only; nothing here is taped
 
@@ -336,18 +336,16 @@ def rasterize_backward_block(
                     if with_depth != 0:
                         g[10] = w * v_dep
                         dot += depths[idx] * v_dep
-                    v_alpha = dot * T - behind / one_minus + T_end / one_minus * (v_a - bg_dot)
+                    v_alpha = alpha_cotangent(dot, T, behind, alpha, T_end, v_a, bg_dot)
                     behind += w * dot
-                    vis = wp.exp(-sigma)
-                    if o * vis <= ALPHA_MAX:
-                        vs = -o * vis * v_alpha
-                        # d sigma / d mean2d = conic d = l1 p u + l2 q v
-                        g[4] = vs * (ax[2] * p * ax[0] - ax[3] * q * ax[1])
-                        g[5] = vs * (ax[2] * p * ax[1] + ax[3] * q * ax[0])
-                        g[6] = 0.5 * vs * dx * dx
-                        g[7] = vs * dx * dy
-                        g[8] = 0.5 * vs * dy * dy
-                        g[9] = vis * v_alpha
+                    vs, v_o = exponent_cotangents(o, sigma, v_alpha)
+                    g[9] = v_o
+                    # d sigma / d mean2d = conic d = l1 p u + l2 q v
+                    g[4] = vs * (ax[2] * p * ax[0] - ax[3] * q * ax[1])
+                    g[5] = vs * (ax[2] * p * ax[1] + ax[3] * q * ax[0])
+                    g[6] = 0.5 * vs * dx * dx
+                    g[7] = vs * dx * dy
+                    g[8] = 0.5 * vs * dy * dy
             if warp_any(valid) != 0:
                 add_gradient(v_slots, idx, g, lane, used)
         hi = lo

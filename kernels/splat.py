@@ -253,6 +253,28 @@ def gaussian_alpha(m2: wp.vec2, conic: wp.vec3d, opacity: float, px: float, py: 
 
 
 @wp.func
+def alpha_cotangent(dot: float, T: float, behind: float, alpha: float, T_end: float, v_a: float, bg_dot: float):
+    """d loss / d alpha of one Gaussian at one pixel, in the back-to-front walk of the compositing adjoint.
+
+    T: transmittance in front of the Gaussian; dot: v_image . its colour (and depth); behind: the sum over the
+    Gaussians behind it of w_k v_image . colour_k; T_end: the pixel's final transmittance; v_a: d loss / d pixel
+    alpha; bg_dot: v_image . background. Its own colour weighted by T, minus what shines through from behind, and
+    the alpha and background terms through T_end.
+    """
+    one_minus = 1.0 - alpha
+    return dot * T - behind / one_minus + T_end / one_minus * (v_a - bg_dot)
+
+
+@wp.func
+def exponent_cotangents(opacity: float, sigma: float, v_alpha: float):
+    """(d loss / d sigma, d loss / d opacity) through alpha = min(0.999, o exp(-sigma)); both 0 where clamped."""
+    vis = wp.exp(-sigma)
+    if opacity * vis <= ALPHA_MAX:
+        return -opacity * vis * v_alpha, vis * v_alpha
+    return 0.0, 0.0
+
+
+@wp.func
 def outside_box(m2: wp.vec2, rad: wp.vec2i, px: float, py: float):
     """Pixel centre outside the Gaussian's box: there alpha < alpha_min already, so it is skipped without evaluating."""
     return wp.abs(m2[0] - px) > float(rad[0]) or wp.abs(m2[1] - py) > float(rad[1])
@@ -391,13 +413,10 @@ def rasterize_backward(
             if with_depth != 0:
                 wp.atomic_add(v_depths, idx, w * v_image[pix, D])
                 dot += depths[idx] * v_image[pix, D]
-            one_minus = 1.0 - alpha
-            # d out / d alpha: own colour T, minus what shines through from behind, alpha and background terms
-            v_alpha = dot * T - behind / one_minus + T_end / one_minus * (v_a - bg_dot)
+            v_alpha = alpha_cotangent(dot, T, behind, alpha, T_end, v_a, bg_dot)
             behind += w * dot
-            vis = wp.exp(-sigma)
-            if o * vis <= ALPHA_MAX:
-                v_sigma = -o * vis * v_alpha
+            v_sigma, v_o = exponent_cotangents(o, sigma, v_alpha)
+            if v_sigma != 0.0 or v_o != 0.0:
                 vs = wp.float64(v_sigma)
                 ddx = wp.float64(dx)
                 ddy = wp.float64(dy)
@@ -406,7 +425,7 @@ def rasterize_backward(
                                                       wp.float64(0.5) * vs * ddy * ddy))
                 wp.atomic_add(v_means2d, idx, wp.vec2(float(vs * (q[0] * ddx + q[1] * ddy)),
                                                       float(vs * (q[1] * ddx + q[2] * ddy))))
-                wp.atomic_add(v_opacities, idx % gaussian_count, vis * v_alpha)
+                wp.atomic_add(v_opacities, idx % gaussian_count, v_o)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -580,19 +599,17 @@ def rasterize_backward_tiles(
                     if with_depth != 0:
                         g_depth += w * v_image[pix, D]
                         dot += depths[idx] * v_image[pix, D]
-                    T_end = T_final[pix]
-                    v_alpha = dot * T - behind_scratch[pix] / one_minus
-                    v_alpha = v_alpha + T_end / one_minus * (v_alpha_out[pix] - bg_scratch[pix])
+                    v_alpha = alpha_cotangent(dot, T, behind_scratch[pix], alpha, T_final[pix], v_alpha_out[pix],
+                                              bg_scratch[pix])
                     behind_scratch[pix] = behind_scratch[pix] + w * dot
-                    vis = wp.exp(-sigma)
-                    if o * vis <= ALPHA_MAX:
-                        vs = wp.float64(-o * vis * v_alpha)
-                        ddx = wp.float64(dx)
-                        ddy = wp.float64(dy)
-                        g_conic += wp.vec3d(wp.float64(0.5) * vs * ddx * ddx, vs * ddx * ddy,
-                                            wp.float64(0.5) * vs * ddy * ddy)
-                        g_m2 += wp.vec2(float(vs * (q[0] * ddx + q[1] * ddy)), float(vs * (q[1] * ddx + q[2] * ddy)))
-                        g_opacity += vis * v_alpha
+                    v_sigma, v_o = exponent_cotangents(o, sigma, v_alpha)
+                    vs = wp.float64(v_sigma)
+                    ddx = wp.float64(dx)
+                    ddy = wp.float64(dy)
+                    g_conic += wp.vec3d(wp.float64(0.5) * vs * ddx * ddx, vs * ddx * ddy,
+                                        wp.float64(0.5) * vs * ddy * ddy)
+                    g_m2 += wp.vec2(float(vs * (q[0] * ddx + q[1] * ddy)), float(vs * (q[1] * ddx + q[2] * ddy)))
+                    g_opacity += v_o
         wp.atomic_add(v_means2d, idx, g_m2)
         wp.atomic_add(v_conics, idx, g_conic)
         wp.atomic_add(v_opacities, idx % gaussian_count, g_opacity)
