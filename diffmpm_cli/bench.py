@@ -67,7 +67,7 @@ def bench_mpm(*, particles: int = 4096, grid: int = 32, steps: int = 50, shuffle
     """Particle-steps per second of the forward step and of a checkpointed forward+backward rollout.
 
     Forward: ``steps`` steps without a tape, reusing one grid (the median of ``repeats`` runs). Forward+backward:
-    a differentiable rollout of ``backward_steps`` steps (default ``steps``) with gradients for dFc and E.
+    a differentiable rollout of ``backward_steps`` steps (default ``steps``) with gradients for the controls Fc and E.
     Also the median time of each kernel (P2G with stress, grid update, G2P) over ``steps`` launches.
     """
     wp = warp()
@@ -87,7 +87,7 @@ def bench_mpm(*, particles: int = 4096, grid: int = 32, steps: int = 50, shuffle
     mu = torch.full((n,), E / (2 * (1 + nu)), device=torch_device)
     lam = torch.full((n,), E * nu / ((1 + nu) * (1 - 2 * nu)), device=torch_device)
     wmu, wlam = wp.from_torch(mu), wp.from_torch(lam)
-    dfc = wp.zeros((1, n), dtype=wp.mat33, device=sim.device)
+    fc = wp.zeros((1, n), dtype=wp.mat33, device=sim.device)  # unused: control -1
     states = [sim.new_state(), sim.new_state()]
     grid_arrays = sim.new_grid()
 
@@ -101,7 +101,7 @@ def bench_mpm(*, particles: int = 4096, grid: int = 32, steps: int = 50, shuffle
         a, b = states
         for _ in range(steps):
             grid_arrays.zero_()
-            sim.step(a, b, grid_arrays, mu=wmu, lam=wlam, dFc=dfc, control=-1, taped=False)
+            sim.step(a, b, grid_arrays, mu=wmu, lam=wlam, Fc=fc, control=-1, taped=False)
             a, b = b, a
 
     reset()
@@ -112,15 +112,15 @@ def bench_mpm(*, particles: int = 4096, grid: int = 32, steps: int = 50, shuffle
     split = {}
     reset()
     for name in ("sort", "p2g", "grid_update", "g2p") if sim.sort_every else ("p2g", "grid_update", "g2p"):
-        split[name] = statistics.median(_kernel_times(sim, name, states, grid_arrays, wmu, wlam, dfc, device, steps))
+        split[name] = statistics.median(_kernel_times(sim, name, states, grid_arrays, wmu, wlam, fc, device, steps))
 
     T = backward_steps or steps
     K = model.control_layers(T)
 
     def forward_backward():
-        dFc = torch.zeros(K, n, 3, 3, device=torch_device, requires_grad=True)
+        Fc = torch.eye(3, device=torch_device).repeat(K, n, 1, 1).requires_grad_(True)
         E_t = torch.tensor(E, device=torch_device, requires_grad=True)
-        out = simulate(sim, x0=x0, v0=v0, E=E_t, nu=torch.tensor(nu, device=torch_device), dFc=dFc, steps=T)
+        out = simulate(sim, x0=x0, v0=v0, E=E_t, nu=torch.tensor(nu, device=torch_device), Fc=Fc, steps=T)
         out.x[-1].sum().backward()
         return out.stats
 
@@ -156,13 +156,13 @@ def bench_mpm(*, particles: int = 4096, grid: int = 32, steps: int = 50, shuffle
     }
 
 
-def _kernel_times(sim, name, states, grid, mu, lam, dfc, device, steps) -> list[float]:
+def _kernel_times(sim, name, states, grid, mu, lam, fc, device, steps) -> list[float]:
     """Time one kernel of the step ``steps`` times in a row (the others run untimed in between)."""
     a, b = states
     times = []
     for _ in range(steps):
         grid.zero_()
-        launches = sim.launches(a, b, grid, mu=mu, lam=lam, dFc=dfc, control=-1, taped=False)
+        launches = sim.launches(a, b, grid, mu=mu, lam=lam, Fc=fc, control=-1, taped=False)
         for label, launch in launches:
             if label == name:
                 times += _timed(launch, device, 1)

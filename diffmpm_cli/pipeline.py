@@ -14,6 +14,7 @@ import torch
 
 from .render.camera import build_cameras
 from .render.rasterize import GSPLAT, RasterCutoffs, rasterization
+from .sim.controls import control_matrices
 from .sim.model import MPMModel
 from .sim.op import RolloutResult, simulate
 from .sim.solver import Simulator
@@ -102,8 +103,15 @@ class Pipeline:
         start = self.start or {}
         v0 = start["v"] if start and "v0" not in params else p["v0"]
         return simulate(self.sim, x0=start.get("x", self.x0), v0=v0, E=torch.exp(p["log_E"]), nu=p["nu"],
-                        steps=self.steps, dFc=p.get("dFc"), F0=start.get("F"), C0=start.get("C"), frames=self.frames,
+                        steps=self.steps, Fc=self.control_matrices(p.get("dFc")), F0=start.get("F"), C0=start.get("C"), frames=self.frames,
                         segment_length=self.scene.sim.segment_length)
+
+    def control_matrices(self, dFc: torch.Tensor | None) -> torch.Tensor | None:
+        """The multiplicative controls Fc [K, N, 3, 3] (det > 0) of the learned log strains dFc (sim/controls.py)."""
+        if dFc is None:
+            return None
+        c = self.scene.learn.dFc
+        return control_matrices(dFc, max_strain=c.max_strain, max_volume_strain=c.max_volume_strain)
 
     def gaussians(self, x: torch.Tensor, F: torch.Tensor, params: dict[str, torch.Tensor]):
         """means [M, 3], covars [M, 3, 3], colors [M, 3], opacities [M] for one state."""

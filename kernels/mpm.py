@@ -5,7 +5,7 @@ stencil base ``floor(g - shift)``: shift 0.5 and 3 nodes per axis (quadratic), s
 APIC/MLS inertia factor is D^-1 = 4 / dx^2 (quadratic) or 3 / dx^2 (cubic).
 
 One step, for control index ``control`` (-1 off control steps):
-  F~ = F + dFc[control]                       stress from F~ (Kirchhoff tau = P(F~) F~^T, + bulk viscosity)
+  F~ = Fc[control] F                          stress from F~ (Kirchhoff tau = P(F~) F~^T, + bulk viscosity)
   P2G   m_i += w m_p;  p_i += w (m_p v_p + (m_p C_p - dt V_p D^-1 tau_p)(x_i - x_p))
   grid  v_i = p_i / m_i + dt g (0 where m_i <= mass_eps), then floor contact, then walls
   G2P   v_p = sum w v_i;  C_p = D^-1 sum w v_i (x_i - x_p)^T;  F+ = (I + dt C) F~;  x+ = x + dt v  (held inside)
@@ -117,11 +117,14 @@ MATERIALS = {"fixed_corotated": fixed_corotated_tau, "neo_hookean": neo_hookean_
 
 
 @wp.func
-def controlled_F(F: wp.mat33, dFc: wp.array2d(dtype=wp.mat33), control: int, p: int):
-    """F~ = F + dFc[control, p] on control steps (control >= 0), else F (one return: see WARP_FINDINGS)."""
+def controlled_F(F: wp.mat33, Fc: wp.array2d(dtype=wp.mat33), control: int, p: int):
+    """F~ = Fc[control, p] F on control steps (control >= 0), else F (one return: see WARP_FINDINGS).
+
+    Fc is a multiplicative control (diffmpm_cli/sim/controls.py builds it as exp of a bounded, trace-limited log
+    strain, so det Fc > 0: a control can never invert a particle)."""
     out = F
     if control >= 0:
-        out = F + dFc[control, p]
+        out = Fc[control, p] * F
     return out
 
 
@@ -210,7 +213,7 @@ def _p2g_kernel(order: str, material: str):
         lam: wp.array(dtype=float),
         bulk_viscosity: float,
         # controls
-        dFc: wp.array2d(dtype=wp.mat33),
+        Fc: wp.array2d(dtype=wp.mat33),
         control: int,
         # state in
         x_in: wp.array(dtype=wp.vec3),
@@ -227,7 +230,7 @@ def _p2g_kernel(order: str, material: str):
         bx, by, bz, wx, wy, wz = stencil(x, grid_lower, inv_dx, grid_mass_out.shape[0], grid_mass_out.shape[1],
                                          grid_mass_out.shape[2])
         m = particle_mass[p]
-        affine = particle_affine(controlled_F(F_in[p], dFc, control, p), C_in[p], mu[p], lam[p], m,
+        affine = particle_affine(controlled_F(F_in[p], Fc, control, p), C_in[p], mu[p], lam[p], m,
                                  particle_volume[p], dt, inv_dx, bulk_viscosity)
         mv = m * v_in[p]
         for i in range(wp.static(width)):
@@ -289,7 +292,7 @@ def _p2g_tiled_kernel(order: str, material: str, block_dim: int):
         lam: wp.array(dtype=float),
         bulk_viscosity: float,
         # controls
-        dFc: wp.array2d(dtype=wp.mat33),
+        Fc: wp.array2d(dtype=wp.mat33),
         control: int,
         # particle visiting order (a permutation; sorted by cell for speed)
         order: wp.array(dtype=int),
@@ -312,7 +315,7 @@ def _p2g_tiled_kernel(order: str, material: str, block_dim: int):
         bx, by, bz, wx, wy, wz = stencil(x, grid_lower, inv_dx, grid_mass_out.shape[0], grid_mass_out.shape[1],
                                          grid_mass_out.shape[2])
         m = particle_mass[p]
-        affine = particle_affine(controlled_F(F_in[p], dFc, control, p), C_in[p], mu[p], lam[p], m,
+        affine = particle_affine(controlled_F(F_in[p], Fc, control, p), C_in[p], mu[p], lam[p], m,
                                  particle_volume[p], dt, inv_dx, bulk_viscosity)
         mv = m * v_in[p]
         # the block's box of stencil nodes
@@ -512,7 +515,7 @@ def _g2p_kernel(order: str):
         f_blend: float,
         min_J: float,
         # controls
-        dFc: wp.array2d(dtype=wp.mat33),
+        Fc: wp.array2d(dtype=wp.mat33),
         control: int,
         # state in
         x_in: wp.array(dtype=wp.vec3),
@@ -541,7 +544,7 @@ def _g2p_kernel(order: str):
                     v += w * vi
                     B += w * wp.outer(vi, node - x)
         C = (wp.static(inertia) * inv_dx * inv_dx) * B
-        F = (wp.identity(3, dtype=float) + dt * C) * controlled_F(F_in[p], dFc, control, p)
+        F = (wp.identity(3, dtype=float) + dt * C) * controlled_F(F_in[p], Fc, control, p)
         if f_blend < 1.0:  # seed extra: F <- a F + (1 - a) I
             F = f_blend * F + (1.0 - f_blend) * wp.identity(3, dtype=float)
         if min_J > 0.0:  # seed extra: det F >= min_J by uniform scaling

@@ -11,6 +11,7 @@ from conftest import DEVICES
 
 from diffmpm_cli.errors import SimulationError
 from diffmpm_cli.gradcheck import directional_probes
+from diffmpm_cli.sim.controls import bounded_log_strain, control_matrices
 from diffmpm_cli.reference.mpm import energy_density_ref, grid_mass_ref, rollout_ref
 from diffmpm_cli.sim.grid import GridSpec, lame_parameters
 from diffmpm_cli.sim.model import MPMModel
@@ -41,12 +42,12 @@ def make_particles(count=120, seed=0, low=(0.3, 0.262, 0.3), high=(0.7, 0.6, 0.7
     return dict(x=x, v=v, F=F, C=C), mass, volume
 
 
-def run_warp(model, state, mass, volume, *, E, nu, steps, dFc=None, frames=(), segment_length=None, device="cpu"):
+def run_warp(model, state, mass, volume, *, E, nu, steps, Fc=None, frames=(), segment_length=None, device="cpu"):
     """A Warp rollout on ``device``; the result's tensors come back on the CPU."""
     on = lambda t: t.float().to(device)  # noqa: E731
     sim = Simulator(model, mass=on(mass), volume=on(volume))
     result = simulate(sim, x0=on(state["x"]), v0=on(state["v"]), F0=on(state["F"]), C0=on(state["C"]), E=on(E),
-                      nu=on(nu), steps=steps, dFc=None if dFc is None else on(dFc), frames=frames,
+                      nu=on(nu), steps=steps, Fc=None if Fc is None else on(Fc), frames=frames,
                       segment_length=segment_length)
     for name in FIELDS:
         setattr(result, name, getattr(result, name).cpu())
@@ -74,12 +75,15 @@ def test_step_matches_the_twin(order, material, device):
     state, mass, volume = make_particles()
     E, nu = torch.full((120,), 1.0e4, dtype=torch.float64), torch.full((120,), 0.3, dtype=torch.float64)
     E[:60] = 3.0e4  # per-particle material
-    dFc = 0.02 * torch.randn(4, 120, 3, 3, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    sim, result = run_warp(model, state, mass, volume, E=E, nu=nu, steps=20, dFc=dFc, frames=[1], device=device)
+    Fc = torch.eye(3, dtype=torch.float64) + 0.02 * torch.randn(4, 120, 3, 3, generator=torch.Generator().manual_seed(1),
+                                                                 dtype=torch.float64)
+    Fc = Fc.float().double()  # the kernels read float32: give the twin the same numbers
+    sim, result = run_warp(model, state, mass, volume, E=E, nu=nu, steps=20, Fc=Fc, frames=[1], device=device)
     mu, lam = lame_parameters(E, nu)
-    ref = rollout_ref(state, model=model, steps=20, mass=mass, volume=volume, mu=mu, lam=lam, dFc=dFc,
+    ref = rollout_ref(state, model=model, steps=20, mass=mass, volume=volume, mu=mu, lam=lam, Fc=Fc,
                       node_mass_eps=sim.node_mass_eps, frames=[1])
-    for row, (step, tolerance) in enumerate([(1, 1e-5), (20, 1e-3)]):
+    # C after one step is a small difference of float32 momenta: 1.5e-5 relative with multiplicative controls
+    for row, (step, tolerance) in enumerate([(1, 3e-5), (20, 1e-3)]):
         for name in FIELDS:
             err = rel_error(getattr(result, name)[row], ref[row][name])
             assert err <= tolerance, f"{name} after {step} steps: rel error {err:.2e}"
@@ -106,7 +110,7 @@ def test_backward_matches_the_twin_by_random_cotangents(order, material, device)
     g = torch.Generator().manual_seed(5)
     inputs = {
         "x0": state["x"], "v0": state["v"], "F0": state["F"], "C0": state["C"],
-        "dFc": 0.02 * torch.randn(2, 60, 3, 3, generator=g, dtype=torch.float64),
+        "Fc": torch.eye(3, dtype=torch.float64) + 0.02 * torch.randn(2, 60, 3, 3, generator=g, dtype=torch.float64),
         "E": torch.full((60,), 1.0e4, dtype=torch.float64), "nu": torch.full((60,), 0.3, dtype=torch.float64),
     }
     cotangents = {name: torch.randn_like(state[name]) for name in FIELDS}
@@ -118,7 +122,7 @@ def test_backward_matches_the_twin_by_random_cotangents(order, material, device)
             f32 = {k: v.float().to(device) for k, v in leaves.items()}
             sim = Simulator(model, mass=mass.float().to(device), volume=volume.float().to(device))
             out = simulate(sim, x0=f32["x0"], v0=f32["v0"], F0=f32["F0"], C0=f32["C0"], E=f32["E"], nu=f32["nu"],
-                           dFc=f32["dFc"], steps=steps)
+                           Fc=f32["Fc"], steps=steps)
             final = {name: getattr(out, name)[-1].cpu() for name in FIELDS}
             eps = sim.node_mass_eps
         else:
@@ -126,7 +130,7 @@ def test_backward_matches_the_twin_by_random_cotangents(order, material, device)
             start = {"x": leaves["x0"], "v": leaves["v0"], "F": leaves["F0"], "C": leaves["C0"]}
             eps = 1e-8 * float(mass.mean())
             final = rollout_ref(start, model=model, steps=steps, mass=mass, volume=volume, mu=mu, lam=lam,
-                                dFc=leaves["dFc"], node_mass_eps=eps)[-1]
+                                Fc=leaves["Fc"], node_mass_eps=eps)[-1]
         total = sum((final[n].double() * cotangents[n]).sum() for n in FIELDS)
         return {k: g.cpu() for k, g in zip(leaves, torch.autograd.grad(total, list(leaves.values())), strict=True)}
 
@@ -137,7 +141,7 @@ def test_backward_matches_the_twin_by_random_cotangents(order, material, device)
 
 
 def test_finite_differences_through_the_kernels():
-    """dFc, log E, nu, v0 over 24 steps (gravity, a wall band, a frame), rel error <= 1e-2.
+    """dFc (log strains through sim/controls.py), log E, nu, v0 over 24 steps (gravity, a wall band, a frame), rel error <= 1e-2.
 
     The kernels run in float32, so below eps ~ 4e-3 the central difference of this loss is dominated by rounding
     (it scatters by a few per cent around the autodiff value); the steps here sit on the plateau where it agrees.
@@ -150,7 +154,8 @@ def test_finite_differences_through_the_kernels():
 
     def loss(p):
         out = simulate(sim, x0=state["x"].float(), v0=p["v0"], F0=state["F"].float(), C0=state["C"].float(),
-                       E=torch.exp(p["log_E"]), nu=p["nu"], dFc=p["dFc"], steps=24, frames=[12])
+                       E=torch.exp(p["log_E"]), nu=p["nu"], Fc=control_matrices(p["dFc"], max_strain=0.5), steps=24,
+                       frames=[12])
         return sum((getattr(out, n).double() * weights[n]).sum() for n in FIELDS)  # summed in float64
 
     params = {"dFc": torch.zeros(4, 80, 3, 3), "log_E": torch.tensor(math.log(1.0e4)), "nu": torch.tensor(0.3),
@@ -169,13 +174,13 @@ def test_checkpointed_gradients_equal_full_tape_gradients(device):
     grads = []
     for segment in (None, 16):  # about sqrt(16) = 4 steps per segment, then the whole rollout on one tape
         sim = Simulator(model, mass=mass.float().to(device), volume=volume.float().to(device))
-        dFc = torch.zeros(4, 60, 3, 3, device=device, requires_grad=True)
+        Fc = torch.eye(3, device=device).repeat(4, 60, 1, 1).requires_grad_(True)
         E = torch.tensor(1.0e4, device=device, requires_grad=True)
         out = simulate(sim, x0=state["x"].float().to(device), v0=state["v"].float().to(device), E=E,
-                       nu=torch.tensor(0.3, device=device), dFc=dFc, steps=16, frames=[6], segment_length=segment)
+                       nu=torch.tensor(0.3, device=device), Fc=Fc, steps=16, frames=[6], segment_length=segment)
         assert out.stats.segments == (5 if segment is None else 2)
         (out.x.sum() + (out.F**2).sum()).backward()
-        grads.append((dFc.grad.clone(), E.grad.clone()))
+        grads.append((Fc.grad.clone(), E.grad.clone()))
     (d1, e1), (d2, e2) = grads
     assert float((d1 - d2).norm() / d2.norm()) <= 1e-5
     assert float((e1 - e2).abs() / e2.abs()) <= 1e-5
@@ -326,3 +331,22 @@ def test_tiled_p2g_forward_equals_the_plain_one(device, sort_every):
         results.append(out)
     for name in FIELDS:
         assert rel_error(getattr(results[1], name).cpu(), getattr(results[0], name).cpu()) <= 1e-5, name
+
+
+def test_controls_cannot_invert_and_keep_volume():
+    """Log strains of any size give det Fc > 0; isochoric by default, bounded volume change otherwise, exact at 0."""
+    g = torch.Generator().manual_seed(3)
+    A = 5.0 * torch.randn(200, 3, 3, generator=g, dtype=torch.float64)
+    Fc = control_matrices(A, max_strain=0.5)
+    assert torch.allclose(torch.linalg.det(Fc), torch.ones(200, dtype=torch.float64), atol=1e-10)
+    log_strain = bounded_log_strain(A, max_strain=0.5)
+    assert torch.allclose(torch.linalg.matrix_exp(log_strain), Fc)
+    assert float(torch.linalg.matrix_norm(log_strain).max()) < 0.5  # the deviatoric bound
+    J = torch.linalg.det(control_matrices(A, max_strain=0.5, max_volume_strain=0.1))
+    assert float(J.min()) >= math.exp(-0.3) - 1e-12 and float(J.max()) <= math.exp(0.3) + 1e-12
+    assert torch.equal(control_matrices(torch.zeros(2, 3, 3), max_strain=0.5), torch.eye(3).expand(2, 3, 3))
+    small = 1e-3 * torch.randn(4, 3, 3, generator=g, dtype=torch.float64)  # ~ I + dev(A) for small A
+    dev = small - torch.diagonal(small, dim1=-2, dim2=-1).mean(-1)[:, None, None] * torch.eye(3, dtype=torch.float64)
+    assert torch.allclose(control_matrices(small, max_strain=0.5), torch.eye(3, dtype=torch.float64) + dev, atol=1e-5)
+    leaf = (0.3 * torch.randn(3, 3, 3, generator=g, dtype=torch.float64)).requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda a: control_matrices(a, max_strain=0.5, max_volume_strain=0.1), (leaf,))

@@ -285,9 +285,15 @@ class SimConfig(Section):
 
 
 class LearnDFc(Section):
-    enabled: bool = Field(False, description="learn the deformation-gradient controls dFc [K, N, 3, 3]")
+    enabled: bool = Field(False, description="learn the deformation-gradient controls: one log strain dFc [3, 3] per "
+                          "particle and control layer; at the layer's step F <- exp(bounded dFc) F (sim/controls.py)")
     lr: Positive = Field(1.0e-2, description="learning rate")
     init_scale: Annotated[float, Field(ge=0.0)] = Field(0.0, description="std of the random initial dFc; 0 = zeros")
+    max_strain: Annotated[float, Field(gt=0.0, le=5.0)] = Field(
+        0.5, description="bound on the deviatoric log strain of one control layer (Frobenius norm)")
+    max_volume_strain: Annotated[float, Field(ge=0.0, le=1.0)] = Field(
+        0.0, description="bound on the volumetric log strain ln(det) / 3 of one control layer; 0 = volume-preserving "
+        "controls (det F stays the true volume ratio, so mass cannot pile up unseen)")
 
 
 class LearnE(Section):

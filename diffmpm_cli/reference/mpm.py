@@ -76,7 +76,7 @@ def _apply_wall(v: torch.Tensor, axis: int, kind: int, outward: float, where: to
 
 
 def step_ref(state: dict, *, model, mass: torch.Tensor, volume: torch.Tensor, mu: torch.Tensor, lam: torch.Tensor,
-             dFc_t: torch.Tensor | None, node_mass_eps: float) -> dict:
+             Fc_t: torch.Tensor | None, node_mass_eps: float) -> dict:
     """One step of ``kernels/mpm.py`` in float64 torch, every particle against every node. ``state``: x, v, F, C."""
     g = model.grid
     dt = model.dt
@@ -94,7 +94,7 @@ def step_ref(state: dict, *, model, mass: torch.Tensor, volume: torch.Tensor, mu
     dpos = nodes[None, :, :] - x[:, None, :]
     inv_d = INERTIA[model.bspline] / g.dx**2
     # stress and P2G
-    Ft = F + dFc_t if dFc_t is not None else F
+    Ft = Fc_t @ F if Fc_t is not None else F
     tau = kirchhoff_ref(Ft, mu, lam, model.material)
     if model.bulk_viscosity > 0:
         tau = tau + model.bulk_viscosity * torch.einsum("pii->p", C)[:, None, None] * eye
@@ -137,7 +137,7 @@ def step_ref(state: dict, *, model, mass: torch.Tensor, volume: torch.Tensor, mu
     return {"x": x_new, "v": v_new, "F": F_new, "C": C_new}
 
 
-def rollout_ref(state: dict, *, model, steps: int, mass, volume, mu, lam, dFc=None, node_mass_eps: float,
+def rollout_ref(state: dict, *, model, steps: int, mass, volume, mu, lam, Fc=None, node_mass_eps: float,
                 frames=()) -> list[dict]:
     """Run ``steps`` steps of ``step_ref``; states at sorted({*frames, steps})."""
     out = []
@@ -145,9 +145,9 @@ def rollout_ref(state: dict, *, model, steps: int, mass, volume, mu, lam, dFc=No
     if 0 in wanted:
         out.append(state)
     for t in range(steps):
-        k = model.control_index(t) if dFc is not None else -1
+        k = model.control_index(t) if Fc is not None else -1
         state = step_ref(state, model=model, mass=mass, volume=volume, mu=mu, lam=lam,
-                         dFc_t=dFc[k] if k >= 0 else None, node_mass_eps=node_mass_eps)
+                         Fc_t=Fc[k] if k >= 0 else None, node_mass_eps=node_mass_eps)
         if t + 1 in wanted:
             out.append(state)
     return out

@@ -13,9 +13,9 @@ from .solver import Rollout, RolloutStats, Simulator
 
 class _RolloutFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, rollout: Rollout, x0, v0, F0, C0, dFc, mu, lam):
+    def forward(ctx, rollout: Rollout, x0, v0, F0, C0, Fc, mu, lam):
         with torch_stream(x0.device):
-            outputs = rollout.forward(x0, v0, F0, C0, dFc, mu, lam)
+            outputs = rollout.forward(x0, v0, F0, C0, Fc, mu, lam)
         ctx.rollout = rollout
         return tuple(outputs)
 
@@ -44,12 +44,12 @@ class RolloutResult:
 
 
 def simulate(sim: Simulator, *, x0: torch.Tensor, v0: torch.Tensor, E: torch.Tensor, nu: torch.Tensor,
-             steps: int, dFc: torch.Tensor | None = None, F0: torch.Tensor | None = None,
+             steps: int, Fc: torch.Tensor | None = None, F0: torch.Tensor | None = None,
              C0: torch.Tensor | None = None, frames=(), segment_length: int | None = None) -> RolloutResult:
     """Differentiable rollout of ``steps`` steps.
 
-    x0 [N, 3] m; v0 [3] or [N, 3] m/s; E [] or [N] Pa; nu [] or [N]; dFc [K, N, 3, 3] with K = ceil(steps /
-    stride) (None: no controls); F0, C0 [N, 3, 3] (default I and 0). Gradients reach every tensor input that
+    x0 [N, 3] m; v0 [3] or [N, 3] m/s; E [] or [N] Pa; nu [] or [N]; Fc [K, N, 3, 3] multiplicative controls
+    (F~ = Fc[k] F at step k stride) with K = ceil(steps / stride) (None: no controls); F0, C0 [N, 3, 3] (default I and 0). Gradients reach every tensor input that
     requires them, through one backward sweep over checkpointed segments.
     """
     n = x0.shape[0]
@@ -61,7 +61,7 @@ def simulate(sim: Simulator, *, x0: torch.Tensor, v0: torch.Tensor, E: torch.Ten
     mu, lam = mu.expand(n), lam.expand(n)
     _check_stability(sim, mu, lam)
     rollout = Rollout(sim, steps=steps, frames=frames, segment_length=segment_length)
-    x, v, F, C = _RolloutFunction.apply(rollout, x0, v0, F0, C0, dFc, mu, lam)
+    x, v, F, C = _RolloutFunction.apply(rollout, x0, v0, F0, C0, Fc, mu, lam)
     return RolloutResult(x=x, v=v, F=F, C=C, frames=rollout.frames, stats=rollout.stats)
 
 

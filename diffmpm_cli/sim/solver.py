@@ -126,7 +126,7 @@ class Simulator:
                                                                     g.shape[2], state.x], outputs=[self._keys, self._order])
         wp.utils.radix_sort_pairs(self._keys, self._order, n)
 
-    def launches(self, state_in: MPMState, state_out: MPMState, grid: MPMGrid, *, mu, lam, dFc, control: int,
+    def launches(self, state_in: MPMState, state_out: MPMState, grid: MPMGrid, *, mu, lam, Fc, control: int,
                  clamped=None, taped: bool = True, step: int | None = None) -> list[tuple[str, Callable[[], None]]]:
         """The launches of one step, in order, as (name, launch) pairs (the benchmark times them apart).
 
@@ -135,7 +135,7 @@ class Simulator:
         wp = warp()
         m, g = self.model, self.model.grid
         n = self.particle_count
-        inputs = [self._lower, g.dx, m.dt, self.volume, self.mass, mu, lam, m.bulk_viscosity, dFc, control]
+        inputs = [self._lower, g.dx, m.dt, self.volume, self.mass, mu, lam, m.bulk_viscosity, Fc, control]
         state = [state_in.x, state_in.v, state_in.F, state_in.C]
         fast = self.p2g_mode == "tiled" and not taped
         steps = []
@@ -163,20 +163,20 @@ class Simulator:
 
         def g2p():
             wp.launch(self._g2p, dim=n, device=self.device, inputs=[
-                self._lower, g.dx, m.dt, self._interior[0], self._interior[1], m.f_blend, m.min_J, dFc, control,
+                self._lower, g.dx, m.dt, self._interior[0], self._interior[1], m.f_blend, m.min_J, Fc, control,
                 state_in.x, state_in.F, grid.velocity,
             ], outputs=[state_out.x, state_out.v, state_out.F, state_out.C,
                         clamped if clamped is not None else self.clamped])
 
         return [*steps, ("p2g", p2g), ("grid_update", grid_update), ("g2p", g2p)]
 
-    def step(self, state_in: MPMState, state_out: MPMState, grid: MPMGrid, *, mu, lam, dFc, control: int,
+    def step(self, state_in: MPMState, state_out: MPMState, grid: MPMGrid, *, mu, lam, Fc, control: int,
              clamped=None, taped: bool = True, step: int | None = None) -> None:
         """One MLS-MPM step from ``state_in`` into ``state_out`` through ``grid`` (which must be zero).
 
         ``taped=False`` (no tape recording) allows the faster tiled P2G.
         """
-        for _, launch in self.launches(state_in, state_out, grid, mu=mu, lam=lam, dFc=dFc, control=control,
+        for _, launch in self.launches(state_in, state_out, grid, mu=mu, lam=lam, Fc=Fc, control=control,
                                        clamped=clamped, taped=taped, step=step):
             launch()
 
@@ -226,15 +226,15 @@ class Rollout:
         self._params = None
 
     # -- forward ------------------------------------------------------------------------------------------------
-    def forward(self, x0, v0, F0, C0, dFc, mu, lam) -> list[torch.Tensor]:
+    def forward(self, x0, v0, F0, C0, Fc, mu, lam) -> list[torch.Tensor]:
         """States at the frames, stacked: x [R, N, 3], v [R, N, 3], F [R, N, 3, 3], C [R, N, 3, 3]."""
         sim = self.sim
-        controlled = dFc is not None
+        controlled = Fc is not None
         K = sim.model.control_layers(self.steps)
-        if controlled and tuple(dFc.shape) != (K, sim.particle_count, 3, 3):
-            raise SimulationError(f"dFc must have shape [{K}, {sim.particle_count}, 3, 3], got {list(dFc.shape)}")
-        dfc = dFc if controlled else torch.zeros(1, sim.particle_count, 3, 3, device=sim.torch_device)
-        self._params = dict(dFc=_to_warp(dfc, "mat33", controlled), mu=_to_warp(mu, "float32", True),
+        if controlled and tuple(Fc.shape) != (K, sim.particle_count, 3, 3):
+            raise SimulationError(f"Fc must have shape [{K}, {sim.particle_count}, 3, 3], got {list(Fc.shape)}")
+        fc = Fc if controlled else torch.eye(3, device=sim.torch_device).expand(1, sim.particle_count, 3, 3)
+        self._params = dict(Fc=_to_warp(fc, "mat33", controlled), mu=_to_warp(mu, "float32", True),
                             lam=_to_warp(lam, "float32", True), controlled=controlled)
         current, spare = sim.new_state(), sim.new_state()
         _state_from_torch(current, (x0, v0, F0, C0))
@@ -247,7 +247,7 @@ class Rollout:
             for t in range(start, end):
                 grid.zero_()
                 sim.step(current, spare, grid, mu=self._params["mu"], lam=self._params["lam"],
-                         dFc=self._params["dFc"], control=self._control(t), taped=False, step=t)
+                         Fc=self._params["Fc"], control=self._control(t), taped=False, step=t)
                 current, spare = spare, current
             tensors = _state_to_torch(current)
             bad = [name for name, t in zip(MPMState.FIELDS, tensors, strict=True) if not torch.isfinite(t).all()]
@@ -275,7 +275,7 @@ class Rollout:
 
     # -- backward -----------------------------------------------------------------------------------------------
     def backward(self, grads) -> tuple:
-        """Gradients (x0, v0, F0, C0, dFc or None, mu, lam) from gradients of the stacked frame outputs."""
+        """Gradients (x0, v0, F0, C0, Fc or None, mu, lam) from gradients of the stacked frame outputs."""
         wp = warp()
         sim = self.sim
         frame_row = {f: i for i, f in enumerate(self.frames)}
@@ -293,7 +293,7 @@ class Rollout:
                 for t in range(start, end):
                     nxt = sim.new_state(requires_grad=True)
                     sim.step(current, nxt, sim.new_grid(requires_grad=True), mu=self._params["mu"],
-                             lam=self._params["lam"], dFc=self._params["dFc"], control=self._control(t),
+                             lam=self._params["lam"], Fc=self._params["Fc"], control=self._control(t),
                              clamped=scratch_counter, step=t)
                     current = nxt
             seeds = {array: wp.from_torch(g.float().contiguous(), dtype=getattr(wp, dtype))
@@ -305,10 +305,10 @@ class Rollout:
         if 0 in frame_row:
             carry = [c + (g[frame_row[0]] if g is not None else 0) for c, g in zip(carry, grads, strict=True)]
         p = self._params
-        g_dfc = wp.to_torch(p["dFc"].grad).clone() if p["controlled"] else None
+        g_fc = wp.to_torch(p["Fc"].grad).clone() if p["controlled"] else None
         g_mu, g_lam = wp.to_torch(p["mu"].grad).clone(), wp.to_torch(p["lam"].grad).clone()
         self._params, self._checkpoints = None, []  # release Warp arrays (Warp issue #675)
-        out = (*carry, g_dfc, g_mu, g_lam)
+        out = (*carry, g_fc, g_mu, g_lam)
         if not all(torch.isfinite(t).all() for t in out if t is not None):
             raise SimulationError("non-finite gradient in the MPM backward pass")
         return out
