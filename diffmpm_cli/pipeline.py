@@ -103,8 +103,8 @@ class Pipeline:
         start = self.start or {}
         v0 = start["v"] if start and "v0" not in params else p["v0"]
         return simulate(self.sim, x0=start.get("x", self.x0), v0=v0, E=torch.exp(p["log_E"]), nu=p["nu"],
-                        steps=self.steps, Fc=self.control_matrices(p.get("dFc")), F0=start.get("F"), C0=start.get("C"), frames=self.frames,
-                        segment_length=self.scene.sim.segment_length)
+                        steps=self.steps, Fc=self.control_matrices(p.get("dFc")), F0=start.get("F"), C0=start.get("C"),
+                        frames=self.frames, segment_length=self.scene.sim.segment_length)
 
     def control_matrices(self, dFc: torch.Tensor | None) -> torch.Tensor | None:
         """The multiplicative controls Fc [K, N, 3, 3] (det > 0) of the learned log strains dFc (sim/controls.py)."""

@@ -8,7 +8,8 @@ One step, for control index ``control`` (-1 off control steps):
   F~ = Fc[control] F                          stress from F~ (Kirchhoff tau = P(F~) F~^T, + bulk viscosity)
   P2G   m_i += w m_p;  p_i += w (m_p v_p + (m_p C_p - dt V_p D^-1 tau_p)(x_i - x_p))
   grid  v_i = p_i / m_i + dt g (0 where m_i <= mass_eps), then floor contact, then walls
-  G2P   v_p = sum w v_i;  C_p = D^-1 sum w v_i (x_i - x_p)^T;  F+ = (I + dt C) F~;  x+ = x + dt v  (held inside)
+  G2P   v_p = sum w v_i;  C_p = D^-1 sum w v_i (x_i - x_p)^T;  F+ = (I + dt C) F~;  x+ = x + dt v  (held inside);
+        each particle's lowest det F+ so far is kept (not differentiated: a validity record)
 Kernels are built per B-spline order (and material) by factories using ``wp.static`` closures.
 """
 
@@ -527,6 +528,7 @@ def _g2p_kernel(order: str):
         F_out: wp.array(dtype=wp.mat33),
         C_out: wp.array(dtype=wp.mat33),
         clamped_out: wp.array(dtype=int),
+        J_min_out: wp.array(dtype=float),
     ):
         p = wp.tid()
         inv_dx = 1.0 / dx
@@ -563,6 +565,7 @@ def _g2p_kernel(order: str):
         v_out[p] = v
         F_out[p] = F
         C_out[p] = C
+        J_min_out[p] = wp.min(J_min_out[p], wp.determinant(F))  # validity record: each particle's lowest det F
 
     return g2p
 

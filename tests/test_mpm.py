@@ -11,8 +11,8 @@ from conftest import DEVICES
 
 from diffmpm_cli.errors import SimulationError
 from diffmpm_cli.gradcheck import directional_probes
-from diffmpm_cli.sim.controls import bounded_log_strain, control_matrices
 from diffmpm_cli.reference.mpm import energy_density_ref, grid_mass_ref, rollout_ref
+from diffmpm_cli.sim.controls import bounded_log_strain, control_matrices
 from diffmpm_cli.sim.grid import GridSpec, lame_parameters
 from diffmpm_cli.sim.model import MPMModel
 from diffmpm_cli.sim.op import grid_mass, simulate
@@ -141,7 +141,7 @@ def test_backward_matches_the_twin_by_random_cotangents(order, material, device)
 
 
 def test_finite_differences_through_the_kernels():
-    """dFc (log strains through sim/controls.py), log E, nu, v0 over 24 steps (gravity, a wall band, a frame), rel error <= 1e-2.
+    """dFc (log strains, sim/controls.py), log E, nu, v0 over 24 steps (gravity, a wall band, a frame): rel error <= 1e-2.
 
     The kernels run in float32, so below eps ~ 4e-3 the central difference of this loss is dominated by rounding
     (it scatters by a few per cent around the autodiff value); the steps here sit on the plateau where it agrees.
@@ -350,3 +350,17 @@ def test_controls_cannot_invert_and_keep_volume():
     assert torch.allclose(control_matrices(small, max_strain=0.5), torch.eye(3, dtype=torch.float64) + dev, atol=1e-5)
     leaf = (0.3 * torch.randn(3, 3, 3, generator=g, dtype=torch.float64)).requires_grad_(True)
     assert torch.autograd.gradcheck(lambda a: control_matrices(a, max_strain=0.5, max_volume_strain=0.1), (leaf,))
+
+
+def test_rollout_records_each_particles_lowest_det_F():
+    """stats.det_F_min is the minimum of det F over every step, not only the kept frames."""
+    model = make_model(control_stride=4)
+    state, mass, volume = make_particles(count=60, seed=6)
+    sim = Simulator(model, mass=mass.float(), volume=volume.float())
+    Fc = torch.eye(3).repeat(3, 60, 1, 1)
+    Fc[0, :5] = torch.diag(torch.tensor([1.0, 1.0, -1.0]))  # an (illegal) inverting control on 5 particles
+    out = simulate(sim, x0=state["x"].float(), v0=state["v"].float(), F0=state["F"].float(), C0=state["C"].float(),
+                   E=torch.tensor(1.0e4), nu=torch.tensor(0.3), Fc=Fc, steps=12, frames=list(range(13)))
+    lowest = torch.linalg.det(out.F.double()).min(dim=0).values
+    assert torch.allclose(out.stats.det_F_min.double(), lowest, rtol=1e-5, atol=1e-6)
+    assert bool((out.stats.det_F_min[:5] < 0).all()) and bool((out.stats.det_F_min[5:] > 0).all())

@@ -44,7 +44,7 @@ def optimize(
     from ..assets import build_assets
     from ..config import load_scene
     from ..errors import ConfigError
-    from ..optimize.evaluate import main_metric
+    from ..optimize.evaluate import main_metric, validity_line
     from ..optimize.run import StopFlag
     from ..optimize.run import optimize as run_optimize
 
@@ -78,7 +78,8 @@ def optimize(
                 if quiet and i % 10 and i != n:
                     return
                 name, value = main_metric(record)
-                log.print(f"iter {i}/{n}  loss {record['loss']:.5g}  {name} {value:.4f}  {record['step_s']:.2f} s")
+                log.print(f"iter {i}/{n}  loss {record['loss']:.5g}  {name} {value:.4f}  {validity_line(record)}  "
+                          f"{record['step_s']:.2f} s" + _line_search_note(record))
 
             summary = run_optimize(scene=cfg, assets=assets, out_dir=out_dir, device=device, iterations=iters,
                                    resume=resume is not None, stop=stop, progress=progress)
@@ -91,7 +92,8 @@ def optimize(
 
                 def progress(i, n, record):
                     name, value = main_metric(record)
-                    bar.update(task, completed=i, total=n, status=f"loss {record['loss']:.4g}  {name} {value:.3f}")
+                    status = f"loss {record['loss']:.4g}  {name} {value:.3f}  {validity_line(record)}"
+                    bar.update(task, completed=i, total=n, status=status + _line_search_note(record))
 
                 summary = run_optimize(scene=cfg, assets=assets, out_dir=out_dir, device=device, iterations=iters,
                                        resume=resume is not None, stop=stop, progress=progress)
@@ -105,7 +107,22 @@ def optimize(
     out.print(f"[bold]{cfg.name}[/]: loss {first['loss']:.4g} -> {last['loss']:.4g}, {name} {first[name]:.4f} -> "
               f"{value:.4f}" + (f", chamfer {first['chamfer']:.4f} -> {last['chamfer']:.4f}" if "chamfer" in last
                                 else "") + f" in {summary['wall_s']:.1f} s")
+    if "exact_iou_mean" in last:
+        out.print(f"against the exact target mesh ({summary['evaluation_size']}² px, 12 views): IoU "
+                  f"{first['exact_iou_mean']:.4f} -> {last['exact_iou_mean']:.4f}, chamfer {first['chamfer_exact']:.4f}"
+                  f" -> {last['chamfer_exact']:.4f}; the target's own Gaussians score "
+                  f"{summary['target_gaussians_exact_iou_mean']:.4f}")
+    if summary.get("physically_valid", True):
+        out.print(f"final state physically valid: {validity_line(last)}")
+    else:
+        out.print(f"[bold red]final state NOT physically valid[/]: {validity_line(last)}, lowest det F "
+                  f"{last.get('det_F_min_any_step', last['det_F_min']):.3g}, up to {last['max_per_cell']} particles in "
+                  f"one cell (rest {cfg.sim.particles_per_cell ** 3})")
     out.print(f"outputs in {out_dir}")
+
+
+def _line_search_note(record: dict) -> str:
+    return f"  [{record['line_search_note']}]" if record.get("line_search_note") else ""
 
 
 def register(app: typer.Typer) -> None:

@@ -456,6 +456,12 @@ class OptimizeConfig(Section):
     seed: Annotated[int, Field(ge=0)] = Field(0, description="seed of every random choice (jitter, probes, init)")
 
 
+class EvaluateConfig(Section):
+    size: Annotated[int, Field(ge=16, le=2048)] = Field(
+        256, description="results are judged against the exact target mesh's silhouettes at size x size pixels, "
+        "from 12 views around the first orbit rig's target (8 azimuths at 15 deg, 4 at 50 deg)")
+
+
 class OutputConfig(Section):
     dir: str | None = Field(None, description="output folder; null = runs/<scene>-<timestamp> (--out overrides)")
     turntable_frames: Annotated[int, Field(ge=0, le=720)] = Field(36, description="views in turntable.gif; 0 = none")
@@ -479,4 +485,5 @@ class Scene(Section):
     render: RenderConfig = Field(default_factory=RenderConfig, description="image size, background, cameras")
     loss: LossConfig = Field(default_factory=LossConfig, description="weights of the loss terms")
     optimize: OptimizeConfig = Field(default_factory=OptimizeConfig, description="optimiser and run control")
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig, description="how a result is judged at the end")
     output: OutputConfig = Field(default_factory=OutputConfig, description="what is written where")

@@ -11,7 +11,7 @@ import torch
 from .. import __version__
 from ..outputs.pictures import comparison_grid, loss_curves, mp4_available, save_png, to_uint8, write_animation
 from ..outputs.ply import write_gaussians_ply, write_particles_ply
-from .evaluate import evaluate_metrics
+from .evaluate import ExactTarget, evaluate_metrics, exact_target_metrics
 
 PICTURE_HEIGHT = 192  # comparison and turntable pictures are upscaled (nearest) to at least this height
 
@@ -44,7 +44,8 @@ def render_turntable(pipeline, params, x, F, *, count: int, size: tuple[int, int
 
 
 def write_final_outputs(run, out_dir: Path, *, history: list[dict], wall_s: float, device: str) -> dict:
-    """final/: gaussians.ply, particles.ply, trajectory.npz, comparison.png, turntable.gif (.mp4), loss.png;
+    """final/: gaussians.ply, particles.ply, trajectory.npz, comparison.png (against the exact target mesh),
+    comparison_training.png, turntable.gif (.mp4), loss.png;
     returns the summary (initial and final metrics, losses, wall time, device, versions, iterations)."""
     from .targets import rollout_frames
 
@@ -62,7 +63,23 @@ def write_final_outputs(run, out_dir: Path, *, history: list[dict], wall_s: floa
     final_metrics = evaluate_metrics(pipeline, out, run.targets, run.params)
     initial_metrics = evaluate_metrics(pipeline, initial, run.targets, initial_params)
     x, F = out.result.x[-1], out.result.F[-1]
-    written = []
+    written, representation = [], {}
+    if pipeline.assets.target is not None:  # the independent yardstick: the exact target mesh
+        exact = ExactTarget(pipeline, size=scene.evaluate.size)
+        found, final_images, final_alphas = exact_target_metrics(pipeline, exact, x, F, run.params)
+        final_metrics.update(found)
+        found, initial_images, _ = exact_target_metrics(pipeline, exact, initial.result.x[-1], initial.result.F[-1],
+                                                        initial_params)
+        initial_metrics.update(found)
+        _, target_alphas = exact.render(pipeline, pipeline.target_gaussians())
+        representation = {"target_gaussians_exact_iou_mean": exact.iou(target_alphas)["exact_iou_mean"],
+                          "evaluation_size": exact.size, "evaluation_views_seen_in_training": exact.seen}
+        exact_rgb = exact.silhouettes[..., None].float().cpu() * torch.ones(3)
+        rows = [[to_uint8(exact_rgb[c]), to_uint8(initial_images[c].cpu()), to_uint8(final_images[c].cpu()),
+                 exact.overlay(final_alphas)[c]] for c in range(exact_rgb.shape[0])]
+        save_png(final / "comparison.png", comparison_grid(rows, labels=["exact target", "initial", "final",
+                                                                         "final vs exact"]))
+        written.append(final / "comparison.png")
     with torch.no_grad():
         means, covars, colors, opacities = pipeline.gaussians(x, F, run.params)
     written.append(write_gaussians_ply(final / "gaussians.ply", means=means.cpu(), covars=covars.cpu(),
@@ -80,8 +97,8 @@ def write_final_outputs(run, out_dir: Path, *, history: list[dict], wall_s: floa
         if bool(tf.cameras[c]):
             cells = [tf.images[c], initial.images[tf.row][c], out.images[tf.row][c]]
             rows.append([_upscale(to_uint8(cell.cpu()), factor) for cell in cells])
-    save_png(final / "comparison.png", comparison_grid(rows, labels=["target", "initial", "final"]))
-    written.append(final / "comparison.png")
+    save_png(final / "comparison_training.png", comparison_grid(rows, labels=["target", "initial", "final"]))
+    written.append(final / "comparison_training.png")
     count = scene.output.turntable_frames
     if count:
         size = (pipeline.width * factor, pipeline.height * factor)
@@ -108,6 +125,8 @@ def write_final_outputs(run, out_dir: Path, *, history: list[dict], wall_s: floa
         "initial": {"loss": float(initial_total), **initial_terms, **initial_metrics},
         "final": {"loss": float(total), **terms, **final_metrics},
         "learned": learned,
+        "physically_valid": bool(final_metrics.get("physically_valid", True)),
+        **representation,
         "wall_s": wall_s,
         "mean_step_s": float(np.mean([r["step_s"] for r in history])) if history else None,
         "device": device,

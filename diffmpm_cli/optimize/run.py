@@ -57,6 +57,7 @@ class RunState:
     iteration: int = 0
     best_loss: float = math.inf
     history: list[dict] = field(default_factory=list)
+    best_params: dict | None = None  # of the current episode, in memory (best.pt holds them on disk)
 
 
 def learned_groups(scene) -> dict[str, float]:
@@ -171,10 +172,14 @@ class Optimization:
                     for k, v in self.params.items():
                         v.copy_(saved_params[k])
                 self.optimizer.load_state_dict(copy.deepcopy(saved_state))
-            return {"line_search_tries": ls.max_tries, "accepted": False}
         finally:
             for g, lr in zip(self.optimizer.param_groups, rates):
                 g["lr"] = lr
+        # every try failed: retrying the same step next iteration would fail the same way, so change something
+        self.scheduler.base_lrs = [lr * ls.shrink for lr in self.scheduler.base_lrs]
+        self.optimizer.state.clear()
+        return {"line_search_tries": ls.max_tries, "accepted": False,
+                "line_search_note": f"step rejected {ls.max_tries}x: learning rates x{ls.shrink:g}, moments reset"}
 
 
 def _read_history(path: Path, before: int) -> list[dict]:
@@ -197,7 +202,7 @@ def optimize(*, scene, assets, out_dir: Path, device: str = "cpu", iterations: i
              progress: Callable[[int, int, dict], None] | None = None) -> dict:
     """Run (or resume) the optimisation of ``scene`` into ``out_dir``; returns the summary (also summary.json)."""
     from ..config import dump_scene
-    from .outputs import write_final_outputs, write_iteration_renders
+    from .outputs import write_final_outputs
 
     out_dir = Path(out_dir)
     stop = stop or StopFlag()
@@ -231,6 +236,50 @@ def optimize(*, scene, assets, out_dir: Path, device: str = "cpu", iterations: i
         # the log holds exactly the iterations before the checkpoint (a killed run may have logged more)
         state.history = _read_history(metrics_path, state.iteration)
         metrics_path.write_text("".join(json.dumps(r) + "\n" for r in state.history))
+    try:
+        _loop(run, state, out_dir=out_dir, stop=stop, progress=progress)
+    except RunFailed as failure:
+        # a rollout that blew up (or a NaN) still leaves final/ and summary.json, from the best parameters so far
+        _write_failed_run(run, state, out_dir=out_dir, failure=failure, started=started, device=device)
+        raise
+    wall = time.perf_counter() - started
+    summary = write_final_outputs(run, out_dir, history=state.history, wall_s=wall, device=device)
+    summary["main_metric"] = main_metric(summary["final"])
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def _write_failed_run(run, state: RunState, *, out_dir: Path, failure: RunFailed, started: float, device: str) -> None:
+    from .outputs import write_final_outputs
+
+    best_path = Path(out_dir) / "checkpoints" / "best.pt"
+    if state.best_params is None and best_path.exists():
+        state.best_params = load_checkpoint(best_path)["params"]
+    if state.best_params is None:  # nothing was ever evaluated: nothing to write
+        return
+    with torch.no_grad():
+        for k, v in run.params.items():
+            v.copy_(state.best_params[k].to(v.device))
+    try:
+        summary = write_final_outputs(run, out_dir, history=state.history, wall_s=time.perf_counter() - started,
+                                      device=device)
+    except DiffMPMError as exc:
+        failure.args = (f"{failure}; final outputs from the best parameters failed too: {exc}",)
+        return
+    summary["main_metric"] = main_metric(summary["final"])
+    summary["failed"] = str(failure)
+    summary["final_from"] = "best parameters before the failure"
+    (Path(out_dir) / "summary.json").write_text(json.dumps(summary, indent=2))
+    failure.args = (f"{failure}; final/ and summary.json were written from the best parameters so far",)
+
+
+def _loop(run, state: RunState, *, out_dir: Path, stop: StopFlag, progress) -> None:
+    """The iterations from ``state.iteration`` to the end (or a stop request, or a failure)."""
+    from .outputs import write_iteration_renders
+
+    scene = run.scene
+    metrics_path = out_dir / "metrics.jsonl"
+    ckpt_dir = out_dir / "checkpoints"
     opt_cfg = scene.optimize
     best, best_at = None, 0
     with metrics_path.open("a") as log:
@@ -240,7 +289,8 @@ def optimize(*, scene, assets, out_dir: Path, device: str = "cpu", iterations: i
                 if best is not None:
                     save_best(ckpt_dir, iteration=best_at, params=best, loss=state.best_loss, start=run.pipeline.start)
                 run.next_episode()
-                best, state.best_loss = None, math.inf  # losses of different episodes are not comparable
+                # losses of different episodes are not comparable
+                best, state.best_loss, state.best_params = None, math.inf, None
             t0 = time.perf_counter()
             run.optimizer.zero_grad(set_to_none=True)
             try:
@@ -261,7 +311,7 @@ def optimize(*, scene, assets, out_dir: Path, device: str = "cpu", iterations: i
                                       if v.grad is not None))
             metrics = evaluate_metrics(run.pipeline, out, run.targets, run.params)
             if loss_value < state.best_loss:  # these parameters (before the step) are the best so far
-                best = {k: v.detach().clone() for k, v in run.params.items()}
+                best = state.best_params = {k: v.detach().clone() for k, v in run.params.items()}
                 best_at = it
             step_info = run.step(loss_value)
             run.scheduler.step()
@@ -289,8 +339,3 @@ def optimize(*, scene, assets, out_dir: Path, device: str = "cpu", iterations: i
             if stop.requested and not last:
                 raise RunInterrupted(f"interrupted after iteration {it}: checkpoint written; continue with "
                                      f"--resume {out_dir}")
-    wall = time.perf_counter() - started
-    summary = write_final_outputs(run, out_dir, history=state.history, wall_s=wall, device=device)
-    summary["main_metric"] = main_metric(summary["final"])
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    return summary

@@ -158,17 +158,36 @@ def camera_location(index: int, render) -> str:
     raise IndexError(index)
 
 
-def turntable_cameras(render, *, count: int, default_target, width: int | None = None,
-                      height: int | None = None) -> CameraSet:
-    """``count`` cameras evenly around the vertical axis, at the elevation, radius, fov and target of the scene's
-    first orbit rig (or 20 deg, 2 m, 30 deg, the domain centre when it has none)."""
+def rig_cameras(render, *, views: list[tuple[float, float | None]], default_target, width: int | None = None,
+                height: int | None = None, name: str = "view") -> CameraSet:
+    """Cameras at (azimuth, elevation) [deg] pairs around the target of the scene's first orbit rig, at its radius
+    and fov (or 2 m, 30 deg, the domain centre when it has none); an elevation of None takes the rig's (or 20)."""
     rig = next((cam for cam in render.cameras if cam.type == "orbit"), None)
-    elevation, radius, fov = (rig.elevation, rig.radius, rig.fov) if rig else (20.0, 2.0, 30.0)
+    rig_elevation, radius, fov = (rig.elevation, rig.radius, rig.fov) if rig else (20.0, 2.0, 30.0)
     target = rig.target if rig is not None and rig.target is not None else default_target
     up = rig.up if rig is not None else [0.0, 1.0, 0.0]
     width, height = width or render.width, height or render.height
     K = intrinsics_from_fov(fov, width, height)
-    views = [look_at(orbit_eye(target=target, up=up, azimuth_deg=360.0 * i / count, elevation_deg=elevation,
-                               radius=radius), target, up) for i in range(count)]
-    return CameraSet(names=tuple(f"turntable{i}" for i in range(count)), viewmats=np.stack(views),
-                     Ks=np.stack([K] * count), width=width, height=height)
+    mats = [look_at(orbit_eye(target=target, up=up, azimuth_deg=azimuth,
+                              elevation_deg=rig_elevation if elevation is None else elevation, radius=radius),
+                    target, up) for azimuth, elevation in views]
+    return CameraSet(names=tuple(f"{name}{i}" for i in range(len(views))), viewmats=np.stack(mats),
+                     Ks=np.stack([K] * len(views)), width=width, height=height)
+
+
+def turntable_cameras(render, *, count: int, default_target, width: int | None = None,
+                      height: int | None = None) -> CameraSet:
+    """``count`` cameras evenly around the vertical axis at the first orbit rig's elevation (``rig_cameras``)."""
+    return rig_cameras(render, views=[(360.0 * i / count, None) for i in range(count)], default_target=default_target,
+                       width=width, height=height, name="turntable")
+
+
+# the views results are judged from: 8 azimuths at 15 deg elevation (4 of them between the usual training views),
+# 4 at 50 deg that training rigs do not use
+EVALUATION_VIEWS = [(45.0 * i, 15.0) for i in range(8)] + [(90.0 * i, 50.0) for i in range(4)]
+
+
+def evaluation_cameras(render, *, default_target, size: int) -> CameraSet:
+    """The 12 ``EVALUATION_VIEWS`` at size x size pixels, around the first orbit rig's target (``rig_cameras``)."""
+    return rig_cameras(render, views=EVALUATION_VIEWS, default_target=default_target, width=size, height=size,
+                       name="eval")

@@ -49,8 +49,9 @@ def simulate(sim: Simulator, *, x0: torch.Tensor, v0: torch.Tensor, E: torch.Ten
     """Differentiable rollout of ``steps`` steps.
 
     x0 [N, 3] m; v0 [3] or [N, 3] m/s; E [] or [N] Pa; nu [] or [N]; Fc [K, N, 3, 3] multiplicative controls
-    (F~ = Fc[k] F at step k stride) with K = ceil(steps / stride) (None: no controls); F0, C0 [N, 3, 3] (default I and 0). Gradients reach every tensor input that
-    requires them, through one backward sweep over checkpointed segments.
+    (F~ = Fc[k] F at step k stride) with K = ceil(steps / stride) (None: no controls); F0, C0 [N, 3, 3] (default I
+    and 0). Gradients reach every tensor input that requires them, through one backward sweep over checkpointed
+    segments.
     """
     n = x0.shape[0]
     device = x0.device

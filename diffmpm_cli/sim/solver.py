@@ -62,6 +62,7 @@ class Simulator:
         self._lower = wp.vec3(*g.lower)
         self._interior = (wp.vec3(*g.interior_lower), wp.vec3(*g.interior_upper))
         self.clamped = wp.zeros(1, dtype=int, device=self.device)
+        self.J_min = wp.zeros(max(self.particle_count, 1), dtype=float, device=self.device)  # lowest det F per particle
         self.p2g_mode = p2g or "plain"
         if self.p2g_mode not in ("plain", "tiled"):
             raise ValueError(f"p2g must be 'plain' or 'tiled', got {p2g!r}")
@@ -127,7 +128,8 @@ class Simulator:
         wp.utils.radix_sort_pairs(self._keys, self._order, n)
 
     def launches(self, state_in: MPMState, state_out: MPMState, grid: MPMGrid, *, mu, lam, Fc, control: int,
-                 clamped=None, taped: bool = True, step: int | None = None) -> list[tuple[str, Callable[[], None]]]:
+                 clamped=None, J_min=None, taped: bool = True,
+                 step: int | None = None) -> list[tuple[str, Callable[[], None]]]:
         """The launches of one step, in order, as (name, launch) pairs (the benchmark times them apart).
 
         ``step`` (the rollout's step index) keys recorded / replayed grid-update decisions (``record_decisions``).
@@ -166,18 +168,19 @@ class Simulator:
                 self._lower, g.dx, m.dt, self._interior[0], self._interior[1], m.f_blend, m.min_J, Fc, control,
                 state_in.x, state_in.F, grid.velocity,
             ], outputs=[state_out.x, state_out.v, state_out.F, state_out.C,
-                        clamped if clamped is not None else self.clamped])
+                        clamped if clamped is not None else self.clamped, J_min if J_min is not None else self.J_min])
 
         return [*steps, ("p2g", p2g), ("grid_update", grid_update), ("g2p", g2p)]
 
     def step(self, state_in: MPMState, state_out: MPMState, grid: MPMGrid, *, mu, lam, Fc, control: int,
-             clamped=None, taped: bool = True, step: int | None = None) -> None:
+             clamped=None, J_min=None, taped: bool = True, step: int | None = None) -> None:
         """One MLS-MPM step from ``state_in`` into ``state_out`` through ``grid`` (which must be zero).
 
-        ``taped=False`` (no tape recording) allows the faster tiled P2G.
+        ``taped=False`` (no tape recording) allows the faster tiled P2G. ``clamped`` / ``J_min``: where the step
+        counts wall clamps and lowers each particle's lowest det F (default: the simulator's own records).
         """
         for _, launch in self.launches(state_in, state_out, grid, mu=mu, lam=lam, Fc=Fc, control=control,
-                                       clamped=clamped, taped=taped, step=step):
+                                       clamped=clamped, J_min=J_min, taped=taped, step=step):
             launch()
 
 
@@ -188,6 +191,7 @@ class RolloutStats:
     steps: int = 0
     segments: int = 0
     clamped_particle_steps: int = 0  # particle-steps held inside the interior (walls reached)
+    det_F_min: torch.Tensor | None = None  # [N]: each particle's lowest det F over the rollout (start included)
     bytes_per_step: int = 0  # taped bytes per step in the backward (states, grids and their adjoints)
     peak_taped_bytes: int = 0  # largest segment held on a tape at once
     checkpoint_bytes: int = 0
@@ -228,6 +232,7 @@ class Rollout:
     # -- forward ------------------------------------------------------------------------------------------------
     def forward(self, x0, v0, F0, C0, Fc, mu, lam) -> list[torch.Tensor]:
         """States at the frames, stacked: x [R, N, 3], v [R, N, 3], F [R, N, 3, 3], C [R, N, 3, 3]."""
+        wp = warp()
         sim = self.sim
         controlled = Fc is not None
         K = sim.model.control_layers(self.steps)
@@ -240,6 +245,8 @@ class Rollout:
         _state_from_torch(current, (x0, v0, F0, C0))
         grid = sim.new_grid()
         sim.clamped.zero_()
+        if sim.particle_count:
+            wp.copy(sim.J_min, wp.from_torch(torch.linalg.det(F0.detach().float()).contiguous()))
         outputs = {0: _state_to_torch(current)} if 0 in self.frames else {}
         self._checkpoints = []
         for start, end in self.segments:
@@ -259,6 +266,7 @@ class Rollout:
             if end in self.frames:
                 outputs[end] = tensors
         self.stats.clamped_particle_steps = int(sim.clamped.numpy()[0])
+        self.stats.det_F_min = wp.to_torch(sim.J_min).clone()[:sim.particle_count]
         self._account_memory()
         return [torch.stack([outputs[f][i] for f in self.frames]) for i in range(4)]
 
@@ -281,6 +289,7 @@ class Rollout:
         frame_row = {f: i for i, f in enumerate(self.frames)}
         carry = [torch.zeros_like(c) for c in self._checkpoints[-1]]
         scratch_counter = wp.zeros(1, dtype=int, device=sim.device)
+        scratch_J = wp.zeros(max(sim.particle_count, 1), dtype=float, device=sim.device)
         for index in range(len(self.segments) - 1, -1, -1):
             start, end = self.segments[index]
             if end in frame_row:
@@ -294,7 +303,7 @@ class Rollout:
                     nxt = sim.new_state(requires_grad=True)
                     sim.step(current, nxt, sim.new_grid(requires_grad=True), mu=self._params["mu"],
                              lam=self._params["lam"], Fc=self._params["Fc"], control=self._control(t),
-                             clamped=scratch_counter, step=t)
+                             clamped=scratch_counter, J_min=scratch_J, step=t)
                     current = nxt
             seeds = {array: wp.from_torch(g.float().contiguous(), dtype=getattr(wp, dtype))
                      for array, g, dtype in zip(current.arrays(), carry, STATE_DTYPES, strict=True)}
