@@ -200,11 +200,12 @@ def _ours(means, covars, opacities, colors, views, Ks, width, height, **kw):
     return img, alpha, meta.intersection_count
 
 
-def _gsplat(means, covars, opacities, colors, views, Ks, width, height):
+def _gsplat(means, covars, opacities, colors, views, Ks, width, height, rasterize_mode: str = "classic"):
     import gsplat
 
     img, alpha, meta = gsplat.rasterization(means, None, None, opacities, colors, views, Ks, width, height,
-                                            covars=covars, packed=False, backgrounds=torch.ones(1, 3, device=means.device))
+                                            covars=covars, packed=False, backgrounds=torch.ones(1, 3, device=means.device),
+                                            rasterize_mode=rasterize_mode)
     return img, alpha, int(meta["flatten_ids"].numel())
 
 
@@ -287,8 +288,8 @@ def bench_render(*, gaussians: int = 3000, width: int = 128, height: int = 128, 
 
 
 def compare_with_gsplat(*, gaussians: int = 100_000, width: int = 1024, height: int = 1024, device: str = "cuda",
-                        seed: int = 0) -> dict:
-    """Images, alphas, gradients and intersection counts of ours vs gsplat on the same tensors."""
+                        seed: int = 0, rasterize_mode: str = "classic") -> dict:
+    """Images, alphas, gradients and intersection counts of ours vs gsplat on the same tensors (either mode)."""
     inputs = render_scene(gaussians, width, height, device, seed=seed)
     out = {}
     g = torch.Generator(device=device).manual_seed(seed)
@@ -296,7 +297,7 @@ def compare_with_gsplat(*, gaussians: int = 100_000, width: int = 1024, height: 
     v_alpha = torch.randn(1, height, width, 1, generator=g, device=device)
     for name, render in (("ours", _ours), ("gsplat", _gsplat)):
         leaves = [t.clone().requires_grad_(True) for t in inputs[:4]]
-        img, alpha, isects = render(*leaves, *inputs[4:], width, height)
+        img, alpha, isects = render(*leaves, *inputs[4:], width, height, rasterize_mode=rasterize_mode)
         ((img * v_img).sum() + (alpha * v_alpha).sum()).backward()
         grads = [t.grad for t in leaves]
         grads[1] = 0.5 * (grads[1] + grads[1].transpose(1, 2))  # the symmetric part of the covariance gradient

@@ -151,7 +151,7 @@ class Pipeline:
         images, alphas, _ = rasterization(means, covars, opacities, colors, viewmats, Ks, width, height,
                                           near_plane=self.scene.render.near, far_plane=self.scene.render.far,
                                           backgrounds=background, render_mode="RGB+ED" if with_depth else "RGB",
-                                          cutoffs=self.cutoffs)
+                                          rasterize_mode=self.scene.render.rasterize_mode, cutoffs=self.cutoffs)
         if with_depth:
             return images[..., :3], alphas, images[..., 3:]
         return images, alphas, None

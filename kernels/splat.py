@@ -2,8 +2,10 @@
 
 Projection (differentiable through Warp's generated adjoints): world -> camera by the 4x4 view matrix (OpenCV
 frame), EWA 2D covariance J Sigma_c J^T with the Jacobian's x/y clamped to 1.3 tan(fov/2) (gsplat's limits),
-dilation by eps2d, culling (depth outside [near, far], det <= 0, opacity < 1/255, box outside the image) and an
-opacity-aware box radius ceil(k sqrt(Sigma_2D axis)) with k = min(3.33, sqrt(2 ln(255 opacity))).
+dilation by eps2d (in "antialiased" mode the opacity is scaled by sqrt(det Sigma_2D / det(Sigma_2D + eps2d I)) per
+camera, as gsplat's), culling (depth outside [near, far], det <= 0, opacity < 1/255, box outside the image) and an
+opacity-aware box radius ceil(k sqrt(Sigma_2D axis)) with k = min(3.33, sqrt(2 ln(255 opacity))). The projection
+writes each (camera, Gaussian)'s opacity; compositing reads those.
 Intersections: one key per (camera, 16x16 tile, Gaussian) = (camera tile id << 32) | IEEE bits of the depth,
 radix-sorted. Compositing per pixel, front to back: alpha = min(0.999, o exp(-sigma)); skip alpha < 1/255 or
 sigma < 0; stop before T would fall to <= 1e-4; colour + T background. The compositing backward is hand-written
@@ -61,6 +63,7 @@ def project(
     near: float,
     far: float,
     eps2d: float,
+    antialiased: int,
     alpha_min: float,
     extend_max: float,
     # outputs [C, N]
@@ -68,6 +71,7 @@ def project(
     conics: wp.array2d(dtype=wp.vec3d),
     depths: wp.array2d(dtype=float),
     radii: wp.array2d(dtype=wp.vec2i),
+    opacities_out: wp.array2d(dtype=float),
 ):
     c, g = wp.tid()
     view = viewmats[c]
@@ -78,6 +82,7 @@ def project(
     pc = R * means[g] + t
     z = pc[2]
     rad = wp.vec2i(0, 0)
+    opacity = opacities[g]
     m2 = wp.vec2(0.0, 0.0)
     conic = wp.vec3d(wp.float64(0.0), wp.float64(0.0), wp.float64(0.0))
     if z >= near and z <= far:
@@ -98,6 +103,16 @@ def project(
         a, b, d = projected_covariance(R, covars[g], fx * rz, -fx * tx * rz2, fy * rz, -fy * ty * rz2, eps2d)
         det = a * d - b * b
         o = opacities[g]
+        if antialiased != 0 and det > wp.float64(0.0):
+            # the dilation's opacity compensation sqrt(det Sigma_2D / det(Sigma_2D + eps2d I)) (gsplat "antialiased",
+            # Mip-Splatting): a footprint thinner than a pixel is widened by eps2d but keeps its integrated opacity
+            e = wp.float64(eps2d)
+            raw = (a - e) * (d - e) - b * b
+            compensation = float(0.0)
+            if raw > wp.float64(0.0):
+                compensation = float(wp.sqrt(raw / det))
+            o = o * compensation
+        opacity = o
         if det > wp.float64(0.0) and o >= alpha_min:
             extend = wp.min(extend_max, wp.sqrt(2.0 * wp.log(o / alpha_min)))
             radius_x = wp.ceil(extend * wp.sqrt(float(a)))
@@ -114,6 +129,7 @@ def project(
     conics[c, g] = conic
     depths[c, g] = z
     radii[c, g] = rad
+    opacities_out[c, g] = opacity
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -7,7 +7,8 @@ import pytest
 pytestmark = pytest.mark.gpu
 
 
-def test_matches_gsplat_at_100k_gaussians_1024():
+@pytest.mark.parametrize("rasterize_mode", ["classic", "antialiased"])
+def test_matches_gsplat_at_100k_gaussians_1024(rasterize_mode):
     """Identical intersection lists, gradients within 1e-3 relative L2, images within 1e-3.
 
     Measured exception: a pixel or two per million sits within float rounding of a compositing cut-off (alpha =
@@ -18,7 +19,7 @@ def test_matches_gsplat_at_100k_gaussians_1024():
     pytest.importorskip("gsplat")
     from diffmpm_cli.bench import compare_with_gsplat
 
-    result = compare_with_gsplat(gaussians=100_000, width=1024, height=1024)
+    result = compare_with_gsplat(gaussians=100_000, width=1024, height=1024, rasterize_mode=rasterize_mode)
     print(result)
     assert result["intersections"]["ours"] == result["intersections"]["gsplat"]
     for name, err in result["grad_rel_l2"].items():

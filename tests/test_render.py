@@ -29,22 +29,26 @@ def warp_render(means, covars, opac, colors, views, Ks, *, device="cpu", size=SI
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("mode", ["RGB", "RGB+ED", "ED"])
-def test_forward_matches_the_twin(mode, device):
-    means, covars, opac, colors = random_gaussians(500, seed=1)
+@pytest.mark.parametrize("mode,raster", [("RGB", "classic"), ("RGB+ED", "classic"), ("ED", "classic"),
+                                         ("RGB+ED", "antialiased")])
+def test_forward_matches_the_twin(mode, raster, device):
+    # inputs the kernels can hold exactly (float32): the antialiasing compensation of a needle-thin Gaussian, the
+    # root of a nearly cancelling determinant, would otherwise mostly measure the rounding of its covariance
+    means, covars, opac, colors = (t.float().double() for t in random_gaussians(500, seed=1))
     views, Ks = orbit_cameras(2, SIZE, SIZE)
     bg = torch.rand(2, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     ref_img, ref_alpha, unsure = rasterize_ref(means, covars, opac, colors, views, Ks, SIZE, SIZE, backgrounds=bg,
-                                               render_mode=mode, return_ambiguous=True)
+                                               render_mode=mode, rasterize_mode=raster, return_ambiguous=True)
     img, alpha, meta = warp_render(means, covars, opac, colors, views, Ks, backgrounds=bg, render_mode=mode,
-                                   device=device)
+                                   rasterize_mode=raster, device=device)
     assert img.shape == ref_img.shape and alpha.shape == ref_alpha.shape
     sure = ~unsure
     assert float(unsure.float().mean()) < 0.01  # the comparison covers nearly every pixel
     assert float(ref_alpha.max()) > 0.99 and float(ref_alpha.min()) < 0.01  # opaque and empty pixels both occur
     assert float((img.double() - ref_img).abs()[sure].max()) <= 1e-4
     assert float((alpha.double() - ref_alpha).abs()[sure].max()) <= 1e-4
-    means2d, _, _, radii = project_ref(means, covars, opac, views, Ks, SIZE, SIZE, 0.01, 1e10)
+    means2d, _, _, radii = project_ref(means, covars, opac, views, Ks, SIZE, SIZE, 0.01, 1e10,
+                                       antialiased=raster == "antialiased")
     assert torch.equal(meta.radii.cpu().long(), radii)
     assert meta.intersection_count == intersection_count_ref(means2d, radii, SIZE, SIZE)
 
@@ -61,8 +65,9 @@ def test_channel_counts(channels):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_backward_matches_the_twin_by_random_cotangents(device):
-    means, covars, opac, colors = random_gaussians(150, seed=3)
+@pytest.mark.parametrize("raster", ["classic", "antialiased"])
+def test_backward_matches_the_twin_by_random_cotangents(device, raster):
+    means, covars, opac, colors = (t.float().double() for t in random_gaussians(150, seed=3))  # float32-exact
     views, Ks = orbit_cameras(2, 32, 32)
     bg = torch.rand(2, 3, dtype=torch.float64)
     g = torch.Generator().manual_seed(4)
@@ -75,17 +80,17 @@ def test_backward_matches_the_twin_by_random_cotangents(device):
         args = (leaves["means"], leaves["covars"], leaves["opacities"], leaves["colors"])
         if use_warp:
             img, alpha, _ = warp_render(*args, views, Ks, size=32, backgrounds=leaves["backgrounds"],
-                                        render_mode="RGB+ED", device=device)
+                                        render_mode="RGB+ED", rasterize_mode=raster, device=device)
             mask = ~unsure[..., None]
         else:
             img, alpha, unsure_ref = rasterize_ref(*args, views, Ks, 32, 32, backgrounds=leaves["backgrounds"],
-                                                   render_mode="RGB+ED", return_ambiguous=True)
+                                                   render_mode="RGB+ED", rasterize_mode=raster, return_ambiguous=True)
             mask = ~unsure_ref[..., None]
         total = (img.double() * v_img * mask).sum() + (alpha.double() * v_alpha * mask).sum()
         return dict(zip(leaves, torch.autograd.grad(total, list(leaves.values())), strict=True))
 
     _, _, unsure = rasterize_ref(means, covars, opac, colors, views, Ks, 32, 32, backgrounds=bg, render_mode="RGB+ED",
-                                 return_ambiguous=True)
+                                 rasterize_mode=raster, return_ambiguous=True)
     v_warp, v_ref = grads(True), grads(False)
     # only the symmetric part of a covariance gradient is defined (the input is symmetric)
     v_ref["covars"] = 0.5 * (v_ref["covars"] + v_ref["covars"].transpose(1, 2))
@@ -94,7 +99,8 @@ def test_backward_matches_the_twin_by_random_cotangents(device):
         assert err <= 1e-3, f"d/d{name}: relative L2 error {err:.2e}"
 
 
-def test_finite_differences_through_the_kernels():
+@pytest.mark.parametrize("raster", ["classic", "antialiased"])
+def test_finite_differences_through_the_kernels(raster):
     """Wide, semi-transparent Gaussians rendered with the cut-offs made continuous (RasterCutoffs.smooth, as
     check-grad does): at gsplat's 1/255 and 1e-4 a crossing is a jump no difference quotient converges through."""
     g = torch.Generator().manual_seed(5)
@@ -108,7 +114,7 @@ def test_finite_differences_through_the_kernels():
     def loss(p):
         covs = 0.5 * (p["covars"] + p["covars"].transpose(1, 2))
         img, alpha, _ = warp_render(p["means"], covs, p["opacities"], p["colors"], views, Ks, size=32,
-                                    cutoffs=RasterCutoffs.smooth())
+                                    cutoffs=RasterCutoffs.smooth(), rasterize_mode=raster)
         return (img.double() * weights).sum() + alpha.double().sum()
 
     params = {"means": means, "covars": covars, "opacities": opac, "colors": colors}
@@ -164,8 +170,8 @@ def test_quats_scales_path_gives_gradients():
     assert float(scales.grad.abs().sum()) > 0 and torch.isfinite(quats.grad).all()
 
 
-@pytest.mark.parametrize("channels", [3, 6])
-def test_the_three_raster_paths_agree(channels):
+@pytest.mark.parametrize("channels,raster", [(3, "classic"), (6, "classic"), (3, "antialiased")])
+def test_the_three_raster_paths_agree(channels, raster):
     """The GPU block path (run on the CPU with cooperative lanes), the per-pixel path and the CPU tile path give the
     same images and gradients; 40 px is not a multiple of the 16 px tile, and 6 channels pass the 4 kept in
     shared memory."""
@@ -177,7 +183,7 @@ def test_the_three_raster_paths_agree(channels):
         leaves = [t.clone().requires_grad_(True) for t in (means, covars, opac, colors)]
         bg = torch.linspace(0.2, 1.0, 2 * channels).reshape(2, channels).requires_grad_(True)
         img, alpha, meta = rasterization(*leaves, views, Ks, 40, 40, render_mode="RGB+ED", path=path,
-                                         backgrounds=bg)
+                                         backgrounds=bg, rasterize_mode=raster)
         w = torch.randn(img.shape, generator=torch.Generator().manual_seed(1))
         ((img * w).sum() + alpha.sum()).backward()
         out[path] = (img.detach(), alpha.detach(), [*(t.grad for t in leaves), bg.grad])

@@ -402,6 +402,9 @@ class RenderConfig(Section):
     width: Annotated[int, Field(ge=8, le=8192)] = Field(64, description="image width [px]")
     height: Annotated[int, Field(ge=8, le=8192)] = Field(64, description="image height [px]")
     background: Color = Field([1.0, 1.0, 1.0], description="background RGB in [0, 1]")
+    rasterize_mode: Literal["classic", "antialiased"] = Field(
+        "antialiased", description="gsplat's modes: classic dilates every footprint by 0.3 px^2; antialiased also "
+        "scales opacity by the dilation's area ratio, so surface discs seen edge-on do not grow a pixel-wide rim")
     near: Positive = Field(0.01, description="near clipping depth [m]")
     far: Positive = Field(100.0, description="far clipping depth [m]")
     cameras: list[Camera] = Field(

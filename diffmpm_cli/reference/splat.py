@@ -13,8 +13,11 @@ EXTEND_MAX = 3.33
 
 
 def project_ref(means, covars, opacities, viewmats, Ks, width: int, height: int, near: float, far: float,
-                eps2d: float = 0.3, alpha_min: float = ALPHA_MIN, extend_max: float = EXTEND_MAX):
-    """means2d [C, N, 2], conics [C, N, 3] (inverse 2D covariance a, b, c), depths [C, N], radii [C, N, 2]."""
+                eps2d: float = 0.3, alpha_min: float = ALPHA_MIN, extend_max: float = EXTEND_MAX,
+                antialiased: bool = False, with_opacities: bool = False):
+    """means2d [C, N, 2], conics [C, N, 3] (inverse 2D covariance a, b, c), depths [C, N], radii [C, N, 2]; with
+    ``with_opacities`` also the opacities [C, N] compositing uses (``antialiased``: times
+    sqrt(det Sigma_2D / det(Sigma_2D + eps2d I)))."""
     R, t = viewmats[:, None, :3, :3], viewmats[:, None, :3, 3]
     pc = (R @ means[None, :, :, None])[..., 0] + t
     x, y, z = pc.unbind(-1)
@@ -31,8 +34,14 @@ def project_ref(means, covars, opacities, viewmats, Ks, width: int, height: int,
     a, b, d = cov2[..., 0, 0], cov2[..., 0, 1], cov2[..., 1, 1]
     det = a * d - b * b
     means2d = torch.stack([fx * x / z + cx, fy * y / z + cy], -1)
+    opac = opacities[None].expand_as(z)
+    if antialiased:
+        raw = (a - eps2d) * (d - eps2d) - b * b
+        positive = (raw > 0) & (det > 0)
+        ratio = torch.where(positive, raw, torch.ones_like(raw)) / torch.where(positive, det, torch.ones_like(det))
+        opac = torch.where(positive, opac * torch.sqrt(ratio), torch.zeros_like(opac))
     with torch.no_grad():  # culling and box radii are not differentiable
-        o = opacities[None].expand_as(z)
+        o = opac
         ok = (z >= near) & (z <= far) & (det > 0) & (o >= alpha_min)
         extend = torch.clamp(torch.sqrt(2 * torch.log(torch.clamp(o, min=alpha_min) / alpha_min)), max=extend_max)
         rx = torch.ceil(extend * torch.sqrt(torch.clamp(a, min=0)))
@@ -42,12 +51,14 @@ def project_ref(means, covars, opacities, viewmats, Ks, width: int, height: int,
     safe_det = torch.where(ok, det, torch.ones_like(det))
     conics = torch.stack([d / safe_det, -b / safe_det, a / safe_det], -1)
     radii = torch.where(ok[..., None], torch.stack([rx, ry], -1), torch.zeros_like(means2d)).long()
+    if with_opacities:
+        return means2d, conics, z, radii, opac
     return means2d, conics, z, radii
 
 
 def rasterize_ref(means, covars, opacities, colors, viewmats, Ks, width: int, height: int, *, near: float = 0.01,
                   far: float = 1e10, backgrounds=None, render_mode: str = "RGB", eps2d: float = 0.3,
-                  return_ambiguous: bool = False, band: float = 1e-5, alpha_min: float = ALPHA_MIN,
+                  rasterize_mode: str = "classic", return_ambiguous: bool = False, band: float = 1e-5, alpha_min: float = ALPHA_MIN,
                   t_stop: float = T_STOP, extend_max: float = EXTEND_MAX):
     """(colors [C, H, W, D'], alphas [C, H, W, 1]) composited front to back over all pixels, in float64.
 
@@ -57,8 +68,9 @@ def rasterize_ref(means, covars, opacities, colors, viewmats, Ks, width: int, he
     C, N = viewmats.shape[0], means.shape[0]
     if colors.dim() == 2:
         colors = colors.expand(C, N, colors.shape[-1])
-    means2d, conics, depths, radii = project_ref(means, covars, opacities, viewmats, Ks, width, height, near, far,
-                                                 eps2d, alpha_min, extend_max)
+    means2d, conics, depths, radii, opac = project_ref(means, covars, opacities, viewmats, Ks, width, height, near,
+                                                       far, eps2d, alpha_min, extend_max,
+                                                       antialiased=rasterize_mode == "antialiased", with_opacities=True)
     with_depth = render_mode in ("RGB+ED", "ED")
     if render_mode == "ED":
         colors = colors[..., :0]
@@ -78,7 +90,7 @@ def rasterize_ref(means, covars, opacities, colors, viewmats, Ks, width: int, he
             dx, dy = means2d[c, g, 0] - px, means2d[c, g, 1] - py
             ca, cb, cc = conics[c, g]
             sigma = 0.5 * (ca * dx * dx + cc * dy * dy) + cb * dx * dy
-            alpha = torch.clamp(opacities[g] * torch.exp(-sigma), max=ALPHA_MAX)
+            alpha = torch.clamp(opac[c, g] * torch.exp(-sigma), max=ALPHA_MAX)
             hit = (sigma >= 0) & (alpha >= alpha_min) & ~done
             next_T = T * (1 - alpha)
             with torch.no_grad():

@@ -162,7 +162,8 @@ class _Rasterize(torch.autograd.Function):
         with torch_stream(device):
             w_means = wrap(means, wp.vec3, True)
             w_covars = wrap(covars, wp.mat33, True)
-            w_opac = wrap(opacities)
+            w_opac = wrap(opacities, grad=True)
+            opac_c = wp.empty((C, N), dtype=float, device=wdev, requires_grad=True)  # per camera (antialiased)
             means2d = wp.empty((C, N), dtype=wp.vec2, device=wdev, requires_grad=True)
             conics = wp.empty((C, N), dtype=wp.vec3d, device=wdev, requires_grad=True)
             depths = wp.empty((C, N), dtype=float, device=wdev, requires_grad=True)
@@ -172,8 +173,8 @@ class _Rasterize(torch.autograd.Function):
                 with tape:
                     wp.launch(splat.project, dim=(C, N), device=wdev, inputs=[
                         w_means, w_covars, w_opac, wrap(viewmats, wp.mat44), wrap(Ks, wp.mat33), W, H,
-                        settings["near"], settings["far"], settings["eps2d"], settings["alpha_min"],
-                        settings["extend_max"]], outputs=[means2d, conics, depths, radii])
+                        settings["near"], settings["far"], settings["eps2d"], int(settings["antialiased"]),
+                        settings["alpha_min"], settings["extend_max"]], outputs=[means2d, conics, depths, radii, opac_c])
             values, starts, ends, total = _intersections(
                 wp, splat, means2d=means2d, radii=radii, depths=depths, C=C, N=N, tiles_x=tiles_x, tiles_y=tiles_y,
                 wdev=wdev, capacity=settings["capacity"])
@@ -186,16 +187,14 @@ class _Rasterize(torch.autograd.Function):
             # per (camera, Gaussian), flattened c * N + g
             flat = dict(means2d=means2d.flatten(), conics=conics.flatten(), radii=radii.flatten(),
                         colors=wrap(colors.reshape(C * N, D) if D else torch.zeros(C * N, 1, device=device)),
-                        opacities=w_opac, depths=depths.flatten())
+                        opacities=opac_c.flatten(), depths=depths.flatten())
             if path == "block":
-                if C > 1:
-                    flat["opacities"] = wrap(opacities.repeat(C))
                 flat["axes"] = wp.empty(C * N, dtype=wp.vec4, device=wdev)
                 if N:
                     wp.launch(raster_block.conic_axes, dim=C * N, device=wdev, inputs=[flat["conics"]],
                               outputs=[flat["axes"]])
             common = dict(with_depth=with_depth, backgrounds=wrap(backgrounds if D else torch.zeros(C, 1, device=device)),
-                          gaussian_count=N, alpha_min=settings["alpha_min"], t_stop=settings["t_stop"], values=values,
+                          gaussian_count=C * N, alpha_min=settings["alpha_min"], t_stop=settings["t_stop"], values=values,
                           starts=starts)
             frame = [tiles_x, tiles_y, W, H, D]
             outputs = [wp.from_torch(out_image), wp.from_torch(out_alpha), T_final, last]
@@ -214,7 +213,7 @@ class _Rasterize(torch.autograd.Function):
                           outputs=[*outputs, *scratch])
             out_image = out_image[:, :channels].reshape(C, H, W, channels)
             out_alpha = out_alpha.reshape(C, H, W, 1)
-        ctx.saved = dict(tape=tape, w_means=w_means, w_covars=w_covars, means2d=means2d, conics=conics, depths=depths,
+        ctx.saved = dict(tape=tape, w_means=w_means, w_covars=w_covars, w_opac=w_opac, opac_c=opac_c, means2d=means2d, conics=conics, depths=depths,
                          flat=flat, common=common, T_final=T_final, last=last, shape=(C, N, D, H, W, tiles_x, tiles_y),
                          channels=channels, device=device, path=path)
         meta = (wp.to_torch(means2d).clone(), wp.to_torch(depths).clone(), wp.to_torch(radii).clone(),
@@ -234,6 +233,7 @@ class _Rasterize(torch.autograd.Function):
         with torch_stream(device):
             v_colors = torch.zeros(C * N, max(D, 1), device=device)
             v_opac = torch.zeros(N, device=device)
+            v_opac_c = torch.zeros(C * N, device=device)  # per (camera, Gaussian), back through the projection
             v_bg = torch.zeros(C, max(D, 1), device=device)
             if N:
                 if s["channels"]:
@@ -255,7 +255,7 @@ class _Rasterize(torch.autograd.Function):
                     kept = min(D, 4)
                     v_colors[:, :kept] = slots[:, :kept]
                     v_means2d, v_conics, v_depths = slots[:, 4:6], slots[:, 6:9].double(), slots[:, 10]
-                    v_opac = slots[:, 9].reshape(C, N).sum(0)
+                    v_opac_c = slots[:, 9].contiguous()
                 else:
                     v_means2d = torch.zeros(C * N, 2, device=device)
                     v_conics = torch.zeros(C * N, 3, device=device, dtype=torch.float64)
@@ -267,13 +267,15 @@ class _Rasterize(torch.autograd.Function):
                     wp.launch(kernel, dim=dim, device=wdev, inputs=[*flat.values(), *common.values(), *cotangents,
                                                                     *scratch],
                               outputs=[wp.from_torch(v_means2d, dtype=wp.vec2), wp.from_torch(v_conics, dtype=wp.vec3d),
-                                       wp.from_torch(v_colors), wp.from_torch(v_opac), wp.from_torch(v_depths),
+                                       wp.from_torch(v_colors), wp.from_torch(v_opac_c), wp.from_torch(v_depths),
                                        wp.from_torch(v_bg)])
                 s["tape"].backward(grads={
                     s["means2d"]: wp.from_torch(v_means2d.contiguous().reshape(C, N, 2), dtype=wp.vec2),
                     s["conics"]: wp.from_torch(v_conics.reshape(C, N, 3), dtype=wp.vec3d),
                     s["depths"]: wp.from_torch(v_depths.contiguous().reshape(C, N)),
+                    s["opac_c"]: wp.from_torch(v_opac_c.reshape(C, N)),
                 })
+                v_opac = wp.to_torch(s["w_opac"].grad).clone()
                 v_means = wp.to_torch(s["w_means"].grad).clone()
                 v_covars = wp.to_torch(s["w_covars"].grad).clone()
                 v_covars = 0.5 * (v_covars + v_covars.transpose(1, 2))  # covariances are symmetric (as gsplat)
@@ -286,8 +288,9 @@ class _Rasterize(torch.autograd.Function):
 def rasterization(means: torch.Tensor, covars: torch.Tensor, opacities: torch.Tensor, colors: torch.Tensor,
                   viewmats: torch.Tensor, Ks: torch.Tensor, width: int, height: int, *, near_plane: float = 0.01,
                   far_plane: float = 1e10, backgrounds: torch.Tensor | None = None, render_mode: RenderMode = "RGB",
-                  eps2d: float = 0.3, path: Literal["auto", "block", "pixel", "tile"] = "auto",
-                  cutoffs: RasterCutoffs = GSPLAT, capacity: int | None = None):
+                  eps2d: float = 0.3, rasterize_mode: Literal["classic", "antialiased"] = "classic",
+                  path: Literal["auto", "block", "pixel", "tile"] = "auto", cutoffs: RasterCutoffs = GSPLAT,
+                  capacity: int | None = None):
     """Render Gaussians from C cameras.
 
     means [N, 3] m, covars [N, 3, 3] m^2, opacities [N] in [0, 1], colors [N, D] or [C, N, D], viewmats [C, 4, 4]
@@ -299,6 +302,9 @@ def rasterization(means: torch.Tensor, covars: torch.Tensor, opacities: torch.Te
     the CUDA path), "pixel" (one thread per pixel walking its tile's list from global memory), "tile" (one thread
     per tile, each Gaussian touching only the pixels of its box; the CPU path), "auto" picks "block" on CUDA and
     "tile" on the CPU. Same results.
+    ``rasterize_mode``: gsplat's. "classic" dilates every 2D footprint by eps2d (px^2); "antialiased" also scales
+    each opacity per camera by sqrt(det Sigma_2D / det(Sigma_2D + eps2d I)), so footprints thinner than a pixel (a
+    surface disc seen edge-on at a silhouette) keep their integrated opacity instead of growing a pixel-wide rim.
     ``cutoffs``: gsplat's by default (RasterCutoffs).
     ``capacity``: a fixed number of tile intersections to hold. Then nothing is read back to the host, so the
     forward and backward can be captured in one CUDA graph; call ``meta.check_capacity()`` afterwards.
@@ -315,7 +321,8 @@ def rasterization(means: torch.Tensor, covars: torch.Tensor, opacities: torch.Te
     if path == "auto":
         path = "block" if means.device.type == "cuda" else "tile"
     settings = dict(width=int(width), height=int(height), near=float(near_plane), far=float(far_plane),
-                    eps2d=float(eps2d), with_depth=with_depth, path=path, alpha_min=float(cutoffs.alpha_min),
+                    eps2d=float(eps2d), antialiased=rasterize_mode == "antialiased", with_depth=with_depth, path=path,
+                    alpha_min=float(cutoffs.alpha_min),
                     t_stop=float(cutoffs.t_stop), extend_max=float(cutoffs.extend_max),
                     capacity=None if capacity is None else int(capacity))
     image, alpha, means2d, depths, radii, total = _Rasterize.apply(settings, means, covars, colors, opacities,
