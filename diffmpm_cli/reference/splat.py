@@ -58,8 +58,8 @@ def project_ref(means, covars, opacities, viewmats, Ks, width: int, height: int,
 
 def rasterize_ref(means, covars, opacities, colors, viewmats, Ks, width: int, height: int, *, near: float = 0.01,
                   far: float = 1e10, backgrounds=None, render_mode: str = "RGB", eps2d: float = 0.3,
-                  rasterize_mode: str = "classic", return_ambiguous: bool = False, band: float = 1e-5, alpha_min: float = ALPHA_MIN,
-                  t_stop: float = T_STOP, extend_max: float = EXTEND_MAX):
+                  rasterize_mode: str = "classic", return_ambiguous: bool = False, band: float = 1e-5,
+                  alpha_min: float = ALPHA_MIN, t_stop: float = T_STOP, extend_max: float = EXTEND_MAX):
     """(colors [C, H, W, D'], alphas [C, H, W, 1]) composited front to back over all pixels, in float64.
 
     With ``return_ambiguous`` also a mask [C, H, W] of pixels where a Gaussian sits within ``band`` (relative) of
