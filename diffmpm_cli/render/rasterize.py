@@ -214,8 +214,8 @@ class _Rasterize(torch.autograd.Function):
             out_image = out_image[:, :channels].reshape(C, H, W, channels)
             out_alpha = out_alpha.reshape(C, H, W, 1)
         ctx.saved = dict(tape=tape, w_means=w_means, w_covars=w_covars, w_opac=w_opac, opac_c=opac_c, means2d=means2d,
-                         conics=conics, depths=depths, flat=flat, common=common, T_final=T_final, last=last, shape=(C, N, D, H, W, tiles_x, tiles_y),
-                         channels=channels, device=device, path=path)
+                         conics=conics, depths=depths, flat=flat, common=common, T_final=T_final, last=last,
+                         shape=(C, N, D, H, W, tiles_x, tiles_y), channels=channels, device=device, path=path)
         meta = (wp.to_torch(means2d).clone(), wp.to_torch(depths).clone(), wp.to_torch(radii).clone(),
                 wp.to_torch(total).reshape(()).clone())
         ctx.mark_non_differentiable(*meta)  # the meta is for inspection; gradients flow through the images
