@@ -1,9 +1,11 @@
-"""Evaluation metrics for reconstructions: silhouettes, point clouds, occupancy, images and material parameters.
+"""Evaluation metrics for reconstructions: silhouettes, point clouds, occupancy, images and material parameters,
+and the physical validity of a particle state (inverted deformation gradients, particles piled into few cells).
 
 These are reporting metrics, not losses: every function runs under ``torch.no_grad()``, accepts float tensors on any
 device (CPU or CUDA, float32 or float64; second arguments are moved to the first argument's device) and returns
 plain Python floats (or lists of floats, one per camera view). Lengths are in the units of the inputs (metres in
-this project); images are expected in [0, 1].
+this project); images are expected in [0, 1]. Silhouette masks may be boolean or 0/1 tensors as well as alphas (for
+example the exact target-mesh silhouettes of ``render.mesh_raster.mesh_silhouettes``).
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ __all__ = [
     "CHAMFER_CHUNK",
     "bbox_diagonal",
     "chamfer_distance",
+    "clumping",
+    "deformation_validity",
     "material_errors",
     "psnr",
     "silhouette_iou",
@@ -51,7 +55,8 @@ def silhouette_iou(alphas: torch.Tensor, target_alphas: torch.Tensor, threshold:
 
     Args:
         alphas: rendered opacities, [C,H,W,1] or [C,H,W], values in [0, 1].
-        target_alphas: reference opacities of the same shape.
+        target_alphas: reference opacities of the same shape ([C,H,W,1] and [C,H,W] mix freely); a boolean mask
+            (True = covered) or a 0/1 float mask works too, e.g. ``mesh_silhouettes`` of the exact target mesh.
         threshold: a pixel belongs to a mask when its alpha is strictly greater than this.
 
     Returns:
@@ -127,15 +132,32 @@ def bbox_diagonal(points: torch.Tensor) -> float:
     return float(torch.linalg.vector_norm(extent).item())
 
 
+def _grid(lower, dx, shape, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """Checked grid description: lower corner [3] and cell edges [3] (float64), shape [3] (long), cell count."""
+    dims = [int(s) for s in shape]
+    if len(dims) != 3 or min(dims) < 1:
+        raise ValueError(f"shape must be three positive ints, got {tuple(shape)}")
+    lo = torch.as_tensor(lower, dtype=torch.float64, device=device).reshape(-1).expand(3)
+    h = torch.as_tensor(dx, dtype=torch.float64, device=device).reshape(-1).expand(3)
+    if bool((h <= 0).any()):
+        raise ValueError(f"dx must be positive, got {dx}")
+    shp = torch.tensor(dims, dtype=torch.long, device=device)
+    return lo, h, shp, dims[0] * dims[1] * dims[2]
+
+
+def _cell_ids(x: torch.Tensor, lower: torch.Tensor, dx: torch.Tensor, shape: torch.Tensor) -> torch.Tensor:
+    """Flat cell index [N] of each point: floor((x - lower) / dx), clamped into the grid per axis."""
+    ijk = torch.floor((x.double() - lower) / dx).long()
+    ijk = torch.minimum(torch.clamp(ijk, min=0), shape - 1)
+    return (ijk[:, 0] * shape[1] + ijk[:, 1]) * shape[2] + ijk[:, 2]
+
+
 def _occupancy(x: torch.Tensor, lower: torch.Tensor, dx: torch.Tensor, shape: torch.Tensor, cells: int) -> torch.Tensor:
     """Flat boolean occupancy grid of ``cells`` entries; a cell is occupied when at least one point falls in it."""
     occ = torch.zeros(cells, dtype=torch.bool, device=x.device)
     if x.shape[0] == 0:
         return occ
-    ijk = torch.floor((x.double() - lower) / dx).long()
-    ijk = torch.minimum(torch.clamp(ijk, min=0), shape - 1)
-    flat = (ijk[:, 0] * shape[1] + ijk[:, 1]) * shape[2] + ijk[:, 2]
-    occ[flat] = True
+    occ[_cell_ids(x, lower, dx, shape)] = True
     return occ
 
 
@@ -159,15 +181,7 @@ def volumetric_iou(positions: torch.Tensor, target_positions: torch.Tensor, *,
     """
     p = _as_points(positions, "positions")
     q = _as_points(target_positions, "target_positions").to(p.device)
-    dims = [int(s) for s in shape]
-    if len(dims) != 3 or min(dims) < 1:
-        raise ValueError(f"shape must be three positive ints, got {tuple(shape)}")
-    lo = torch.as_tensor(lower, dtype=torch.float64, device=p.device).reshape(-1).expand(3)
-    h = torch.as_tensor(dx, dtype=torch.float64, device=p.device).reshape(-1).expand(3)
-    if bool((h <= 0).any()):
-        raise ValueError(f"dx must be positive, got {dx}")
-    shp = torch.tensor(dims, dtype=torch.long, device=p.device)
-    cells = dims[0] * dims[1] * dims[2]
+    lo, h, shp, cells = _grid(lower, dx, shape, p.device)
     occ_p = _occupancy(p, lo, h, shp, cells)
     occ_q = _occupancy(q, lo, h, shp, cells)
     union = int((occ_p | occ_q).sum().item())
@@ -215,6 +229,82 @@ def psnr(images: torch.Tensor, target_images: torch.Tensor, mask: torch.Tensor |
         else:
             out.append(-10.0 * math.log10(e))
     return out
+
+
+@torch.no_grad()
+def deformation_validity(F: torch.Tensor) -> dict[str, float]:
+    """Inversion statistics of deformation gradients: J = det F (computed in float64) of every particle.
+
+    A physical state has J > 0 everywhere (J <= 0 means a particle turned inside out or collapsed to zero volume).
+
+    Args:
+        F: [N,3,3] deformation gradients (any [...,3,3] is flattened; dimensionless).
+
+    Returns:
+        ``inverted_share``: fraction of particles with J <= 0; ``nonfinite_share``: fraction whose J is NaN or
+        infinite (counted in neither the share nor the statistics below); ``det_F_min``, ``det_F_median`` (the
+        mean of the two middle values for even counts), ``det_F_max`` over the finite J (NaN when none is).
+    """
+    f = F.detach()
+    if f.dim() < 2 or f.shape[-2:] != (3, 3):
+        raise ValueError(f"F must have shape [N,3,3], got {tuple(F.shape)}")
+    f = f.reshape(-1, 3, 3)
+    if f.shape[0] == 0:
+        raise ValueError("deformation_validity needs at least one particle")
+    J = torch.linalg.det(f.to(torch.float64))
+    finite = torch.isfinite(J)
+    n = J.shape[0]
+    Jf = J[finite].sort().values
+    m = Jf.shape[0]
+    if m == 0:
+        low = mid = high = math.nan
+    else:
+        low, high = float(Jf[0].item()), float(Jf[-1].item())
+        mid = float(Jf[m // 2].item()) if m % 2 else 0.5 * float(Jf[m // 2 - 1].item() + Jf[m // 2].item())
+    return {
+        "inverted_share": int((Jf <= 0).sum().item()) / n,
+        "nonfinite_share": (n - m) / n,
+        "det_F_min": low,
+        "det_F_median": mid,
+        "det_F_max": high,
+    }
+
+
+@torch.no_grad()
+def clumping(positions: torch.Tensor, *, lower: Sequence[float] | torch.Tensor,
+             dx: float | Sequence[float] | torch.Tensor, shape: Sequence[int], rest_count: float,
+             factor: float = 4.0) -> dict[str, float | int]:
+    """How much of the body is piled into few grid cells (mass clumping, an unphysical collapse).
+
+    Particles are binned exactly as in ``volumetric_iou``: cell floor((x - lower) / dx) of a ``shape`` grid,
+    clamped per axis, so particles outside the grid count in its border cells.
+
+    Args:
+        positions: [N,3] particle positions (same units as ``lower`` and ``dx``, metres in this project).
+        lower: lowest grid corner, 3 floats. dx: cell edge, a scalar or one per axis. shape: (nx, ny, nz).
+        rest_count: particles per cell in the rest state (e.g. 8 for 2 x 2 x 2 particles per cell); positive.
+        factor: a cell is clumped when it holds strictly more than ``factor * rest_count`` particles.
+
+    Returns:
+        ``clumped_share``: fraction of all particles that sit in clumped cells; ``max_per_cell`` (int): the most
+        particles in one cell; ``max_per_cell_ratio``: max_per_cell / rest_count.
+    """
+    p = _as_points(positions, "positions")
+    if p.shape[0] == 0:
+        raise ValueError("clumping needs at least one particle")
+    rest = float(rest_count)
+    if not rest > 0:
+        raise ValueError(f"rest_count must be positive, got {rest_count}")
+    lo, h, shp, cells = _grid(lower, dx, shape, p.device)
+    ids = _cell_ids(p, lo, h, shp)
+    counts = torch.bincount(ids, minlength=cells)
+    clumped = counts[ids] > float(factor) * rest
+    peak = int(counts.max().item())
+    return {
+        "clumped_share": int(clumped.sum().item()) / p.shape[0],
+        "max_per_cell": peak,
+        "max_per_cell_ratio": peak / rest,
+    }
 
 
 def _scalar(v: float | torch.Tensor) -> float:

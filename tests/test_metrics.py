@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 
 import pytest
 import torch
@@ -11,6 +12,8 @@ from diffmpm_cli import metrics
 from diffmpm_cli.metrics import (
     bbox_diagonal,
     chamfer_distance,
+    clumping,
+    deformation_validity,
     material_errors,
     psnr,
     silhouette_iou,
@@ -64,6 +67,19 @@ def test_silhouette_iou_threshold_is_strict():
     c = torch.tensor([0.7, 0.6, 0.2, 0.0]).reshape(1, 2, 2, 1)
     d = torch.tensor([0.9, 0.1, 0.8, 0.0]).reshape(1, 2, 2, 1)
     assert silhouette_iou(c, d) == pytest.approx([1 / 3])
+
+
+def test_silhouette_iou_accepts_boolean_and_01_target_masks():
+    alphas = torch.zeros(2, 6, 6, 1)
+    alphas[0, :3, :, 0] = 0.8  # top half of view 0 (18 px)
+    alphas[1, :, :2, 0] = 0.6  # left third of view 1 (12 px)
+    mask = torch.zeros(2, 6, 6, dtype=torch.bool)  # [C,H,W] bool, as mesh_silhouettes returns
+    mask[0, :, :3] = True  # left half: intersection 9, union 18 + 18 - 9 = 27
+    mask[1, :, :2] = True  # identical
+    assert silhouette_iou(alphas, mask) == pytest.approx([9 / 27, 1.0])
+    assert silhouette_iou(alphas, mask.float()) == pytest.approx([9 / 27, 1.0])
+    assert silhouette_iou(mask, mask[..., None]) == [1.0, 1.0]
+    assert silhouette_iou(~mask, mask) == [0.0, 0.0]
 
 
 def test_silhouette_iou_shape_mismatch():
@@ -250,3 +266,115 @@ def test_material_errors():
     assert material_errors() == {}
     with pytest.raises(ValueError):
         material_errors(E=1.0, truth_E=0.0)
+
+
+# ---------------------------------------------------------------- physical validity
+
+
+def _rotations(count: int, seed: int) -> torch.Tensor:
+    q, r = torch.linalg.qr(torch.randn(count, 3, 3, generator=torch.Generator().manual_seed(seed), dtype=torch.float64))
+    q = q * torch.sign(torch.diagonal(r, dim1=-2, dim2=-1))[:, None, :]
+    return q * torch.sign(torch.linalg.det(q))[:, None, None]  # det +1
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_deformation_validity_one_inverted_particle(device):
+    n = 50
+    scale = torch.linspace(0.5, 2.0, n, dtype=torch.float64)  # J = s^3 of a uniform stretch s
+    F = _rotations(n, 0) * scale[:, None, None]
+    F[17] = torch.diag(torch.tensor([1.0, 1.0, -0.3], dtype=torch.float64))  # a reflection: J = -0.3
+    out = deformation_validity(F.to(device=device, dtype=torch.float32))
+    assert set(out) == {"inverted_share", "nonfinite_share", "det_F_min", "det_F_median", "det_F_max"}
+    assert all(isinstance(v, float) for v in out.values())
+    assert out["inverted_share"] == pytest.approx(1 / n)
+    assert out["nonfinite_share"] == 0.0
+    assert out["det_F_min"] == pytest.approx(-0.3, rel=1e-5)
+    J = torch.cat([scale[:17] ** 3, torch.tensor([-0.3], dtype=torch.float64), scale[18:] ** 3]).sort().values
+    assert out["det_F_median"] == pytest.approx(0.5 * (J[24] + J[25]).item(), rel=1e-5)
+    assert out["det_F_max"] == pytest.approx(8.0, rel=1e-5)
+
+
+def test_deformation_validity_counts_degenerate_and_skips_nonfinite():
+    F = torch.eye(3).repeat(5, 1, 1)
+    F[0, 2, 2] = 0.0  # flattened to zero volume: J = 0 counts as inverted
+    F[1] = torch.nan
+    F[2] *= 2.0  # J = 8
+    F[3] *= 0.5  # J = 0.125
+    out = deformation_validity(F)
+    assert out["inverted_share"] == pytest.approx(1 / 5)
+    assert out["nonfinite_share"] == pytest.approx(1 / 5)
+    # finite J: 0, 8, 0.125, 1 -> median (0.125 + 1) / 2
+    assert (out["det_F_min"], out["det_F_median"], out["det_F_max"]) == pytest.approx((0.0, 0.5625, 8.0))
+    assert deformation_validity(torch.eye(3).reshape(1, 3, 3).expand(3, 3, 3))["det_F_median"] == 1.0
+    with pytest.raises(ValueError):
+        deformation_validity(torch.zeros(4, 2, 2))
+    with pytest.raises(ValueError):
+        deformation_validity(torch.zeros(0, 3, 3))
+
+
+def test_deformation_validity_determinant_in_float64():
+    # a nearly singular float32 F (third row close to 0.37 row 0 + 1.3 row 1): its determinant in float32 comes out
+    # about -2.6e-7, with the wrong sign; the exact determinant of these float32 values is about +1.67e-7
+    rows = [[0.7538710236549377, -1.1718801259994507, 0.2681654393672943],
+            [0.9764833450317383, 0.6328479051589966, -2.1646602153778076],
+            [1.5483605861663818, 0.3891065716743469, -2.714836835861206]]
+    (a, b, c), (d, e, f), (g, h, i) = [[Fraction(v) for v in row] for row in rows]
+    exact = float(a * (e * i - f * h) - b * (d * i - f * g) + c * (d * h - e * g))
+    assert exact > 0
+    F = torch.tensor(rows, dtype=torch.float32)[None].repeat(4, 1, 1)
+    F[1:] = torch.eye(3)
+    out = deformation_validity(F)
+    assert out["inverted_share"] == 0.0
+    assert out["det_F_min"] == pytest.approx(exact, rel=1e-6)
+
+
+def _cell_lattice(cells: int, per_axis: int, dx: float) -> torch.Tensor:
+    """per_axis^3 particles per cell of a cells^3 grid with lower corner 0, spread evenly inside each cell."""
+    return _lattice(0, cells * per_axis, spacing=dx / per_axis, offset=0.5 * dx / per_axis).double()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_clumping_uniform_lattice_is_clean(device):
+    dx = 0.1
+    x = _cell_lattice(6, 2, dx).to(device)  # 8 per cell
+    out = clumping(x, lower=[0.0, 0.0, 0.0], dx=dx, shape=(6, 6, 6), rest_count=8)
+    assert out == {"clumped_share": 0.0, "max_per_cell": 8, "max_per_cell_ratio": 1.0}
+    assert isinstance(out["max_per_cell"], int)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_clumping_counts_a_clump_exactly(device):
+    dx = 0.1
+    x = _cell_lattice(6, 2, dx)  # 6^3 cells x 8 = 1728 particles
+    n = x.shape[0] + 100
+    clump = torch.full((100, 3), 2.5 * dx, dtype=torch.float64) + 0.01 * dx * torch.rand(100, 3)  # cell (2, 2, 2)
+    x = torch.cat([x, clump]).to(device)
+    out = clumping(x, lower=torch.zeros(3), dx=dx, shape=[6, 6, 6], rest_count=8)
+    # the clump's cell holds its 8 lattice particles + 100 > 32: all 108 are clumped; every other cell holds 8
+    assert out["clumped_share"] == pytest.approx(108 / n)
+    assert out["max_per_cell"] == 108
+    assert out["max_per_cell_ratio"] == pytest.approx(108 / 8)
+    # 108 > 4 x 26 but not > 5 x 26: the threshold is strict and scales with rest_count and factor
+    assert clumping(x, lower=[0, 0, 0], dx=dx, shape=(6, 6, 6), rest_count=26)["clumped_share"] == pytest.approx(108 / n)
+    assert clumping(x, lower=[0, 0, 0], dx=dx, shape=(6, 6, 6), rest_count=27)["clumped_share"] == 0.0
+    assert clumping(x, lower=[0, 0, 0], dx=dx, shape=(6, 6, 6), rest_count=26, factor=5.0)["clumped_share"] == 0.0
+
+
+def test_clumping_bins_like_volumetric_iou():
+    lower, dx = [-1.0, 2.0, 0.5], [0.1, 0.2, 0.4]
+    # 5 points beyond the grid land in its border cell (0, 0, 0) or (3, 3, 3), like volumetric_iou
+    low = torch.tensor([[-9.0, -9.0, -9.0]]).repeat(5, 1)
+    high = torch.tensor([[9.0, 9.0, 9.0]]).repeat(2, 1)
+    inside = torch.tensor([[-0.95, 2.1, 0.7]])  # also cell (0, 0, 0)
+    x = torch.cat([low, high, inside])
+    out = clumping(x, lower=lower, dx=dx, shape=(4, 4, 4), rest_count=1.0)
+    # cell (0,0,0) holds 6 > 4: 6 of 8 particles; cell (3,3,3) holds 2
+    assert out == {"clumped_share": 6 / 8, "max_per_cell": 6, "max_per_cell_ratio": 6.0}
+    with pytest.raises(ValueError):
+        clumping(x, lower=lower, dx=0.0, shape=(4, 4, 4), rest_count=1)
+    with pytest.raises(ValueError):
+        clumping(x, lower=lower, dx=dx, shape=(4, 4, 4), rest_count=0)
+    with pytest.raises(ValueError):
+        clumping(torch.zeros(0, 3), lower=lower, dx=dx, shape=(4, 4, 4), rest_count=1)
+    with pytest.raises(ValueError):
+        clumping(x[:, :2], lower=lower, dx=dx, shape=(4, 4, 4), rest_count=1)
