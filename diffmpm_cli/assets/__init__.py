@@ -64,7 +64,8 @@ def make_body(mesh: trimesh.Trimesh, *, key: str, grid: GridSpec, particles_per_
     check_inside(np.stack([points.min(axis=0), points.max(axis=0)]), grid, key)
     volume = spacing**3
     count = len(points)
-    surface, faces = trimesh.sample.sample_surface(mesh, surface_samples, seed=int(rng.integers(2**31)))
+    # blue-noise samples (no two closer than ~ the mean spacing): even coverage, so small discs leave no gaps
+    surface, faces = trimesh.sample.sample_surface_even(mesh, surface_samples, seed=int(rng.integers(2**31)))
     normals = mesh.face_normals[faces]
     as_tensor = lambda a: torch.as_tensor(np.asarray(a), dtype=torch.float32)  # noqa: E731
     return Body(

@@ -356,7 +356,8 @@ class AppearanceConfig(Section):
         "surface", description="surface: Gaussians embedded on the rest surface; particle: one per particle"
     )
     surface_samples: Annotated[int, Field(ge=1, le=10_000_000)] = Field(
-        2000, description="number of surface Gaussians M (surface mode); also the metric surface samples"
+        5000, description="number of surface Gaussians M (surface mode, blue-noise samples); also the metric "
+        "surface samples"
     )
     neighbors: Annotated[int, Field(ge=1, le=32)] = Field(8, description="particles each surface Gaussian follows (k)")
     sigma0: Positive | None = Field(None, description="rest size of a Gaussian [m]; null = from the particle spacing")
