@@ -65,6 +65,14 @@ def grid_mass_loss(positions: torch.Tensor, masses: torch.Tensor, target_mass: t
     return ((torch.log1p(mass / unit) - torch.log1p(target_mass / unit)) ** 2).mean()
 
 
+def volume_loss(F: torch.Tensor, *, floor: float = 1.0e-6) -> torch.Tensor:
+    """Mean of (ln det F)^2 over deformation gradients F [..., 3, 3] (det clamped at ``floor`` > 0 so an inverted
+    particle costs (ln floor)^2 instead of NaN). With volume-preserving controls det F is a particle's true volume
+    ratio, so this charges mass piling up (det F << 1) as much as it charges stretching."""
+    J = torch.linalg.det(F.double())
+    return torch.log(J.clamp_min(floor)).square().mean()
+
+
 def l1_residuals(pipeline, output, targets):
     """(key, residual) of every L1 image term: silhouette (kind l1), RGB and depth, per target frame."""
     w = pipeline.scene.loss
@@ -115,6 +123,8 @@ def scene_loss(pipeline, output, params: dict[str, torch.Tensor], *, targets,
         add("grid_mass", w.grid_mass * grid_mass_loss(
             output.result.x[-1], assets.source.masses.to(pipeline.device), assets.target_grid_mass, grid=assets.grid,
             bspline=pipeline.scene.sim.bspline))
+    if w.volume > 0:
+        add("volume", w.volume * volume_loss(output.result.F))
     dFc = params.get("dFc")
     if dFc is not None and w.dFc_l2 > 0:
         add("dFc_l2", w.dFc_l2 * (dFc.double() ** 2).mean())

@@ -31,6 +31,7 @@ class SceneSummary:
     surface_gaussians: int
     rendered_frames: int
     memory_render: int
+    meshes: dict[str, str]  # mesh files: what was repaired and which inside test places the particles
 
     @property
     def cfl_ok(self) -> bool:
@@ -73,4 +74,16 @@ def summarize_scene(*, scene, assets, camera_count: int) -> SceneSummary:
         surface_gaussians=gaussians,
         rendered_frames=frames,
         memory_render=render,
+        meshes={name: _mesh_note(body.mesh) for name, body in (("source", assets.source), ("target", assets.target))
+                if body is not None and body.mesh.metadata.get("inside_test")},
     )
+
+
+def _mesh_note(mesh) -> str:
+    """'closed; inside by ray parity' or 'left open (...): inside by generalised winding number', with repairs."""
+    meta = mesh.metadata
+    test = {"parity": "ray parity", "winding": "generalised winding number"}.get(meta["inside_test"], meta["inside_test"])
+    state = f"left open ({meta['defects']})" if meta.get("defects") else "closed"
+    repairs = meta.get("repairs")
+    return f"{state}; inside by {test}" + (f"; repaired: {', '.join(repairs) if isinstance(repairs, list) else repairs}"
+                                           if repairs else "")

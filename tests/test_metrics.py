@@ -378,3 +378,17 @@ def test_clumping_bins_like_volumetric_iou():
         clumping(torch.zeros(0, 3), lower=lower, dx=dx, shape=(4, 4, 4), rest_count=1)
     with pytest.raises(ValueError):
         clumping(x[:, :2], lower=lower, dx=dx, shape=(4, 4, 4), rest_count=1)
+
+
+def test_volume_loss_charges_compression_and_expansion_not_rotation():
+    import math
+
+    from diffmpm_cli.losses import volume_loss
+
+    R = torch.tensor([[0.0, -1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 1.0]])
+    shear = torch.tensor([[1.0, 0.7, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])  # isochoric
+    assert float(volume_loss(torch.stack([R, shear, torch.eye(3)]))) < 1e-12
+    squeezed = torch.diag(torch.tensor([0.5, 1.0, 1.0]))
+    assert math.isclose(float(volume_loss(squeezed[None])), math.log(0.5) ** 2, rel_tol=1e-9)
+    inverted = torch.diag(torch.tensor([-1.0, 1.0, 1.0]))
+    assert math.isfinite(float(volume_loss(inverted[None])))  # clamped, not NaN

@@ -46,6 +46,7 @@ def _table(s) -> Table:
         ("Gaussians", f"{s.surface_gaussians:,}"),
         ("memory, rendering", f"{_bytes(s.memory_render)} ({s.rendered_frames} frame(s) x {s.camera_count} camera(s))"),
     ]
+    rows += [(f"{name} mesh", note) for name, note in s.meshes.items()]
     for name, value in rows:
         table.add_row(name, value)
     return table

@@ -426,6 +426,8 @@ class LossConfig(Section):
     rgb_l1: Weight = Field(0.0, description="L1 on RGB")
     dssim: Weight = Field(0.0, description="D-SSIM on RGB")
     depth_l1: Weight = Field(0.0, description="L1 on expected depth (needs a target mesh or truth)")
+    volume: Weight = Field(0.0, description="volume preservation: mean of (ln det F)^2 over particles and kept frames "
+                           "(charges compression that piles mass into few cells, and expansion)")
     dFc_l2: Weight = Field(0.0, description="regulariser: mean squared dFc")
     dFc_smooth: Weight = Field(0.0, description="regulariser: squared differences of consecutive dFc layers")
 

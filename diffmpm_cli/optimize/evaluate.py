@@ -102,8 +102,13 @@ class ExactTarget:
         """IoU of rendered alphas [12, S, S, 1] against the exact silhouettes: per view, mean, mean of unseen."""
         ious = metrics.silhouette_iou(alphas, self.silhouettes.to(alphas.dtype))
         unseen = [v for v, seen in zip(ious, self.seen) if not seen]
+        mine, exact = alphas[..., 0] > 0.5, self.silhouettes
+        inside = max(int(exact.sum()), 1)
         return {"exact_iou": ious, "exact_iou_mean": sum(ious) / len(ious),
-                "exact_iou_unseen_mean": sum(unseen) / len(unseen) if unseen else None}
+                "exact_iou_unseen_mean": sum(unseen) / len(unseen) if unseen else None,
+                # thin features that were not reached show up as missed pixels; webs and blur as extra ones
+                "exact_missed_share": int((exact & ~mine).sum()) / inside,
+                "exact_extra_share": int((mine & ~exact).sum()) / inside}
 
     def render(self, pipeline, gaussians) -> tuple[torch.Tensor, torch.Tensor]:
         """Images [12, S, S, 3] and alphas [12, S, S, 1] of Gaussians (means, covars, colors, opacities) from the

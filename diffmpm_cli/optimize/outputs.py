@@ -108,7 +108,7 @@ def write_final_outputs(run, out_dir: Path, *, history: list[dict], wall_s: floa
         if mp4_available():  # "mp4"/"both" without a writer are refused before the run starts
             written += write_animation(final / "turntable.mp4", frames)
     keys = ["loss", *sorted({k for r in history for k in r if k in ("grid_mass", "silhouette", "rgb_l1", "dssim",
-                                                                      "depth_l1", "dFc_l2", "dFc_smooth")})]
+                                                                      "depth_l1", "volume", "dFc_l2", "dFc_smooth")})]
     loss_curves(history, final / "loss.png", keys=keys)
     written.append(final / "loss.png")
     learned = {}
