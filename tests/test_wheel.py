@@ -7,7 +7,6 @@ import os
 import subprocess
 import sys
 import zipfile
-from pathlib import Path
 
 import yaml
 from conftest import BASE_SCENE, REPO
