@@ -10,8 +10,7 @@ mkdir -p "$OUT"
 d() { python3 -m diffmpm_cli "$@"; }
 for s in ${SCENES:-bunny spot cat}; do
   d optimize "scenes/sphere_to_${s}_gpu.yaml" --device cuda --out "/tmp/run_$s" --quiet --json \
-    > "$OUT/run_${s}_gpu.json" 2> "$OUT/run_${s}_gpu.log"
+    > "$OUT/run_${s}_gpu.json" 2> "/tmp/run_${s}_gpu.log"
   cp "/tmp/run_$s/final/comparison.png" "$OUT/${s}_gpu_comparison.png"
-  cp "/tmp/run_$s/metrics.jsonl" "$OUT/${s}_gpu_metrics.jsonl"
-  tail -4 "$OUT/run_${s}_gpu.log"
+  tail -4 "/tmp/run_${s}_gpu.log"
 done

@@ -444,6 +444,8 @@ class LineSearch(Section):
     enabled: bool = Field(False, description="backtracking: accept a step only if the loss is finite and lower")
     shrink: Annotated[float, Field(gt=0.0, lt=1.0)] = Field(0.5, description="step shrink factor per retry")
     max_tries: Annotated[int, Field(ge=1, le=20)] = Field(4, description="retries before giving up on an iteration")
+    require_valid: bool = Field(True, description="from a physically valid state, also reject a step whose state is "
+                                "not (an inverted particle, or more than 1 % of particles in cells above 4x rest)")
 
 
 class OptimizeConfig(Section):

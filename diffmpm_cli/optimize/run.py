@@ -29,7 +29,7 @@ from .checkpoint import (
     set_rng_state,
     start_state,
 )
-from .evaluate import evaluate_metrics, main_metric
+from .evaluate import evaluate_metrics, main_metric, validity_metrics
 from .targets import build_targets
 
 
@@ -143,8 +143,11 @@ class Optimization:
             total, terms = scene_loss(self.pipeline, out, params, targets=self.targets)
         return total, terms, out
 
-    def step(self, loss_value: float) -> dict:
-        """One optimiser step (with backtracking when enabled). Gradients must be in place."""
+    def step(self, loss_value: float, *, valid: bool = True) -> dict:
+        """One optimiser step (with backtracking when enabled). Gradients must be in place.
+
+        ``valid``: whether the state at the current parameters is physically valid; the line search then also
+        rejects a step whose state is not (optimize.line_search.require_valid), so a valid run stays valid."""
         opt_cfg = self.scene.optimize
         if opt_cfg.grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(list(self.params.values()), opt_cfg.grad_clip)
@@ -162,11 +165,15 @@ class Optimization:
                     g["lr"] = lr * ls.shrink**attempt
                 self.optimizer.step()
                 project_parameters(self.params)
+                physical = True
                 try:
-                    trial = float(self.loss(grad=False)[0])
+                    total, _, out = self.loss(grad=False)
+                    trial = float(total)
+                    if valid and ls.require_valid:
+                        physical = validity_metrics(self.pipeline, out.result)["physically_valid"]
                 except SimulationError:  # the step made the simulation blow up: a rejected step, not a failed run
                     trial = math.nan
-                if math.isfinite(trial) and trial < loss_value:
+                if math.isfinite(trial) and trial < loss_value and physical:
                     return {"line_search_tries": attempt + 1, "accepted": True}
                 with torch.no_grad():
                     for k, v in self.params.items():
@@ -313,7 +320,7 @@ def _loop(run, state: RunState, *, out_dir: Path, stop: StopFlag, progress) -> N
             if loss_value < state.best_loss:  # these parameters (before the step) are the best so far
                 best = state.best_params = {k: v.detach().clone() for k, v in run.params.items()}
                 best_at = it
-            step_info = run.step(loss_value)
+            step_info = run.step(loss_value, valid=metrics["physically_valid"])
             run.scheduler.step()
             record = {"iteration": it, "episode": run.episode(it), "loss": loss_value, **terms, **metrics,
                       "grad_norm": grad_norm, **step_info,
