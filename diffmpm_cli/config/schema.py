@@ -180,6 +180,10 @@ class TargetConfig(Section):
     )
     truth: Truth | None = Field(None, description="ground truth for synthetic targets (material identification)")
     color: Color | None = Field(None, description="colour of the target's rendered Gaussians; null = appearance.color")
+    mesh_render: Literal["gaussians", "exact"] = Field(
+        "gaussians", description="how a target mesh becomes training pictures: gaussians (its own surface Gaussians, "
+        "rendered as the source is: the same blur at the training size) or exact (its triangles' coverage, 4x4 "
+        "supersampled, in target.color: sharper, but at small sizes the source's Gaussians cannot match it)")
 
 
 # ----------------------------------------------------------------------------------------------------------------

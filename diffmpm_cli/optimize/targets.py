@@ -54,8 +54,31 @@ def build_targets(pipeline) -> Targets:
         return _truth_targets(pipeline, frames)
     with torch.no_grad():
         images, alphas, depths = pipeline.render_target()
+        if scene.target.mesh_render == "exact":
+            images, alphas = exact_mesh_pictures(pipeline)
     cams = torch.ones(images.shape[0], dtype=torch.bool, device=images.device)
     return Targets([TargetFrame(scene.sim.steps, len(frames) - 1, images, alphas, depths, cams)], kind="mesh")
+
+
+SUPERSAMPLE = 4  # per axis: exact target silhouettes are averaged over 4 x 4 sub-pixels
+
+
+def exact_mesh_pictures(pipeline) -> tuple[torch.Tensor, torch.Tensor]:
+    """(images [C, H, W, 3], alphas [C, H, W, 1]) of the exact target mesh from the scene's cameras: the coverage of
+    its triangles (4 x 4 supersampled, so edges are fractional as rendered ones are) in the target's colour over
+    the background."""
+    from ..render.mesh_raster import mesh_silhouettes
+
+    mesh, scene, s = pipeline.assets.target.mesh, pipeline.scene, SUPERSAMPLE
+    Ks = pipeline.Ks.detach().double().clone()
+    Ks[:, :2, :] *= s  # the same cameras at s times the resolution (pixel centres stay consistent)
+    fine = mesh_silhouettes(mesh.vertices, mesh.faces, pipeline.viewmats.detach(), Ks, pipeline.width * s,
+                            pipeline.height * s, device=pipeline.device)
+    C = fine.shape[0]
+    alphas = fine.float().reshape(C, pipeline.height, s, pipeline.width, s).mean(dim=(2, 4))[..., None]
+    color = torch.tensor(scene.target.color or scene.appearance.color, device=pipeline.device)
+    background = torch.tensor(scene.render.background, device=pipeline.device)
+    return alphas * color + (1 - alphas) * background, alphas
 
 
 def truth_parameters(pipeline) -> dict[str, torch.Tensor]:
