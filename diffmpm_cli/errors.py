@@ -52,3 +52,14 @@ def _line(path: str, message: str) -> str:
 
 class RenderCapacityError(DiffMPMError):
     """A render with fixed-capacity intersection buffers needed more intersections than they hold."""
+
+
+class CheckpointError(DiffMPMError):
+    """A checkpoint file cannot be used: unreadable, or holding more than tensors and plain data. Exit code 2."""
+
+    exit_code = 2
+
+    def __init__(self, path: str, message: str):
+        self.path = path
+        self.message = message
+        super().__init__(_line(path, message))

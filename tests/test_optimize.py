@@ -205,3 +205,50 @@ def test_episodes_start_from_the_previous_final_state(tmp_path):
     b = load_checkpoint(tmp_path / "b" / "checkpoints" / "iter_000004.pt")["params"]
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+class _Boom:
+    """A pickled object that would run code when unpickled by a permissive loader."""
+
+    def __reduce__(self):
+        return (os.system, ("touch /tmp/diffmpm_pwned",))
+
+
+def test_a_checkpoint_holding_code_is_refused_not_run(finished, tmp_path):
+    out, _ = finished
+    ckpt = load_checkpoint(out / "checkpoints" / "iter_000004.pt")
+    ckpt["extra"] = _Boom()
+    bad = tmp_path / "evil.pt"
+    torch.save(ckpt, bad)
+    marker = "/tmp/diffmpm_pwned"
+    if os.path.exists(marker):
+        os.unlink(marker)
+    result = runner.invoke(app, ["render", str(out), "--checkpoint", str(bad), "--out", str(tmp_path / "r")])
+    assert result.exit_code == 2, result.output
+    assert "not a loadable diffmpm checkpoint" in result.output and "Traceback" not in result.output
+    assert not os.path.exists(marker)
+
+
+def test_the_summary_reports_validity_and_the_exact_target(finished):
+    out, summary = finished
+    final = summary["final"]
+    for key in ("inverted_share", "inverted_share_any_step", "det_F_min", "det_F_median", "clumped_share",
+                "max_per_cell", "exact_iou_mean", "exact_iou_unseen_mean", "chamfer_exact"):
+        assert key in final, key
+    assert len(final["exact_iou"]) == 12 and summary["physically_valid"] is True
+    assert 0.0 < summary["target_gaussians_exact_iou_mean"] <= 1.0
+    assert (out / "final" / "comparison_training.png").is_file()
+    line = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    assert {"inverted_share_any_step", "clumped_share", "physically_valid"} <= set(line)
+
+
+def test_pruning_keeps_files_this_run_did_not_write(tmp_path):
+    ckpts = tmp_path / "checkpoints"
+    ckpts.mkdir()
+    foreign = ckpts / "iter_000100.pt"
+    torch.save({"mine": False}, foreign)
+    scene = small_scene("optimize.keep_checkpoints=1")
+    optimize(scene=scene, assets=build_assets(scene), out_dir=tmp_path)
+    assert foreign.exists()  # not ours: never deleted
+    assert sorted(p.name for p in ckpts.glob("iter_*.pt")) == ["iter_000004.pt", "iter_000100.pt"]
+    assert latest_checkpoint(ckpts).name == "iter_000004.pt"  # and never resumed from

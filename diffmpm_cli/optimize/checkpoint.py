@@ -8,6 +8,7 @@ leaves either the old or the new checkpoint, never a torn one.
 from __future__ import annotations
 
 import os
+import pickle
 import random
 import tempfile
 from pathlib import Path
@@ -15,7 +16,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..errors import CheckpointError
+
 PATTERN = "iter_{:06d}.pt"
+LEDGER = "written.txt"  # the checkpoints this run wrote, oldest first
 
 
 def _atomic_save(obj, path: Path) -> None:
@@ -33,13 +37,22 @@ def _atomic_save(obj, path: Path) -> None:
 
 
 def rng_state() -> dict:
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    """The torch, numpy and Python RNG states as tensors, numbers and lists only (loadable with weights_only)."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    return {"torch": torch.get_rng_state(),
+            "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                      "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+            "python": {"version": version, "internal": list(internal), "gauss_next": gauss_next}}
 
 
 def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    py = state["python"]
+    random.setstate((py["version"], tuple(py["internal"]), py["gauss_next"]))
 
 
 def _cpu(tensors: dict | None) -> dict | None:
@@ -68,8 +81,13 @@ def save_checkpoint(folder: Path, *, iteration: int, params: dict, optimizer, sc
     folder = Path(folder)
     path = folder / PATTERN.format(iteration)
     _atomic_save(state, path)
-    for old in sorted(folder.glob("iter_*.pt"))[:-keep]:
-        old.unlink(missing_ok=True)
+    # prune only what this run wrote (listed in checkpoints/written.txt), never a file someone else put there
+    ledger = folder / LEDGER
+    mine = [line for line in (ledger.read_text().splitlines() if ledger.exists() else []) if line]
+    mine = [name for name in mine if name != path.name] + [path.name]
+    for name in mine[:-keep]:
+        (folder / name).unlink(missing_ok=True)
+    ledger.write_text("".join(name + "\n" for name in mine[-keep:]))
     return path
 
 
@@ -82,9 +100,22 @@ def save_best(folder: Path, *, iteration: int, params: dict, loss: float, start:
 
 
 def latest_checkpoint(folder: Path) -> Path | None:
-    found = sorted(Path(folder).glob("iter_*.pt"))
+    """The newest checkpoint this run wrote (its ledger), or None. A folder without a ledger (written before
+    there was one) counts every iter_*.pt as its own."""
+    ledger = Path(folder) / LEDGER
+    if not ledger.exists():
+        found = sorted(Path(folder).glob("iter_*.pt"))
+        return found[-1] if found else None
+    mine = [line for line in ledger.read_text().splitlines() if line]
+    found = [Path(folder) / name for name in mine if (Path(folder) / name).exists()]
     return found[-1] if found else None
 
 
 def load_checkpoint(path: Path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=False)
+    """A checkpoint's contents. Loaded with ``weights_only=True``: tensors, numbers, strings and containers only, so
+    a file with any other pickled object (which could run code) is refused with a CheckpointError."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(str(path), f"not a loadable diffmpm checkpoint ({first[:200]})") from exc
