@@ -242,13 +242,23 @@ def test_the_summary_reports_validity_and_the_exact_target(finished):
     assert {"inverted_share_any_step", "clumped_share", "physically_valid"} <= set(line)
 
 
-def test_pruning_keeps_files_this_run_did_not_write(tmp_path):
+def test_pruning_and_resume_ignore_files_this_run_did_not_write(tmp_path):
+    scene = small_scene("optimize.keep_checkpoints=1", "optimize.iterations=2")
+    optimize(scene=scene, assets=build_assets(scene), out_dir=tmp_path)
     ckpts = tmp_path / "checkpoints"
-    ckpts.mkdir()
     foreign = ckpts / "iter_000100.pt"
     torch.save({"mine": False}, foreign)
-    scene = small_scene("optimize.keep_checkpoints=1")
-    optimize(scene=scene, assets=build_assets(scene), out_dir=tmp_path)
+    assert latest_checkpoint(ckpts).name == "iter_000002.pt"  # never resumed from a foreign file
+    scene = small_scene("optimize.keep_checkpoints=1", "optimize.iterations=4")
+    summary = optimize(scene=scene, assets=build_assets(scene), out_dir=tmp_path, resume=True)
+    assert summary["iterations"] == 4
     assert foreign.exists()  # not ours: never deleted
     assert sorted(p.name for p in ckpts.glob("iter_*.pt")) == ["iter_000004.pt", "iter_000100.pt"]
-    assert latest_checkpoint(ckpts).name == "iter_000004.pt"  # and never resumed from
+
+
+def test_out_refuses_a_folder_that_holds_other_files(tmp_path):
+    (tmp_path / "summary.json").write_text("mine, not diffmpm's")
+    result = runner.invoke(app, ["optimize", str(SCENE), "--out", str(tmp_path), *sum((["--set", s] for s in SMALL), [])])
+    assert result.exit_code == 2 and "not empty and holds no diffmpm run" in result.output
+    assert (tmp_path / "summary.json").read_text() == "mine, not diffmpm's"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["summary.json"]

@@ -223,6 +223,11 @@ def optimize(*, scene, assets, out_dir: Path, device: str = "cpu", iterations: i
     ckpt_dir = out_dir / "checkpoints"
     if not resume and metrics_path.exists():
         raise ConfigError("--out", f"{out_dir} already holds a run: use --resume {out_dir} or another folder")
+    if not resume and out_dir.is_dir() and any(out_dir.iterdir()):
+        # never write summary.json, final/ or checkpoints/ over files that are not this tool's
+        raise ConfigError("--out", f"{out_dir} is not empty and holds no diffmpm run: choose a new or empty folder")
+    if not resume and out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError("--out", f"{out_dir} is a file, not a folder")
     out_dir.mkdir(parents=True, exist_ok=True)
     if not resume:
         (out_dir / "config.resolved.yaml").write_text(dump_scene(scene))
