@@ -75,7 +75,7 @@ def test_gaussians_ply_renders_the_final_image(finished):
     g = {k: torch.from_numpy(v) for k, v in read_gaussians_ply(out / "final" / "gaussians.ply").items()}
     image, _, _ = rasterization(g["means"], g["covars"], g["opacities"], g["colors"], pipe.viewmats, pipe.Ks,
                                 pipe.width, pipe.height, backgrounds=pipe.background, near_plane=scene.render.near,
-                                far_plane=scene.render.far)
+                                far_plane=scene.render.far, rasterize_mode=scene.render.rasterize_mode)
     assert float((image - expected).abs().max()) <= 1e-3
 
 
@@ -147,8 +147,10 @@ def test_bad_input_and_failed_runs(finished, tmp_path, monkeypatch):
     result = runner.invoke(app, ["optimize", "--resume", str(tmp_path / "nothing")])
     assert result.exit_code == 2 and "holds no run" in result.output
     result = runner.invoke(app, ["optimize", str(SCENE), "--set", "learn.dFc.enabled=false", "--set",
-                                 "learn.color.enabled=false", "--set", "learn.sigma0.enabled=false"])
+                                 "learn.color.enabled=false", "--set", "learn.sigma0.enabled=false", "--out",
+                                 str(tmp_path / "refused")])
     assert result.exit_code == 2 and "nothing is learned" in result.output
+    assert not (tmp_path / "refused").exists()  # bad input writes nothing
     result = runner.invoke(app, ["optimize", str(REPO / "scenes" / "elastic_drop.yaml"), "--set",
                                  "optimize.episodes=2"])
     assert result.exit_code == 2 and "optimize.episodes" in result.output

@@ -99,6 +99,12 @@ def save_best(folder: Path, *, iteration: int, params: dict, loss: float, start:
     return path
 
 
+def remove_stale_temporaries(folder: Path) -> None:
+    """Delete the half-written temporaries (.<name>.pt.*.tmp) a killed run left behind."""
+    for path in Path(folder).glob(".*.pt.*.tmp"):
+        path.unlink(missing_ok=True)
+
+
 def latest_checkpoint(folder: Path) -> Path | None:
     """The newest checkpoint this run wrote (its ledger), or None. A folder without a ledger (written before
     there was one) counts every iter_*.pt as its own."""

@@ -24,6 +24,7 @@ from ..pipeline import GROUP_OF, Pipeline
 from .checkpoint import (
     latest_checkpoint,
     load_checkpoint,
+    remove_stale_temporaries,
     save_best,
     save_checkpoint,
     set_rng_state,
@@ -228,12 +229,13 @@ def optimize(*, scene, assets, out_dir: Path, device: str = "cpu", iterations: i
         raise ConfigError("--out", f"{out_dir} is not empty and holds no diffmpm run: choose a new or empty folder")
     if not resume and out_dir.exists() and not out_dir.is_dir():
         raise ConfigError("--out", f"{out_dir} is a file, not a folder")
+    run = Optimization(scene, assets, device=device, iterations=iterations)  # refuses bad input before any write
     out_dir.mkdir(parents=True, exist_ok=True)
     if not resume:
         (out_dir / "config.resolved.yaml").write_text(dump_scene(scene))
-    run = Optimization(scene, assets, device=device, iterations=iterations)
     state = RunState()
     if resume:
+        remove_stale_temporaries(ckpt_dir)
         latest = latest_checkpoint(ckpt_dir)
         if latest is not None:
             ckpt = load_checkpoint(latest)
