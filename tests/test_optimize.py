@@ -264,3 +264,16 @@ def test_out_refuses_a_folder_that_holds_other_files(tmp_path):
     assert result.exit_code == 2 and "not empty and holds no diffmpm run" in result.output
     assert (tmp_path / "summary.json").read_text() == "mine, not diffmpm's"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["summary.json"]
+
+
+def test_a_scene_cannot_send_outputs_outside_runs(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for bad in ("output.dir=/tmp/elsewhere", "output.dir=../../x"):
+        result = runner.invoke(app, ["optimize", str(SCENE), "--set", bad, *sum((["--set", s] for s in SMALL), [])])
+        assert result.exit_code == 2 and "output.dir: must be a relative folder inside runs/" in result.output
+    assert not (tmp_path / "runs").exists() and not (tmp_path.parent / "x").exists()
+    from diffmpm_cli.cli.optimize import _default_out
+
+    for name in ("../../x", "/etc/evil", "a" * 300, "ok name"):
+        out = _default_out(name)
+        assert out.parent.name == "runs" and "/" not in out.name and ".." not in out.name and len(out.name) <= 96

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import signal
 import sys
 import time
@@ -24,8 +25,30 @@ EPILOG = """[bold]Examples[/]
 """
 
 
+RUN_ROOT = Path("runs")
+
+
+def _slug(name: str) -> str:
+    """A scene name as a safe folder name: letters, digits, '.', '_' and '-' only, at most 80 characters."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip(".-")[:80] or "scene"
+
+
 def _default_out(name: str) -> Path:
-    return Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    return RUN_ROOT / f"{_slug(name)}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def _scene_out(cfg) -> Path:
+    """Where a scene file may send its outputs: runs/<output.dir> (a relative path that stays inside runs/), or
+    runs/<name>-<timestamp>. Only --out on the command line writes elsewhere."""
+    from ..errors import ConfigError
+
+    if cfg.output.dir is None:
+        return _default_out(cfg.name)
+    wanted = Path(cfg.output.dir)
+    if wanted.is_absolute() or ".." in wanted.parts or not wanted.parts:
+        raise ConfigError("output.dir", "must be a relative folder inside runs/ (a scene file cannot write elsewhere; "
+                                        "use --out for that)")
+    return RUN_ROOT / wanted
 
 
 @handle_errors
@@ -59,7 +82,7 @@ def optimize(
         raise ConfigError("SCENE", "give a scene file (or --resume RUN_DIR)")
     else:
         cfg = load_scene(scene, set_)
-        out_dir = out_dir or Path(cfg.output.dir or _default_out(cfg.name))
+        out_dir = out_dir or _scene_out(cfg)
     assets = build_assets(cfg, device=device)
     log = err if as_json else out
     stop = StopFlag()

@@ -475,7 +475,8 @@ class EvaluateConfig(Section):
 
 
 class OutputConfig(Section):
-    dir: str | None = Field(None, description="output folder; null = runs/<scene>-<timestamp> (--out overrides)")
+    dir: str | None = Field(None, description="output folder inside runs/ (relative, no '..'); null = "
+                            "runs/<scene>-<timestamp>; only --out on the command line writes elsewhere")
     turntable_frames: Annotated[int, Field(ge=0, le=720)] = Field(36, description="views in turntable.gif; 0 = none")
     video: Literal["gif", "mp4", "both"] = Field("gif", description="turntable format (mp4 needs an ffmpeg writer)")
 
