@@ -175,8 +175,9 @@ def stage_problem(pipeline, stage: str, groups, *, seed: int):
     g = torch.Generator().manual_seed(seed)
     chosen = [GROUP_OF[k] for k in groups if k in STAGE_GROUPS[stage]]
     params = pipeline.initial_parameters(chosen)
-    if "dFc" in params:  # probe around a deformed state, not the trivial zero control
-        params["dFc"] = params["dFc"] + 0.01 * torch.randn(params["dFc"].shape, generator=g).to(params["dFc"].device)
+    if "dFc" in params:  # probe around a deformed state, not the trivial zero control: random log strains of 0.1
+        # (volume-preserving controls of 0.01 barely move the body, and the loss then hardly depends on E or nu)
+        params["dFc"] = params["dFc"] + 0.1 * torch.randn(params["dFc"].shape, generator=g).to(params["dFc"].device)
     eps = {k: (ALL_STAGE_EPS if stage == "all" else DEFAULT_EPS).get(k, DEFAULT_EPS[k]) for k in params}
     with torch.no_grad():
         rest = pipeline.forward(pipeline.initial_parameters(["dFc"]) if stage != "sim" else {}).result
