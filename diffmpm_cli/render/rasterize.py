@@ -49,7 +49,10 @@ class RasterCutoffs:
 
     @classmethod
     def smooth(cls, alpha_min: float = 1e-9) -> RasterCutoffs:
-        return cls(alpha_min=alpha_min, t_stop=0.0, extend_max=math.sqrt(2.0 * math.log(1.0 / alpha_min)))
+        # t_stop stays above float32's smallest normal: the backward recovers each T by dividing the final T by
+        # (1 - alpha) back to front, and a final T that underflowed (dozens of opaque layers, no stop) made those
+        # divisions meaningless (measured: colour gradients 4-15x off on elastic_drop with 5000 surface Gaussians)
+        return cls(alpha_min=alpha_min, t_stop=1e-20, extend_max=math.sqrt(2.0 * math.log(1.0 / alpha_min)))
 
 
 GSPLAT = RasterCutoffs()
