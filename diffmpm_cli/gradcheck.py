@@ -129,7 +129,7 @@ DEFAULT_EPS = {"dFc": 0.5, "log_E": 1e-2, "nu": 4e-3, "v0": 1e-2, "color": 1e-2,
                "log_sigma0": 1e-2}
 # the scene's loss depends weakly on the material over a short rollout: larger steps lift its change above the
 # rendering's rounding noise (the loss stays close to linear over them)
-ALL_STAGE_EPS = {"log_E": 1e-1, "nu": 2e-2}
+ALL_STAGE_EPS = {"log_E": 1e-1, "nu": 2e-2, "dFc": 2.0}  # dFc: ~4e-3 per log strain, still in the linear range
 # a single coordinate of dFc is one particle's log strain in one layer (multiplicative, volume-preserving controls):
 # a weak lever on the whole rollout, whose change at 0.1 sat within the float32 noise of the sim stage
 COORDINATE_EPS = {"dFc": 0.3}
