@@ -29,8 +29,8 @@ class ConfigError(DiffMPMError):
         return [path for path, _ in self.issues]
 
 
-class AssetError(DiffMPMError):
-    """A shape or mesh cannot become particles: missing file, not a mesh, not watertight, empty."""
+class PathError(DiffMPMError):
+    """Bad input about one thing named by a key path or file path: ``path: message``. Exit code 2."""
 
     exit_code = 2
 
@@ -38,6 +38,10 @@ class AssetError(DiffMPMError):
         self.path = path
         self.message = message
         super().__init__(_line(path, message))
+
+
+class AssetError(PathError):
+    """A shape or mesh cannot become particles: missing file, not a mesh, not watertight, empty."""
 
 
 class SimulationError(DiffMPMError):
@@ -54,12 +58,5 @@ class RenderCapacityError(DiffMPMError):
     """A render with fixed-capacity intersection buffers needed more intersections than they hold."""
 
 
-class CheckpointError(DiffMPMError):
-    """A checkpoint file cannot be used: unreadable, or holding more than tensors and plain data. Exit code 2."""
-
-    exit_code = 2
-
-    def __init__(self, path: str, message: str):
-        self.path = path
-        self.message = message
-        super().__init__(_line(path, message))
+class CheckpointError(PathError):
+    """A checkpoint file cannot be used: unreadable, or holding more than tensors and plain data."""

@@ -82,13 +82,17 @@ def save_checkpoint(folder: Path, *, iteration: int, params: dict, optimizer, sc
     path = folder / PATTERN.format(iteration)
     _atomic_save(state, path)
     # prune only what this run wrote (listed in checkpoints/written.txt), never a file someone else put there
-    ledger = folder / LEDGER
-    mine = [line for line in (ledger.read_text().splitlines() if ledger.exists() else []) if line]
-    mine = [name for name in mine if name != path.name] + [path.name]
+    mine = [name for name in _ledger(folder) or [] if name != path.name] + [path.name]
     for name in mine[:-keep]:
         (folder / name).unlink(missing_ok=True)
-    ledger.write_text("".join(name + "\n" for name in mine[-keep:]))
+    (folder / LEDGER).write_text("".join(name + "\n" for name in mine[-keep:]))
     return path
+
+
+def _ledger(folder: Path) -> list[str] | None:
+    """The checkpoint names this run wrote, oldest first; None when the folder has no ledger."""
+    ledger = Path(folder) / LEDGER
+    return [line for line in ledger.read_text().splitlines() if line] if ledger.exists() else None
 
 
 def save_best(folder: Path, *, iteration: int, params: dict, loss: float, start: dict | None = None) -> Path:
@@ -108,12 +112,11 @@ def remove_stale_temporaries(folder: Path) -> None:
 def latest_checkpoint(folder: Path) -> Path | None:
     """The newest checkpoint this run wrote (its ledger), or None. A folder without a ledger (written before
     there was one) counts every iter_*.pt as its own."""
-    ledger = Path(folder) / LEDGER
-    if not ledger.exists():
+    mine = _ledger(folder)
+    if mine is None:
         found = sorted(Path(folder).glob("iter_*.pt"))
-        return found[-1] if found else None
-    mine = [line for line in ledger.read_text().splitlines() if line]
-    found = [Path(folder) / name for name in mine if (Path(folder) / name).exists()]
+    else:
+        found = [Path(folder) / name for name in mine if (Path(folder) / name).exists()]
     return found[-1] if found else None
 
 

@@ -78,7 +78,7 @@ def evaluate_metrics(pipeline, output, targets, params: dict[str, torch.Tensor])
 
 class ExactTarget:
     """The exact target mesh seen from the evaluation views: silhouettes [12, S, S] (bool), dense surface samples,
-    and which views coincide with a training camera. Built once per run (``exact_target(pipeline)``)."""
+    and which views coincide with a training camera. Built once per run's final outputs (optimize/outputs.py)."""
 
     def __init__(self, pipeline, *, size: int):
         from ..render.camera import evaluation_cameras

@@ -75,8 +75,9 @@ def write_final_outputs(run, out_dir: Path, *, history: list[dict], wall_s: floa
         representation = {"target_gaussians_exact_iou_mean": exact.iou(target_alphas)["exact_iou_mean"],
                           "evaluation_size": exact.size, "evaluation_views_seen_in_training": exact.seen}
         exact_rgb = exact.silhouettes[..., None].float().cpu() * torch.ones(3)
+        overlay = exact.overlay(final_alphas)
         rows = [[to_uint8(exact_rgb[c]), to_uint8(initial_images[c].cpu()), to_uint8(final_images[c].cpu()),
-                 exact.overlay(final_alphas)[c]] for c in range(exact_rgb.shape[0])]
+                 overlay[c]] for c in range(exact_rgb.shape[0])]
         save_png(final / "comparison.png", comparison_grid(rows, labels=["exact target", "initial", "final",
                                                                          "final vs exact"]))
         written.append(final / "comparison.png")

@@ -53,9 +53,11 @@ def build_targets(pipeline) -> Targets:
     if scene.target.truth is not None:
         return _truth_targets(pipeline, frames)
     with torch.no_grad():
-        images, alphas, depths = pipeline.render_target()
-        if scene.target.mesh_render == "exact":
+        if scene.target.mesh_render == "exact":  # the target's Gaussians only for depths, when a loss needs them
             images, alphas = exact_mesh_pictures(pipeline)
+            depths = pipeline.render_target()[2] if pipeline.with_depth else None
+        else:
+            images, alphas, depths = pipeline.render_target()
     cams = torch.ones(images.shape[0], dtype=torch.bool, device=images.device)
     return Targets([TargetFrame(scene.sim.steps, len(frames) - 1, images, alphas, depths, cams)], kind="mesh")
 
