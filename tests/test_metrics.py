@@ -121,24 +121,19 @@ def test_chamfer_identity_and_translation_invariance():
     assert chamfer_distance(p + t, q + t) == pytest.approx(chamfer_distance(p, q), rel=1e-5)
 
 
-def test_chamfer_chunked_matches_full_cdist():
+def test_chamfer_matches_full_cdist():
     g = torch.Generator().manual_seed(1)
     p = torch.randn(5000, 3, generator=g)
     q = torch.randn(3000, 3, generator=g) * 0.7 + 0.2
     d = torch.cdist(p.double(), q.double())
     expected = 0.5 * (d.min(dim=1).values.mean().item() + d.min(dim=0).values.mean().item())
-    assert chamfer_distance(p, q, chunk_size=701) == pytest.approx(expected, rel=1e-5)
-    assert chamfer_distance(p, q) == pytest.approx(expected, rel=1e-5)
-    assert chamfer_distance(p, q, chunk_size=20000) == pytest.approx(expected, rel=1e-5)
-
-
-def test_chamfer_module_chunk_default(monkeypatch):
-    g = torch.Generator().manual_seed(2)
-    p = torch.rand(300, 3, generator=g)
-    q = torch.rand(200, 3, generator=g)
-    full = chamfer_distance(p, q)
-    monkeypatch.setattr(metrics, "CHAMFER_CHUNK", 64)
-    assert chamfer_distance(p, q) == pytest.approx(full, rel=1e-6)
+    assert chamfer_distance(p, q) == pytest.approx(expected, rel=1e-12)
+    # duplicated points and a single point on either side
+    assert chamfer_distance(torch.cat([p, p]), q) == pytest.approx(expected, rel=1e-12)
+    one = q[:1]
+    expected_one = 0.5 * (torch.cdist(p.double(), one.double()).mean().item()
+                          + torch.cdist(one.double(), p.double()).min().item())
+    assert chamfer_distance(p, one) == pytest.approx(expected_one, rel=1e-12)
 
 
 def test_chamfer_accepts_grad_tensors_and_rejects_empty():
