@@ -110,8 +110,13 @@ def test_target_grid_mass_and_surface_samples(tmp_path):
     target = assets.target
     assert assets.target_grid_mass.shape == assets.grid.shape
     assert float(assets.target_grid_mass.sum()) == pytest.approx(float(target.masses.sum()), rel=1e-5)
-    m = scene.appearance.surface_samples
+    # the target is rendered once, by 4x the source's Gaussians unless target.surface_samples says otherwise
+    m = 4 * scene.appearance.surface_samples
     assert target.surface_points.shape == (m, 3) and target.surface_normals.shape == (m, 3)
+    assert assets.source.surface_points.shape == (scene.appearance.surface_samples, 3)
+    own = build_assets(scene_from_dict({**BASE_SCENE, "target": {**BASE_SCENE["target"], "surface_samples": 700}},
+                                       base_dir=tmp_path))
+    assert own.target.surface_points.shape == (700, 3)
     assert torch.allclose(target.surface_normals.norm(dim=1), torch.ones(m), atol=1e-5)
     # samples lie on the mesh surface and normals point outwards
     closest, distance, _ = trimesh.proximity.closest_point(target.mesh, target.surface_points.numpy())

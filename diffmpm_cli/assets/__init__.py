@@ -91,6 +91,16 @@ def check_inside(bounds, grid: GridSpec, key: str) -> None:
     )
 
 
+TARGET_SAMPLES_FACTOR = 4
+
+
+def target_surface_samples(scene) -> int:
+    """How many surface Gaussians render the target mesh (and sample its surface for Chamfer): target.surface_samples,
+    else 4 x appearance.surface_samples. The target is rendered once, so it can afford to be sharper than the source
+    (at 4x, the target's own Gaussians score >= 0.955 IoU against the exact mesh at 256^2 on the shipped scenes)."""
+    return scene.target.surface_samples or TARGET_SAMPLES_FACTOR * scene.appearance.surface_samples
+
+
 def build_assets(scene, *, device: str = "cpu") -> SceneAssets:
     """Meshes, particles, target grid mass and surface samples of a loaded ``Scene``.
 
@@ -102,13 +112,14 @@ def build_assets(scene, *, device: str = "cpu") -> SceneAssets:
     grid = GridSpec.from_sim(scene.sim)
     rng = np.random.default_rng(scene.optimize.seed)
     common = dict(grid=grid, particles_per_cell=scene.sim.particles_per_cell, density=scene.material.density,
-                  jitter=scene.sim.jitter, surface_samples=scene.appearance.surface_samples)
+                  jitter=scene.sim.jitter)
     source_mesh = build_mesh(scene.source, key="source", default_center=grid.center)
-    source = make_body(source_mesh, key="source", rng=rng, **common)
+    source = make_body(source_mesh, key="source", rng=rng, surface_samples=scene.appearance.surface_samples, **common)
     target = target_mass = None
     if scene.target.mesh is not None:
         target_mesh = build_mesh(scene.target.mesh, key="target.mesh", default_center=grid.center)
-        target = make_body(target_mesh, key="target.mesh", rng=rng, **common)
+        target = make_body(target_mesh, key="target.mesh", rng=rng, surface_samples=target_surface_samples(scene),
+                           **common)
         target_mass = grid_mass(target.positions.to(device), target.masses.to(device), grid=grid,
                                 bspline=scene.sim.bspline)
     return SceneAssets(grid=grid, spacing=grid.dx / scene.sim.particles_per_cell, source=source, target=target,

@@ -180,6 +180,9 @@ class TargetConfig(Section):
     )
     truth: Truth | None = Field(None, description="ground truth for synthetic targets (material identification)")
     color: Color | None = Field(None, description="colour of the target's rendered Gaussians; null = appearance.color")
+    surface_samples: Annotated[int, Field(ge=1, le=10_000_000)] | None = Field(
+        None, description="surface Gaussians rendering the target mesh (rendered once, so it can be sharper than the "
+        "source; also its Chamfer samples); null = 4 x appearance.surface_samples")
     mesh_render: Literal["gaussians", "exact"] = Field(
         "gaussians", description="how a target mesh becomes training pictures: gaussians (its own surface Gaussians, "
         "rendered as the source is: the same blur at the training size) or exact (its triangles' coverage, 4x4 "
