@@ -8,7 +8,6 @@ from fractions import Fraction
 import pytest
 import torch
 
-from diffmpm_cli import metrics
 from diffmpm_cli.metrics import (
     bbox_diagonal,
     chamfer_distance,
