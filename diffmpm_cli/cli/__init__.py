@@ -8,7 +8,7 @@ import typer
 from typer.core import TyperGroup
 
 from .. import __version__
-from . import check_grad, info, optimize, render, validate
+from . import check_grad, info, optimize, render, scenes, validate
 from .bench import bench_app
 from .common import print_error
 
@@ -73,6 +73,7 @@ check_grad.register(app)
 optimize.register(app)
 render.register(app)
 app.add_typer(bench_app, name="bench")
+scenes.register(app)
 
 
 def main() -> None:
