@@ -12,6 +12,7 @@ import functools
 import math
 import os
 from pathlib import Path
+from stat import S_ISREG
 
 import numpy as np
 import trimesh
@@ -75,6 +76,9 @@ def _primitive(shape, key: str) -> trimesh.Trimesh:
         mesh = trimesh.creation.cylinder(radius=shape.radius, height=shape.height, sections=SECTIONS)
     else:  # the schema's Literal tags make this unreachable; keep the failure loud if a new shape is added
         raise AssetError(key, f"unsupported shape '{kind}'")
+    if len(mesh.faces) == 0 or not mesh.is_volume:  # trimesh merges vertices closer than ~1e-8: tiny sizes collapse
+        raise AssetError(key, f"is too small to tessellate ({SECTIONS} sections around): its triangles collapse; "
+                              "use sizes of at least ~1e-4 m")
     mesh.apply_transform(_AXIS_FROM_Z[shape.axis])
     return mesh
 
@@ -103,8 +107,10 @@ def _mesh_file(shape, key: str) -> trimesh.Trimesh:
     path = Path(shape.path)
     try:
         stat = os.stat(path)
-    except OSError as exc:
-        raise AssetError(f"{key}.path", f"cannot open mesh file '{path}': {exc.strerror}") from exc
+    except (OSError, ValueError) as exc:  # ValueError: a NUL character in the name
+        raise AssetError(f"{key}.path", f"cannot open mesh file '{path}': {getattr(exc, 'strerror', None) or exc}") from None
+    if not S_ISREG(stat.st_mode):
+        raise AssetError(f"{key}.path", f"'{path}' is not a regular file")
     mesh = _read_mesh(str(path), stat.st_mtime_ns, stat.st_size, key).copy()
     lo, hi = mesh.bounds
     mesh.apply_translation(-(lo + hi) / 2.0)

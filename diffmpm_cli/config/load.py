@@ -480,7 +480,17 @@ def _resolve_paths(scene: Scene, base_dir: Path) -> None:
 
 
 def _existing_file(base_dir: Path, name: str, key: str) -> Path:
-    path = (base_dir / Path(name).expanduser()).resolve()
-    if not path.is_file():
-        raise ConfigError(key, f"file not found: {path}" if not path.exists() else f"not a file: {path}")
+    """The absolute path of a regular file named relative to ``base_dir``; ConfigError naming ``key`` otherwise
+    (missing, a folder, FIFO or device, a symlink loop, a NUL character or an over-long name)."""
+    if "\0" in name:
+        raise ConfigError(key, "the file name contains a NUL character")
+    try:
+        path = (base_dir / Path(name).expanduser()).resolve()
+        info = os.stat(path)
+    except FileNotFoundError:
+        raise ConfigError(key, f"file not found: {base_dir / name}") from None
+    except (OSError, RuntimeError) as exc:  # RuntimeError: Path.resolve's "Symlink loop" (Python < 3.13)
+        raise ConfigError(key, f"cannot open {base_dir / name}: {getattr(exc, 'strerror', None) or exc}") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise ConfigError(key, f"not a regular file: {path}")
     return path
