@@ -327,6 +327,8 @@ def test_check_grad_refuses_a_json_folder_before_computing(tmp_path, monkeypatch
     assert result.exit_code == 2 and "is not a folder" in result.output, result.output
     result = invoke("bench", "render", "--json", tmp_path)
     assert result.exit_code == 2 and "is a folder" in result.output, result.output
+    result = invoke("check-grad", SCENE, "--seed", 2**63)  # was an overflow traceback after loading the scene
+    assert result.exit_code == 2 and "--seed" in result.output, result.output
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -62,7 +62,7 @@ def check_grad(
     coordinates: int = typer.Option(2, min=0, max=64, help="Single-coordinate directions per parameter."),
     eps: float = typer.Option(1.0, min=1e-6, max=1e3, help="Scale of every finite-difference step (1 = defaults)."),
     rtol: float = typer.Option(1e-2, min=1e-8, max=1.0, help="Relative tolerance."),
-    seed: int = typer.Option(0, help="Seed of the directions and loss weights."),
+    seed: int = typer.Option(0, min=0, max=2**63 - 1, help="Seed of the directions and loss weights."),
     device: str = typer.Option("cpu", help="cpu or cuda[:i]."),
     json_file: Path | None = typer.Option(None, "--json", help="Also write the table to this JSON file."),
     set_: list[str] = typer.Option([], "--set", help=SET_HELP),
