@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import random
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -133,7 +134,9 @@ def load_checkpoint(path: Path) -> dict:
     """A checkpoint's contents. Loaded with ``weights_only=True``: tensors, numbers, strings and containers only, so
     a file with any other pickled object (which could run code) is refused with a CheckpointError."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # a garbage file makes torch warn about its "pickle protocol" first
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - whatever a torn or foreign file makes the loader raise (struct.error, ...)
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(str(path), f"not a loadable diffmpm checkpoint ({first[:200]})") from exc
