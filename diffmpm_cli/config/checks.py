@@ -66,8 +66,10 @@ def _check_sim(scene: Scene) -> None:
     for i, frame in enumerate(sim.frames):
         if frame > sim.steps:
             raise ConfigError(f"sim.frames[{i}]", f"must be <= sim.steps ({sim.steps}), got {frame}")
-    if sim.floor.enabled and np.linalg.norm(sim.floor.normal) < 1e-9:
-        raise ConfigError("sim.floor.normal", "must be a non-zero vector")
+    with np.errstate(over="ignore"):  # the length the model divides by (numpy's norm overflows past ~1e154)
+        length = float(np.linalg.norm(np.asarray(sim.floor.normal, dtype=np.float64)))
+    if sim.floor.enabled and not 1e-9 <= length < math.inf:
+        raise ConfigError("sim.floor.normal", f"must be a non-zero vector of finite length, got length {length:g}")
 
 
 def _check_shapes(scene: Scene, grid: GridSpec) -> None:

@@ -95,6 +95,22 @@ class _SceneLoader(yaml.SafeLoader):
                                               "time they are used): refused as too large", event.start_mark)
         return node
 
+    def construct_object(self, node, deep=False):
+        kind = _NODE_KIND.get(node.tag)
+        if kind is not None and not isinstance(node, kind):
+            tag = node.tag.replace("tag:yaml.org,2002:", "!!")
+            raise yaml.constructor.ConstructorError(None, None, f"{tag} cannot tag a {node.id}", node.start_mark)
+        try:
+            return super().construct_object(node, deep=deep)
+        except (ValueError, TypeError, KeyError, OverflowError) as exc:  # a constructor choking on its text
+            tag = node.tag.replace("tag:yaml.org,2002:", "!!")
+            raise yaml.constructor.ConstructorError(None, None, f"cannot read this {node.id} as {tag} "
+                                                    f"({type(exc).__name__})", node.start_mark) from None
+
+
+_NODE_KIND = {f"tag:yaml.org,2002:{name}": kind for name, kind in [
+    ("null", yaml.ScalarNode), ("bool", yaml.ScalarNode), ("int", yaml.ScalarNode), ("float", yaml.ScalarNode),
+    ("str", yaml.ScalarNode), ("seq", yaml.SequenceNode), ("map", yaml.MappingNode)]}
 
 for _tag, _pattern, _first in _CORE_SCHEMA:
     _SceneLoader.add_implicit_resolver(_tag, re.compile(_pattern), _first)

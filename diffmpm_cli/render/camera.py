@@ -125,8 +125,9 @@ def build_cameras(render, *, default_target) -> CameraSet:
                     eye = orbit_eye(target=target, up=cam.up, azimuth_deg=azimuth, elevation_deg=cam.elevation,
                                     radius=cam.radius)
                     views.append(look_at(eye, target, cam.up))
-                except DegenerateView as exc:  # name the key that fixes it
-                    key = {"position": "radius", "up": "up", "parallel": "elevation"}[exc.part]
+                except DegenerateView as exc:  # name the key that fixes it (a radius lost in a huge target's rounding)
+                    position = "radius" if cam.radius < 1e-6 or cam.target is None else "target"
+                    key = {"position": position, "up": "up", "parallel": "elevation"}[exc.part]
                     raise ConfigError(f"{where}.{key}", str(exc)) from exc
                 names.append(f"{cam.name}{j}")
                 Ks.append(K)
