@@ -386,7 +386,7 @@ class AppearanceConfig(Section):
     opacity: Annotated[float, Field(gt=0.0, lt=1.0)] = Field(0.9, description="opacity in (0, 1)")
 
 
-Fov = Annotated[float, Field(ge=1e-3, le=179.999)]  # degrees; beyond these the focal length under- or overflows
+Fov = Annotated[float, Field(ge=1e-3, lt=180.0)]  # degrees; below 0.001 the focal length overflows
 
 
 class OrbitRig(Section):
@@ -397,7 +397,7 @@ class OrbitRig(Section):
     azimuths: list[float] = Field([0.0, 90.0, 180.0, 270.0], min_length=1, description="azimuths [deg]")
     elevation: Annotated[float, Field(gt=-90.0, lt=90.0)] = Field(20.0, description="elevation above the horizon [deg]")
     radius: Positive = Field(2.0, description="distance to the target [m]")
-    fov: Fov = Field(40.0, description="vertical field of view [deg], 0.001..179.999")
+    fov: Fov = Field(40.0, description="vertical field of view [deg], 0.001 <= fov < 180")
     target: Vec3 | None = Field(None, description="point looked at [m]; null = the domain's centre")
     up: Vec3 = Field([0.0, 1.0, 0.0], description="world up; azimuth 0 looks from the side most along +z")
 
@@ -407,7 +407,7 @@ class PinholeCamera(Section):
 
     type: Literal["pinhole"]
     name: str = Field(description="unique camera name (target images refer to it)")
-    fov: Fov | None = Field(None, description="vertical field of view [deg], 0.001..179.999")
+    fov: Fov | None = Field(None, description="vertical field of view [deg], 0.001 <= fov < 180")
     K: Mat3 | None = Field(None, description="intrinsics [[fx, 0, cx], [0, fy, cy], [0, 0, 1]] in pixels")
     eye: Vec3 | None = Field(None, description="camera position [m]")
     target: Vec3 | None = Field(None, description="point looked at [m]; null = the domain's centre")
