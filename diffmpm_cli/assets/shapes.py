@@ -61,10 +61,10 @@ def build_mesh(shape, *, key: str, default_center) -> trimesh.Trimesh:
 def _primitive(shape, key: str) -> trimesh.Trimesh:
     kind = shape.shape
     if kind == "sphere":
-        return trimesh.creation.icosphere(subdivisions=SPHERE_SUBDIVISIONS, radius=shape.radius)
-    if kind == "box":
-        return trimesh.creation.box(extents=shape.size)
-    if kind == "torus":
+        mesh = trimesh.creation.icosphere(subdivisions=SPHERE_SUBDIVISIONS, radius=shape.radius)
+    elif kind == "box":
+        mesh = trimesh.creation.box(extents=shape.size)
+    elif kind == "torus":
         if shape.minor_radius >= shape.major_radius:
             raise AssetError(f"{key}.minor_radius",
                              f"must be < major_radius ({shape.major_radius:g}), got {shape.minor_radius:g}")
@@ -76,10 +76,13 @@ def _primitive(shape, key: str) -> trimesh.Trimesh:
         mesh = trimesh.creation.cylinder(radius=shape.radius, height=shape.height, sections=SECTIONS)
     else:  # the schema's Literal tags make this unreachable; keep the failure loud if a new shape is added
         raise AssetError(key, f"unsupported shape '{kind}'")
-    if len(mesh.faces) == 0 or not mesh.is_volume:  # trimesh merges vertices closer than ~1e-8: tiny sizes collapse
-        raise AssetError(key, f"is too small to tessellate ({SECTIONS} sections around): its triangles collapse; "
-                              "use sizes of at least ~1e-4 m")
-    mesh.apply_transform(_AXIS_FROM_Z[shape.axis])
+    # trimesh merges vertices closer than ~1e-8 m (a capsule of radius 1e-6 collapses); extreme sizes under- or
+    # overflow in the tessellation's arithmetic (a sphere of radius 1e-200 or 1e200)
+    if len(mesh.faces) == 0 or not np.all(np.isfinite(mesh.vertices)) or not mesh.is_volume:
+        raise AssetError(key, "cannot be tessellated at this size: its triangles collapse or its coordinates under- "
+                              "or overflow (sizes of 1e-4..1e6 m are safe)")
+    if hasattr(shape, "axis"):
+        mesh.apply_transform(_AXIS_FROM_Z[shape.axis])
     return mesh
 
 

@@ -89,8 +89,8 @@ def look_at(eye, target, up) -> np.ndarray:
 def orbit_eye(*, target, up, azimuth_deg: float, elevation_deg: float, radius: float) -> np.ndarray:
     """Camera position on an orbit. Azimuth 0 lies on the side of the horizontal direction closest to +z."""
     up = np.asarray(up, dtype=np.float64)
-    if np.linalg.norm(up) < _EPS:
-        raise DegenerateView("up is zero", "up")
+    if not _EPS <= np.linalg.norm(up) < math.inf:
+        raise DegenerateView("up is zero or too long (its length overflows)", "up")
     up = up / np.linalg.norm(up)
     ref = np.array([0.0, 0.0, 1.0]) if abs(up[2]) < 0.9 else np.array([1.0, 0.0, 0.0])
     ahead = ref - up * (ref @ up)
