@@ -50,8 +50,19 @@ class SimulationError(DiffMPMError):
     exit_code = 2
 
 
+MAX_LINE = 600  # characters of one error line: a value quoted in a message never floods the terminal
+
+
+def clip(text: str, limit: int = MAX_LINE) -> str:
+    """``text`` shortened to at most ``limit`` characters by eliding its middle (the start and end are kept)."""
+    if len(text) <= limit:
+        return text
+    tail = limit // 4
+    return f"{text[:limit - tail - 5]} ... {text[-tail:]}"
+
+
 def _line(path: str, message: str) -> str:
-    return f"{path}: {message}" if path else message
+    return clip(f"{path}: {message}" if path else message)
 
 
 class RenderCapacityError(DiffMPMError):

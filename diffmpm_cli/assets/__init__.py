@@ -13,12 +13,13 @@ import trimesh
 
 from ..errors import AssetError
 from ..sim.grid import GridSpec
-from .lattice import lattice_particles
+from .lattice import lattice_box_count, lattice_particles
 from .shapes import build_mesh
 
 __all__ = ["Body", "SceneAssets", "build_assets", "build_mesh", "make_body", "check_inside", "MAX_PARTICLES"]
 
 MAX_PARTICLES = 20_000_000
+MAX_LATTICE = 8 * MAX_PARTICLES  # lattice points of a shape's bounding box that the inside test may hold at once
 
 
 @dataclass
@@ -55,6 +56,10 @@ def make_body(mesh: trimesh.Trimesh, *, key: str, grid: GridSpec, particles_per_
     """Particles of ``mesh`` on the grid's lattice plus surface samples; raises AssetError naming ``key``."""
     check_inside(mesh.bounds, grid, key)
     spacing = grid.dx / particles_per_cell
+    expected = abs(float(mesh.volume)) / (spacing * spacing * spacing)  # before the lattice is allocated
+    if expected > MAX_PARTICLES or lattice_box_count(mesh.bounds, origin=grid.lower, spacing=spacing) > MAX_LATTICE:
+        raise AssetError(key, f"about {expected:,.0f} particles (at spacing {spacing:.4g} m) would exceed the limit of "
+                              f"{MAX_PARTICLES:,}; lower sim.grid_resolution or sim.particles_per_cell")
     points = lattice_particles(mesh, origin=grid.lower, spacing=spacing, jitter=jitter, rng=rng)
     if len(points) == 0:
         raise AssetError(key, f"the shape holds no particle at spacing {spacing:.4g} m: it is thinner than the lattice; "

@@ -29,11 +29,25 @@ WINDING_INSIDE = 0.5  # a point is inside where the generalised winding number e
 _WINDING_CHUNK = 1 << 20  # query points per libigl call (bounds the temporary memory)
 
 
+def _axis_range(lo: float, hi: float, origin: float, spacing: float) -> tuple[int, int]:
+    """First and last m with ``origin + (m + 1/2) spacing`` inside [lo, hi]."""
+    return int(np.ceil((lo - origin) / spacing - 0.5)), int(np.floor((hi - origin) / spacing - 0.5))
+
+
 def lattice_axis(lo: float, hi: float, origin: float, spacing: float) -> np.ndarray:
     """Lattice coordinates ``origin + (m + 1/2) spacing`` that fall inside [lo, hi]."""
-    first = int(np.ceil((lo - origin) / spacing - 0.5))
-    last = int(np.floor((hi - origin) / spacing - 0.5))
+    first, last = _axis_range(lo, hi, origin, spacing)
     return origin + (np.arange(first, last + 1) + 0.5) * spacing
+
+
+def lattice_box_count(bounds, *, origin, spacing: float) -> int:
+    """How many lattice points the box ``bounds`` [2, 3] holds, counted without allocating them: the size of the
+    inside test's arrays, known before they exist."""
+    count = 1
+    for d in range(3):
+        first, last = _axis_range(bounds[0][d], bounds[1][d], origin[d], spacing)
+        count *= max(0, last - first + 1)
+    return count
 
 
 def inside_lattice(mesh: trimesh.Trimesh, xs: np.ndarray, ys: np.ndarray, zs: np.ndarray) -> np.ndarray:

@@ -12,6 +12,7 @@ import functools
 import math
 import os
 from pathlib import Path
+from stat import S_ISREG
 
 import numpy as np
 import trimesh
@@ -60,10 +61,10 @@ def build_mesh(shape, *, key: str, default_center) -> trimesh.Trimesh:
 def _primitive(shape, key: str) -> trimesh.Trimesh:
     kind = shape.shape
     if kind == "sphere":
-        return trimesh.creation.icosphere(subdivisions=SPHERE_SUBDIVISIONS, radius=shape.radius)
-    if kind == "box":
-        return trimesh.creation.box(extents=shape.size)
-    if kind == "torus":
+        mesh = trimesh.creation.icosphere(subdivisions=SPHERE_SUBDIVISIONS, radius=shape.radius)
+    elif kind == "box":
+        mesh = trimesh.creation.box(extents=shape.size)
+    elif kind == "torus":
         if shape.minor_radius >= shape.major_radius:
             raise AssetError(f"{key}.minor_radius",
                              f"must be < major_radius ({shape.major_radius:g}), got {shape.minor_radius:g}")
@@ -75,7 +76,13 @@ def _primitive(shape, key: str) -> trimesh.Trimesh:
         mesh = trimesh.creation.cylinder(radius=shape.radius, height=shape.height, sections=SECTIONS)
     else:  # the schema's Literal tags make this unreachable; keep the failure loud if a new shape is added
         raise AssetError(key, f"unsupported shape '{kind}'")
-    mesh.apply_transform(_AXIS_FROM_Z[shape.axis])
+    # trimesh merges vertices closer than ~1e-8 m (a capsule of radius 1e-6 collapses); extreme sizes under- or
+    # overflow in the tessellation's arithmetic (a sphere of radius 1e-200 or 1e200)
+    if len(mesh.faces) == 0 or not np.all(np.isfinite(mesh.vertices)) or not mesh.is_volume:
+        raise AssetError(key, "cannot be tessellated at this size: its triangles collapse or its coordinates under- "
+                              "or overflow (sizes of 1e-4..1e6 m are safe)")
+    if hasattr(shape, "axis"):
+        mesh.apply_transform(_AXIS_FROM_Z[shape.axis])
     return mesh
 
 
@@ -103,8 +110,10 @@ def _mesh_file(shape, key: str) -> trimesh.Trimesh:
     path = Path(shape.path)
     try:
         stat = os.stat(path)
-    except OSError as exc:
-        raise AssetError(f"{key}.path", f"cannot open mesh file '{path}': {exc.strerror}") from exc
+    except (OSError, ValueError) as exc:  # ValueError: a NUL character in the name
+        raise AssetError(f"{key}.path", f"cannot open mesh file '{path}': {getattr(exc, 'strerror', None) or exc}") from None
+    if not S_ISREG(stat.st_mode):
+        raise AssetError(f"{key}.path", f"'{path}' is not a regular file")
     mesh = _read_mesh(str(path), stat.st_mtime_ns, stat.st_size, key).copy()
     lo, hi = mesh.bounds
     mesh.apply_translation(-(lo + hi) / 2.0)

@@ -2,14 +2,49 @@
 
 from __future__ import annotations
 
+import sys
+
 import typer
+from typer.core import TyperGroup
 
 from .. import __version__
-from . import check_grad, info, optimize, render, validate
+from . import check_grad, info, optimize, render, scenes, validate
 from .bench import bench_app
+from .common import print_error
+
+try:  # typer >= 0.24 carries its own copy of click
+    from typer._click import exceptions as click_exceptions
+except ImportError:  # pragma: no cover - older typer on the real click
+    from click import exceptions as click_exceptions
+
+
+class DiffMPMGroup(TyperGroup):
+    """The root command: a usage error (unknown option, missing argument, bad option value) is one
+    ``error: ...`` line on stderr with exit code 2, as bad input in a scene is, instead of a boxed panel."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        try:
+            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click_exceptions.NoArgsIsHelpError as exc:  # `diffmpm` alone: the help, as before
+            typer.echo(exc.ctx.get_help())
+            code = exc.exit_code
+        except click_exceptions.ClickException as exc:
+            ctx = getattr(exc, "ctx", None)
+            hint = f" (see '{ctx.command_path} --help')" if isinstance(exc, click_exceptions.UsageError) and ctx else ""
+            print_error(" ".join(exc.format_message().split()).rstrip(".") + hint)
+            code = exc.exit_code
+        except typer.Abort:
+            typer.echo("Aborted!", err=True)
+            code = 1
+        code = code if isinstance(code, int) else 0
+        if standalone_mode:
+            sys.exit(code)
+        return code
+
 
 app = typer.Typer(
     name="diffmpm",
+    cls=DiffMPMGroup,
     help="Differentiable MPM shape and material optimisation. Exit codes: 0 ok, 1 failure, 2 bad input.",
     no_args_is_help=True,
     add_completion=False,
@@ -38,6 +73,7 @@ check_grad.register(app)
 optimize.register(app)
 render.register(app)
 app.add_typer(bench_app, name="bench")
+scenes.register(app)
 
 
 def main() -> None:

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import typer
 from rich.table import Table
 
+from ..optimize.runfolder import check_output_file, interruptible, write_json_file
 from .common import SET_HELP, check_device, handle_errors, out, parse_size
 
 RENDER_EPILOG = """[bold]Examples[/]
@@ -35,6 +35,7 @@ def _rate(value: float) -> str:
 
 @bench_app.command("mpm", epilog=EPILOG)
 @handle_errors
+@interruptible
 def mpm(
     particles: int = typer.Option(4096, min=1, help="Particles (a cube at 2 per cell per axis)."),
     grid: int = typer.Option(32, min=8, max=512, help="Grid nodes per axis (dx = 1/grid m)."),
@@ -54,6 +55,7 @@ def mpm(
     from ..errors import ConfigError
 
     check_device(device)
+    check_output_file(json_file, "--json")
     if material not in ("fixed_corotated", "neo_hookean"):
         raise ConfigError("--material", f"must be fixed_corotated or neo_hookean, got '{material}'")
     if p2g not in (None, "plain", "tiled"):
@@ -84,13 +86,13 @@ def mpm(
         table.add_row(name, value)
     out.print(table)
     if json_file is not None:
-        json_file.parent.mkdir(parents=True, exist_ok=True)
-        json_file.write_text(json.dumps(result, indent=2))
-        out.print(f"wrote {json_file}")
+        write_json_file(json_file, result)
+        out.print(f"wrote {json_file}", markup=False)
 
 
 @bench_app.command("render", epilog=RENDER_EPILOG)
 @handle_errors
+@interruptible
 def render(
     gaussians: int = typer.Option(3000, min=1, help="Number of Gaussians."),
     size: str = typer.Option("128x128", help="Image size WIDTHxHEIGHT."),
@@ -105,6 +107,7 @@ def render(
 
     width, height = parse_size(size)
     check_device(device)
+    check_output_file(json_file, "--json")
     if compare_gsplat:
         try:
             import gsplat  # noqa: F401
@@ -132,9 +135,8 @@ def render(
     table.add_row("peak memory", f"{result['peak_bytes'] / 2**20:.0f} MiB")
     out.print(table)
     if json_file is not None:
-        json_file.parent.mkdir(parents=True, exist_ok=True)
-        json_file.write_text(json.dumps(result, indent=2))
-        out.print(f"wrote {json_file}")
+        write_json_file(json_file, result)
+        out.print(f"wrote {json_file}", markup=False)
 
 
 OPTIMIZE_EPILOG = """[bold]Examples[/]
@@ -147,6 +149,7 @@ OPTIMIZE_EPILOG = """[bold]Examples[/]
 
 @bench_app.command("optimize", epilog=OPTIMIZE_EPILOG)
 @handle_errors
+@interruptible
 def optimize(
     scene: Path = typer.Argument(..., help="Scene YAML file."),
     device: str = typer.Option("cpu", help="cpu or cuda[:i]."),
@@ -158,9 +161,11 @@ def optimize(
     from ..assets import build_assets
     from ..bench import bench_optimize
     from ..config import load_scene
+    from .scenes import resolve_scene
 
     check_device(device)
-    cfg = load_scene(scene, set_)
+    check_output_file(json_file, "--json")
+    cfg = load_scene(resolve_scene(scene), set_)
     result = bench_optimize(scene=cfg, assets=build_assets(cfg, device=device), device=device, repeats=repeats)
     sec = result["seconds"]
     table = Table(title=f"one iteration of '{cfg.name}' on {result['device_name']}", title_justify="left")
@@ -175,6 +180,5 @@ def optimize(
                      f"{result['peak_bytes'] / 2**20:.0f} MiB")
     out.print(table)
     if json_file is not None:
-        json_file.parent.mkdir(parents=True, exist_ok=True)
-        json_file.write_text(json.dumps(result, indent=2))
-        out.print(f"wrote {json_file}")
+        write_json_file(json_file, result)
+        out.print(f"wrote {json_file}", markup=False)

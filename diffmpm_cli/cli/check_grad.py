@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict
 from pathlib import Path
 
 import typer
 from rich.table import Table
 
+from ..optimize.runfolder import check_output_file, interruptible, write_json_file
 from .common import SET_HELP, check_device, handle_errors, out
 
 EPILOG = """[bold]Examples[/]
@@ -51,6 +51,7 @@ def _table(rows, *, rtol: float, title: str) -> Table:
 
 
 @handle_errors
+@interruptible
 def check_grad(
     scene: Path = typer.Argument(..., help="Scene YAML file."),
     stage: str = typer.Option("sim,splats,render,all", help="Stages, comma-separated: sim, splats, render, all."),
@@ -61,7 +62,7 @@ def check_grad(
     coordinates: int = typer.Option(2, min=0, max=64, help="Single-coordinate directions per parameter."),
     eps: float = typer.Option(1.0, min=1e-6, max=1e3, help="Scale of every finite-difference step (1 = defaults)."),
     rtol: float = typer.Option(1e-2, min=1e-8, max=1.0, help="Relative tolerance."),
-    seed: int = typer.Option(0, help="Seed of the directions and loss weights."),
+    seed: int = typer.Option(0, min=0, max=2**63 - 1, help="Seed of the directions and loss weights."),
     device: str = typer.Option("cpu", help="cpu or cuda[:i]."),
     json_file: Path | None = typer.Option(None, "--json", help="Also write the table to this JSON file."),
     set_: list[str] = typer.Option([], "--set", help=SET_HELP),
@@ -71,20 +72,21 @@ def check_grad(
     from ..config import load_scene
     from ..gradcheck import STAGES, check_stages
     from ..pipeline import GROUP_OF, Pipeline
+    from .scenes import resolve_scene
 
     stages = _parse_list(stage, STAGES, "--stage")
     groups = _parse_list(param, tuple(GROUP_OF), "--param")
     check_device(device)
-    cfg = load_scene(scene, set_)
+    check_output_file(json_file, "--json")  # before the computation, not after it
+    cfg = load_scene(resolve_scene(scene), set_)
     pipeline = Pipeline(cfg, build_assets(cfg, device=device), device=device)
     rows = check_stages(pipeline, stages=stages, groups=groups, probes=probes, coordinates=coordinates, rtol=rtol,
                         eps_scale=eps, seed=seed)
     out.print(_table(rows, rtol=rtol, title=f"gradient check of '{cfg.name}' on {device}"))
     if json_file is not None:
-        json_file.parent.mkdir(parents=True, exist_ok=True)
-        json_file.write_text(json.dumps({"scene": cfg.name, "device": device, "rtol": rtol, "seed": seed,
-                                         "rows": [asdict(r) for r in rows]}, indent=2))
-        out.print(f"wrote {json_file}")
+        write_json_file(json_file, {"scene": cfg.name, "device": device, "rtol": rtol, "seed": seed,
+                                    "rows": [asdict(r) for r in rows]})
+        out.print(f"wrote {json_file}", markup=False)
     failed = [r for r in rows if not r.passed]
     if failed:
         out.print(f"[bold red]{len(failed)} of {len(rows)} rows failed[/]")

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import functools
 import sys
+import warnings
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
-from ..errors import DiffMPMError
+from ..errors import DiffMPMError, clip
 
 # tables stay whole when the output is a file or a pipe (rich would wrap them at 80 columns)
 out = Console(highlight=False, width=None if sys.stdout.isatty() else 120)
@@ -17,17 +19,35 @@ err = Console(stderr=True, highlight=False)
 SET_HELP = "Override a scene key, KEY=VALUE (repeatable), e.g. --set sim.dt=5e-4 --set render.cameras[0].fov=30."
 
 
+def print_error(line: str) -> None:
+    """One ``error: ...`` line on stderr; the text is printed as it is (brackets are not Rich markup)."""
+    err.print(f"[bold red]error:[/] {escape(clip(line))}", markup=True, soft_wrap=True)
+
+
 def handle_errors(command):
-    """Print a DiffMPMError as ``error: key.path: problem`` on stderr and exit with its code (2 = bad input)."""
+    """Print a DiffMPMError as ``error: key.path: problem`` on stderr and exit with its code (2 = bad input).
+
+    Warnings raised while the command runs (numpy, trimesh, Pillow) are held back until it ends and dropped when it
+    refuses its input, so that the error is the only thing a refused input prints on stderr.
+    """
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
+        refused = None
+        caught: list = []
         try:
-            return command(*args, **kwargs)
-        except DiffMPMError as exc:
-            for line in str(exc).splitlines() or [type(exc).__name__]:
-                err.print(f"[bold red]error:[/] {line}", markup=True, soft_wrap=True)
-            raise typer.Exit(exc.exit_code) from None
+            with warnings.catch_warnings(record=True) as caught:
+                try:
+                    return command(*args, **kwargs)
+                except DiffMPMError as exc:
+                    refused = exc
+        finally:
+            if refused is None:
+                for w in caught:
+                    warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+        for line in str(refused).splitlines() or [type(refused).__name__]:
+            print_error(line)
+        raise typer.Exit(refused.exit_code)
 
     return wrapper
 

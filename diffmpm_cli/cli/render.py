@@ -6,11 +6,14 @@ from pathlib import Path
 
 import typer
 
+from ..optimize.runfolder import interruptible
 from .common import SET_HELP, check_device, handle_errors, out, parse_size
 
 EPILOG = """[bold]Examples[/]
 
   diffmpm render runs/sphere_to_snowman-20261124-101500
+
+  diffmpm render runs/drop --checkpoint last --out renders/drop_last
 
   diffmpm render runs/drop --frames all --format gif --cameras orbit:1 --size 256x256
 
@@ -19,9 +22,11 @@ EPILOG = """[bold]Examples[/]
 
 
 @handle_errors
+@interruptible
 def render(
     source: Path = typer.Argument(..., help="A run folder (from diffmpm optimize) or a scene YAML file."),
-    checkpoint: Path | None = typer.Option(None, help="Checkpoint file (default: the run's best, else its latest)."),
+    checkpoint: str | None = typer.Option(None, help="With a run folder: best (default: checkpoints/best.pt, the "
+                                                     "lowest loss), last (the last iterate, as in final/) or a file."),
     cameras: str = typer.Option("scene", help="scene (the scene's cameras) or orbit:N (N views around the body)."),
     frames: str = typer.Option("final", help="final, all (about 60 steps) or a list of steps, e.g. 0,30,60."),
     size: str | None = typer.Option(None, help="Image size WIDTHxHEIGHT (default: the scene's)."),
@@ -32,27 +37,54 @@ def render(
     device: str = typer.Option("cpu", help="cpu or cuda[:i]."),
     set_: list[str] = typer.Option([], "--set", help=SET_HELP),
 ) -> None:
-    """Simulate and render chosen frames from the scene's cameras or an orbit."""
+    """Simulate and render chosen frames from the scene's cameras or an orbit.
+
+    A run folder renders checkpoints/best.pt (the lowest loss) unless --checkpoint last asks for the last iterate,
+    the state final/ shows."""
+    import contextlib
+
     from ..errors import ConfigError
     from ..optimize.replay import load_source, parse_frames, render_frames, write_renders
+    from ..optimize.runfolder import check_output_file, lock_for_writing, remove_stale_temporaries, slug, write_error
     from ..outputs.pictures import mp4_available
+    from .scenes import resolve_scene
 
     check_device(device)
     if fmt not in ("png", "gif", "mp4"):
         raise ConfigError("--format", f"must be png, gif or mp4, got '{fmt}'")
     if fmt == "mp4" and not mp4_available():
-        raise ConfigError("--format", "mp4 needs imageio-ffmpeg (pip install imageio[ffmpeg]); use gif")
-    if checkpoint is not None and not source.is_dir():
+        raise ConfigError("--format", 'mp4 needs imageio-ffmpeg (pip install "diffmpm[video]"); use gif')
+    source = resolve_scene(source)
+    run_dir = source if source.is_dir() else None
+    if checkpoint is not None and run_dir is None:
         raise ConfigError("--checkpoint", "only with a run folder")
-    scene, pipeline, params, label = load_source(source, checkpoint=checkpoint, overrides=set_, device=device)
-    width, height = parse_size(size) if size else (scene.render.width, scene.render.height)
-    steps = parse_frames(frames, scene.sim.steps)
-    kept, names, images = render_frames(pipeline, params, frames=steps, cameras=cameras, size=(width, height))
-    if out_dir is None:
-        out_dir = source / f"renders_{frames.replace(',', '-')}" if source.is_dir() else Path("renders") / scene.name
-    written = write_renders(out_dir, frames=kept, names=names, images=images, fmt=fmt)
+    width, height = parse_size(size) if size else (None, None)
+    if out_dir is not None:
+        if out_dir.exists() and not out_dir.is_dir():
+            raise ConfigError("--out", f"{out_dir} is not a folder")
+        check_output_file(out_dir / "x.png", "--out")
+    with contextlib.ExitStack() as stack:
+        inside_run = run_dir is not None and (out_dir is None or _inside(out_dir, run_dir))
+        if inside_run:  # writing into a run folder: not while a run (or another render) writes there
+            stack.callback(lock_for_writing(run_dir, option="RUN_DIR").release)
+            remove_stale_temporaries(run_dir)
+        scene, pipeline, params, label = load_source(source, checkpoint=checkpoint, overrides=set_, device=device)
+        if width is None:
+            width, height = scene.render.width, scene.render.height
+        steps = parse_frames(frames, scene.sim.steps)
+        if out_dir is None:
+            out_dir = run_dir / f"renders_{slug(frames)}" if run_dir is not None else Path("renders") / slug(scene.name)
+        kept, names, images = render_frames(pipeline, params, frames=steps, cameras=cameras, size=(width, height))
+        try:
+            written = write_renders(out_dir, frames=kept, names=names, images=images, fmt=fmt)
+        except OSError as exc:
+            raise write_error(exc, what=str(out_dir)) from exc
     out.print(f"rendered {len(kept)} frame(s) x {len(names)} camera(s) of '{scene.name}' ({label}): "
-              f"{len(written)} file(s) in {out_dir}")
+              f"{len(written)} file(s) in {out_dir}", markup=False)
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    return Path(path).resolve().is_relative_to(Path(folder).resolve())
 
 
 def register(app: typer.Typer) -> None:

@@ -6,8 +6,10 @@ import json
 from pathlib import Path
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
+from ..sim.grid import above
 from .common import SET_HELP, err, handle_errors, out
 
 EPILOG = """[bold]Examples[/]
@@ -29,7 +31,7 @@ def _bytes(n: int) -> str:
 
 
 def _table(s) -> Table:
-    table = Table(title=f"scene '{s.name}'", show_header=False, title_justify="left")
+    table = Table(title=f"scene '{escape(s.name)}'", show_header=False, title_justify="left")
     table.add_column("quantity", style="bold", no_wrap=True)
     table.add_column("value")
     rows = [
@@ -39,14 +41,14 @@ def _table(s) -> Table:
         ("dx", f"{s.dx:.5g} m (particle spacing {s.particle_spacing:.4g} m)"),
         ("dt", f"{s.dt:.4g} s"),
         ("steps", f"{s.steps} ({s.duration:.4g} s simulated, {s.control_layers} control layers)"),
-        ("CFL number", f"{s.cfl:.3f}" + ("" if s.cfl_ok else f"  [bold red]> limit {s.cfl_limit:g}[/]")),
+        ("CFL number", f"{s.cfl:.3f}" if s.cfl_ok else f"{above(s.cfl, s.cfl_limit)}  [bold red]> limit {s.cfl_limit!r}[/]"),
         ("memory, full tape", _bytes(s.memory_full_tape)),
         ("memory, checkpointed", f"{_bytes(s.memory_checkpointed)} ({s.segment_length}-step segments)"),
         ("cameras", str(s.camera_count)),
         ("Gaussians", f"{s.surface_gaussians:,}"),
         ("memory, rendering", f"{_bytes(s.memory_render)} ({s.rendered_frames} frame(s) x {s.camera_count} camera(s))"),
     ]
-    rows += [(f"{name} mesh", note) for name, note in s.meshes.items()]
+    rows += [(f"{name} mesh", escape(note)) for name, note in s.meshes.items()]
     for name, value in rows:
         table.add_row(name, value)
     return table
@@ -62,11 +64,15 @@ def validate(
     """Check a scene and report particle counts, grid, time step, CFL number and memory."""
     from ..assets import build_assets
     from ..config import load_scene
+    from ..outputs.preview import check_preview_dir, write_previews
     from ..render.camera import build_cameras
     from ..sim.grid import check_cfl
     from ..summary import summarize_scene
+    from .scenes import resolve_scene
 
-    cfg = load_scene(scene, set_)
+    if preview is not None:
+        check_preview_dir(preview)
+    cfg = load_scene(resolve_scene(scene), set_)
     assets = build_assets(cfg)
     cameras = build_cameras(cfg.render, default_target=assets.grid.center)
     summary = summarize_scene(scene=cfg, assets=assets, camera_count=cameras.camera_count)
@@ -74,12 +80,10 @@ def validate(
         typer.echo(json.dumps(summary.as_dict(), indent=2))
     else:
         out.print(_table(summary))
+    check_cfl(cfg, assets.grid)  # before the previews: a refused scene writes nothing
     if preview is not None:
-        from ..outputs.preview import write_previews
-
         for path in write_previews(assets=assets, cameras=cameras, out_dir=preview):
-            (err if as_json else out).print(f"wrote {path}")
-    check_cfl(cfg, assets.grid)
+            (err if as_json else out).print(f"wrote {path}", markup=False)
     if not as_json:
         out.print("[green]scene is valid[/]")
 

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
-from PIL import Image, UnidentifiedImageError
 
 from ..errors import AssetError, ConfigError
 from ..render.camera import build_cameras, camera_location
@@ -13,13 +14,47 @@ from .schema import Scene
 
 def check_scene(scene: Scene) -> None:
     """Raise ConfigError (key path + problem) for the first inconsistency found."""
+    _check_grid_numbers(scene)
     grid = GridSpec.from_sim(scene.sim)
     _check_sim(scene)
+    _check_particle_mass(scene, grid)
     _check_shapes(scene, grid)
     cameras = build_cameras(scene.render, default_target=grid.center)
     _check_render(scene, grid, cameras)
     _check_target(scene, cameras)
     _check_losses(scene)
+
+
+MAX_CELLS_PER_AXIS = 1 << 20  # far above any grid GridSpec accepts (512^3 nodes); keeps its arithmetic finite
+
+
+def _check_grid_numbers(scene: Scene) -> None:
+    """The domain's extents and the cell size are finite numbers of sane ratio (before any grid arithmetic)."""
+    sim = scene.sim
+    extents = [hi - lo for lo, hi in zip(sim.domain.lower, sim.domain.upper)]
+    if not all(math.isfinite(e) for e in extents):
+        raise ConfigError("sim.domain", "extents overflow: lower and upper must be finite and less than ~1e308 apart")
+    if sim.dx is not None:
+        cells = max(extents) / sim.dx
+        if not cells <= MAX_CELLS_PER_AXIS:
+            raise ConfigError("sim.dx", f"{sim.dx:g} m is far too small for the domain: {cells:.3g} cells along its "
+                                        "longest axis (the grid may hold at most 512^3 nodes)")
+
+
+def _check_particle_mass(scene: Scene, grid: GridSpec) -> None:
+    """A particle's volume (spacing^3) and mass (density x volume) must be normal float32 numbers with room for sums
+    and products: 1e-30..1e30."""
+    spacing = grid.dx / scene.sim.particles_per_cell
+    volume = spacing * spacing * spacing
+    if not 1e-30 <= volume <= 1e30:
+        key = "sim.dx" if scene.sim.dx is not None else "sim.domain"
+        raise ConfigError(key, f"particles {spacing:.3g} m apart would have volumes of {volume:.3g} m^3, outside "
+                               "1e-30..1e30, which float32 arithmetic cannot carry; use metres and a sane domain")
+    mass = scene.material.density * volume
+    if not 1e-30 <= mass <= 1e30:
+        raise ConfigError("material.density", f"a particle of {volume:.3g} m^3 would weigh {mass:.3g} kg (density "
+                                              f"{scene.material.density:g} kg/m^3): outside 1e-30..1e30, which "
+                                              "float32 arithmetic cannot carry; use kg/m^3")
 
 
 def _check_sim(scene: Scene) -> None:
@@ -31,8 +66,10 @@ def _check_sim(scene: Scene) -> None:
     for i, frame in enumerate(sim.frames):
         if frame > sim.steps:
             raise ConfigError(f"sim.frames[{i}]", f"must be <= sim.steps ({sim.steps}), got {frame}")
-    if sim.floor.enabled and np.linalg.norm(sim.floor.normal) < 1e-9:
-        raise ConfigError("sim.floor.normal", "must be a non-zero vector")
+    with np.errstate(over="ignore"):  # the length the model divides by (numpy's norm overflows past ~1e154)
+        length = float(np.linalg.norm(np.asarray(sim.floor.normal, dtype=np.float64)))
+    if sim.floor.enabled and not 1e-9 <= length < math.inf:
+        raise ConfigError("sim.floor.normal", f"must be a non-zero vector of finite length, got length {length:g}")
 
 
 def _check_shapes(scene: Scene, grid: GridSpec) -> None:
@@ -71,9 +108,13 @@ def _check_render(scene: Scene, grid: GridSpec, cameras) -> None:
 
 
 def _check_target(scene: Scene, cameras) -> None:
+    from ..assets.images import read_image
+
     target = scene.target
     if target.mesh is None and not target.images and target.truth is None:
         raise ConfigError("target", "give a mesh, images or truth to compare the result with")
+    if target.truth is not None and all(v is None for v in (target.truth.E, target.truth.nu, target.truth.v0)):
+        raise ConfigError("target.truth", "gives no value: set E, nu and/or v0 (an empty truth is the source itself)")
     for i, image in enumerate(target.images):
         key = f"target.images[{i}]"
         if image.camera not in cameras.names:
@@ -83,14 +124,9 @@ def _check_target(scene: Scene, cameras) -> None:
         if image.frame is not None and image.frame != scene.sim.steps and image.frame not in scene.sim.frames:
             raise ConfigError(f"{key}.frame", f"step {image.frame} is not kept by the rollout: add it to sim.frames")
         try:
-            with Image.open(image.path) as img:
-                size = img.size
-                img.verify()
-        except (UnidentifiedImageError, OSError, SyntaxError) as exc:
-            raise ConfigError(f"{key}.path", f"not a readable image: {image.path} ({exc})") from exc
-        if size != (scene.render.width, scene.render.height):
-            raise ConfigError(f"{key}.path", f"image is {size[0]}x{size[1]} px but render is "
-                                             f"{scene.render.width}x{scene.render.height}")
+            read_image(image.path, key=f"{key}.path", size=(scene.render.width, scene.render.height))
+        except AssetError as exc:
+            raise ConfigError(exc.path, exc.message) from None
 
 
 def _check_losses(scene: Scene) -> None:

@@ -7,7 +7,11 @@ from __future__ import annotations
 
 import copy
 import difflib
+import math
+import os
 import re
+import reprlib
+import stat
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -15,7 +19,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from ..errors import ConfigError
+from ..errors import ConfigError, clip
 from .schema import SHAPE_TYPES, MeshFile, Scene
 
 SCENE_KEYS = tuple(Scene.model_fields)
@@ -23,56 +27,212 @@ SCENE_KEYS = tuple(Scene.model_fields)
 
 # ----------------------------------------------------------------------------------------------------------------
 # YAML
+#
+# A scene is read with a SafeLoader subclass that follows the YAML 1.2 core schema (what the README promises):
+# null, true/false, decimal/0o/0x integers and decimal floats are typed; everything else is a string (YAML 1.1's
+# yes/no, 1:30 and dates stay strings). Integers with a leading zero are refused (YAML 1.1 read 010 as octal 8,
+# YAML 1.2 reads 10). Duplicate keys and keys that are lists or mappings are refused; merge keys (<<) work.
+# Documents are bounded while they are composed, before anything is built from them: MAX_YAML_NODES nodes with
+# every alias expanded (an alias "bomb" of a few hundred bytes stops at once), MAX_YAML_DEPTH levels of nesting.
+
+MAX_SCENE_BYTES = 1 << 20  # a scene file is text of a few KB; anything larger is refused unread
+MAX_YAML_NODES = 100_000  # nodes of a document, every alias counted as often as it is used
+MAX_YAML_DEPTH = 64  # levels of nested lists and mappings
+MAX_INT_DIGITS = 40  # digits of an integer literal (every integer key is bounded far below 10**40)
+
+_MERGE_TAG = "tag:yaml.org,2002:merge"
+_LEADING_ZERO_TAG = "tag:diffmpm,2024:leading-zero-int"
+_CORE_SCHEMA = [  # (tag, regexp, first characters): the YAML 1.2 core schema's tag resolution, in order
+    ("tag:yaml.org,2002:null", r"^(?:~|null|Null|NULL|)$", ["~", "n", "N", ""]),
+    ("tag:yaml.org,2002:bool", r"^(?:true|True|TRUE|false|False|FALSE)$", list("tTfF")),
+    (_LEADING_ZERO_TAG, r"^[-+]?0[0-9]+$", list("-+0")),
+    ("tag:yaml.org,2002:int", r"^(?:[-+]?[0-9]+|0o[0-7]+|0x[0-9a-fA-F]+)$", list("-+0123456789")),
+    ("tag:yaml.org,2002:float",
+     r"^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$",
+     list("-+0123456789.")),
+    (_MERGE_TAG, r"^<<$", ["<"]),
+]
 
 
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """SafeLoader that refuses duplicate keys instead of silently keeping the last."""
+class _SceneLoader(yaml.SafeLoader):
+    """SafeLoader with YAML 1.2 core-schema typing, bounded size and nesting, and no duplicate or complex keys."""
+
+    yaml_implicit_resolvers: dict = {}
+
+    def __init__(self, stream):
+        super().__init__(stream)
+        self._node_count = 0
+        self._open_heights: list[int] = []  # per node being composed: the height of its tallest child so far
+        self._anchored: dict[int, tuple[int, int]] = {}  # id(anchored node) -> (expanded size, height)
+
+    def compose_node(self, parent, index):
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent):
+            node = super().compose_node(parent, index)
+            if id(node) not in self._anchored:
+                raise yaml.composer.ComposerError(None, None, f"alias *{event.anchor} refers to a node that contains "
+                                                  "it (recursive structures are not allowed)", event.start_mark)
+            size, height = self._anchored[id(node)]
+        else:
+            if len(self._open_heights) >= MAX_YAML_DEPTH:
+                raise yaml.composer.ComposerError(None, None, f"nested more than {MAX_YAML_DEPTH} levels deep",
+                                                  event.start_mark)
+            start = self._node_count
+            self._open_heights.append(0)
+            node = super().compose_node(parent, index)
+            height = self._open_heights.pop() + 1
+            size = self._node_count - start + 1
+            if event.anchor is not None:
+                self._anchored[id(node)] = (size, height)
+        if len(self._open_heights) + height > MAX_YAML_DEPTH:
+            raise yaml.composer.ComposerError(None, None, f"nested more than {MAX_YAML_DEPTH} levels deep "
+                                              "(with aliases expanded)", event.start_mark)
+        if self._open_heights:
+            self._open_heights[-1] = max(self._open_heights[-1], height)
+        self._node_count += size if isinstance(event, yaml.AliasEvent) else 1
+        if self._node_count > MAX_YAML_NODES:
+            raise yaml.composer.ComposerError(None, None, f"more than {MAX_YAML_NODES:,} values (aliases counted each "
+                                              "time they are used): refused as too large", event.start_mark)
+        return node
+
+    def construct_object(self, node, deep=False):
+        kind = _NODE_KIND.get(node.tag)
+        if kind is not None and not isinstance(node, kind):
+            tag = node.tag.replace("tag:yaml.org,2002:", "!!")
+            raise yaml.constructor.ConstructorError(None, None, f"{tag} cannot tag a {node.id}", node.start_mark)
+        try:
+            return super().construct_object(node, deep=deep)
+        except (ValueError, TypeError, KeyError, OverflowError) as exc:  # a constructor choking on its text
+            tag = node.tag.replace("tag:yaml.org,2002:", "!!")
+            raise yaml.constructor.ConstructorError(None, None, f"cannot read this {node.id} as {tag} "
+                                                    f"({type(exc).__name__})", node.start_mark) from None
 
 
-def _mapping_without_duplicates(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False):
+_NODE_KIND = {f"tag:yaml.org,2002:{name}": kind for name, kind in [
+    ("null", yaml.ScalarNode), ("bool", yaml.ScalarNode), ("int", yaml.ScalarNode), ("float", yaml.ScalarNode),
+    ("str", yaml.ScalarNode), ("seq", yaml.SequenceNode), ("map", yaml.MappingNode)]}
+
+for _tag, _pattern, _first in _CORE_SCHEMA:
+    _SceneLoader.add_implicit_resolver(_tag, re.compile(_pattern), _first)
+
+
+def _refuse(loader: _SceneLoader, node: yaml.Node, problem: str):
+    raise yaml.constructor.ConstructorError(None, None, problem, node.start_mark)
+
+
+def _construct_mapping(loader: _SceneLoader, node: yaml.MappingNode, deep: bool = False):
     seen = set()
     for key_node, _ in node.value:
+        if not isinstance(key_node, yaml.ScalarNode):
+            _refuse(loader, key_node, "a key must be a name, not a list or mapping")
+        if key_node.tag == _MERGE_TAG:
+            continue
         key = loader.construct_object(key_node, deep=deep)
         if key in seen:
-            mark = key_node.start_mark
-            raise yaml.constructor.ConstructorError(None, None, f"duplicate key '{key}'", mark)
+            _refuse(loader, key_node, f"duplicate key '{clip(str(key), 80)}'")
         seen.add(key)
-    return loader.construct_mapping(node, deep=deep)
+    return loader.construct_mapping(node, deep=deep)  # SafeConstructor's: merges << keys first, own keys win
 
 
-_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping_without_duplicates)
-# YAML 1.2 floats: PyYAML (YAML 1.1) reads 1e-3 or 5e4 as strings; a scene means numbers
-_UniqueKeyLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
-                  |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
-                  |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
-                  |[-+]?\.(?:inf|Inf|INF)
-                  |\.(?:nan|NaN|NAN))$""", re.X),
-    list("-+0123456789."),
-)
+def _construct_int(loader: _SceneLoader, node: yaml.ScalarNode) -> int:
+    text = loader.construct_scalar(node).strip()
+    digits = text.lstrip("+-")
+    if len(digits) > MAX_INT_DIGITS:
+        _refuse(loader, node, f"an integer of {len(digits)} digits is too long")
+    try:
+        if digits.startswith(("0o", "0x")):
+            value = int(digits[2:], 8 if digits[1] == "o" else 16)
+        else:
+            value = int(digits, 10)
+    except ValueError:
+        _refuse(loader, node, f"cannot read {clip(text, 60)!r} as an integer")
+    return -value if text.startswith("-") else value
+
+
+def _construct_float(loader: _SceneLoader, node: yaml.ScalarNode) -> float:
+    text = loader.construct_scalar(node).strip()
+    special = {".inf": math.inf, "+.inf": math.inf, "-.inf": -math.inf, ".nan": math.nan}
+    if text.lower() in special:
+        return special[text.lower()]
+    if len(text) > 2 * MAX_INT_DIGITS:
+        _refuse(loader, node, f"a number of {len(text)} characters is too long")
+    try:
+        return float(text)
+    except ValueError:
+        _refuse(loader, node, f"cannot read {clip(text, 60)!r} as a number")
+
+
+def _construct_leading_zero(loader: _SceneLoader, node: yaml.ScalarNode):
+    text = node.value
+    digits = text.lstrip("+-")
+    if len(digits) > MAX_INT_DIGITS:
+        _refuse(loader, node, f"an integer of {len(digits)} digits is too long")
+    octal = f" (or 0o{digits.lstrip('0')} for octal)" if set(digits) <= set("01234567") else ""
+    _refuse(loader, node, f"{text} has a leading zero, which YAML 1.1 reads as octal and YAML 1.2 as decimal: "
+                          f"write {text[:len(text) - len(digits)]}{int(digits, 10)}{octal}")
+
+
+def _construct_unsupported(loader: _SceneLoader, node: yaml.Node):
+    _refuse(loader, node, f"the YAML tag {node.tag.replace('tag:yaml.org,2002:', '!!')} is not allowed in a scene "
+                          "(use plain lists, mappings, numbers and strings)")
+
+
+_SceneLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+_SceneLoader.add_constructor("tag:yaml.org,2002:int", _construct_int)
+_SceneLoader.add_constructor("tag:yaml.org,2002:float", _construct_float)
+_SceneLoader.add_constructor(_LEADING_ZERO_TAG, _construct_leading_zero)
+for _tag in ("set", "omap", "pairs", "binary", "timestamp", "value", "merge"):
+    _SceneLoader.add_constructor(f"tag:yaml.org,2002:{_tag}", _construct_unsupported)
 
 
 def parse_yaml(text: str):
-    """YAML text -> Python data with the scene loader (safe, YAML 1.2 floats, no duplicate keys)."""
-    return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+    """YAML text -> Python data with the scene loader (safe, YAML 1.2 core schema, bounded, no duplicate keys).
+
+    Raises yaml.YAMLError for anything it refuses."""
+    try:
+        return yaml.load(text, Loader=_SceneLoader)  # noqa: S506 - a SafeLoader subclass
+    except RecursionError as exc:  # a safety net: MAX_YAML_DEPTH keeps the composer far from Python's limit
+        raise yaml.YAMLError(f"nested too deeply ({exc})") from None
+
+
+def yaml_problem(exc: yaml.YAMLError, source: str = "") -> str:
+    """One line for a YAML error: ``source:line:column: YAML syntax error: problem`` (the place when known)."""
+    mark = getattr(exc, "problem_mark", None)
+    problem = " ".join((getattr(exc, "problem", None) or str(exc)).split())
+    if mark is None:
+        return f"{source}: YAML syntax error: {problem}" if source else f"YAML syntax error: {problem}"
+    if source:
+        return f"{source}:{mark.line + 1}:{mark.column + 1}: YAML syntax error: {problem}"
+    return f"YAML syntax error at column {mark.column + 1}: {problem}"
 
 
 def read_yaml(path: Path) -> dict:
-    """The mapping in a YAML file; ConfigError for a missing/unreadable file, bad syntax, or a non-mapping."""
+    """The mapping in a YAML file; ConfigError for a missing/unreadable/special/oversized file, bad syntax, or a
+    non-mapping."""
+    path = Path(path)
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        info = os.stat(path)
     except FileNotFoundError as exc:
         raise ConfigError("", f"scene file not found: {path}") from exc
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError("", f"cannot read scene file {path}: {exc}") from exc
+    except (OSError, ValueError) as exc:
+        raise ConfigError("", f"cannot read scene file {path}: {getattr(exc, 'strerror', None) or exc}") from exc
+    if not stat.S_ISREG(info.st_mode):
+        raise ConfigError("", f"scene file {path} is not a regular file")
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read(MAX_SCENE_BYTES + 1)
+    except OSError as exc:
+        raise ConfigError("", f"cannot read scene file {path}: {exc.strerror or exc}") from exc
+    if len(data) > MAX_SCENE_BYTES:
+        raise ConfigError("", f"scene file {path} is larger than {MAX_SCENE_BYTES >> 20} MiB: not a scene")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError("", f"scene file {path} is not UTF-8 text (byte {exc.start})") from exc
     try:
         data = parse_yaml(text)
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise ConfigError("", f"{where}: YAML syntax error: {problem}") from exc
+        raise ConfigError("", yaml_problem(exc, str(path))) from None
     if data is None:
         raise ConfigError("", f"scene file {path} is empty")
     if not isinstance(data, dict):
@@ -117,7 +277,7 @@ def apply_overrides(data: dict, overrides: list[str] | tuple[str, ...]) -> dict:
         try:
             value = parse_yaml(text) if text.strip() else None
         except yaml.YAMLError as exc:
-            raise ConfigError(f"--set {key}", f"cannot parse value '{text}': {exc}") from exc
+            raise ConfigError(f"--set {key}", f"cannot parse value {clip(text, 80)!r}: {yaml_problem(exc)}") from None
         parts = _split_key(key)
         node: Any = data
         for depth, part in enumerate(parts):
@@ -203,8 +363,15 @@ def _num(value: Any) -> str:
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 
+_SHORT = reprlib.Repr()  # a bounded repr: a huge offending value is never rendered whole
+_SHORT.maxlevel, _SHORT.maxlist, _SHORT.maxdict, _SHORT.maxset, _SHORT.maxtuple = 2, 4, 4, 4, 4
+_SHORT.maxstring = _SHORT.maxother = _SHORT.maxlong = 60
+
+
 def _show(value: Any) -> str:
-    text = _num(value) if isinstance(value, float) else repr(value)
+    if isinstance(value, bool) or value is None:
+        return {True: "true", False: "false", None: "null"}[value]
+    text = _num(value) if isinstance(value, float) else _SHORT.repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
 
 
@@ -329,7 +496,17 @@ def _resolve_paths(scene: Scene, base_dir: Path) -> None:
 
 
 def _existing_file(base_dir: Path, name: str, key: str) -> Path:
-    path = (base_dir / Path(name).expanduser()).resolve()
-    if not path.is_file():
-        raise ConfigError(key, f"file not found: {path}" if not path.exists() else f"not a file: {path}")
+    """The absolute path of a regular file named relative to ``base_dir``; ConfigError naming ``key`` otherwise
+    (missing, a folder, FIFO or device, a symlink loop, a NUL character or an over-long name)."""
+    if "\0" in name:
+        raise ConfigError(key, "the file name contains a NUL character")
+    try:
+        path = (base_dir / Path(name).expanduser()).resolve()
+        info = os.stat(path)
+    except FileNotFoundError:
+        raise ConfigError(key, f"file not found: {base_dir / name}") from None
+    except (OSError, RuntimeError) as exc:  # RuntimeError: Path.resolve's "Symlink loop" (Python < 3.13)
+        raise ConfigError(key, f"cannot open {base_dir / name}: {getattr(exc, 'strerror', None) or exc}") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise ConfigError(key, f"not a regular file: {path}")
     return path

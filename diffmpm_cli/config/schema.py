@@ -18,9 +18,13 @@ from pydantic_core import PydanticCustomError
 
 
 class Section(BaseModel):
-    """Base of every scene section: unknown keys are errors with a "did you mean" hint; no inf/NaN."""
+    """Base of every scene section: unknown keys are errors with a "did you mean" hint; no inf/NaN.
 
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, validate_assignment=True)
+    Validation is strict: a number is never read from a string or a boolean (``true`` is not 1), a list is a list
+    (not a YAML ``!!set``), a boolean is true or false. Integer keys also take a whole float such as ``1e4``.
+    """
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, validate_assignment=True, strict=True)
 
     @model_validator(mode="before")
     @classmethod
@@ -46,6 +50,16 @@ def _exactly(count: int) -> BeforeValidator:
 
     return BeforeValidator(check)
 
+
+def _whole(value: Any) -> Any:
+    """An integer key accepts a float with no fractional part (``1e4``), never a boolean."""
+    if isinstance(value, float) and value.is_integer() and abs(value) < 2**63:
+        return int(value)
+    return value
+
+
+INT64_MAX = 2**63 - 1
+Int = Annotated[int, BeforeValidator(_whole), Field(le=INT64_MAX)]  # whole numbers up to what int64 holds
 
 Vec3 = Annotated[list[float], _exactly(3)]
 Color = Annotated[list[Annotated[float, Field(ge=0.0, le=1.0)]], _exactly(3)]
@@ -161,7 +175,7 @@ for _model in COMPOSITE_TYPES:
 class TargetImage(Section):
     path: str = Field(description="PNG/JPEG image, relative to the scene file; alpha (if any) is the silhouette")
     camera: str = Field(description="name of a camera in render.cameras")
-    frame: Annotated[int, Field(ge=0)] | None = Field(None, description="simulation step it shows; null = the final step")
+    frame: Annotated[Int, Field(ge=0)] | None = Field(None, description="simulation step it shows; null = the final step")
 
 
 class Truth(Section):
@@ -246,21 +260,21 @@ class Floor(Section):
 
 class SimConfig(Section):
     domain: Domain = Field(default_factory=Domain, description="the simulation box")
-    grid_resolution: Annotated[int, Field(ge=8, le=1024)] | None = Field(
+    grid_resolution: Annotated[Int, Field(ge=8, le=1024)] | None = Field(
         None, description="grid cells along the longest domain axis; null with dx null = 32"
     )
     dx: Positive | None = Field(None, description="grid spacing [m]; give this or grid_resolution, not both")
-    boundary_cells: Annotated[int, Field(ge=2, le=16)] = Field(
+    boundary_cells: Annotated[Int, Field(ge=2, le=16)] = Field(
         3, description="width of the wall band [cells]; particles stay inside it (>= 3 for cubic B-splines)"
     )
-    particles_per_cell: Annotated[int, Field(ge=1, le=6)] = Field(
+    particles_per_cell: Annotated[Int, Field(ge=1, le=6)] = Field(
         2, description="particles per cell along each axis (ppc^3 per cell)"
     )
     jitter: Annotated[float, Field(ge=0.0, lt=1.0)] = Field(
         0.0, description="random particle offset as a fraction of the particle spacing (seeded by optimize.seed)"
     )
     dt: Positive = Field(1.0e-3, description="time step [s]")
-    steps: Annotated[int, Field(ge=1, le=1_000_000)] = Field(50, description="simulation steps")
+    steps: Annotated[Int, Field(ge=1, le=1_000_000)] = Field(50, description="simulation steps")
     bspline: Literal["quadratic", "cubic"] = Field("quadratic", description="transfer kernel (27 or 64 nodes)")
     gravity: Vec3 = Field([0.0, -9.81, 0.0], description="gravity [m/s^2]")
     initial_velocity: Vec3 = Field([0.0, 0.0, 0.0], description="initial velocity of the source [m/s]")
@@ -269,13 +283,13 @@ class SimConfig(Section):
         description="per face: sticky (v = 0), slip (normal v = 0) or separate (outward normal v = 0)",
     )
     floor: Floor = Field(default_factory=Floor, description="an optional floor plane with friction")
-    control_stride: Annotated[int, Field(ge=1)] = Field(
+    control_stride: Annotated[Int, Field(ge=1)] = Field(
         10, description="steps between deformation-gradient control layers (K = ceil(steps / stride))"
     )
-    segment_length: Annotated[int, Field(ge=1)] | None = Field(
+    segment_length: Annotated[Int, Field(ge=1)] | None = Field(
         None, description="steps per checkpoint segment in the backward pass; null = about sqrt(steps)"
     )
-    frames: list[Annotated[int, Field(ge=0)]] = Field(
+    frames: list[Annotated[Int, Field(ge=0)]] = Field(
         [], description="extra steps whose states are kept for per-frame losses and renders (the final step always is)"
     )
     cfl_limit: Positive = Field(0.5, description="refuse to run when dt sqrt((lambda + 2 mu) / rho) / dx exceeds this")
@@ -362,17 +376,20 @@ class AppearanceConfig(Section):
     gaussians: Literal["surface", "particle"] = Field(
         "surface", description="surface: Gaussians embedded on the rest surface; particle: one per particle"
     )
-    surface_samples: Annotated[int, Field(ge=1, le=10_000_000)] = Field(
+    surface_samples: Annotated[Int, Field(ge=1, le=10_000_000)] = Field(
         5000, description="number of surface Gaussians M (surface mode, blue-noise samples); also the metric "
         "surface samples"
     )
-    neighbors: Annotated[int, Field(ge=1, le=32)] = Field(8, description="particles each surface Gaussian follows (k)")
+    neighbors: Annotated[Int, Field(ge=1, le=32)] = Field(8, description="particles each surface Gaussian follows (k)")
     sigma0: Positive | None = Field(None, description="rest size of a Gaussian [m]; null = from the particle spacing")
     thickness_ratio: Annotated[float, Field(gt=0.0, le=1.0)] = Field(
         0.1, description="surface discs: thickness along the normal relative to sigma0"
     )
     color: Color = Field([0.9, 0.55, 0.25], description="RGB in [0, 1]")
     opacity: Annotated[float, Field(gt=0.0, lt=1.0)] = Field(0.9, description="opacity in (0, 1)")
+
+
+Fov = Annotated[float, Field(ge=1e-3, lt=180.0)]  # degrees; below 0.001 the focal length overflows
 
 
 class OrbitRig(Section):
@@ -383,7 +400,7 @@ class OrbitRig(Section):
     azimuths: list[float] = Field([0.0, 90.0, 180.0, 270.0], min_length=1, description="azimuths [deg]")
     elevation: Annotated[float, Field(gt=-90.0, lt=90.0)] = Field(20.0, description="elevation above the horizon [deg]")
     radius: Positive = Field(2.0, description="distance to the target [m]")
-    fov: Annotated[float, Field(gt=0.0, lt=180.0)] = Field(40.0, description="vertical field of view [deg]")
+    fov: Fov = Field(40.0, description="vertical field of view [deg], 0.001 <= fov < 180")
     target: Vec3 | None = Field(None, description="point looked at [m]; null = the domain's centre")
     up: Vec3 = Field([0.0, 1.0, 0.0], description="world up; azimuth 0 looks from the side most along +z")
 
@@ -393,7 +410,7 @@ class PinholeCamera(Section):
 
     type: Literal["pinhole"]
     name: str = Field(description="unique camera name (target images refer to it)")
-    fov: Annotated[float, Field(gt=0.0, lt=180.0)] | None = Field(None, description="vertical field of view [deg]")
+    fov: Fov | None = Field(None, description="vertical field of view [deg], 0.001 <= fov < 180")
     K: Mat3 | None = Field(None, description="intrinsics [[fx, 0, cx], [0, fy, cy], [0, 0, 1]] in pixels")
     eye: Vec3 | None = Field(None, description="camera position [m]")
     target: Vec3 | None = Field(None, description="point looked at [m]; null = the domain's centre")
@@ -407,8 +424,8 @@ Camera = Annotated[Union[OrbitRig, PinholeCamera], Field(discriminator="type")]
 
 
 class RenderConfig(Section):
-    width: Annotated[int, Field(ge=8, le=8192)] = Field(64, description="image width [px]")
-    height: Annotated[int, Field(ge=8, le=8192)] = Field(64, description="image height [px]")
+    width: Annotated[Int, Field(ge=8, le=8192)] = Field(64, description="image width [px]")
+    height: Annotated[Int, Field(ge=8, le=8192)] = Field(64, description="image height [px]")
     background: Color = Field([1.0, 1.0, 1.0], description="background RGB in [0, 1]")
     rasterize_mode: Literal["classic", "antialiased"] = Field(
         "antialiased", description="gsplat's modes: classic dilates every footprint by 0.3 px^2; antialiased also "
@@ -444,35 +461,36 @@ class Schedule(Section):
     final_factor: Annotated[float, Field(gt=0.0, le=1.0)] = Field(
         0.1, description="learning rate at the last iteration relative to the first (cosine, exponential)"
     )
-    warmup: Annotated[int, Field(ge=0)] = Field(0, description="iterations of linear warm-up")
+    warmup: Annotated[Int, Field(ge=0)] = Field(0, description="iterations of linear warm-up")
 
 
 class LineSearch(Section):
     enabled: bool = Field(False, description="backtracking: accept a step only if the loss is finite and lower")
     shrink: Annotated[float, Field(gt=0.0, lt=1.0)] = Field(0.5, description="step shrink factor per retry")
-    max_tries: Annotated[int, Field(ge=1, le=20)] = Field(4, description="retries before giving up on an iteration")
+    max_tries: Annotated[Int, Field(ge=1, le=20)] = Field(4, description="retries before giving up on an iteration")
     require_valid: bool = Field(True, description="from a physically valid state, also reject a step whose state is "
                                 "not (an inverted particle, or more than 1 % of particles in cells above 4x rest)")
 
 
 class OptimizeConfig(Section):
-    iterations: Annotated[int, Field(ge=0)] = Field(50, description="optimisation iterations")
+    iterations: Annotated[Int, Field(ge=0)] = Field(50, description="optimisation iterations")
     optimizer: Literal["adam", "sgd"] = Field("adam", description="torch.optim optimiser")
     schedule: Schedule = Field(default_factory=Schedule, description="learning-rate schedule")
     grad_clip: Positive | None = Field(None, description="clip the global gradient norm; null = off")
     line_search: LineSearch = Field(default_factory=LineSearch, description="optional backtracking line search")
-    episodes: Annotated[int, Field(ge=1)] = Field(
+    episodes: Annotated[Int, Field(ge=1)] = Field(
         1, description="episodes of optimize.iterations each; episode k + 1 starts from episode k's final state "
         "(x, v, F, C) with fresh controls (targets of the final state only)"
     )
-    checkpoint_every: Annotated[int, Field(ge=1)] = Field(10, description="iterations between checkpoints")
-    keep_checkpoints: Annotated[int, Field(ge=1)] = Field(3, description="latest checkpoints kept (plus the best)")
-    render_every: Annotated[int, Field(ge=0)] = Field(10, description="iterations between renders; 0 = never")
-    seed: Annotated[int, Field(ge=0)] = Field(0, description="seed of every random choice (jitter, probes, init)")
+    checkpoint_every: Annotated[Int, Field(ge=1)] = Field(10, description="iterations between checkpoints")
+    keep_checkpoints: Annotated[Int, Field(ge=1)] = Field(3, description="latest checkpoints kept (plus the best)")
+    render_every: Annotated[Int, Field(ge=0)] = Field(10, description="iterations between renders; 0 = never")
+    seed: Annotated[Int, Field(ge=0, le=INT64_MAX)] = Field(
+        0, description="seed of every random choice (jitter, probes, init); 0 <= seed < 2^63")
 
 
 class EvaluateConfig(Section):
-    size: Annotated[int, Field(ge=16, le=2048)] = Field(
+    size: Annotated[Int, Field(ge=16, le=2048)] = Field(
         256, description="results are judged against the exact target mesh's silhouettes at size x size pixels, "
         "from 12 views around the first orbit rig's target (8 azimuths at 15 deg, 4 at 50 deg)")
 
@@ -480,7 +498,7 @@ class EvaluateConfig(Section):
 class OutputConfig(Section):
     dir: str | None = Field(None, description="output folder inside runs/ (relative, no '..'); null = "
                             "runs/<scene>-<timestamp>; only --out on the command line writes elsewhere")
-    turntable_frames: Annotated[int, Field(ge=0, le=720)] = Field(36, description="views in turntable.gif; 0 = none")
+    turntable_frames: Annotated[Int, Field(ge=0, le=720)] = Field(36, description="views in turntable.gif; 0 = none")
     video: Literal["gif", "mp4", "both"] = Field("gif", description="turntable format (mp4 needs an ffmpeg writer)")
 
 

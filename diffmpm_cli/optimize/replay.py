@@ -6,41 +6,65 @@ from pathlib import Path
 
 import torch
 
-from ..errors import ConfigError
+from ..errors import CheckpointError, ConfigError
+from ..pipeline import GROUPS
 from .checkpoint import latest_checkpoint, load_checkpoint, start_state
 
 
-def load_source(path: Path, *, checkpoint: Path | None, overrides=(), device: str = "cpu"):
-    """(scene, pipeline, params, label) from a run folder (its resolved config and a checkpoint: the given one, else
-    best.pt, else the latest) or from a scene file (its initial parameters)."""
+def run_checkpoint(run_dir: Path, which: str | None) -> tuple[Path, str]:
+    """(file, label) of a run's checkpoint: ``best`` (default: checkpoints/best.pt, the parameters with the lowest
+    loss; the latest checkpoint while there is no best.pt), ``last`` (the newest checkpoint this run wrote: the
+    last iterate, what final/ shows) or a file path."""
+    folder = Path(run_dir) / "checkpoints"
+    which = which or "best"
+    if which == "best" and (folder / "best.pt").exists():
+        return folder / "best.pt", "best.pt: the lowest loss"
+    if which in ("best", "last"):
+        latest = latest_checkpoint(folder)
+        if latest is None:
+            raise ConfigError("RUN_DIR", f"{run_dir} has no checkpoint yet")
+        return latest, f"{latest.name}: the last iterate"
+    path = Path(which)
+    if not path.is_file():
+        raise ConfigError("--checkpoint", f"must be best, last or a checkpoint file; no such file: {which}")
+    return path, path.name
+
+
+def load_source(path: Path, *, checkpoint: Path | str | None, overrides=(), device: str = "cpu"):
+    """(scene, pipeline, params, label) from a run folder (its resolved config and a checkpoint: ``best`` (the
+    default), ``last`` or a file, see run_checkpoint) or from a scene file (its initial parameters)."""
     from ..assets import build_assets
     from ..config import load_scene
     from ..pipeline import Pipeline
+    from .checkpoint import shape_mismatch
+    from .runfolder import CONFIG
 
     path = Path(path)
+    label = "initial"
     if path.is_dir():
-        config = path / "config.resolved.yaml"
-        if not config.exists():
-            raise ConfigError("RUN_DIR", f"{path} holds no run (no config.resolved.yaml)")
-        scene = load_scene(config, overrides)
-        folder = path / "checkpoints"
-        checkpoint = checkpoint or (folder / "best.pt" if (folder / "best.pt").exists() else latest_checkpoint(folder))
-        if checkpoint is None:
-            raise ConfigError("RUN_DIR", f"{path} has no checkpoint yet")
+        if not (path / CONFIG).exists():
+            raise ConfigError("RUN_DIR", f"{path} holds no run (no {CONFIG})")
+        scene = load_scene(path / CONFIG, overrides)
+        checkpoint, label = run_checkpoint(path, None if checkpoint is None else str(checkpoint))
     else:
         scene = load_scene(path, overrides)
     pipeline = Pipeline(scene, build_assets(scene, device=device), device=device)
-    params, label = {}, "initial"
+    params = {}
     if checkpoint is not None:
-        if not Path(checkpoint).exists():
-            raise ConfigError("--checkpoint", f"no such file: {checkpoint}")
+        state = load_checkpoint(Path(checkpoint))  # CheckpointError (exit 2) for a foreign or torn file
+        if not isinstance(state, dict) or not isinstance(state.get("params"), dict) or \
+                not all(isinstance(v, torch.Tensor) for v in state["params"].values()):
+            raise CheckpointError(str(checkpoint), "not a diffmpm checkpoint (no parameter tensors)")
+        wanted = pipeline.initial_parameters([k for k in state["params"] if k in GROUPS])
+        problem = shape_mismatch(state, wanted)
+        if problem is not None:
+            raise CheckpointError(str(checkpoint), f"does not fit this scene: {problem}")
+        params = {k: v.to(pipeline.device) for k, v in state["params"].items()}
         try:
-            state = load_checkpoint(Path(checkpoint))
-            params = {k: v.to(pipeline.device) for k, v in state["params"].items()}
             pipeline.start = start_state(state, pipeline.device)  # a later episode starts where the last ended
-        except Exception as exc:  # a foreign or torn file
-            raise ConfigError("--checkpoint", f"not a diffmpm checkpoint: {checkpoint} ({exc})") from exc
-        label = f"iter {state['iteration']}"
+        except (AttributeError, TypeError) as exc:
+            raise CheckpointError(str(checkpoint), "not a diffmpm checkpoint (a bad 'start')") from exc
+        label = f"{label}, iteration {state.get('iteration')}"
     return scene, pipeline, params, label
 
 

@@ -18,19 +18,22 @@ from pathlib import Path
 
 import torch
 
-from ..errors import ConfigError, DiffMPMError, SimulationError
+from ..errors import CheckpointError, ConfigError, DiffMPMError, SimulationError
 from ..losses import scene_loss
 from ..pipeline import GROUP_OF, Pipeline
 from .checkpoint import (
+    forget_checkpoints,
     latest_checkpoint,
     load_checkpoint,
-    remove_stale_temporaries,
+    resume_checkpoint,
     save_best,
     save_checkpoint,
     set_rng_state,
     start_state,
 )
 from .evaluate import evaluate_metrics, main_metric, validity_metrics
+from .outputs import write_final_outputs
+from .runfolder import CONFIG, METRICS, Interrupted, RunFolder, config_difference, remove_stale_temporaries, write_error
 from .targets import build_targets
 
 
@@ -40,10 +43,8 @@ class RunFailed(DiffMPMError):
     exit_code = 1
 
 
-class RunInterrupted(DiffMPMError):
+class RunInterrupted(Interrupted):
     """Ctrl-C: a checkpoint was written; ``--resume`` continues. Exit code 130."""
-
-    exit_code = 130
 
 
 @dataclass
@@ -59,6 +60,13 @@ class RunState:
     best_loss: float = math.inf
     history: list[dict] = field(default_factory=list)
     best_params: dict | None = None  # of the current episode, in memory (best.pt holds them on disk)
+    started: float = field(default_factory=time.perf_counter)  # this session's start
+    wall_before: float = 0.0  # the run's time in earlier sessions, up to the checkpoint this one resumed from
+    resumed_from: int | None = None
+
+    def wall(self) -> float:
+        """The run's wall time over all its sessions (time after a checkpoint that a kill lost is not counted)."""
+        return self.wall_before + time.perf_counter() - self.started
 
 
 def learned_groups(scene) -> dict[str, float]:
@@ -84,13 +92,44 @@ def _schedule(opt_cfg, iterations: int) -> Callable[[int], float]:
     return factor
 
 
-def project_parameters(params: dict[str, torch.Tensor]) -> None:
-    """Keep groups inside their valid ranges after a step (nu in (-1, 0.5), colours in [0, 1])."""
+E_MIN = 1.0  # Pa: the softest Young's modulus a learned E may reach
+E_CFL_MARGIN = 1e-3  # a learned E stays this fraction below the largest stable one
+
+
+@dataclass(frozen=True)
+class StableE:
+    """What bounds a learned E from above: the time step must stay stable, dt sqrt((lambda + 2 mu) / rho) / dx <=
+    sim.cfl_limit, and lambda + 2 mu = E (1 - nu) / ((1 + nu)(1 - 2 nu))."""
+
+    density: float  # kg/m^3
+    dt: float  # s
+    dx: float  # m
+    limit: float
+    nu: float  # the Poisson ratio when it is not learned
+
+    def log_E_max(self, nu: torch.Tensor) -> torch.Tensor:
+        nu = nu.double()
+        modulus = self.density * (self.limit * self.dx / self.dt) ** 2 * (1 - E_CFL_MARGIN)  # max of lambda + 2 mu
+        return torch.log(modulus * (1 + nu) * (1 - 2 * nu) / (1 - nu))
+
+
+def project_parameters(params: dict[str, torch.Tensor], stable: StableE | None = None) -> None:
+    """Keep groups inside their valid ranges after a step: nu in (-1, 0.5), colours in [0, 1], E in [E_MIN, the
+    largest E the time step keeps stable] (with ``stable``; each particle's own nu when both are per particle)."""
     with torch.no_grad():
         if "nu" in params:
             params["nu"].clamp_(-0.95, 0.49)
         if "color" in params:
             params["color"].clamp_(0.0, 1.0)
+        if "log_E" in params:
+            log_E = params["log_E"]
+            log_E.clamp_(min=math.log(E_MIN))
+            if stable is not None:
+                nu = params["nu"] if "nu" in params else torch.tensor(stable.nu)
+                high = stable.log_E_max(nu).to(log_E.device)
+                if high.shape != log_E.shape:  # one E for particles of several nu: the stiffest bound holds
+                    high = high.min() if log_E.numel() == 1 else high.expand_as(log_E)
+                log_E.copy_(torch.minimum(log_E, high.to(log_E.dtype)))
 
 
 def _finite(t: torch.Tensor | None) -> bool:
@@ -105,12 +144,18 @@ class Optimization:
 
         if scene.output.video in ("mp4", "both") and scene.output.turntable_frames and not mp4_available():
             raise ConfigError("output.video", f"'{scene.output.video}' needs an ffmpeg writer (pip install "
-                                              "imageio[ffmpeg]); use gif")
+                                              '"diffmpm[video]"); use gif')
         if scene.optimize.episodes > 1:
             per_frame = [i for i, im in enumerate(scene.target.images) if im.frame not in (None, scene.sim.steps)]
             if scene.target.truth is not None or per_frame:
                 raise ConfigError("optimize.episodes", "episodes > 1 need targets of the final state only (a mesh "
                                                        "or final-frame images), not truth or per-frame targets")
+        from ..sim.grid import check_cfl
+
+        check_cfl(scene, assets.grid)  # as validate does: an unstable dt is bad input, refused before any write
+        nu = scene.learn.nu.init if scene.learn.nu.init is not None else scene.material.nu
+        self.stable_E = StableE(density=scene.material.density, dt=scene.sim.dt, dx=assets.grid.dx,
+                                limit=scene.sim.cfl_limit, nu=nu)
         self.scene = scene
         self.per_episode = scene.optimize.iterations if iterations is None else iterations
         self.iterations = self.per_episode * scene.optimize.episodes
@@ -154,7 +199,7 @@ class Optimization:
             torch.nn.utils.clip_grad_norm_(list(self.params.values()), opt_cfg.grad_clip)
         if not opt_cfg.line_search.enabled:
             self.optimizer.step()
-            project_parameters(self.params)
+            project_parameters(self.params, self.stable_E)
             return {}
         ls = opt_cfg.line_search
         saved_params = {k: v.detach().clone() for k, v in self.params.items()}
@@ -165,7 +210,7 @@ class Optimization:
                 for g, lr in zip(self.optimizer.param_groups, rates):
                     g["lr"] = lr * ls.shrink**attempt
                 self.optimizer.step()
-                project_parameters(self.params)
+                project_parameters(self.params, self.stable_E)
                 physical = True
                 try:
                     total, _, out = self.loss(grad=False)
@@ -200,72 +245,157 @@ def _read_history(path: Path, before: int) -> list[dict]:
             record = json.loads(line)
         except json.JSONDecodeError:
             continue
-        if record.get("iteration", math.inf) < before:
+        if isinstance(record, dict) and record.get("iteration", math.inf) < before:
             history.append(record)
     return history
 
 
+def _write_text(path: Path, text: str) -> None:
+    """Replace ``path`` atomically (a failure leaves the old file)."""
+    from ..outputs.ply import atomic_write
+
+    atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
+def with_iterations(scene, iterations: int | None):
+    """``scene`` with optimize.iterations set to ``iterations`` (``--iters``; saved with the run)."""
+    if iterations is None or iterations == scene.optimize.iterations:
+        return scene
+    return scene.model_copy(update={"optimize": scene.optimize.model_copy(update={"iterations": iterations})})
+
+
 def optimize(*, scene, assets, out_dir: Path, device: str = "cpu", iterations: int | None = None,
              resume: bool = False, stop: StopFlag | None = None,
-             progress: Callable[[int, int, dict], None] | None = None) -> dict:
-    """Run (or resume) the optimisation of ``scene`` into ``out_dir``; returns the summary (also summary.json)."""
-    from ..config import dump_scene
-    from .outputs import write_final_outputs
+             progress: Callable[[int, int, dict], None] | None = None,
+             notice: Callable[[str], None] | None = None, folder: RunFolder | None = None) -> dict:
+    """Run (or resume) the optimisation of ``scene`` into ``out_dir``; returns the summary (also summary.json).
 
+    ``iterations`` replaces optimize.iterations and is saved in config.resolved.yaml, so a resumed run goes as far.
+    A resumed run keeps the configuration it started with: ``scene`` may differ from the run's
+    config.resolved.yaml only in optimize.iterations. ``folder``: the run folder, already checked (and maybe
+    locked) by the caller; otherwise it is checked here. The folder is locked for the whole run (a second writer
+    gets exit 2), and bad input is refused before anything is written. ``notice(text)`` hears what a resume passed
+    over (unusable checkpoints, removed temporaries)."""
     out_dir = Path(out_dir)
     stop = stop or StopFlag()
+    notice = notice or (lambda text: None)
+    scene = with_iterations(scene, iterations)
+    own_lock = folder is None
+    folder = folder or RunFolder(out_dir, resume=resume)
+    if not folder.locked:
+        folder.check()
+    if resume:
+        _check_same_run(out_dir, scene)
     if not str(device).startswith("cuda"):
         # torch's multithreaded CPU reductions sum in a varying order (dFc gradients differ at ~1e-11 between
         # identical runs); one thread makes a CPU run, and its resume, bitwise reproducible for ~7 % of its time.
         # Warp's CPU kernels are single-threaded anyway.
         torch.set_num_threads(1)
-    started = time.perf_counter()
-    metrics_path = out_dir / "metrics.jsonl"
-    ckpt_dir = out_dir / "checkpoints"
-    if not resume and metrics_path.exists():
-        raise ConfigError("--out", f"{out_dir} already holds a run: use --resume {out_dir} or another folder")
-    if not resume and out_dir.is_dir() and any(out_dir.iterdir()):
-        # never write summary.json, final/ or checkpoints/ over files that are not this tool's
-        raise ConfigError("--out", f"{out_dir} is not empty and holds no diffmpm run: choose a new or empty folder")
-    if not resume and out_dir.exists() and not out_dir.is_dir():
-        raise ConfigError("--out", f"{out_dir} is a file, not a folder")
-    run = Optimization(scene, assets, device=device, iterations=iterations)  # refuses bad input before any write
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if not resume:
-        (out_dir / "config.resolved.yaml").write_text(dump_scene(scene))
     state = RunState()
-    if resume:
-        remove_stale_temporaries(ckpt_dir)
-        latest = latest_checkpoint(ckpt_dir)
-        if latest is not None:
-            ckpt = load_checkpoint(latest)
-            with torch.no_grad():
-                for k, v in run.params.items():
-                    v.copy_(ckpt["params"][k].to(v.device))
-            run.optimizer.load_state_dict(ckpt["optimizer"])
-            run.scheduler.load_state_dict(ckpt["scheduler"])
-            set_rng_state(ckpt["rng"])
-            state.iteration, state.best_loss = ckpt["iteration"], ckpt["best_loss"]
-            run.pipeline.start = start_state(ckpt, run.pipeline.device)
-        # the log holds exactly the iterations before the checkpoint (a killed run may have logged more)
-        state.history = _read_history(metrics_path, state.iteration)
-        metrics_path.write_text("".join(json.dumps(r) + "\n" for r in state.history))
+    run = Optimization(scene, assets, device=device)  # refuses bad input (an unstable dt too) before any write
     try:
-        _loop(run, state, out_dir=out_dir, stop=stop, progress=progress)
-    except RunFailed as failure:
-        # a rollout that blew up (or a NaN) still leaves final/ and summary.json, from the best parameters so far
-        _write_failed_run(run, state, out_dir=out_dir, failure=failure, started=started, device=device)
-        raise
-    wall = time.perf_counter() - started
-    summary = write_final_outputs(run, out_dir, history=state.history, wall_s=wall, device=device)
-    summary["main_metric"] = main_metric(summary["final"])
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    return summary
+        folder.acquire(create=not resume)
+        return _optimize_locked(run, state, out_dir=out_dir, device=device, resume=resume, stop=stop,
+                                progress=progress, notice=notice)
+    finally:
+        if own_lock:
+            folder.release()
 
 
-def _write_failed_run(run, state: RunState, *, out_dir: Path, failure: RunFailed, started: float, device: str) -> None:
-    from .outputs import write_final_outputs
+def _check_same_run(out_dir: Path, scene) -> None:
+    from ..config import load_scene
 
+    saved = load_scene(out_dir / CONFIG)
+    found = config_difference(saved, scene, ignore={"optimize.iterations"})
+    if found is not None:
+        key, before, after = found
+        raise ConfigError(key, f"is {after} but the run in {out_dir} has {before}: a resumed run keeps the "
+                               "configuration it started with (only the iterations may change); start a new run")
+    if scene.optimize.episodes > 1 and scene.optimize.iterations != saved.optimize.iterations:
+        raise ConfigError("optimize.iterations", "the iterations of a run of several episodes cannot change on resume")
+
+
+def _optimize_locked(run, state: RunState, *, out_dir: Path, device: str, resume: bool, stop: StopFlag, progress,
+                     notice) -> dict:
+    """The run, with the folder locked: restore a checkpoint (reading only), then write."""
+    from ..config import dump_scene
+
+    metrics_path = out_dir / METRICS
+    ckpt_dir = out_dir / "checkpoints"
+    point = None
+    if resume:
+        point = resume_checkpoint(ckpt_dir, run.params)
+        if point.checkpoint is not None:
+            _restore(run, state, point)
+    try:
+        if not resume:
+            _write_text(out_dir / CONFIG, dump_scene(run.scene))
+        else:
+            for path in remove_stale_temporaries(out_dir):
+                notice(f"removed {path}, a temporary file a killed process left")
+            for text in point.notes:
+                notice(text)
+            forget_checkpoints(ckpt_dir, point.unusable)
+            if (out_dir / CONFIG).read_text() != dump_scene(run.scene):  # --iters changed
+                _write_text(out_dir / CONFIG, dump_scene(run.scene))
+            # the log holds exactly the iterations before the checkpoint (a killed run may have logged more)
+            state.history = _read_history(metrics_path, state.iteration)
+            _write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in state.history))
+        try:
+            _loop(run, state, out_dir=out_dir, stop=stop, progress=progress)
+        except RunFailed as failure:
+            # a rollout that blew up (or a NaN) still leaves final/ and summary.json, from the best parameters so far
+            _write_failed_run(run, state, out_dir=out_dir, failure=failure, device=device)
+            raise
+        summary = write_final_outputs(run, out_dir, history=state.history, wall_s=state.wall(), device=device)
+        summary.update(_run_facts(run, state, out_dir, point))
+        summary["main_metric"] = main_metric(summary["final"])
+        _write_text(out_dir / "summary.json", json.dumps(summary, indent=2))
+        return summary
+    except OSError as exc:  # a full disk, a folder made read-only meanwhile: checkpoints are atomic, the last stays
+        raise write_error(exc, last_good=latest_checkpoint(ckpt_dir)) from exc
+
+
+def _restore(run, state: RunState, point) -> None:
+    """Load a checkpoint's parameters, optimiser, schedule, RNG and clock into the run (memory only)."""
+    ckpt = point.checkpoint
+    if ckpt["iteration"] > run.iterations:
+        raise ConfigError("--iters", f"the run has already done {ckpt['iteration']} iterations ({point.path}); ask "
+                                     "for at least that many")
+    try:
+        with torch.no_grad():
+            for k, v in run.params.items():
+                v.copy_(ckpt["params"][k].to(v.device))
+        run.optimizer.load_state_dict(ckpt["optimizer"])
+        run.scheduler.load_state_dict(ckpt["scheduler"])
+        set_rng_state(ckpt["rng"])
+        run.pipeline.start = start_state(ckpt, run.pipeline.device)
+    except (KeyError, ValueError, TypeError, IndexError, RuntimeError, AttributeError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise CheckpointError(str(point.path), f"cannot be restored into this run ({first})") from exc
+    state.iteration, state.best_loss = ckpt["iteration"], float(ckpt["best_loss"])
+    state.wall_before = float(ckpt.get("wall_s", 0.0))
+    state.resumed_from = ckpt["iteration"]
+
+
+def _run_facts(run, state: RunState, out_dir: Path, point) -> dict:
+    """What the summary says about the run as a whole: time over all sessions, what final/ and best.pt hold."""
+    session = time.perf_counter() - state.started
+    facts = {"iterations_planned": run.iterations, "wall_s": state.wall_before + session,
+             "wall_s_this_session": session,
+             "final_from": f"the last iterate: the parameters after iteration {state.iteration}"}
+    if point is not None and point.checkpoint is not None:
+        facts["resumed_from_iteration"] = state.resumed_from
+    best = Path(out_dir) / "checkpoints" / "best.pt"
+    if best.exists():
+        saved = load_checkpoint(best)
+        facts["best"] = {"file": "checkpoints/best.pt", "iteration": saved.get("iteration"), "loss": saved.get("loss"),
+                         "note": "the parameters with the lowest loss (what `diffmpm render RUN` shows by default); "
+                                 "final/ holds the last iterate"}
+    return facts
+
+
+def _write_failed_run(run, state: RunState, *, out_dir: Path, failure: RunFailed, device: str) -> None:
     best_path = Path(out_dir) / "checkpoints" / "best.pt"
     if state.best_params is None and best_path.exists():
         state.best_params = load_checkpoint(best_path)["params"]
@@ -275,15 +405,14 @@ def _write_failed_run(run, state: RunState, *, out_dir: Path, failure: RunFailed
         for k, v in run.params.items():
             v.copy_(state.best_params[k].to(v.device))
     try:
-        summary = write_final_outputs(run, out_dir, history=state.history, wall_s=time.perf_counter() - started,
-                                      device=device)
+        summary = write_final_outputs(run, out_dir, history=state.history, wall_s=state.wall(), device=device)
     except DiffMPMError as exc:
         failure.args = (f"{failure}; final outputs from the best parameters failed too: {exc}",)
         return
     summary["main_metric"] = main_metric(summary["final"])
     summary["failed"] = str(failure)
     summary["final_from"] = "best parameters before the failure"
-    (Path(out_dir) / "summary.json").write_text(json.dumps(summary, indent=2))
+    _write_text(Path(out_dir) / "summary.json", json.dumps(summary, indent=2))
     failure.args = (f"{failure}; final/ and summary.json were written from the best parameters so far",)
 
 
@@ -346,7 +475,7 @@ def _loop(run, state: RunState, *, out_dir: Path, stop: StopFlag, progress) -> N
             if last or state.iteration % opt_cfg.checkpoint_every == 0 or stop.requested:
                 save_checkpoint(ckpt_dir, iteration=state.iteration, params=run.params, optimizer=run.optimizer,
                                 scheduler=run.scheduler, best_loss=state.best_loss, keep=opt_cfg.keep_checkpoints,
-                                start=run.pipeline.start)
+                                start=run.pipeline.start, wall_s=state.wall())
                 if best is not None:
                     save_best(ckpt_dir, iteration=best_at, params=best, loss=state.best_loss, start=run.pipeline.start)
                     best = None

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from PIL import Image
 
+from ..assets.images import read_image
 from ..errors import ConfigError
 
 
@@ -105,19 +105,14 @@ def _truth_targets(pipeline, frames) -> Targets:
                     for row, step in enumerate(frames)], kind="truth")
 
 
-def load_target_image(path: str, *, background) -> tuple[np.ndarray, np.ndarray]:
+def load_target_image(path: str, *, background, key: str = "target.images") -> tuple[np.ndarray, np.ndarray]:
     """(rgb [H, W, 3], alpha [H, W, 1]) in [0, 1]: alpha from the image's alpha channel, else pixels within 2/255
     of ``background`` are transparent, else the whole image is opaque."""
-    with Image.open(path) as img:
-        has_alpha = img.mode in ("RGBA", "LA") or "transparency" in img.info
-        data = np.asarray(img.convert("RGBA" if has_alpha else "RGB"), dtype=np.float32) / 255.0
-    rgb = data[..., :3]
-    if has_alpha:
-        alpha = data[..., 3:4]
-    elif background is not None:
+    rgb, alpha = read_image(path, key=key)
+    if alpha is None and background is not None:
         alpha = (np.abs(rgb - np.asarray(background, dtype=np.float32)).max(-1, keepdims=True) > 2.0 / 255.0)
         alpha = alpha.astype(np.float32)
-    else:
+    elif alpha is None:
         alpha = np.ones_like(rgb[..., :1])
     return rgb, alpha
 
@@ -131,7 +126,8 @@ def _image_targets(pipeline, frames) -> Targets:
         step = scene.sim.steps if spec.frame is None else spec.frame
         if step not in frames:
             raise ConfigError(f"target.images[{i}].frame", f"step {step} is not kept by the rollout: add it to sim.frames")
-        rgb, alpha = load_target_image(spec.path, background=scene.target.image_background)
+        rgb, alpha = load_target_image(spec.path, background=scene.target.image_background,
+                                       key=f"target.images[{i}].path")
         if rgb.shape[:2] != (H, W):
             raise ConfigError(f"target.images[{i}].path",
                               f"image is {rgb.shape[1]}x{rgb.shape[0]} px but render is {W}x{H}")

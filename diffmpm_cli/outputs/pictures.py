@@ -14,7 +14,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from .ply import atomic_write
 
-MP4_MISSING = "mp4 needs imageio-ffmpeg (pip install imageio[ffmpeg])"
+MP4_MISSING = 'mp4 needs imageio-ffmpeg (pip install "diffmpm[video]")'
 WHITE = (255, 255, 255)
 BLACK = (0, 0, 0)
 CURVE_COLORS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),

@@ -41,6 +41,12 @@ _PLY_TYPES = {
 }
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path, write: Callable[[Path], None]) -> Path:
     """Call ``write(tmp)`` on a temporary path in ``path``'s folder, then move it onto ``path``; makes parent folders.
 
@@ -53,6 +59,7 @@ def atomic_write(path, write: Callable[[Path], None]) -> Path:
     tmp = Path(tmp)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # the mode a plain open() gives (mkstemp makes 0o600)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)

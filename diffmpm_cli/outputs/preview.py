@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +11,7 @@ from PIL import Image, ImageDraw
 SOURCE_RGB = (0.90, 0.55, 0.25)
 TARGET_RGB = (0.25, 0.50, 0.90)
 MIN_PREVIEW_HEIGHT = 256
+MAX_DISC_RADIUS = 16  # px
 
 
 def draw_particles(points: np.ndarray, *, viewmat: np.ndarray, K: np.ndarray, width: int, height: int,
@@ -24,7 +26,8 @@ def draw_particles(points: np.ndarray, *, viewmat: np.ndarray, K: np.ndarray, wi
     z = cam[:, 2]
     u = K[0, 0] * cam[:, 0] / z + K[0, 2]
     v = K[1, 1] * cam[:, 1] / z + K[1, 2]
-    radius = max(1, int(np.ceil(0.6 * K[0, 0] * spacing / np.median(z))))
+    # a disc about one particle spacing wide, at most MAX_DISC_RADIUS px (a narrow field of view magnifies it)
+    radius = int(np.clip(np.ceil(0.6 * K[0, 0] * spacing / np.median(z)), 1, MAX_DISC_RADIUS))
     zbuf = np.full(height * width, np.inf)
     offsets = [(dx, dy) for dx in range(-radius, radius + 1) for dy in range(-radius, radius + 1)
                if dx * dx + dy * dy <= radius * radius]
@@ -41,10 +44,34 @@ def draw_particles(points: np.ndarray, *, viewmat: np.ndarray, K: np.ndarray, wi
     return (image * 255).round().astype(np.uint8)
 
 
-def write_previews(*, assets, cameras, out_dir: Path, max_views: int = 4) -> list[Path]:
-    """One PNG per camera (up to ``max_views``): source particles, and target particles beside them if any."""
+def check_preview_dir(out_dir: Path) -> None:
+    """Refuse (ConfigError on ``--preview``) a folder that cannot be written: an existing file, a place without
+    write permission. Called before any work, so nothing is written for a refused command."""
+    from ..errors import ConfigError
+
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    existing = next((p for p in (out_dir, *out_dir.parents) if p.exists()), None)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError("--preview", f"{out_dir} exists and is not a folder")
+    if existing is not None and not existing.is_dir():
+        raise ConfigError("--preview", f"cannot create {out_dir}: {existing} is not a folder")
+    if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError("--preview", f"cannot write into {existing}: permission denied")
+
+
+def write_previews(*, assets, cameras, out_dir: Path, max_views: int = 4) -> list[Path]:
+    """One PNG per camera (up to ``max_views``): source particles, and target particles beside them if any.
+
+    Raises ConfigError (``--preview``) when the folder cannot be created or written."""
+    from ..errors import ConfigError
+    from ..optimize.runfolder import slug
+
+    out_dir = Path(out_dir)
+    check_preview_dir(out_dir)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError("--preview", f"cannot create {out_dir}: {exc.strerror or exc}") from None
     scale = max(1.0, MIN_PREVIEW_HEIGHT / cameras.height)
     width, height = round(cameras.width * scale), round(cameras.height * scale)
     bodies = [("source", assets.source, SOURCE_RGB)]
@@ -64,7 +91,10 @@ def write_previews(*, assets, cameras, out_dir: Path, max_views: int = 4) -> lis
         sheet = Image.new("RGB", (width * len(panels), height), (255, 255, 255))
         for i, panel in enumerate(panels):
             sheet.paste(panel, (i * width, 0))
-        path = out_dir / f"preview_{name}.png"
-        sheet.save(path)
+        path = out_dir / f"preview_{slug(name)}.png"  # a camera name from the scene never leaves out_dir
+        try:
+            sheet.save(path)
+        except OSError as exc:
+            raise ConfigError("--preview", f"cannot write {path}: {exc.strerror or exc}") from None
         written.append(path)
     return written

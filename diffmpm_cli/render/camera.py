@@ -56,16 +56,27 @@ def intrinsics_from_fov(fov_deg: float, width: int, height: int) -> np.ndarray:
     return np.array([[focal, 0.0, width / 2.0], [0.0, focal, height / 2.0], [0.0, 0.0, 1.0]])
 
 
+class DegenerateView(ValueError):
+    """A pose that cannot be built. ``part``: "position" (eye and target coincide), "up" (zero) or "parallel" (up
+    along the viewing direction), so that the message can name the key that fixes it."""
+
+    def __init__(self, message: str, part: str):
+        super().__init__(message)
+        self.part = part
+
+
 def look_at(eye, target, up) -> np.ndarray:
-    """World-to-camera 4x4 for a camera at ``eye`` looking at ``target``; raises ValueError when degenerate."""
+    """World-to-camera 4x4 for a camera at ``eye`` looking at ``target``; raises DegenerateView when degenerate."""
     eye, target, up = (np.asarray(v, dtype=np.float64) for v in (eye, target, up))
     forward = target - eye
     if np.linalg.norm(forward) < _EPS:
-        raise ValueError("eye and target coincide")
+        raise DegenerateView("eye and target coincide", "position")
     forward /= np.linalg.norm(forward)
     right = np.cross(forward, up)
-    if np.linalg.norm(right) < 1e-6 * max(np.linalg.norm(up), _EPS) or np.linalg.norm(up) < _EPS:
-        raise ValueError("up is zero or parallel to the viewing direction")
+    if np.linalg.norm(up) < _EPS:
+        raise DegenerateView("up is zero", "up")
+    if np.linalg.norm(right) < 1e-6 * np.linalg.norm(up):
+        raise DegenerateView("up is parallel to the viewing direction", "parallel")
     right /= np.linalg.norm(right)
     down = np.cross(forward, right)
     rot = np.stack([right, down, forward])
@@ -78,8 +89,8 @@ def look_at(eye, target, up) -> np.ndarray:
 def orbit_eye(*, target, up, azimuth_deg: float, elevation_deg: float, radius: float) -> np.ndarray:
     """Camera position on an orbit. Azimuth 0 lies on the side of the horizontal direction closest to +z."""
     up = np.asarray(up, dtype=np.float64)
-    if np.linalg.norm(up) < _EPS:
-        raise ValueError("up is zero")
+    if not _EPS <= np.linalg.norm(up) < math.inf:
+        raise DegenerateView("up is zero or too long (its length overflows)", "up")
     up = up / np.linalg.norm(up)
     ref = np.array([0.0, 0.0, 1.0]) if abs(up[2]) < 0.9 else np.array([1.0, 0.0, 0.0])
     ahead = ref - up * (ref @ up)
@@ -114,8 +125,10 @@ def build_cameras(render, *, default_target) -> CameraSet:
                     eye = orbit_eye(target=target, up=cam.up, azimuth_deg=azimuth, elevation_deg=cam.elevation,
                                     radius=cam.radius)
                     views.append(look_at(eye, target, cam.up))
-                except ValueError as exc:
-                    raise ConfigError(f"{where}.up", str(exc)) from exc
+                except DegenerateView as exc:  # name the key that fixes it (a radius lost in a huge target's rounding)
+                    position = "radius" if cam.radius < 1e-6 or cam.target is None else "target"
+                    key = {"position": position, "up": "up", "parallel": "elevation"}[exc.part]
+                    raise ConfigError(f"{where}.{key}", str(exc)) from exc
                 names.append(f"{cam.name}{j}")
                 Ks.append(K)
             continue
@@ -134,8 +147,9 @@ def build_cameras(render, *, default_target) -> CameraSet:
         else:
             try:
                 view = look_at(cam.eye, target, cam.up)
-            except ValueError as exc:
-                raise ConfigError(f"{where}.eye", str(exc)) from exc
+            except DegenerateView as exc:  # name the key that fixes it
+                key = "up" if exc.part != "position" else "target" if cam.target is not None else "eye"
+                raise ConfigError(f"{where}.{key}", str(exc)) from exc
         names.append(cam.name)
         views.append(view)
         Ks.append(K)

@@ -162,10 +162,27 @@ def check_cfl_number(*, dt: float, dx: float, speed: float, limit: float, detail
     cfl = dt * speed / dx
     if not cfl <= limit:
         raise SimulationError(
-            f"sim.dt: unstable time step: CFL number {cfl:.3g} exceeds sim.cfl_limit {limit:g} ({detail}, "
-            f"dx = {dx:.4g} m); dt <= {limit * dx / speed:.3g} s would be stable"
+            f"sim.dt: unstable time step: CFL number {above(cfl, limit)} exceeds sim.cfl_limit {limit!r} ({detail}, "
+            f"dx = {dx:.4g} m); dt <= {rounded_down(limit * dx / speed)} s would be stable"
         )
     return cfl
+
+
+def rounded_down(value: float, digits: int = 3) -> str:
+    """``value`` >= 0 to ``digits`` significant digits, rounded towards zero (a bound that stays true when read)."""
+    if not (math.isfinite(value) and value > 0):
+        return f"{value:g}"
+    unit = 10.0 ** (math.floor(math.log10(value)) - digits + 1)
+    return f"{math.floor(value / unit) * unit:.{digits}g}"
+
+
+def above(value: float, limit: float) -> str:
+    """``value`` (> ``limit``) with 3 significant digits, or as many more as it takes to read larger than ``limit``."""
+    for digits in range(3, 18):
+        text = f"{value:.{digits}g}"
+        if not float(text) <= limit:
+            return text
+    return repr(value)
 
 
 def check_cfl(scene, grid: GridSpec) -> float:
