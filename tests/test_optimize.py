@@ -277,3 +277,37 @@ def test_a_scene_cannot_send_outputs_outside_runs(tmp_path, monkeypatch):
     for name in ("../../x", "/etc/evil", "a" * 300, "ok name"):
         out = _default_out(name)
         assert out.parent.name == "runs" and "/" not in out.name and ".." not in out.name and len(out.name) <= 96
+
+
+def test_a_nonfinite_gradient_steps_back_with_the_line_search(tmp_path, monkeypatch):
+    """A finite rollout whose adjoint overflows (seen on the GPU cat, atomics' order decides): with the line search on,
+    the run goes back to the parameters before the last accepted step, with smaller steps and fresh moments, says so
+    in metrics.jsonl, and goes on; without it, or when it happens again and again, the run fails (exit 1)."""
+    from diffmpm_cli.errors import SimulationError
+    from diffmpm_cli.sim.solver import Rollout
+
+    real, calls = Rollout.backward, []
+
+    def flaky(self, grads):
+        calls.append(1)
+        if len(calls) == 2:
+            raise SimulationError("non-finite gradient in the MPM backward pass")
+        return real(self, grads)
+
+    monkeypatch.setattr(Rollout, "backward", flaky)
+    scene = small_scene("optimize.line_search.enabled=true", "optimize.iterations=3")
+    optimize(scene=scene, assets=build_assets(scene), out_dir=tmp_path / "run")
+    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in lines] == [0, 1, 2]
+    assert lines[0]["accepted"] and not lines[1]["accepted"] and lines[1]["grad_norm"] is None
+    assert "back to the previous parameters" in lines[1]["line_search_note"]
+    assert lines[2]["loss"] == pytest.approx(lines[0]["loss"], rel=1e-6)  # iteration 0's parameters again
+    assert all(lines[2]["lr"][k] < lines[0]["lr"][k] for k in lines[0]["lr"])
+
+    calls.clear()
+    monkeypatch.setattr(Rollout, "backward", lambda self, grads: (_ for _ in ()).throw(
+        SimulationError("non-finite gradient in the MPM backward pass")))
+    args = ["optimize", str(SCENE), "--out", str(tmp_path / "fails"), *sum((["--set", s] for s in SMALL), []),
+            "--set", "optimize.line_search.enabled=true"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 1 and "iteration 0: non-finite gradient in the MPM backward pass" in result.output

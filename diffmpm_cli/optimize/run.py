@@ -169,6 +169,8 @@ class Optimization:
         groups = [{"params": [self.params[k]], "lr": lr, "name": k} for k, lr in rates.items()]
         self.optimizer = (torch.optim.Adam(groups) if opt_cfg.optimizer == "adam" else torch.optim.SGD(groups))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _schedule(opt_cfg, self.iterations))
+        self._before_step = None  # the parameters before the last accepted line-search step
+        self._retreats = 0  # retreats in a row (reset by an accepted step)
 
     def episode(self, iteration: int) -> int:
         return iteration // max(self.per_episode, 1)
@@ -220,6 +222,7 @@ class Optimization:
                 except SimulationError:  # the step made the simulation blow up: a rejected step, not a failed run
                     trial = math.nan
                 if math.isfinite(trial) and trial < loss_value and physical:
+                    self._before_step, self._retreats = saved_params, 0
                     return {"line_search_tries": attempt + 1, "accepted": True}
                 with torch.no_grad():
                     for k, v in self.params.items():
@@ -233,6 +236,26 @@ class Optimization:
         self.optimizer.state.clear()
         return {"line_search_tries": ls.max_tries, "accepted": False,
                 "line_search_note": f"step rejected {ls.max_tries}x: learning rates x{ls.shrink:g}, moments reset"}
+
+
+    def retreat(self, problem: str) -> dict | None:
+        """For an iteration whose gradient could not be computed (non-finite in the MPM backward pass), with the line
+        search on: back to the parameters before the last accepted step (whose gradient was finite), learning rates
+        x line_search.shrink, moments reset. None when there is no step to go back over, or after
+        line_search.max_tries retreats in a row: the run then fails as it would without a line search."""
+        ls = self.scene.optimize.line_search
+        if not ls.enabled or self._before_step is None or self._retreats >= ls.max_tries:
+            return None
+        with torch.no_grad():
+            for k, v in self.params.items():
+                v.copy_(self._before_step[k])
+        self.optimizer.state.clear()
+        self.scheduler.base_lrs = [lr * ls.shrink for lr in self.scheduler.base_lrs]
+        for g, lr in zip(self.optimizer.param_groups, self.scheduler.base_lrs):
+            g["lr"] = lr
+        self._retreats += 1
+        return {"accepted": False, "line_search_note": f"{problem}: back to the previous parameters, learning "
+                                                       f"rates x{ls.shrink:g}, moments reset"}
 
 
 def _read_history(path: Path, before: int) -> list[dict]:
@@ -436,27 +459,36 @@ def _loop(run, state: RunState, *, out_dir: Path, stop: StopFlag, progress) -> N
                 best, state.best_loss, state.best_params = None, math.inf, None
             t0 = time.perf_counter()
             run.optimizer.zero_grad(set_to_none=True)
+            hint = (f"the last good checkpoint is in {ckpt_dir} (a smaller learning rate, optimize.grad_clip or "
+                    "optimize.line_search help)")
             try:
                 total, terms, out = run.loss()
-                loss_value = float(total.detach())
-                if not math.isfinite(loss_value):
-                    raise RunFailed(f"iteration {it}: the loss is {loss_value} (terms: {terms}); the last good "
-                                    f"checkpoint is in {ckpt_dir}")
-                total.backward()
             except SimulationError as exc:  # the parameters of this iteration make the rollout blow up
-                raise RunFailed(f"iteration {it}: {exc}; the last good checkpoint is in {ckpt_dir} (a smaller "
-                                "learning rate, optimize.grad_clip or optimize.line_search help)") from exc
-            bad = [k for k, v in run.params.items() if not _finite(v.grad)]
+                raise RunFailed(f"iteration {it}: {exc}; {hint}") from exc
+            loss_value = float(total.detach())
+            if not math.isfinite(loss_value):
+                raise RunFailed(f"iteration {it}: the loss is {loss_value} (terms: {terms}); the last good "
+                                f"checkpoint is in {ckpt_dir}")
+            problem = None
+            try:
+                total.backward()
+            except SimulationError as exc:  # a finite rollout whose adjoint overflowed
+                problem = str(exc)
+            bad = [] if problem else [k for k, v in run.params.items() if not _finite(v.grad)]
             if bad:
-                raise RunFailed(f"iteration {it}: non-finite gradient of {', '.join(bad)}; the last good checkpoint "
-                                f"is in {ckpt_dir}")
-            grad_norm = math.sqrt(sum(float(v.grad.double().pow(2).sum()) for v in run.params.values()
-                                      if v.grad is not None))
+                problem = f"non-finite gradient of {', '.join(bad)}"
             metrics = evaluate_metrics(run.pipeline, out, run.targets, run.params)
             if loss_value < state.best_loss:  # these parameters (before the step) are the best so far
                 best = state.best_params = {k: v.detach().clone() for k, v in run.params.items()}
                 best_at = it
-            step_info = run.step(loss_value, valid=metrics["physically_valid"])
+            if problem is None:
+                grad_norm = math.sqrt(sum(float(v.grad.double().pow(2).sum()) for v in run.params.values()
+                                          if v.grad is not None))
+                step_info = run.step(loss_value, valid=metrics["physically_valid"])
+            else:
+                grad_norm, step_info = None, run.retreat(problem)
+                if step_info is None:
+                    raise RunFailed(f"iteration {it}: {problem}; {hint}")
             run.scheduler.step()
             record = {"iteration": it, "episode": run.episode(it), "loss": loss_value, **terms, **metrics,
                       "grad_norm": grad_norm, **step_info,
