@@ -401,7 +401,7 @@ def _describe(err: dict) -> tuple[list, str]:
     }
     if kind in simple:
         return [], simple[kind]
-    if kind in ("item_count", "grid_size"):  # our own PydanticCustomErrors carry a complete message
+    if kind in ("item_count", "grid_size", "output_dir"):  # our own PydanticCustomErrors carry a complete message
         return [], err["msg"]
     if kind == "unknown_key":
         return [ctx["key"]], ctx["hint"].join(("unknown key (", ")"))
