@@ -317,3 +317,16 @@ def test_mutations_raise_only_config_errors(tmp_path, path, action, value, key):
         assert str(exc).strip(), "a ConfigError must say what is wrong"
         return
     assert isinstance(scene, Scene)
+
+
+@pytest.mark.parametrize("name", ["1e3", "010", "0o7", "0x10", "yes", "1:30", "true", "null", "~", ".5", "2001-12-14",
+                                  "<<", "-.inf"])
+def test_resolved_config_keeps_strings_that_look_like_other_types(tmp_path, name):
+    """A name YAML 1.2 (this loader) or YAML 1.1 (yaml.safe_load) would read as a number, boolean, date or null is
+    quoted in config.resolved.yaml, so a resumed run loads the same scene."""
+    scene = load_scene(REPO / "scenes" / "sphere_to_snowman.yaml")
+    scene.name = name
+    resolved = tmp_path / "config.resolved.yaml"
+    resolved.write_text(dump_scene(scene))
+    assert load_scene(resolved) == scene
+    assert yaml.safe_load(resolved.read_text())["name"] == name

@@ -36,7 +36,8 @@ class DiffMPMGroup(TyperGroup):
         except typer.Abort:
             typer.echo("Aborted!", err=True)
             code = 1
-        code = code if isinstance(code, int) else 0
+        # without standalone mode click returns an Exit's code, or what the command returned (commands return None)
+        code = code if isinstance(code, int) and not isinstance(code, bool) else 0
         if standalone_mode:
             sys.exit(code)
         return code

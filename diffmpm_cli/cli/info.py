@@ -6,6 +6,7 @@ import json
 import platform
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from .common import handle_errors, out
@@ -54,9 +55,9 @@ def info(as_json: bool = typer.Option(False, "--json", help="Print as JSON.")) -
     for key in ("diffmpm", "python", "torch", "warp"):
         table.add_row(key, data[key])
     table.add_row("warp devices", ", ".join(data["warp_devices"]))
-    table.add_row("CUDA usable", "yes: " + ", ".join(data["cuda_devices"]) if data["cuda_usable"] else "no")
+    table.add_row("CUDA usable", escape("yes: " + ", ".join(data["cuda_devices"])) if data["cuda_usable"] else "no")
     for notice in data["warp_notices"]:
-        table.add_row("warp notice", notice)
+        table.add_row("warp notice", escape(notice))  # library text: brackets in it are not markup
     out.print(table)
 
 

@@ -51,7 +51,10 @@ def shipped_scenes() -> dict[str, Path]:
 def resolve_scene(scene: Path) -> Path:
     """``scene`` itself when it exists (or names a folder or path); a bare name of a shipped scene otherwise."""
     scene = Path(scene)
-    if scene.exists() or len(scene.parts) != 1:
+    try:
+        if scene.exists() or len(scene.parts) != 1:
+            return scene
+    except OSError:  # a name too long to look up: not a shipped scene; loading it says what is wrong
         return scene
     name = scene.name[:-5] if scene.name.endswith(".yaml") else scene.name
     return shipped_scenes().get(name, scene)

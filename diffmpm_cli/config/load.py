@@ -401,7 +401,7 @@ def _describe(err: dict) -> tuple[list, str]:
     }
     if kind in simple:
         return [], simple[kind]
-    if kind in ("item_count", "grid_size"):  # our own PydanticCustomErrors carry a complete message
+    if kind in ("item_count", "grid_size", "output_dir"):  # our own PydanticCustomErrors carry a complete message
         return [], err["msg"]
     if kind == "unknown_key":
         return [ctx["key"]], ctx["hint"].join(("unknown key (", ")"))
@@ -473,9 +473,20 @@ def scene_from_dict(raw: dict, *, base_dir: Path, default_name: str = "scene") -
     return scene
 
 
+class _SceneDumper(yaml.SafeDumper):
+    """SafeDumper that also quotes the strings the scene loader would type (``1e3``, ``010``, ``0o7``): the text
+    reads back the same with this loader and with ``yaml.safe_load`` (YAML 1.1's ``yes``, ``1:30`` stay quoted)."""
+
+
+for _tag, _pattern, _first in _CORE_SCHEMA:
+    _SceneDumper.add_implicit_resolver(_tag, re.compile(_pattern), _first)
+
+
 def dump_scene(scene: Scene) -> str:
-    """The resolved scene as YAML; ``scene_from_dict(yaml.safe_load(text), ...)`` gives back an equal Scene."""
-    return yaml.safe_dump(scene.model_dump(mode="json"), sort_keys=False, default_flow_style=None, width=120)
+    """The resolved scene as YAML; ``scene_from_dict(parse_yaml(text), ...)`` gives back an equal Scene (and so does
+    ``yaml.safe_load``)."""
+    return yaml.dump(scene.model_dump(mode="json"), Dumper=_SceneDumper, sort_keys=False, default_flow_style=None,
+                     width=120)
 
 
 def iter_shapes(shape, key: str):

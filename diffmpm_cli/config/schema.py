@@ -8,9 +8,10 @@ diffmpm_cli.config.defaults``) and a test keeps it current.
 from __future__ import annotations
 
 import difflib
+from pathlib import PurePosixPath
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 from pydantic_core import PydanticCustomError
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -495,9 +496,21 @@ class EvaluateConfig(Section):
         "from 12 views around the first orbit rig's target (8 azimuths at 15 deg, 4 at 50 deg)")
 
 
+def _inside_runs(value: Any) -> Any:
+    """output.dir stays inside runs/: a relative path without '..' (a scene file cannot send outputs elsewhere)."""
+    if isinstance(value, str):
+        parts = PurePosixPath(value).parts
+        if not parts or value.startswith(("/", "~")) or ".." in parts or "\0" in value:
+            raise PydanticCustomError("output_dir", "must be a relative folder inside runs/ without '..' (a scene "
+                                      "file cannot write elsewhere; use --out for that), got {value}",
+                                      {"value": repr(value[:60])})
+    return value
+
+
 class OutputConfig(Section):
-    dir: str | None = Field(None, description="output folder inside runs/ (relative, no '..'); null = "
-                            "runs/<scene>-<timestamp>; only --out on the command line writes elsewhere")
+    dir: Annotated[str, AfterValidator(_inside_runs)] | None = Field(
+        None, description="output folder inside runs/ (relative, no '..'); null = runs/<scene>-<timestamp>; only "
+        "--out on the command line writes elsewhere")
     turntable_frames: Annotated[Int, Field(ge=0, le=720)] = Field(36, description="views in turntable.gif; 0 = none")
     video: Literal["gif", "mp4", "both"] = Field("gif", description="turntable format (mp4 needs an ffmpeg writer)")
 
