@@ -317,9 +317,11 @@ def test_yaml_1_2_and_strict_types(override, key, fragment):
 
 
 def test_yaml_1_2_numbers_are_read_as_numbers(tmp_path):
-    text = snowman_text().replace("steps: 60", "steps: 6e1").replace("dt: 1.0e-3", "dt: 1e-3")
+    original = snowman_text()
+    assert "steps: 30" in original and "dt: 2.0e-3" in original  # the shipped lines this test rewrites
+    text = original.replace("steps: 30", "steps: 3e1").replace("dt: 2.0e-3", "dt: 2e-3")
     scene = load_scene(scene_file(tmp_path, text.replace("seed: 0", "seed: 0x10")))
-    assert scene.sim.steps == 60 and scene.sim.dt == 1e-3 and scene.optimize.seed == 16
+    assert scene.sim.steps == 30 and scene.sim.dt == 2e-3 and scene.optimize.seed == 16
     assert load_scene(scene_file(tmp_path, text.replace("seed: 0", "seed: 0o17"))).optimize.seed == 15
 
 

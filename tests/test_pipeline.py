@@ -18,7 +18,10 @@ def snowman(*overrides):
 
 def test_forward_shapes_and_every_group_gets_a_gradient():
     pipe = snowman()
-    params = {k: v.requires_grad_(True) for k, v in pipe.initial_parameters(GROUPS).items()}
+    params = pipe.initial_parameters(GROUPS)
+    # controls that deform the body: at rest (F = I) the stress, and with it the gradient of E and nu, is exactly zero
+    params["dFc"] = 0.05 * torch.randn(params["dFc"].shape, generator=torch.Generator().manual_seed(1))
+    params = {k: v.requires_grad_(True) for k, v in params.items()}
     out = pipe.forward(params)
     C = len(pipe.camera_names)
     assert out.images.shape == (2, C, 64, 64, 3) and out.alphas.shape == (2, C, 64, 64, 1)
