@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import platform
 import resource
 import statistics
@@ -193,11 +192,15 @@ def render_scene(gaussians: int, width: int, height: int, device: str, seed: int
 
 
 def _ours(means, covars, opacities, colors, views, Ks, width, height, **kw):
+    img, alpha, meta = _ours_meta(means, covars, opacities, colors, views, Ks, width, height, **kw)
+    return img, alpha, meta.intersection_count
+
+
+def _ours_meta(means, covars, opacities, colors, views, Ks, width, height, **kw):
     from .render.rasterize import rasterization
 
-    img, alpha, meta = rasterization(means, covars, opacities, colors, views, Ks, width, height,
-                                     backgrounds=torch.ones(1, 3, device=means.device), **kw)
-    return img, alpha, meta.intersection_count
+    return rasterization(means, covars, opacities, colors, views, Ks, width, height,
+                         backgrounds=torch.ones(1, 3, device=means.device), **kw)
 
 
 def _gsplat(means, covars, opacities, colors, views, Ks, width, height, rasterize_mode: str = "classic"):
@@ -210,14 +213,17 @@ def _gsplat(means, covars, opacities, colors, views, Ks, width, height, rasteriz
 
 
 def _graph_time(inputs, width, height, repeats, capacity: int) -> float:
-    """Median seconds of one replay of forward + backward captured as a single CUDA graph (fixed capacity)."""
+    """Median seconds of one replay of forward + backward captured as a single CUDA graph (fixed capacity).
+
+    RenderCapacityError if the render needs more than ``capacity`` intersections (a replay of an overflowed render
+    would time an incomplete image)."""
     from .warp_runtime import graph_capture
 
     leaves = [t.clone().requires_grad_(True) for t in inputs[:4]]
 
     def step():
-        img, alpha, _ = _ours(*leaves, *inputs[4:], width, height, capacity=capacity)
-        return torch.autograd.grad(img.sum() + alpha.sum(), leaves)
+        img, alpha, meta = _ours_meta(*leaves, *inputs[4:], width, height, capacity=capacity)
+        return torch.autograd.grad(img.sum() + alpha.sum(), leaves), meta
 
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
@@ -225,8 +231,10 @@ def _graph_time(inputs, width, height, repeats, capacity: int) -> float:
         step()
         graph = torch.cuda.CUDAGraph()
         with graph_capture(graph, stream):
-            step()
+            _, meta = step()
+    graph.replay()
     torch.cuda.synchronize()
+    meta.check_capacity()  # the count the captured render wrote, read after a replay
     times = []
     for rep in range(repeats + 2):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -273,9 +281,8 @@ def bench_render(*, gaussians: int = 3000, width: int = 128, height: int = 128, 
         "forward_s": fwd, "backward_s": bwd, "peak_bytes": _peak_bytes(device),
     }
     if device.startswith("cuda"):
-        pixel_fwd, pixel_bwd = _fwd_bwd_times(functools.partial(_ours, path="pixel"), inputs, width, height, repeats)
         capacity = int(isects * 1.25) + 1024
-        result.update(pixel_forward_s=pixel_fwd, pixel_backward_s=pixel_bwd, graph_capacity=capacity,
+        result.update(graph_capacity=capacity,
                       graph_forward_backward_s=_graph_time(inputs, width, height, repeats, capacity))
     if compare_gsplat:
         import gsplat

@@ -1,8 +1,9 @@
 """The GPU compositing path: one 256-thread block per 16x16 tile, one thread per pixel, shared-memory batches.
 
-Same semantics as the portable kernels in splat.py (the 0.999 clamp, the alpha_min skip, the t_stop stop, the
-background term). The exponent is evaluated in float32 from the conic's principal axes (conic_axes) instead of
-from a float64 conic, with the same accuracy. What else differs is the memory traffic:
+Same semantics as the portable tile path in splat.py, whose per-pixel step (``blend`` forward, ``unblend`` backward:
+the 0.999 clamp, the alpha_min skip, the t_stop stop) it shares, and the same background term. The exponent is
+evaluated in float32 from the conic's principal axes (conic_axes) instead of from a float64 conic, with the same
+accuracy. What else differs is the memory traffic:
 
 - each batch of BLOCK consecutive entries of the tile's sorted list is gathered once into shared memory
   (tile_load_indexed), then every pixel thread walks it from there;
@@ -19,7 +20,7 @@ its own slots, so the same kernel gives the same sums.
 
 import warp as wp
 
-from .splat import ALPHA_MAX, TILE, alpha_cotangent, exponent_cotangents
+from .splat import ALPHA_MAX, SKIPPED, STOPPED, TILE, blend, unblend
 
 wp.set_module_options({"enable_backward": False})  # hand-written adjoints only; nothing here is taped
 
@@ -157,23 +158,28 @@ def block_pixel(block: int, lane: int, tiles_x: int, tiles_y: int):
 
 @wp.kernel
 def rasterize_forward_block(
+    # per (camera, Gaussian), flattened c * N + g
     means2d: wp.array(dtype=wp.vec2),
-    axes: wp.array(dtype=wp.vec4),  # per (camera, Gaussian): conic_axes
+    axes: wp.array(dtype=wp.vec4),  # conic_axes
     colors: wp.array2d(dtype=float),
-    opacities: wp.array(dtype=float),  # per (camera, Gaussian), flattened like means2d
+    opacities: wp.array(dtype=float),
     depths: wp.array(dtype=float),
-    with_depth: int,
+    # per camera
     backgrounds: wp.array2d(dtype=float),
-    alpha_min: float,
-    t_stop: float,
-    values: wp.array(dtype=int),
-    starts: wp.array(dtype=int),
-    ends: wp.array(dtype=int),
+    # sorted intersections: the (camera, Gaussian) of each, each (camera, tile)'s [start, end)
+    gaussian_ids: wp.array(dtype=int),
+    tile_starts: wp.array(dtype=int),
+    tile_ends: wp.array(dtype=int),
+    # frame and settings
     tiles_x: int,
     tiles_y: int,
     width: int,
     height: int,
     color_channels: int,
+    with_depth: int,
+    alpha_min: float,
+    t_stop: float,
+    # out, per pixel, flattened (c * H + i) * W + j (image_out zeroed when color_channels > 4)
     image_out: wp.array2d(dtype=float),
     alpha_out: wp.array(dtype=float),
     T_out: wp.array(dtype=float),
@@ -193,13 +199,13 @@ def rasterize_forward_block(
     done = int(0)
     if not inside:
         done = 1
-    b = starts[block]
-    end = ends[block]
+    b = tile_starts[block]
+    end = tile_ends[block]
     while b < end:
         stopped = wp.tile_sum(wp.tile(done))
         if stopped[0] == BLOCK:
             break
-        ids = wp.tile_load(values, shape=BLOCK, offset=b, storage="shared")
+        ids = wp.tile_load(gaussian_ids, shape=BLOCK, offset=b, storage="shared")
         t_m2 = wp.tile_load_indexed(means2d, indices=ids, shape=(BLOCK,), offset=(0,), axis=0, storage="shared")
         t_ax = wp.tile_load_indexed(axes, indices=ids, shape=(BLOCK,), offset=(0,), axis=0, storage="shared")
         t_o = wp.tile_load_indexed(opacities, indices=ids, shape=(BLOCK,), offset=(0,), axis=0, storage="shared")
@@ -209,13 +215,12 @@ def rasterize_forward_block(
             for kk in range(n):
                 alpha, sigma, dx, dy, p, q = axes_alpha(wp.tile_extract(t_m2, kk), wp.tile_extract(t_ax, kk),
                                                         wp.tile_extract(t_o, kk), px, py)
-                if alpha < alpha_min:
+                w, next_T, state = blend(alpha, T, alpha_min, t_stop)
+                if state == SKIPPED:
                     continue
-                next_T = T * (1.0 - alpha)
-                if next_T <= t_stop:
+                if state == STOPPED:
                     done = 1
                     break
-                w = alpha * T
                 acc += w * wp.vec4(wp.tile_extract(t_rgb, kk, 0), wp.tile_extract(t_rgb, kk, 1),
                                    wp.tile_extract(t_rgb, kk, 2), wp.tile_extract(t_rgb, kk, 3))
                 if D > 4:
@@ -242,28 +247,33 @@ def rasterize_forward_block(
 
 @wp.kernel
 def rasterize_backward_block(
+    # per (camera, Gaussian), flattened c * N + g
     means2d: wp.array(dtype=wp.vec2),
-    axes: wp.array(dtype=wp.vec4),  # per (camera, Gaussian): conic_axes
+    axes: wp.array(dtype=wp.vec4),  # conic_axes
     colors: wp.array2d(dtype=float),
-    opacities: wp.array(dtype=float),  # per (camera, Gaussian)
+    opacities: wp.array(dtype=float),
     depths: wp.array(dtype=float),
-    with_depth: int,
+    # per camera
     backgrounds: wp.array2d(dtype=float),
-    gaussian_count: int,
-    alpha_min: float,
-    t_stop: float,
-    values: wp.array(dtype=int),
-    starts: wp.array(dtype=int),
+    # sorted intersections
+    gaussian_ids: wp.array(dtype=int),
+    tile_starts: wp.array(dtype=int),
+    # frame and settings
     tiles_x: int,
     tiles_y: int,
     width: int,
     height: int,
     color_channels: int,
+    with_depth: int,
+    alpha_min: float,
+    # the forward's per-pixel final transmittance and last composited entry
     T_final: wp.array(dtype=float),
     last: wp.array(dtype=int),
+    # gradients of the outputs
     v_image: wp.array2d(dtype=float),
     v_alpha_out: wp.array(dtype=float),
-    # per (camera, Gaussian) gradient slots [C*N, SLOTS] flat (see SLOTS); colour channels past 4 [C*N, D] flat
+    # gradients of the inputs (accumulated): per (camera, Gaussian) gradient slots [C*N, SLOTS] flat (see SLOTS),
+    # colour channels past 4 [C*N, D] flat
     v_slots: wp.array(dtype=float),
     v_colors_rest: wp.array(dtype=float),
     v_backgrounds: wp.array2d(dtype=float),
@@ -302,11 +312,11 @@ def rasterize_backward_block(
             wp.atomic_add(v_backgrounds, c, d, total[0])
     T = T_end
     behind = float(0.0)
-    start = starts[block]
+    start = tile_starts[block]
     hi = wp.tile_max(wp.tile(my_last))[0] + 1
     while hi > start:
         lo = wp.max(start, hi - BLOCK)
-        ids = wp.tile_load(values, shape=BLOCK, offset=lo, storage="shared")
+        ids = wp.tile_load(gaussian_ids, shape=BLOCK, offset=lo, storage="shared")
         t_m2 = wp.tile_load_indexed(means2d, indices=ids, shape=(BLOCK,), offset=(0,), axis=0, storage="shared")
         t_ax = wp.tile_load_indexed(axes, indices=ids, shape=(BLOCK,), offset=(0,), axis=0, storage="shared")
         t_o = wp.tile_load_indexed(opacities, indices=ids, shape=(BLOCK,), offset=(0,), axis=0, storage="shared")
@@ -323,22 +333,20 @@ def rasterize_backward_block(
                 alpha, sigma, dx, dy, p, q = axes_alpha(m2, ax, o, px, py)
                 if alpha >= alpha_min:
                     valid = 1
-                    one_minus = 1.0 - alpha
-                    T = T / one_minus
-                    w = alpha * T
                     dot = float(0.0)
                     for d in range(4):
-                        g[d] = w * v_rgb[d]
                         dot += v_rgb[d] * wp.tile_extract(t_rgb, kk, d)
                     for d in range(4, D):
-                        wp.atomic_add(v_colors_rest, idx * D + d, w * v_image[pix, d])
                         dot += colors[idx, d] * v_image[pix, d]
                     if with_depth != 0:
-                        g[10] = w * v_dep
                         dot += depths[idx] * v_dep
-                    v_alpha = alpha_cotangent(dot, T, behind, alpha, T_end, v_a, bg_dot)
-                    behind += w * dot
-                    vs, v_o = exponent_cotangents(o, sigma, v_alpha)
+                    T, w, behind, vs, v_o = unblend(alpha, sigma, o, dot, T, behind, T_end, v_a, bg_dot)
+                    for d in range(4):
+                        g[d] = w * v_rgb[d]
+                    for d in range(4, D):
+                        wp.atomic_add(v_colors_rest, idx * D + d, w * v_image[pix, d])
+                    if with_depth != 0:
+                        g[10] = w * v_dep
                     g[9] = v_o
                     # d sigma / d mean2d = conic d = l1 p u + l2 q v
                     g[4] = vs * (ax[2] * p * ax[0] - ax[3] * q * ax[1])

@@ -1,4 +1,5 @@
-"""Gaussian-splat rasterisation kernels with gsplat 1.5.3 semantics (portable per-pixel path).
+"""Gaussian-splat kernels with gsplat 1.5.3 semantics: projection, tile intersections, the per-pixel compositing
+step (shared with kernels/raster_block.py) and the portable tile path. Launched by diffmpm_cli/render/ops.py.
 
 Projection (differentiable through Warp's generated adjoints): world -> camera by the 4x4 view matrix (OpenCV
 frame), EWA 2D covariance J Sigma_c J^T with the Jacobian's x/y clamped to 1.3 tan(fov/2) (gsplat's limits),
@@ -7,9 +8,9 @@ camera, as gsplat's), culling (depth outside [near, far], det <= 0, opacity < 1/
 opacity-aware box radius ceil(k sqrt(Sigma_2D axis)) with k = min(3.33, sqrt(2 ln(255 opacity))). The projection
 writes each (camera, Gaussian)'s opacity; compositing reads those.
 Intersections: one key per (camera, 16x16 tile, Gaussian) = (camera tile id << 32) | IEEE bits of the depth,
-radix-sorted. Compositing per pixel, front to back: alpha = min(0.999, o exp(-sigma)); skip alpha < 1/255 or
-sigma < 0; stop before T would fall to <= 1e-4; colour + T background. The compositing backward is hand-written
-(back to front from the final T and the last contributing index).
+radix-sorted. Compositing per pixel, front to back (``blend``): alpha = min(0.999, o exp(-sigma)); skip
+alpha < 1/255; stop before T would fall to <= 1e-4; colour + T background. The compositing backward is
+hand-written (``unblend``, back to front from the final T and the last contributing index).
 """
 
 import warp as wp
@@ -251,21 +252,25 @@ def tile_ranges(keys: wp.array(dtype=wp.int64), count: int, tile_count: int, sta
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# compositing
+# compositing: the per-pixel step shared by both raster paths (this tile path and kernels/raster_block.py)
+
+BLENDED = wp.constant(0)  # the Gaussian was composited
+SKIPPED = wp.constant(1)  # alpha < alpha_min: nothing changes
+STOPPED = wp.constant(2)  # T would fall to t_stop: the pixel is finished, this Gaussian not composited
 
 
 @wp.func
-def gaussian_alpha(m2: wp.vec2, conic: wp.vec3d, opacity: float, px: float, py: float):
-    """(alpha, sigma, dx, dy) of a Gaussian at a pixel centre, before the skip test.
+def blend(alpha: float, T: float, alpha_min: float, t_stop: float):
+    """One Gaussian at one pixel, front to back: (weight alpha T, transmittance behind it, BLENDED/SKIPPED/STOPPED).
 
-    sigma is evaluated in float64 from a float64 conic: for a needle-thin footprint its terms cancel by orders of
-    magnitude, and float32 coefficients would put ~1e-4 errors into alpha.
+    The compositing rules in one place: skip alpha < alpha_min, stop before T would fall to <= t_stop.
     """
-    dx = wp.float64(m2[0] - px)
-    dy = wp.float64(m2[1] - py)
-    sigma = float(wp.float64(0.5) * (conic[0] * dx * dx + conic[2] * dy * dy) + conic[1] * dx * dy)
-    alpha = wp.min(ALPHA_MAX, opacity * wp.exp(-sigma))
-    return alpha, sigma, float(dx), float(dy)
+    if alpha < alpha_min:
+        return 0.0, T, SKIPPED
+    next_T = T * (1.0 - alpha)
+    if next_T <= t_stop:
+        return 0.0, T, STOPPED
+    return alpha * T, next_T, BLENDED
 
 
 @wp.func
@@ -291,162 +296,37 @@ def exponent_cotangents(opacity: float, sigma: float, v_alpha: float):
 
 
 @wp.func
-def outside_box(m2: wp.vec2, rad: wp.vec2i, px: float, py: float):
-    """Pixel centre outside the Gaussian's box: there alpha < alpha_min already, so it is skipped without evaluating."""
-    return wp.abs(m2[0] - px) > float(rad[0]) or wp.abs(m2[1] - py) > float(rad[1])
+def unblend(alpha: float, sigma: float, opacity: float, dot: float, T_behind: float, behind: float, T_end: float,
+            v_a: float, bg_dot: float):
+    """The adjoint of ``blend`` for a composited Gaussian, back to front from the pixel's final transmittance:
+    (T in front of it, its weight alpha T, ``behind`` including it, d loss / d sigma, d loss / d opacity).
 
-
-@wp.kernel
-def rasterize_forward(
-    # per (camera, Gaussian), flattened c * N + g
-    means2d: wp.array(dtype=wp.vec2),
-    conics: wp.array(dtype=wp.vec3d),
-    radii: wp.array(dtype=wp.vec2i),
-    colors: wp.array2d(dtype=float),
-    opacities: wp.array(dtype=float),
-    depths: wp.array(dtype=float),
-    with_depth: int,
-    backgrounds: wp.array2d(dtype=float),
-    gaussian_count: int,
-    alpha_min: float,
-    t_stop: float,
-    # sorted intersections
-    values: wp.array(dtype=int),
-    starts: wp.array(dtype=int),
-    ends: wp.array(dtype=int),
-    tiles_x: int,
-    tiles_y: int,
-    width: int,
-    height: int,
-    color_channels: int,
-    # outputs per pixel, flattened (c * H + i) * W + j
-    image_out: wp.array2d(dtype=float),
-    alpha_out: wp.array(dtype=float),
-    T_out: wp.array(dtype=float),
-    last_out: wp.array(dtype=int),
-):
-    c, i, j = wp.tid()
-    pix = (c * height + i) * width + j
-    tile = (c * tiles_y + i / TILE) * tiles_x + j / TILE
-    px = float(j) + 0.5
-    py = float(i) + 0.5
-    D = color_channels
-    T = float(1.0)
-    last = int(-1)
-    acc = wp.vec4(0.0)  # the first four channels accumulate in registers, further ones in the output
-    depth_acc = float(0.0)
-    for k in range(starts[tile], ends[tile]):
-        idx = values[k]
-        if outside_box(means2d[idx], radii[idx], px, py):
-            continue
-        alpha, sigma, dx, dy = gaussian_alpha(means2d[idx], conics[idx], opacities[idx % gaussian_count], px, py)
-        if sigma >= 0.0 and alpha >= alpha_min:
-            next_T = T * (1.0 - alpha)
-            if next_T <= t_stop:
-                break
-            w = alpha * T
-            for d in range(wp.min(D, 4)):
-                acc[d] = acc[d] + w * colors[idx, d]
-            for d in range(4, D):
-                image_out[pix, d] = image_out[pix, d] + w * colors[idx, d]
-            if with_depth != 0:
-                depth_acc += w * depths[idx]
-            last = k
-            T = next_T
-    for d in range(D):
-        value = image_out[pix, d]
-        if d < 4:
-            value = acc[d]
-        image_out[pix, d] = value + T * backgrounds[c, d]
-    if with_depth != 0:
-        image_out[pix, D] = depth_acc
-    alpha_out[pix] = 1.0 - T
-    T_out[pix] = T
-    last_out[pix] = last
-
-
-@wp.kernel
-def rasterize_backward(
-    means2d: wp.array(dtype=wp.vec2),
-    conics: wp.array(dtype=wp.vec3d),
-    radii: wp.array(dtype=wp.vec2i),
-    colors: wp.array2d(dtype=float),
-    opacities: wp.array(dtype=float),
-    depths: wp.array(dtype=float),
-    with_depth: int,
-    backgrounds: wp.array2d(dtype=float),
-    gaussian_count: int,
-    alpha_min: float,
-    t_stop: float,
-    values: wp.array(dtype=int),
-    starts: wp.array(dtype=int),
-    tiles_x: int,
-    tiles_y: int,
-    width: int,
-    height: int,
-    color_channels: int,
-    T_final: wp.array(dtype=float),
-    last: wp.array(dtype=int),
-    # gradients of the outputs
-    v_image: wp.array2d(dtype=float),
-    v_alpha_out: wp.array(dtype=float),
-    # gradients of the inputs (accumulated)
-    v_means2d: wp.array(dtype=wp.vec2),
-    v_conics: wp.array(dtype=wp.vec3d),
-    v_colors: wp.array2d(dtype=float),
-    v_opacities: wp.array(dtype=float),
-    v_depths: wp.array(dtype=float),
-    v_backgrounds: wp.array2d(dtype=float),
-):
-    c, i, j = wp.tid()
-    pix = (c * height + i) * width + j
-    tile = (c * tiles_y + i / TILE) * tiles_x + j / TILE
-    px = float(j) + 0.5
-    py = float(i) + 0.5
-    D = color_channels
-    T_end = T_final[pix]
-    v_a = v_alpha_out[pix]
-    # d/d T_end of (colour + T background) and of alpha = 1 - T
-    bg_dot = float(0.0)
-    for d in range(D):
-        bg_dot += backgrounds[c, d] * v_image[pix, d]
-        wp.atomic_add(v_backgrounds, c, d, T_end * v_image[pix, d])
-    T = T_end
-    behind = float(0.0)  # sum over later Gaussians of w_k v_image . colour_k (colour seen behind, per unit T)
-    for k in range(last[pix], starts[tile] - 1, -1):
-        idx = values[k]
-        if outside_box(means2d[idx], radii[idx], px, py):
-            continue
-        o = opacities[idx % gaussian_count]
-        alpha, sigma, dx, dy = gaussian_alpha(means2d[idx], conics[idx], o, px, py)
-        if sigma >= 0.0 and alpha >= alpha_min:
-            T = T / (1.0 - alpha)  # transmittance in front of this Gaussian
-            w = alpha * T
-            dot = float(0.0)
-            for d in range(D):
-                wp.atomic_add(v_colors, idx, d, w * v_image[pix, d])
-                dot += colors[idx, d] * v_image[pix, d]
-            if with_depth != 0:
-                wp.atomic_add(v_depths, idx, w * v_image[pix, D])
-                dot += depths[idx] * v_image[pix, D]
-            v_alpha = alpha_cotangent(dot, T, behind, alpha, T_end, v_a, bg_dot)
-            behind += w * dot
-            v_sigma, v_o = exponent_cotangents(o, sigma, v_alpha)
-            if v_sigma != 0.0 or v_o != 0.0:
-                vs = wp.float64(v_sigma)
-                ddx = wp.float64(dx)
-                ddy = wp.float64(dy)
-                q = conics[idx]
-                wp.atomic_add(v_conics, idx, wp.vec3d(wp.float64(0.5) * vs * ddx * ddx, vs * ddx * ddy,
-                                                      wp.float64(0.5) * vs * ddy * ddy))
-                wp.atomic_add(v_means2d, idx, wp.vec2(float(vs * (q[0] * ddx + q[1] * ddy)),
-                                                      float(vs * (q[1] * ddx + q[2] * ddy))))
-                wp.atomic_add(v_opacities, idx % gaussian_count, v_o)
+    dot: v_image . its colour (and depth); T_behind: the transmittance behind it; the rest as in alpha_cotangent.
+    """
+    T = T_behind / (1.0 - alpha)
+    w = alpha * T
+    v_alpha = alpha_cotangent(dot, T, behind, alpha, T_end, v_a, bg_dot)
+    v_sigma, v_o = exponent_cotangents(opacity, sigma, v_alpha)
+    return T, w, behind + w * dot, v_sigma, v_o
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # the portable (CPU) path: one thread per tile, Gaussian-major inside the tile, touching only the pixels of each
-# Gaussian's box. Same per-pixel math as above; the per-pixel state lives in the output/scratch arrays.
+# Gaussian's box; the per-pixel state lives in the output/scratch arrays. The exponent is evaluated in float64.
+
+
+@wp.func
+def gaussian_alpha(m2: wp.vec2, conic: wp.vec3d, opacity: float, px: float, py: float):
+    """(alpha, sigma, dx, dy) of a Gaussian at a pixel centre, before the skip test.
+
+    sigma is evaluated in float64 from a float64 conic: for a needle-thin footprint its terms cancel by orders of
+    magnitude, and float32 coefficients would put ~1e-4 errors into alpha.
+    """
+    dx = wp.float64(m2[0] - px)
+    dy = wp.float64(m2[1] - py)
+    sigma = float(wp.float64(0.5) * (conic[0] * dx * dx + conic[2] * dy * dy) + conic[1] * dx * dy)
+    alpha = wp.min(ALPHA_MAX, opacity * wp.exp(-sigma))
+    return alpha, sigma, float(dx), float(dy)
 
 
 @wp.func
@@ -459,25 +339,29 @@ def box_pixels(m: float, rad: int, lo: int, hi: int):
 
 @wp.kernel
 def rasterize_forward_tiles(
+    # per (camera, Gaussian), flattened c * N + g
     means2d: wp.array(dtype=wp.vec2),
     conics: wp.array(dtype=wp.vec3d),
     radii: wp.array(dtype=wp.vec2i),
     colors: wp.array2d(dtype=float),
     opacities: wp.array(dtype=float),
     depths: wp.array(dtype=float),
-    with_depth: int,
+    # per camera
     backgrounds: wp.array2d(dtype=float),
-    gaussian_count: int,
-    alpha_min: float,
-    t_stop: float,
-    values: wp.array(dtype=int),
-    starts: wp.array(dtype=int),
-    ends: wp.array(dtype=int),
+    # sorted intersections: the (camera, Gaussian) of each, each (camera, tile)'s [start, end)
+    gaussian_ids: wp.array(dtype=int),
+    tile_starts: wp.array(dtype=int),
+    tile_ends: wp.array(dtype=int),
+    # frame and settings
     tiles_x: int,
     tiles_y: int,
     width: int,
     height: int,
     color_channels: int,
+    with_depth: int,
+    alpha_min: float,
+    t_stop: float,
+    # out, per pixel, flattened (c * H + i) * W + j (image_out zeroed: it is accumulated)
     image_out: wp.array2d(dtype=float),
     alpha_out: wp.array(dtype=float),
     T_out: wp.array(dtype=float),
@@ -497,11 +381,11 @@ def rasterize_forward_tiles(
             T_out[pix] = 1.0
             last_out[pix] = -1
             done_scratch[pix] = 0
-    for k in range(starts[tile], ends[tile]):
-        idx = values[k]
+    for k in range(tile_starts[tile], tile_ends[tile]):
+        idx = gaussian_ids[k]
         m2 = means2d[idx]
         rad = radii[idx]
-        o = opacities[idx % gaussian_count]
+        o = opacities[idx]
         j_lo, j_hi = box_pixels(m2[0], rad[0], x0, x1)
         i_lo, i_hi = box_pixels(m2[1], rad[1], y0, y1)
         for i in range(i_lo, i_hi + 1):
@@ -510,13 +394,12 @@ def rasterize_forward_tiles(
                 if done_scratch[pix] != 0:
                     continue
                 alpha, sigma, dx, dy = gaussian_alpha(m2, conics[idx], o, float(j) + 0.5, float(i) + 0.5)
-                if sigma >= 0.0 and alpha >= alpha_min:
-                    T = T_out[pix]
-                    next_T = T * (1.0 - alpha)
-                    if next_T <= t_stop:
-                        done_scratch[pix] = 1
-                        continue
-                    w = alpha * T
+                if sigma < 0.0:
+                    continue
+                w, next_T, state = blend(alpha, T_out[pix], alpha_min, t_stop)
+                if state == STOPPED:
+                    done_scratch[pix] = 1
+                elif state == BLENDED:
                     for d in range(D):
                         image_out[pix, d] = image_out[pix, d] + w * colors[idx, d]
                     if with_depth != 0:
@@ -534,31 +417,37 @@ def rasterize_forward_tiles(
 
 @wp.kernel
 def rasterize_backward_tiles(
+    # per (camera, Gaussian), flattened c * N + g
     means2d: wp.array(dtype=wp.vec2),
     conics: wp.array(dtype=wp.vec3d),
     radii: wp.array(dtype=wp.vec2i),
     colors: wp.array2d(dtype=float),
     opacities: wp.array(dtype=float),
     depths: wp.array(dtype=float),
-    with_depth: int,
+    # per camera
     backgrounds: wp.array2d(dtype=float),
-    gaussian_count: int,
-    alpha_min: float,
-    t_stop: float,
-    values: wp.array(dtype=int),
-    starts: wp.array(dtype=int),
+    # sorted intersections
+    gaussian_ids: wp.array(dtype=int),
+    tile_starts: wp.array(dtype=int),
+    # frame and settings
     tiles_x: int,
     tiles_y: int,
     width: int,
     height: int,
     color_channels: int,
+    with_depth: int,
+    alpha_min: float,
+    # the forward's per-pixel final transmittance and last composited entry
     T_final: wp.array(dtype=float),
     last: wp.array(dtype=int),
+    # gradients of the outputs
     v_image: wp.array2d(dtype=float),
     v_alpha_out: wp.array(dtype=float),
+    # per-pixel scratch
     T_scratch: wp.array(dtype=float),
     behind_scratch: wp.array(dtype=float),
     bg_scratch: wp.array(dtype=float),
+    # gradients of the inputs (accumulated)
     v_means2d: wp.array(dtype=wp.vec2),
     v_conics: wp.array(dtype=wp.vec3d),
     v_colors: wp.array2d(dtype=float),
@@ -585,12 +474,12 @@ def rasterize_backward_tiles(
                 wp.atomic_add(v_backgrounds, c, d, T_final[pix] * v_image[pix, d])
             bg_scratch[pix] = bg_dot
             k_max = wp.max(k_max, last[pix])
-    for k in range(k_max, starts[tile] - 1, -1):
-        idx = values[k]
+    for k in range(k_max, tile_starts[tile] - 1, -1):
+        idx = gaussian_ids[k]
         m2 = means2d[idx]
         rad = radii[idx]
         q = conics[idx]
-        o = opacities[idx % gaussian_count]
+        o = opacities[idx]
         j_lo, j_hi = box_pixels(m2[0], rad[0], x0, x1)
         i_lo, i_hi = box_pixels(m2[1], rad[1], y0, y1)
         g_m2 = wp.vec2(0.0, 0.0)
@@ -604,21 +493,19 @@ def rasterize_backward_tiles(
                     continue
                 alpha, sigma, dx, dy = gaussian_alpha(m2, q, o, float(j) + 0.5, float(i) + 0.5)
                 if sigma >= 0.0 and alpha >= alpha_min:
-                    one_minus = 1.0 - alpha
-                    T = T_scratch[pix] / one_minus
-                    T_scratch[pix] = T
-                    w = alpha * T
                     dot = float(0.0)
                     for d in range(D):
-                        wp.atomic_add(v_colors, idx, d, w * v_image[pix, d])
                         dot += colors[idx, d] * v_image[pix, d]
                     if with_depth != 0:
-                        g_depth += w * v_image[pix, D]
                         dot += depths[idx] * v_image[pix, D]
-                    v_alpha = alpha_cotangent(dot, T, behind_scratch[pix], alpha, T_final[pix], v_alpha_out[pix],
-                                              bg_scratch[pix])
-                    behind_scratch[pix] = behind_scratch[pix] + w * dot
-                    v_sigma, v_o = exponent_cotangents(o, sigma, v_alpha)
+                    T, w, behind, v_sigma, v_o = unblend(alpha, sigma, o, dot, T_scratch[pix], behind_scratch[pix],
+                                                         T_final[pix], v_alpha_out[pix], bg_scratch[pix])
+                    T_scratch[pix] = T
+                    behind_scratch[pix] = behind
+                    for d in range(D):
+                        wp.atomic_add(v_colors, idx, d, w * v_image[pix, d])
+                    if with_depth != 0:
+                        g_depth += w * v_image[pix, D]
                     vs = wp.float64(v_sigma)
                     ddx = wp.float64(dx)
                     ddy = wp.float64(dy)
@@ -628,6 +515,6 @@ def rasterize_backward_tiles(
                     g_opacity += v_o
         wp.atomic_add(v_means2d, idx, g_m2)
         wp.atomic_add(v_conics, idx, g_conic)
-        wp.atomic_add(v_opacities, idx % gaussian_count, g_opacity)
+        wp.atomic_add(v_opacities, idx, g_opacity)
         if with_depth != 0:
             wp.atomic_add(v_depths, idx, g_depth)

@@ -129,11 +129,14 @@ def test_finite_differences_through_the_kernels(raster):
 def test_degenerate_input_stays_finite():
     views, Ks = orbit_cameras(1, 32, 32)
     bg = torch.tensor([[0.2, 0.4, 0.6]])
-    # N = 0: the background, alpha 0
+    # N = 0: the background, alpha 0, and the background's gradient
+    bg_leaf = bg.clone().requires_grad_(True)
     img, alpha, meta = warp_render(torch.zeros(0, 3), torch.zeros(0, 3, 3), torch.zeros(0), torch.zeros(0, 3), views,
-                                   Ks, size=32, backgrounds=bg)
+                                   Ks, size=32, backgrounds=bg_leaf)
     assert torch.allclose(img, bg.expand(32 * 32, 3).reshape(1, 32, 32, 3)) and float(alpha.abs().max()) == 0.0
     assert meta.intersection_count == 0
+    img.sum().backward()
+    assert torch.equal(bg_leaf.grad, torch.full((1, 3), 32.0 * 32.0))
     # all culled (behind the camera): the background; gradients zero and finite
     means = torch.tensor([[0.0, 0.0, 4.0], [0.1, 0.0, 5.0]], requires_grad=True)
     covars = (0.01 * torch.eye(3)).expand(2, 3, 3).clone().requires_grad_(True)
@@ -171,15 +174,14 @@ def test_quats_scales_path_gives_gradients():
 
 
 @pytest.mark.parametrize("channels,raster", [(3, "classic"), (6, "classic"), (3, "antialiased")])
-def test_the_three_raster_paths_agree(channels, raster):
-    """The GPU block path (run on the CPU with cooperative lanes), the per-pixel path and the CPU tile path give the
-    same images and gradients; 40 px is not a multiple of the 16 px tile, and 6 channels pass the 4 kept in
-    shared memory."""
+def test_the_raster_paths_agree(channels, raster):
+    """The GPU block path (run on the CPU with cooperative lanes) and the CPU tile path give the same images and
+    gradients; 40 px is not a multiple of the 16 px tile, and 6 channels pass the 4 kept in shared memory."""
     means, covars, opac, _ = (t.float() for t in random_gaussians(300, seed=8))
     colors = torch.rand(300, channels, generator=torch.Generator().manual_seed(2))
     views, Ks = (t.float() for t in orbit_cameras(2, 40, 40))
     out = {}
-    for path in ("pixel", "tile", "block"):
+    for path in ("tile", "block"):
         leaves = [t.clone().requires_grad_(True) for t in (means, covars, opac, colors)]
         bg = torch.linspace(0.2, 1.0, 2 * channels).reshape(2, channels).requires_grad_(True)
         img, alpha, meta = rasterization(*leaves, views, Ks, 40, 40, render_mode="RGB+ED", path=path,
@@ -187,11 +189,42 @@ def test_the_three_raster_paths_agree(channels, raster):
         w = torch.randn(img.shape, generator=torch.Generator().manual_seed(1))
         ((img * w).sum() + alpha.sum()).backward()
         out[path] = (img.detach(), alpha.detach(), [*(t.grad for t in leaves), bg.grad])
-    for path in ("pixel", "block"):
-        assert torch.allclose(out[path][0], out["tile"][0], atol=1e-5), path
-        assert torch.allclose(out[path][1], out["tile"][1], atol=1e-6), path
-        for a, b in zip(out[path][2], out["tile"][2], strict=True):
-            assert float((a - b).norm() / b.norm()) <= 1e-4, path
+    assert torch.allclose(out["block"][0], out["tile"][0], atol=1e-5)
+    assert torch.allclose(out["block"][1], out["tile"][1], atol=1e-6)
+    for a, b in zip(out["block"][2], out["tile"][2], strict=True):
+        assert float((a - b).norm() / b.norm()) <= 1e-4
+
+
+@pytest.mark.parametrize("path", ["tile", "block"])
+def test_a_second_backward_and_in_place_changes(path):
+    """The ops keep what their backward reads with save_for_backward: with retain_graph a second backward gives the
+    same gradients, without it torch refuses; an input changed in place after the forward is refused too."""
+    means, covars, opac, colors = (t.float() for t in random_gaussians(100, seed=9))
+    views, Ks = (t.float() for t in orbit_cameras(2, 32, 32))
+    leaves = [t.clone().requires_grad_(True) for t in (means, covars, opac, colors)]
+    img, alpha, _ = rasterization(*leaves, views, Ks, 32, 32, path=path, render_mode="RGB+ED")
+    loss = (img * torch.randn(img.shape, generator=torch.Generator().manual_seed(3))).sum() + alpha.sum()
+    first = torch.autograd.grad(loss, leaves, retain_graph=True)
+    second = torch.autograd.grad(loss, leaves)
+    for a, b in zip(first, second, strict=True):
+        assert float(a.abs().max()) > 0 and torch.equal(a, b)
+    with pytest.raises(RuntimeError, match="second time"):
+        torch.autograd.grad(loss, leaves)
+    moved = leaves[0] * 1.0
+    img, alpha, _ = rasterization(moved, *leaves[1:], views, Ks, 32, 32, path=path)
+    moved.add_(0.01)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        (img.sum() + alpha.sum()).backward()
+
+
+def test_kernel_arguments_are_named():
+    """Every launch names its arguments: a missing or unknown name is an error, not a silent shift."""
+    from diffmpm_cli.kernels import splat
+
+    from diffmpm_cli.render.ops import launch
+
+    with pytest.raises(TypeError, match=r"missing \['tiles_y'\], unexpected \['tile_y'\]"):
+        launch(splat.count_tiles, dim=1, device="cpu", means2d=None, radii=None, tiles_x=1, tile_y=1, counts_out=None)
 
 
 def test_smooth_cutoffs_match_the_twin_with_the_same_cutoffs():

@@ -125,8 +125,6 @@ def render(
     if "graph_forward_backward_s" in result:
         table.add_row("as one CUDA graph", f"forward + backward {result['graph_forward_backward_s'] * 1e3:.3f} ms "
                                            f"(capacity {result['graph_capacity']:,})")
-        table.add_row("per-pixel path", f"forward {result['pixel_forward_s'] * 1e3:.3f} ms, "
-                                        f"backward {result['pixel_backward_s'] * 1e3:.3f} ms")
     if compare_gsplat:
         table.add_row(f"gsplat {result['gsplat']}", f"forward {result['gsplat_forward_s'] * 1e3:.3f} ms, "
                                                     f"backward {result['gsplat_backward_s'] * 1e3:.3f} ms")
