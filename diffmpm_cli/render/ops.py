@@ -214,7 +214,7 @@ def intersect(means2d, radii, depths, settings: RasterSettings) -> Intersections
     tiles_x, tiles_y = settings.tiles
     tile_count = C * tiles_x * tiles_y
     capacity = settings.capacity
-    w_means2d = _wrap(means2d.detach().contiguous(), wp.vec2)
+    w_means2d = _wrap(means2d.contiguous(), wp.vec2)
     w_radii = _wrap(radii.contiguous(), wp.vec2i)
     with torch_stream(device):
         counts = torch.empty(C * N, device=device, dtype=torch.int32)
@@ -222,25 +222,27 @@ def intersect(means2d, radii, depths, settings: RasterSettings) -> Intersections
         total = torch.zeros(1, device=device, dtype=torch.int32)
         starts = torch.zeros(tile_count, device=device, dtype=torch.int32)
         ends = torch.zeros(tile_count, device=device, dtype=torch.int32)
+        w_counts, w_offsets, w_total = _wrap(counts), _wrap(offsets), _wrap(total)
         if N:
             launch(splat.count_tiles, dim=(C, N), device=wdev, means2d=w_means2d, radii=w_radii, tiles_x=tiles_x,
-                   tiles_y=tiles_y, counts_out=_wrap(counts))
-            wp.utils.array_scan(_wrap(counts), _wrap(offsets), inclusive=False)
-            launch(splat.intersection_total, dim=1, device=wdev, counts=_wrap(counts), offsets=_wrap(offsets),
-                   total_out=_wrap(total))
+                   tiles_y=tiles_y, counts_out=w_counts)
+            wp.utils.array_scan(w_counts, w_offsets, inclusive=False)
+            launch(splat.intersection_total, dim=1, device=wdev, counts=w_counts, offsets=w_offsets,
+                   total_out=w_total)
         sorted_count = capacity if capacity is not None else int(total[0])
         keys = torch.empty(2 * max(sorted_count, 1), device=device, dtype=torch.int64)
         ids = torch.empty(2 * max(sorted_count, 1), device=device, dtype=torch.int32)
         if N and sorted_count:
+            w_keys, w_ids = _wrap(keys), _wrap(ids)
             if capacity is not None:
-                launch(splat.pad_intersections, dim=capacity, device=wdev, total=_wrap(total),
-                       sentinel=wp.int64(tile_count << 32), keys_out=_wrap(keys), values_out=_wrap(ids))
+                launch(splat.pad_intersections, dim=capacity, device=wdev, total=w_total,
+                       sentinel=wp.int64(tile_count << 32), keys_out=w_keys, values_out=w_ids)
             launch(splat.emit_intersections, dim=(C, N), device=wdev, means2d=w_means2d, radii=w_radii,
-                   depths=_wrap(depths.detach().contiguous()), offsets=_wrap(offsets), tiles_x=tiles_x,
-                   tiles_y=tiles_y, capacity=sorted_count, keys_out=_wrap(keys), values_out=_wrap(ids))
+                   depths=_wrap(depths.contiguous()), offsets=w_offsets, tiles_x=tiles_x, tiles_y=tiles_y,
+                   capacity=sorted_count, keys_out=w_keys, values_out=w_ids)
             # only the bits in use: 32 of depth and enough for every (camera, tile) id and the padding's
-            wp.utils.radix_sort_pairs(_wrap(keys), _wrap(ids), sorted_count, end_bit=32 + tile_count.bit_length())
-            launch(splat.tile_ranges, dim=sorted_count, device=wdev, keys=_wrap(keys), count=sorted_count,
+            wp.utils.radix_sort_pairs(w_keys, w_ids, sorted_count, end_bit=32 + tile_count.bit_length())
+            launch(splat.tile_ranges, dim=sorted_count, device=wdev, keys=w_keys, count=sorted_count,
                    tile_count=tile_count, starts_out=_wrap(starts), ends_out=_wrap(ends))
     return Intersections(gaussian_ids=ids, tile_starts=starts, tile_ends=ends, count=total,
                          sorted_count=sorted_count)
