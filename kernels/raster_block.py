@@ -20,7 +20,7 @@ its own slots, so the same kernel gives the same sums.
 
 import warp as wp
 
-from .splat import ALPHA_MAX, SKIPPED, STOPPED, TILE, blend, unblend
+from .splat import ALPHA_MAX, SKIPPED, STOPPED, TILE, Projected, Raster, blend, unblend
 
 wp.set_module_options({"enable_backward": False})  # hand-written adjoints only; nothing here is taped
 
@@ -146,39 +146,25 @@ def axes_alpha(m2: wp.vec2, ax: wp.vec4, opacity: float, px: float, py: float):
 
 
 @wp.func
-def block_pixel(block: int, lane: int, tiles_x: int, tiles_y: int):
-    """(camera, row, column) of a block's lane: blocks enumerate (camera, tile row, tile column)."""
-    per_camera = tiles_x * tiles_y
+def block_pixel(block: int, lane: int, raster: Raster):
+    """(camera, flat pixel index, inside the image, pixel centre x, y) of a block's lane: blocks enumerate
+    (camera, tile row, tile column), lanes the tile's pixels row by row."""
+    per_camera = raster.tiles_x * raster.tiles_y
     c = block / per_camera
     r = block - c * per_camera
-    ty = r / tiles_x
-    tx = r - ty * tiles_x
-    return c, ty * TILE + lane / TILE, tx * TILE + lane - (lane / TILE) * TILE
+    ty = r / raster.tiles_x
+    tx = r - ty * raster.tiles_x
+    i = ty * TILE + lane / TILE
+    j = tx * TILE + lane - (lane / TILE) * TILE
+    inside = i < raster.height and j < raster.width
+    return c, (c * raster.height + i) * raster.width + j, inside, float(j) + 0.5, float(i) + 0.5
 
 
 @wp.kernel
 def rasterize_forward_block(
-    # per (camera, Gaussian), flattened c * N + g
-    means2d: wp.array(dtype=wp.vec2),
-    axes: wp.array(dtype=wp.vec4),  # conic_axes
-    colors: wp.array2d(dtype=float),
-    opacities: wp.array(dtype=float),
-    depths: wp.array(dtype=float),
-    # per camera
-    backgrounds: wp.array2d(dtype=float),
-    # sorted intersections: the (camera, Gaussian) of each, each (camera, tile)'s [start, end)
-    gaussian_ids: wp.array(dtype=int),
-    tile_starts: wp.array(dtype=int),
-    tile_ends: wp.array(dtype=int),
-    # frame and settings
-    tiles_x: int,
-    tiles_y: int,
-    width: int,
-    height: int,
-    color_channels: int,
-    with_depth: int,
-    alpha_min: float,
-    t_stop: float,
+    proj: Projected,
+    axes: wp.array(dtype=wp.vec4),  # per (camera, Gaussian), like proj: conic_axes
+    raster: Raster,
     # out, per pixel, flattened (c * H + i) * W + j (image_out zeroed when color_channels > 4)
     image_out: wp.array2d(dtype=float),
     alpha_out: wp.array(dtype=float),
@@ -186,12 +172,8 @@ def rasterize_forward_block(
     last_out: wp.array(dtype=int),
 ):
     block, lane = wp.tid()
-    c, i, j = block_pixel(block, lane, tiles_x, tiles_y)
-    inside = i < height and j < width
-    pix = (c * height + i) * width + j
-    px = float(j) + 0.5
-    py = float(i) + 0.5
-    D = color_channels
+    c, pix, inside, px, py = block_pixel(block, lane, raster)
+    D = raster.color_channels
     T = float(1.0)
     last = int(-1)
     acc = wp.vec4(0.0)
@@ -199,23 +181,23 @@ def rasterize_forward_block(
     done = int(0)
     if not inside:
         done = 1
-    b = tile_starts[block]
-    end = tile_ends[block]
+    b = raster.tile_starts[block]
+    end = raster.tile_ends[block]
     while b < end:
         stopped = wp.tile_sum(wp.tile(done))
         if stopped[0] == BLOCK:
             break
-        ids = wp.tile_load(gaussian_ids, shape=BLOCK, offset=b, storage="shared")
-        t_m2 = wp.tile_load_indexed(means2d, indices=ids, shape=(BLOCK,), offset=(0,), axis=0, storage="shared")
+        ids = wp.tile_load(raster.gaussian_ids, shape=BLOCK, offset=b, storage="shared")
+        t_m2 = wp.tile_load_indexed(proj.means2d, indices=ids, shape=(BLOCK,), offset=(0,), axis=0, storage="shared")
         t_ax = wp.tile_load_indexed(axes, indices=ids, shape=(BLOCK,), offset=(0,), axis=0, storage="shared")
-        t_o = wp.tile_load_indexed(opacities, indices=ids, shape=(BLOCK,), offset=(0,), axis=0, storage="shared")
-        t_rgb = wp.tile_load_indexed(colors, indices=ids, shape=(BLOCK, 4), offset=(0, 0), axis=0, storage="shared")
+        t_o = wp.tile_load_indexed(proj.opacities, indices=ids, shape=(BLOCK,), offset=(0,), axis=0, storage="shared")
+        t_rgb = wp.tile_load_indexed(proj.colors, indices=ids, shape=(BLOCK, 4), offset=(0, 0), axis=0, storage="shared")
         n = wp.min(BLOCK, end - b)
         if done == 0:
             for kk in range(n):
                 alpha, sigma, dx, dy, p, q = axes_alpha(wp.tile_extract(t_m2, kk), wp.tile_extract(t_ax, kk),
                                                         wp.tile_extract(t_o, kk), px, py)
-                w, next_T, state = blend(alpha, T, alpha_min, t_stop)
+                w, next_T, state = blend(alpha, T, raster.alpha_min, raster.t_stop)
                 if state == SKIPPED:
                     continue
                 if state == STOPPED:
@@ -226,9 +208,9 @@ def rasterize_forward_block(
                 if D > 4:
                     idx = wp.tile_extract(ids, kk)
                     for d in range(4, D):
-                        image_out[pix, d] = image_out[pix, d] + w * colors[idx, d]
-                if with_depth != 0:
-                    depth_acc += w * depths[wp.tile_extract(ids, kk)]
+                        image_out[pix, d] = image_out[pix, d] + w * proj.colors[idx, d]
+                if raster.with_depth != 0:
+                    depth_acc += w * proj.depths[wp.tile_extract(ids, kk)]
                 last = b + kk
                 T = next_T
         b += BLOCK
@@ -237,8 +219,8 @@ def rasterize_forward_block(
             value = image_out[pix, d]
             if d < 4:
                 value = acc[d]
-            image_out[pix, d] = value + T * backgrounds[c, d]
-        if with_depth != 0:
+            image_out[pix, d] = value + T * raster.backgrounds[c, d]
+        if raster.with_depth != 0:
             image_out[pix, D] = depth_acc
         alpha_out[pix] = 1.0 - T
         T_out[pix] = T
@@ -247,25 +229,9 @@ def rasterize_forward_block(
 
 @wp.kernel
 def rasterize_backward_block(
-    # per (camera, Gaussian), flattened c * N + g
-    means2d: wp.array(dtype=wp.vec2),
-    axes: wp.array(dtype=wp.vec4),  # conic_axes
-    colors: wp.array2d(dtype=float),
-    opacities: wp.array(dtype=float),
-    depths: wp.array(dtype=float),
-    # per camera
-    backgrounds: wp.array2d(dtype=float),
-    # sorted intersections
-    gaussian_ids: wp.array(dtype=int),
-    tile_starts: wp.array(dtype=int),
-    # frame and settings
-    tiles_x: int,
-    tiles_y: int,
-    width: int,
-    height: int,
-    color_channels: int,
-    with_depth: int,
-    alpha_min: float,
+    proj: Projected,
+    axes: wp.array(dtype=wp.vec4),  # per (camera, Gaussian), like proj: conic_axes
+    raster: Raster,
     # the forward's per-pixel final transmittance and last composited entry
     T_final: wp.array(dtype=float),
     last: wp.array(dtype=int),
@@ -279,13 +245,9 @@ def rasterize_backward_block(
     v_backgrounds: wp.array2d(dtype=float),
 ):
     block, lane = wp.tid()
-    c, i, j = block_pixel(block, lane, tiles_x, tiles_y)
-    inside = i < height and j < width
-    pix = (c * height + i) * width + j
-    px = float(j) + 0.5
-    py = float(i) + 0.5
-    D = color_channels
-    used = 10 + with_depth  # slots in use
+    c, pix, inside, px, py = block_pixel(block, lane, raster)
+    D = raster.color_channels
+    used = 10 + raster.with_depth  # slots in use
     T_end = float(1.0)
     v_a = float(0.0)
     my_last = int(-1)
@@ -297,10 +259,10 @@ def rasterize_backward_block(
         v_a = v_alpha_out[pix]
         my_last = last[pix]
         for d in range(D):
-            bg_dot += backgrounds[c, d] * v_image[pix, d]
+            bg_dot += raster.backgrounds[c, d] * v_image[pix, d]
             if d < 4:
                 v_rgb[d] = v_image[pix, d]
-        if with_depth != 0:
+        if raster.with_depth != 0:
             v_dep = v_image[pix, D]
     # the background's gradient: T_end v_image summed over the block, one atomic add per channel
     for d in range(D):
@@ -312,15 +274,15 @@ def rasterize_backward_block(
             wp.atomic_add(v_backgrounds, c, d, total[0])
     T = T_end
     behind = float(0.0)
-    start = tile_starts[block]
+    start = raster.tile_starts[block]
     hi = wp.tile_max(wp.tile(my_last))[0] + 1
     while hi > start:
         lo = wp.max(start, hi - BLOCK)
-        ids = wp.tile_load(gaussian_ids, shape=BLOCK, offset=lo, storage="shared")
-        t_m2 = wp.tile_load_indexed(means2d, indices=ids, shape=(BLOCK,), offset=(0,), axis=0, storage="shared")
+        ids = wp.tile_load(raster.gaussian_ids, shape=BLOCK, offset=lo, storage="shared")
+        t_m2 = wp.tile_load_indexed(proj.means2d, indices=ids, shape=(BLOCK,), offset=(0,), axis=0, storage="shared")
         t_ax = wp.tile_load_indexed(axes, indices=ids, shape=(BLOCK,), offset=(0,), axis=0, storage="shared")
-        t_o = wp.tile_load_indexed(opacities, indices=ids, shape=(BLOCK,), offset=(0,), axis=0, storage="shared")
-        t_rgb = wp.tile_load_indexed(colors, indices=ids, shape=(BLOCK, 4), offset=(0, 0), axis=0, storage="shared")
+        t_o = wp.tile_load_indexed(proj.opacities, indices=ids, shape=(BLOCK,), offset=(0,), axis=0, storage="shared")
+        t_rgb = wp.tile_load_indexed(proj.colors, indices=ids, shape=(BLOCK, 4), offset=(0, 0), axis=0, storage="shared")
         for kk in range(hi - lo - 1, -1, -1):
             k = lo + kk
             idx = wp.tile_extract(ids, kk)
@@ -331,21 +293,21 @@ def rasterize_backward_block(
             g = vec16()
             if k <= my_last:
                 alpha, sigma, dx, dy, p, q = axes_alpha(m2, ax, o, px, py)
-                if alpha >= alpha_min:
+                if alpha >= raster.alpha_min:
                     valid = 1
                     dot = float(0.0)
                     for d in range(4):
                         dot += v_rgb[d] * wp.tile_extract(t_rgb, kk, d)
                     for d in range(4, D):
-                        dot += colors[idx, d] * v_image[pix, d]
-                    if with_depth != 0:
-                        dot += depths[idx] * v_dep
+                        dot += proj.colors[idx, d] * v_image[pix, d]
+                    if raster.with_depth != 0:
+                        dot += proj.depths[idx] * v_dep
                     T, w, behind, vs, v_o = unblend(alpha, sigma, o, dot, T, behind, T_end, v_a, bg_dot)
                     for d in range(4):
                         g[d] = w * v_rgb[d]
                     for d in range(4, D):
                         wp.atomic_add(v_colors_rest, idx * D + d, w * v_image[pix, d])
-                    if with_depth != 0:
+                    if raster.with_depth != 0:
                         g[10] = w * v_dep
                     g[9] = v_o
                     # d sigma / d mean2d = conic d = l1 p u + l2 q v

@@ -259,6 +259,37 @@ SKIPPED = wp.constant(1)  # alpha < alpha_min: nothing changes
 STOPPED = wp.constant(2)  # T would fall to t_stop: the pixel is finished, this Gaussian not composited
 
 
+@wp.struct
+class Projected:
+    """The projected Gaussians as compositing reads them, per (camera, Gaussian), flattened c * N + g (each path
+    takes its own form of the footprint beside: conics and radii, or principal axes)."""
+
+    means2d: wp.array(dtype=wp.vec2)
+    colors: wp.array2d(dtype=float)
+    opacities: wp.array(dtype=float)
+    depths: wp.array(dtype=float)
+
+
+@wp.struct
+class Raster:
+    """What compositing walks and how: the sorted intersections (the (camera, Gaussian) of each, each (camera,
+    tile)'s [start, end)), the frame, the backgrounds [C, D] and the cut-offs."""
+
+    gaussian_ids: wp.array(dtype=int)
+    tile_starts: wp.array(dtype=int)
+    tile_ends: wp.array(dtype=int)
+    tiles_x: int
+    tiles_y: int
+    width: int
+    height: int
+    color_channels: int
+    with_depth: int
+    backgrounds: wp.array2d(dtype=float)
+    alpha_min: float
+    t_stop: float
+
+
+
 @wp.func
 def blend(alpha: float, T: float, alpha_min: float, t_stop: float):
     """One Gaussian at one pixel, front to back: (weight alpha T, transmittance behind it, BLENDED/SKIPPED/STOPPED).
@@ -339,28 +370,10 @@ def box_pixels(m: float, rad: int, lo: int, hi: int):
 
 @wp.kernel
 def rasterize_forward_tiles(
-    # per (camera, Gaussian), flattened c * N + g
-    means2d: wp.array(dtype=wp.vec2),
-    conics: wp.array(dtype=wp.vec3d),
+    proj: Projected,
+    conics: wp.array(dtype=wp.vec3d),  # per (camera, Gaussian), like proj
     radii: wp.array(dtype=wp.vec2i),
-    colors: wp.array2d(dtype=float),
-    opacities: wp.array(dtype=float),
-    depths: wp.array(dtype=float),
-    # per camera
-    backgrounds: wp.array2d(dtype=float),
-    # sorted intersections: the (camera, Gaussian) of each, each (camera, tile)'s [start, end)
-    gaussian_ids: wp.array(dtype=int),
-    tile_starts: wp.array(dtype=int),
-    tile_ends: wp.array(dtype=int),
-    # frame and settings
-    tiles_x: int,
-    tiles_y: int,
-    width: int,
-    height: int,
-    color_channels: int,
-    with_depth: int,
-    alpha_min: float,
-    t_stop: float,
+    raster: Raster,
     # out, per pixel, flattened (c * H + i) * W + j (image_out zeroed: it is accumulated)
     image_out: wp.array2d(dtype=float),
     alpha_out: wp.array(dtype=float),
@@ -369,74 +382,58 @@ def rasterize_forward_tiles(
     done_scratch: wp.array(dtype=int),
 ):
     c, ty, tx = wp.tid()
-    tile = (c * tiles_y + ty) * tiles_x + tx
-    D = color_channels
+    tile = (c * raster.tiles_y + ty) * raster.tiles_x + tx
+    D = raster.color_channels
     x0 = tx * TILE
     y0 = ty * TILE
-    x1 = wp.min(x0 + TILE, width)
-    y1 = wp.min(y0 + TILE, height)
+    x1 = wp.min(x0 + TILE, raster.width)
+    y1 = wp.min(y0 + TILE, raster.height)
     for i in range(y0, y1):
         for j in range(x0, x1):
-            pix = (c * height + i) * width + j
+            pix = (c * raster.height + i) * raster.width + j
             T_out[pix] = 1.0
             last_out[pix] = -1
             done_scratch[pix] = 0
-    for k in range(tile_starts[tile], tile_ends[tile]):
-        idx = gaussian_ids[k]
-        m2 = means2d[idx]
+    for k in range(raster.tile_starts[tile], raster.tile_ends[tile]):
+        idx = raster.gaussian_ids[k]
+        m2 = proj.means2d[idx]
         rad = radii[idx]
-        o = opacities[idx]
+        o = proj.opacities[idx]
         j_lo, j_hi = box_pixels(m2[0], rad[0], x0, x1)
         i_lo, i_hi = box_pixels(m2[1], rad[1], y0, y1)
         for i in range(i_lo, i_hi + 1):
             for j in range(j_lo, j_hi + 1):
-                pix = (c * height + i) * width + j
+                pix = (c * raster.height + i) * raster.width + j
                 if done_scratch[pix] != 0:
                     continue
                 alpha, sigma, dx, dy = gaussian_alpha(m2, conics[idx], o, float(j) + 0.5, float(i) + 0.5)
                 if sigma < 0.0:
                     continue
-                w, next_T, state = blend(alpha, T_out[pix], alpha_min, t_stop)
+                w, next_T, state = blend(alpha, T_out[pix], raster.alpha_min, raster.t_stop)
                 if state == STOPPED:
                     done_scratch[pix] = 1
                 elif state == BLENDED:
                     for d in range(D):
-                        image_out[pix, d] = image_out[pix, d] + w * colors[idx, d]
-                    if with_depth != 0:
-                        image_out[pix, D] = image_out[pix, D] + w * depths[idx]
+                        image_out[pix, d] = image_out[pix, d] + w * proj.colors[idx, d]
+                    if raster.with_depth != 0:
+                        image_out[pix, D] = image_out[pix, D] + w * proj.depths[idx]
                     last_out[pix] = k
                     T_out[pix] = next_T
     for i in range(y0, y1):
         for j in range(x0, x1):
-            pix = (c * height + i) * width + j
+            pix = (c * raster.height + i) * raster.width + j
             T = T_out[pix]
             for d in range(D):
-                image_out[pix, d] = image_out[pix, d] + T * backgrounds[c, d]
+                image_out[pix, d] = image_out[pix, d] + T * raster.backgrounds[c, d]
             alpha_out[pix] = 1.0 - T
 
 
 @wp.kernel
 def rasterize_backward_tiles(
-    # per (camera, Gaussian), flattened c * N + g
-    means2d: wp.array(dtype=wp.vec2),
-    conics: wp.array(dtype=wp.vec3d),
+    proj: Projected,
+    conics: wp.array(dtype=wp.vec3d),  # per (camera, Gaussian), like proj
     radii: wp.array(dtype=wp.vec2i),
-    colors: wp.array2d(dtype=float),
-    opacities: wp.array(dtype=float),
-    depths: wp.array(dtype=float),
-    # per camera
-    backgrounds: wp.array2d(dtype=float),
-    # sorted intersections
-    gaussian_ids: wp.array(dtype=int),
-    tile_starts: wp.array(dtype=int),
-    # frame and settings
-    tiles_x: int,
-    tiles_y: int,
-    width: int,
-    height: int,
-    color_channels: int,
-    with_depth: int,
-    alpha_min: float,
+    raster: Raster,
     # the forward's per-pixel final transmittance and last composited entry
     T_final: wp.array(dtype=float),
     last: wp.array(dtype=int),
@@ -456,30 +453,30 @@ def rasterize_backward_tiles(
     v_backgrounds: wp.array2d(dtype=float),
 ):
     c, ty, tx = wp.tid()
-    tile = (c * tiles_y + ty) * tiles_x + tx
-    D = color_channels
+    tile = (c * raster.tiles_y + ty) * raster.tiles_x + tx
+    D = raster.color_channels
     x0 = tx * TILE
     y0 = ty * TILE
-    x1 = wp.min(x0 + TILE, width)
-    y1 = wp.min(y0 + TILE, height)
+    x1 = wp.min(x0 + TILE, raster.width)
+    y1 = wp.min(y0 + TILE, raster.height)
     k_max = int(-1)
     for i in range(y0, y1):
         for j in range(x0, x1):
-            pix = (c * height + i) * width + j
+            pix = (c * raster.height + i) * raster.width + j
             T_scratch[pix] = T_final[pix]
             behind_scratch[pix] = 0.0
             bg_dot = float(0.0)
             for d in range(D):
-                bg_dot += backgrounds[c, d] * v_image[pix, d]
+                bg_dot += raster.backgrounds[c, d] * v_image[pix, d]
                 wp.atomic_add(v_backgrounds, c, d, T_final[pix] * v_image[pix, d])
             bg_scratch[pix] = bg_dot
             k_max = wp.max(k_max, last[pix])
-    for k in range(k_max, tile_starts[tile] - 1, -1):
-        idx = gaussian_ids[k]
-        m2 = means2d[idx]
+    for k in range(k_max, raster.tile_starts[tile] - 1, -1):
+        idx = raster.gaussian_ids[k]
+        m2 = proj.means2d[idx]
         rad = radii[idx]
         q = conics[idx]
-        o = opacities[idx]
+        o = proj.opacities[idx]
         j_lo, j_hi = box_pixels(m2[0], rad[0], x0, x1)
         i_lo, i_hi = box_pixels(m2[1], rad[1], y0, y1)
         g_m2 = wp.vec2(0.0, 0.0)
@@ -488,23 +485,23 @@ def rasterize_backward_tiles(
         g_depth = float(0.0)
         for i in range(i_lo, i_hi + 1):
             for j in range(j_lo, j_hi + 1):
-                pix = (c * height + i) * width + j
+                pix = (c * raster.height + i) * raster.width + j
                 if k > last[pix]:
                     continue
                 alpha, sigma, dx, dy = gaussian_alpha(m2, q, o, float(j) + 0.5, float(i) + 0.5)
-                if sigma >= 0.0 and alpha >= alpha_min:
+                if sigma >= 0.0 and alpha >= raster.alpha_min:
                     dot = float(0.0)
                     for d in range(D):
-                        dot += colors[idx, d] * v_image[pix, d]
-                    if with_depth != 0:
-                        dot += depths[idx] * v_image[pix, D]
+                        dot += proj.colors[idx, d] * v_image[pix, d]
+                    if raster.with_depth != 0:
+                        dot += proj.depths[idx] * v_image[pix, D]
                     T, w, behind, v_sigma, v_o = unblend(alpha, sigma, o, dot, T_scratch[pix], behind_scratch[pix],
                                                          T_final[pix], v_alpha_out[pix], bg_scratch[pix])
                     T_scratch[pix] = T
                     behind_scratch[pix] = behind
                     for d in range(D):
                         wp.atomic_add(v_colors, idx, d, w * v_image[pix, d])
-                    if with_depth != 0:
+                    if raster.with_depth != 0:
                         g_depth += w * v_image[pix, D]
                     vs = wp.float64(v_sigma)
                     ddx = wp.float64(dx)
@@ -516,5 +513,5 @@ def rasterize_backward_tiles(
         wp.atomic_add(v_means2d, idx, g_m2)
         wp.atomic_add(v_conics, idx, g_conic)
         wp.atomic_add(v_opacities, idx, g_opacity)
-        if with_depth != 0:
+        if raster.with_depth != 0:
             wp.atomic_add(v_depths, idx, g_depth)

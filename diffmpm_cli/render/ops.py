@@ -278,6 +278,8 @@ class _Composite(torch.autograd.Function):
         alpha = torch.empty(C * H * W, device=device)
         T_final = torch.empty(C * H * W, device=device)
         last = torch.empty(C * H * W, device=device, dtype=torch.int32)
+        proj = _projected(means2d, colors, opacities, depths)
+        raster = _raster(settings, backgrounds, gaussian_ids, tile_starts, tile_ends, D)
         with torch_stream(device):
             if settings.path == "block":
                 # the block path evaluates the exponent from the conic's principal axes (kernels/raster_block.py)
@@ -288,24 +290,18 @@ class _Composite(torch.autograd.Function):
                 footprints = axes
                 with cpu_blocks(wdev):
                     launch(raster_block.rasterize_forward_block, dim=C * tiles_y * tiles_x, block_dim=BLOCK,
-                           device=wdev, axes=_wrap(axes, wp.vec4),
-                           **_composite_arguments(settings, means2d, colors, opacities, depths, backgrounds,
-                                                  gaussian_ids, tile_starts, D),
-                           tile_ends=_wrap(tile_ends), t_stop=settings.t_stop, image_out=_wrap(image),
+                           device=wdev, proj=proj, axes=_wrap(axes, wp.vec4), raster=raster, image_out=_wrap(image),
                            alpha_out=_wrap(alpha), T_out=_wrap(T_final), last_out=_wrap(last))
             else:
                 footprints = conics
-                launch(splat.rasterize_forward_tiles, dim=(C, tiles_y, tiles_x), device=wdev,
-                       conics=_wrap(conics, wp.vec3d), radii=_wrap(radii, wp.vec2i),
-                       **_composite_arguments(settings, means2d, colors, opacities, depths, backgrounds,
-                                              gaussian_ids, tile_starts, D),
-                       tile_ends=_wrap(tile_ends), t_stop=settings.t_stop, image_out=_wrap(image),
-                       alpha_out=_wrap(alpha), T_out=_wrap(T_final), last_out=_wrap(last),
+                launch(splat.rasterize_forward_tiles, dim=(C, tiles_y, tiles_x), device=wdev, proj=proj,
+                       conics=_wrap(conics, wp.vec3d), radii=_wrap(radii, wp.vec2i), raster=raster,
+                       image_out=_wrap(image), alpha_out=_wrap(alpha), T_out=_wrap(T_final), last_out=_wrap(last),
                        done_scratch=_wrap(torch.zeros(C * H * W, device=device, dtype=torch.int32)))
         ctx.settings = settings
         ctx.shape = (C, N, D)
         ctx.save_for_backward(means2d, footprints, radii, colors, opacities, depths, backgrounds, gaussian_ids,
-                              tile_starts, T_final, last)
+                              tile_starts, tile_ends, T_final, last)
         return image[:, :channels].reshape(C, H, W, channels), alpha.reshape(C, H, W, 1)
 
     @staticmethod
@@ -313,8 +309,8 @@ class _Composite(torch.autograd.Function):
         wp = warp()
         from ..kernels import raster_block, splat
 
-        (means2d, footprints, radii, colors, opacities, depths, backgrounds, gaussian_ids, tile_starts, T_final,
-         last) = ctx.saved_tensors
+        (means2d, footprints, radii, colors, opacities, depths, backgrounds, gaussian_ids, tile_starts, tile_ends,
+         T_final, last) = ctx.saved_tensors
         settings = ctx.settings
         C, N, D = ctx.shape
         W, H = settings.width, settings.height
@@ -329,6 +325,8 @@ class _Composite(torch.autograd.Function):
         v_alpha = v_alpha.reshape(-1).float().contiguous()
         v_colors = torch.zeros(C * N, max(D, 1), device=device)
         v_backgrounds = torch.zeros(C, max(D, 1), device=device)
+        proj = _projected(means2d, colors, opacities, depths)
+        raster = _raster(settings, backgrounds, gaussian_ids, tile_starts, tile_ends, D)
         cotangents = dict(T_final=_wrap(T_final), last=_wrap(last), v_image=_wrap(v_image), v_alpha_out=_wrap(v_alpha),
                           v_backgrounds=_wrap(v_backgrounds))
         with torch_stream(device):
@@ -336,10 +334,8 @@ class _Composite(torch.autograd.Function):
                 slots = torch.zeros(C * N, raster_block.SLOTS, device=device)
                 with cpu_blocks(wdev):
                     launch(raster_block.rasterize_backward_block, dim=C * tiles_y * tiles_x, block_dim=BLOCK,
-                           device=wdev, axes=_wrap(footprints, wp.vec4),
-                           **_composite_arguments(settings, means2d, colors, opacities, depths, backgrounds,
-                                                  gaussian_ids, tile_starts, D),
-                           **cotangents, v_slots=_wrap(slots.reshape(-1)), v_colors_rest=_wrap(v_colors.reshape(-1)))
+                           device=wdev, proj=proj, axes=_wrap(footprints, wp.vec4), raster=raster, **cotangents,
+                           v_slots=_wrap(slots.reshape(-1)), v_colors_rest=_wrap(v_colors.reshape(-1)))
                 kept = min(D, 4)
                 v_colors[:, :kept] = slots[:, :kept]
                 v_means2d, v_conics, v_depths = slots[:, 4:6], slots[:, 6:9].double(), slots[:, 10]
@@ -350,26 +346,46 @@ class _Composite(torch.autograd.Function):
                 v_depths = torch.zeros(C * N, device=device)
                 v_opacities = torch.zeros(C * N, device=device)
                 scratch = [_wrap(torch.zeros(C * H * W, device=device)) for _ in range(3)]
-                launch(splat.rasterize_backward_tiles, dim=(C, tiles_y, tiles_x), device=wdev,
-                       conics=_wrap(footprints, wp.vec3d), radii=_wrap(radii, wp.vec2i),
-                       **_composite_arguments(settings, means2d, colors, opacities, depths, backgrounds,
-                                              gaussian_ids, tile_starts, D),
-                       **cotangents, T_scratch=scratch[0], behind_scratch=scratch[1], bg_scratch=scratch[2],
+                launch(splat.rasterize_backward_tiles, dim=(C, tiles_y, tiles_x), device=wdev, proj=proj,
+                       conics=_wrap(footprints, wp.vec3d), radii=_wrap(radii, wp.vec2i), raster=raster, **cotangents,
+                       T_scratch=scratch[0], behind_scratch=scratch[1], bg_scratch=scratch[2],
                        v_means2d=_wrap(v_means2d, wp.vec2), v_conics=_wrap(v_conics, wp.vec3d),
                        v_colors=_wrap(v_colors), v_opacities=_wrap(v_opacities), v_depths=_wrap(v_depths))
         return (v_means2d.reshape(C, N, 2), v_conics.reshape(C, N, 3), None, v_colors[:, :D].reshape(C, N, D),
                 v_opacities.reshape(C, N), v_depths.reshape(C, N), v_backgrounds[:, :D], None, None, None, None)
 
 
-def _composite_arguments(s: RasterSettings, means2d, colors, opacities, depths, backgrounds, gaussian_ids,
-                         tile_starts, color_channels) -> dict:
-    """The arguments both paths' forward and backward kernels share."""
+def _projected(means2d, colors, opacities, depths):
+    """The projected Gaussians as the compositing kernels read them (kernels/splat.py Projected)."""
     wp = warp()
-    tiles_x, tiles_y = s.tiles
-    return dict(means2d=_wrap(means2d, wp.vec2), colors=_wrap(colors), opacities=_wrap(opacities),
-                depths=_wrap(depths), backgrounds=_wrap(backgrounds), gaussian_ids=_wrap(gaussian_ids),
-                tile_starts=_wrap(tile_starts), tiles_x=tiles_x, tiles_y=tiles_y, width=s.width, height=s.height,
-                color_channels=color_channels, with_depth=int(s.with_depth), alpha_min=s.alpha_min)
+    from ..kernels import splat
+
+    proj = splat.Projected()
+    proj.means2d = _wrap(means2d, wp.vec2)
+    proj.colors = _wrap(colors)
+    proj.opacities = _wrap(opacities)
+    proj.depths = _wrap(depths)
+    return proj
+
+
+def _raster(s: RasterSettings, backgrounds, gaussian_ids, tile_starts, tile_ends, color_channels: int):
+    """The intersections, frame, backgrounds and cut-offs as the compositing kernels read them (kernels/splat.py
+    Raster)."""
+    from ..kernels import splat
+
+    raster = splat.Raster()
+    raster.gaussian_ids = _wrap(gaussian_ids)
+    raster.tile_starts = _wrap(tile_starts)
+    raster.tile_ends = _wrap(tile_ends)
+    raster.tiles_x, raster.tiles_y = s.tiles
+    raster.width = s.width
+    raster.height = s.height
+    raster.color_channels = color_channels
+    raster.with_depth = int(s.with_depth)
+    raster.backgrounds = _wrap(backgrounds)
+    raster.alpha_min = s.alpha_min
+    raster.t_stop = s.t_stop
+    return raster
 
 
 def composite(means2d, conics, radii, colors, opacities, depths, backgrounds, isect: Intersections,
