@@ -299,3 +299,14 @@ def test_forward_and_backward_capture_as_one_cuda_graph():
         assert torch.allclose(img_g, img_e, atol=1e-6)
         for a, b in zip(grads_g, grads_e, strict=True):  # float atomics add in a different order per run
             assert float((a - b).norm() / b.norm()) <= 1e-4
+
+
+@pytest.mark.gpu
+def test_bench_graph_timing_refuses_an_overflowed_capacity():
+    """`bench render` times a captured render only after checking its intersection count against the capacity."""
+    from diffmpm_cli.bench import _graph_time, render_scene
+
+    inputs = render_scene(2000, 128, 128, "cuda")
+    with pytest.raises(RenderCapacityError, match="tile intersections"):
+        _graph_time(inputs, 128, 128, 1, capacity=16)
+    assert _graph_time(inputs, 128, 128, 1, capacity=200_000) > 0
