@@ -11,6 +11,7 @@ from datetime import datetime, timezone
 import torch
 
 from . import __version__
+from .enums import P2GMode, WallKind
 from .sim.grid import GridSpec, stable_dt
 from .sim.model import MPMModel
 from .sim.op import simulate
@@ -62,7 +63,7 @@ def _timed(fn, device: str, repeats: int) -> list[float]:
 
 def bench_mpm(*, particles: int = 4096, grid: int = 32, steps: int = 50, shuffle: bool = False, device: str = "cpu",
               backward_steps: int | None = None, material: str = "fixed_corotated", bspline: str = "quadratic",
-              repeats: int = 5, p2g: str | None = None, sort_every: int = 0) -> dict:
+              repeats: int = 5, p2g: P2GMode | str | None = None, sort_every: int = 0) -> dict:
     """Particle-steps per second of the forward step and of a checkpointed forward+backward rollout.
 
     Forward: ``steps`` steps without a tape, reusing one grid (the median of ``repeats`` runs). Forward+backward:
@@ -77,9 +78,9 @@ def bench_mpm(*, particles: int = 4096, grid: int = 32, steps: int = 50, shuffle
     E, nu, density = 1.0e5, 0.3, 1000.0
     dt = stable_dt(E=E, nu=nu, density=density, dx=spec.dx, limit=0.4)
     model = MPMModel(grid=spec, bspline=bspline, material=material, dt=dt, gravity=(0.0, -9.81, 0.0),
-                     walls_min=(0, 0, 0), walls_max=(2, 2, 2), control_stride=10)
+                     walls_min=(WallKind.STICKY,) * 3, walls_max=(WallKind.SEPARATE,) * 3, control_stride=10)
     volume = torch.full((n,), (spec.dx / 2) ** 3, device=torch_device)
-    sim = Simulator(model, mass=density * volume, volume=volume, p2g=p2g, sort_every=sort_every)
+    sim = Simulator(model, mass=density * volume, volume=volume, p2g=p2g or P2GMode.PLAIN, sort_every=sort_every)
     g = torch.Generator().manual_seed(1)
     v0 = (0.5 * torch.randn(n, 3, generator=g)).to(torch_device)
     eye = torch.eye(3, device=torch_device).expand(n, 3, 3).contiguous()
@@ -155,14 +156,33 @@ def bench_mpm(*, particles: int = 4096, grid: int = 32, steps: int = 50, shuffle
     }
 
 
+def _step_launches(sim, state_in, state_out, grid, *, mu, lam, Fc) -> list[tuple[str, object]]:
+    """The launches of one untaped step without controls, in order, as (name, launch) pairs: what
+    ``Simulator.step(..., taped=False)`` runs, taken apart so that each kernel can be timed alone."""
+    from .sim import launch
+
+    out = []
+    if sim.tiled is not None:
+        if sim.tiled.sort_due():
+            out.append(("sort", lambda: sim.tiled.sort(state_in)))
+        out.append(("p2g", lambda: sim.tiled.p2g(state_in, grid, mu=mu, lam=lam, Fc=Fc, control=-1)))
+    else:
+        out.append(("p2g", lambda: launch.p2g(sim.model, sim.particles, state_in, grid, mu=mu, lam=lam, Fc=Fc,
+                                              control=-1)))
+    out.append(("grid_update", lambda: launch.grid_update(sim.model, grid, node_mass_eps=sim.node_mass_eps,
+                                                          device=sim.device)))
+    out.append(("g2p", lambda: launch.g2p(sim.model, state_in, grid, state_out, Fc=Fc, control=-1,
+                                          clamped=sim.clamped, J_min=sim.J_min, device=sim.device)))
+    return out
+
+
 def _kernel_times(sim, name, states, grid, mu, lam, fc, device, steps) -> list[float]:
     """Time one kernel of the step ``steps`` times in a row (the others run untimed in between)."""
     a, b = states
     times = []
     for _ in range(steps):
         grid.zero_()
-        launches = sim.launches(a, b, grid, mu=mu, lam=lam, Fc=fc, control=-1, taped=False)
-        for label, launch in launches:
+        for label, launch in _step_launches(sim, a, b, grid, mu=mu, lam=lam, Fc=fc):
             if label == name:
                 times += _timed(launch, device, 1)
             else:

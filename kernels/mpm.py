@@ -17,6 +17,8 @@ import functools
 
 import warp as wp
 
+from ..enums import BSpline, DecisionMode, Material, WallKind
+
 # ----------------------------------------------------------------------------------------------------------------
 # B-splines
 
@@ -55,14 +57,14 @@ def clamp_base(b: int, n: int, width: int):
 # per B-spline order: nodes per axis, the shift giving the stencil base floor(g - shift), the weight function,
 # and the MLS inertia factor D^-1 dx^2
 BSPLINES = {
-    "quadratic": (3, 0.5, quadratic_weights, 4.0),
-    "cubic": (4, 1.0, cubic_weights, 3.0),
+    BSpline.QUADRATIC: (3, 0.5, quadratic_weights, 4.0),
+    BSpline.CUBIC: (4, 1.0, cubic_weights, 3.0),
 }
 
-# wall conditions (sim.boundaries) and material models (material.model)
-WALL_STICKY = wp.constant(0)
-WALL_SLIP = wp.constant(1)
-WALL_SEPARATE = wp.constant(2)
+# wall conditions (sim.boundaries): the host's WallKind members, as ints at the kernel boundary
+WALL_STICKY = wp.constant(WallKind.STICKY.code)
+WALL_SLIP = wp.constant(WallKind.SLIP.code)
+WALL_SEPARATE = wp.constant(WallKind.SEPARATE.code)
 
 # ----------------------------------------------------------------------------------------------------------------
 # constitutive models (Kirchhoff stress tau = P F^T)
@@ -84,7 +86,14 @@ def polar_rotation(F: wp.mat33):
 def adj_polar_rotation(F: wp.mat33, adj_ret: wp.mat33):
     """dR = R Omega with Omega solving S Omega + Omega S = R^T dF - dF^T R; in the V basis Omega'_ij has the
     denominator s_i + s_j (finite at repeated singular values, unlike the separate U and V adjoints of svd3).
-    Adjoint: F_bar = R V (K / (s_i + s_j)) V^T with K = A - A^T, A = V^T R^T R_bar V."""
+    Adjoint: F_bar = R V (K / (s_i + s_j)) V^T with K = A - A^T, A = V^T R^T R_bar V.
+
+    svd3 returns rotations U, V and puts the sign of det F on the smallest singular value, so s_i + s_j >= 0
+    always (checked against torch's SVD for inverted F: same gradient to 1e-6). It reaches 0 only where F is
+    inverted with s_2 = |s_3|, where R jumps and has no derivative; there the denominator is held at POLAR_EPS,
+    so the gradient stays finite but may grow by up to ~1 / POLAR_EPS. Decided: keep it (a state with det F <= 0
+    is reported as physically invalid by the metrics, and the line search refuses steps into one) rather than
+    clip gradients, which would hide it."""
     U = wp.mat33()
     s = wp.vec3()
     V = wp.mat33()
@@ -114,12 +123,14 @@ def neo_hookean_tau(F: wp.mat33, mu: float, lam: float):
     return mu * (F * wp.transpose(F) - eye) + eye * (lam * wp.log(J))
 
 
-MATERIALS = {"fixed_corotated": fixed_corotated_tau, "neo_hookean": neo_hookean_tau}
+MATERIALS = {Material.FIXED_COROTATED: fixed_corotated_tau, Material.NEO_HOOKEAN: neo_hookean_tau}
 
 
 @wp.func
 def controlled_F(F: wp.mat33, Fc: wp.array2d(dtype=wp.mat33), control: int, p: int):
-    """F~ = Fc[control, p] F on control steps (control >= 0), else F (one return: see WARP_FINDINGS).
+    """F~ = Fc[control, p] F on control steps (control >= 0), else F (written with one return at the
+    end: the early-return form it replaced went out with the adjoint fixes of commit 7690977, and functions that
+    feed taped launches keep to one return).
 
     Fc is a multiplicative control (diffmpm_cli/sim/controls.py builds it as exp of a bounded, trace-limited log
     strain, so det Fc > 0: a control can never invert a particle)."""
@@ -401,16 +412,19 @@ def wall(v: wp.vec3, axis: int, kind: int, outward: float, forced: int):
     return out, stop
 
 
-# Decisions of one node in one step, as bits: which branch of each kink the update took. Recorded in a base
-# rollout and replayed in perturbed ones, they make a rollout with contact smooth around that base (the gradient
-# checker's view; autodiff differentiates the taken branches in the same way).
+# Decisions of one node in one step, as bits of one byte: which branch of each kink the update took. The forward
+# of a differentiable rollout records them and its backward replays them, so both differentiate the same branches
+# (sim/solver.py); the gradient checker also replays a base rollout's decisions in perturbed ones, which makes a
+# rollout with contact smooth around that base. A node lies in the wall band of at most one face per axis (the
+# grid keeps an interior: GridSpec refuses shape <= 2 band), so one bit per axis says whether its wall stopped it.
 NODE_ACTIVE = wp.constant(1)  # m > mass_eps
 FLOOR_CONTACT = wp.constant(2)  # below the floor and moving into it
 FLOOR_STICK = wp.constant(4)  # friction stops the tangential motion
-WALL_BIT0 = wp.constant(8)  # walls: bit 3 + 2 axis (min face), 4 + 2 axis (max face)
-DECIDE = wp.constant(0)
-DECIDE_AND_RECORD = wp.constant(1)
-REPLAY = wp.constant(2)
+WALL_BIT0 = wp.constant(8)  # walls: bit 3 + axis (the min or the max face, whichever band the node is in)
+DECIDE = wp.constant(DecisionMode.DECIDE.value)
+RECORD = wp.constant(DecisionMode.RECORD.value)
+REPLAY = wp.constant(DecisionMode.REPLAY.value)
+DECISION_DTYPE = wp.uint8
 
 
 @wp.func
@@ -440,9 +454,9 @@ def grid_update(
     # grid in
     grid_mass_in: wp.array3d(dtype=float),
     grid_momentum_in: wp.array3d(dtype=wp.vec3),
-    # decisions: DECIDE (ignored), DECIDE_AND_RECORD (written) or REPLAY (read)
+    # decisions (DecisionMode): DECIDE (ignored), RECORD (written) or REPLAY (read)
     decision_mode: int,
-    decisions: wp.array3d(dtype=int),
+    decisions: wp.array3d(dtype=wp.uint8),
     # grid out
     grid_velocity_out: wp.array3d(dtype=wp.vec3),
 ):
@@ -450,7 +464,7 @@ def grid_update(
     m = grid_mass_in[i, j, k]
     code = int(0)
     if decision_mode == REPLAY:
-        code = decisions[i, j, k]
+        code = int(decisions[i, j, k])
     active = m > mass_eps  # nodes barely touched by a stencil edge count as empty (keeps -p/m^2 finite)
     if decision_mode == REPLAY:
         active = (code & NODE_ACTIVE) != 0 and m > 0.0
@@ -482,18 +496,17 @@ def grid_update(
         index = wp.vec3i(i, j, k)
         shape = wp.vec3i(grid_mass_in.shape[0], grid_mass_in.shape[1], grid_mass_in.shape[2])
         for a in range(3):
-            bit_min = WALL_BIT0 << (2 * a)
-            bit_max = WALL_BIT0 << (2 * a + 1)
+            bit = WALL_BIT0 << a
             if index[a] < band:
-                v, stopped = wall(v, a, walls_min[a], -1.0, forced_bit(code, bit_min, decision_mode))
+                v, stopped = wall(v, a, walls_min[a], -1.0, forced_bit(code, bit, decision_mode))
                 if stopped != 0:
-                    taken = taken | bit_min
+                    taken = taken | bit
             if index[a] >= shape[a] - band:
-                v, stopped = wall(v, a, walls_max[a], 1.0, forced_bit(code, bit_max, decision_mode))
+                v, stopped = wall(v, a, walls_max[a], 1.0, forced_bit(code, bit, decision_mode))
                 if stopped != 0:
-                    taken = taken | bit_max
-    if decision_mode == DECIDE_AND_RECORD:
-        decisions[i, j, k] = taken
+                    taken = taken | bit
+    if decision_mode == RECORD:
+        decisions[i, j, k] = wp.uint8(taken)
     grid_velocity_out[i, j, k] = v
 
 

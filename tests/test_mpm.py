@@ -9,6 +9,7 @@ import pytest
 import torch
 from conftest import DEVICES
 
+from diffmpm_cli.enums import WallKind
 from diffmpm_cli.errors import SimulationError
 from diffmpm_cli.gradcheck import directional_probes
 from diffmpm_cli.reference.mpm import energy_density_ref, grid_mass_ref, rollout_ref
@@ -24,7 +25,8 @@ FIELDS = ("x", "v", "F", "C")
 
 def make_model(**kw) -> MPMModel:
     base = dict(grid=GRID, bspline="quadratic", material="fixed_corotated", dt=2e-3, gravity=(0.0, -9.81, 0.0),
-                walls_min=(2, 0, 1), walls_max=(2, 2, 1), control_stride=5, cfl_limit=0.5)
+                walls_min=("separate", "sticky", "slip"), walls_max=("separate", "separate", "slip"), control_stride=5,
+                cfl_limit=0.5)
     base.update(kw)
     return MPMModel(**base)
 
@@ -196,7 +198,7 @@ def test_segments_end_at_frames():
 
 
 def free_model(**kw):
-    return make_model(**{"gravity": (0.0, 0.0, 0.0), "walls_min": (2, 2, 2), "walls_max": (2, 2, 2), **kw})
+    return make_model(**{"gravity": (0.0, 0.0, 0.0), "walls_min": ("separate",) * 3, "walls_max": ("separate",) * 3, **kw})
 
 
 def test_momentum_is_conserved_without_gravity_and_walls():
@@ -260,7 +262,7 @@ def test_results_do_not_depend_on_particle_order(device):
 def test_a_block_flung_at_a_wall_stays_inside(device):
     state, mass, volume = make_particles(count=100, low=(0.4, 0.4, 0.4), high=(0.55, 0.55, 0.55), stir=0.0)
     state["v"] = torch.tensor([40.0, 25.0, -30.0], dtype=torch.float64).expand(100, 3).clone()
-    model = free_model(walls_max=(0, 1, 2), dt=1e-3, cfl_limit=1.0)
+    model = free_model(walls_max=("sticky", "slip", "separate"), dt=1e-3, cfl_limit=1.0)
     sim, result = run_warp(model, state, mass, volume, E=torch.tensor(1.0e3), nu=torch.tensor(0.3), steps=100,
                            device=device)
     x = result.x[-1]
@@ -308,7 +310,8 @@ def test_model_from_scene_maps_every_option(tmp_path):
             "sim": {**BASE_SCENE["sim"], "boundaries": {"x_min": "sticky", "z_max": "slip"},
                     "floor": {"enabled": True, "normal": [0, 2, 0], "height": 0.2, "friction": 0.1}}}
     model = MPMModel.from_scene(scene_from_dict(data, base_dir=tmp_path))
-    assert model.walls_min == (0, 2, 2) and model.walls_max == (2, 2, 1)
+    assert model.walls_min == ("sticky", "separate", "separate") and model.walls_max == ("separate", "separate", "slip")
+    assert all(isinstance(w, WallKind) for w in model.walls_min + model.walls_max)
     assert model.floor_normal == (0.0, 1.0, 0.0) and model.floor_enabled and model.friction == 0.1
     assert (model.f_blend, model.bulk_viscosity, model.min_J) == (0.955, 0.25, 0.6)
     assert model.control_index(10) == 2 and model.control_index(11) == -1
@@ -364,3 +367,103 @@ def test_rollout_records_each_particles_lowest_det_F():
     lowest = torch.linalg.det(out.F.double()).min(dim=0).values
     assert torch.allclose(out.stats.det_F_min.double(), lowest, rtol=1e-5, atol=1e-6)
     assert bool((out.stats.det_F_min[:5] < 0).all()) and bool((out.stats.det_F_min[5:] > 0).all())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# forward and backward take the same branches
+
+
+def contact_case():
+    """Particles falling onto a frictional floor through a wall band: every kind of grid-update decision."""
+    model = make_model(floor_enabled=True, floor_normal=(0.0, 1.0, 0.0), floor_height=0.3, friction=0.4,
+                       control_stride=4)
+    state, mass, volume = make_particles(count=80, seed=7, low=(0.3, 0.3, 0.3), high=(0.7, 0.5, 0.7))
+    return model, state, mass, volume
+
+
+def contact_gradients(sim, state, *, budget=None, between=None):
+    """Gradients (Fc, E, v0) of a weighted 12-step rollout; ``between`` runs after the forward, before the backward."""
+    Fc = torch.eye(3).repeat(3, 80, 1, 1).requires_grad_(True)
+    E = torch.tensor(1.0e4, requires_grad=True)
+    v0 = state["v"].float().clone().requires_grad_(True)
+    kw = {} if budget is None else {"decision_budget": budget}
+    out = simulate(sim, x0=state["x"].float(), v0=v0, F0=state["F"].float(), C0=state["C"].float(), E=E,
+                   nu=torch.tensor(0.3), Fc=Fc, steps=12, frames=[5], segment_length=4, **kw)
+    if between is not None:
+        between()
+    (out.x.sum() + 0.1 * (out.F**2).sum() + out.v.sum()).backward()
+    return out.stats, [Fc.grad, E.grad, v0.grad]
+
+
+def test_backward_replays_the_forwards_decisions_within_and_beyond_the_budget():
+    """The forward records every step's decisions (1 byte per node); with no budget the backward re-records each
+    segment from its checkpoint instead: the same gradients bit for bit on the CPU."""
+    model, state, mass, volume = contact_case()
+    sim = Simulator(model, mass=mass.float(), volume=volume.float())
+    kept, full = contact_gradients(sim, state)
+    assert kept.decision_bytes == 12 * GRID.node_count and kept.recomputed_steps == 0
+    part_stats, part = contact_gradients(sim, state, budget=5 * GRID.node_count)
+    assert part_stats.decision_bytes == 5 * GRID.node_count and part_stats.recomputed_steps == 7
+    none_stats, none = contact_gradients(sim, state, budget=0)
+    assert none_stats.decision_bytes == 0 and none_stats.recomputed_steps == 12
+    for a, b, c in zip(full, part, none, strict=True):
+        assert torch.equal(a, b) and torch.equal(a, c)
+
+
+def test_frozen_decisions_are_taken_when_the_forward_starts():
+    """A rollout's backward replays what its forward took, whatever the simulator's mode is by then."""
+    model, state, mass, volume = contact_case()
+    sim = Simulator(model, mass=mass.float(), volume=volume.float())
+    with torch.no_grad():
+        sim.record_decisions()
+        simulate(sim, x0=state["x"].float(), v0=state["v"].float(), F0=state["F"].float(), C0=state["C"].float(),
+                 E=torch.tensor(1.0e4), nu=torch.tensor(0.3), steps=12)
+    assert sorted(sim._decisions) == list(range(12))
+    codes = [sim._decisions[t].numpy() for t in range(12)]
+    assert any((c & 2).any() for c in codes) and any((c & 56).any() for c in codes)  # floor contact, a wall stop
+    sim.replay_decisions()
+    state = {**state, "v": state["v"] + 0.05}  # perturbed: the frozen decisions are not this rollout's own
+    _, steady = contact_gradients(sim, state)
+    _, forgotten = contact_gradients(sim, state, between=sim.forget_decisions)
+    assert not sim._decisions
+    for a, b in zip(steady, forgotten, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_simulator_allocates_sort_buffers_only_for_the_tiled_p2g():
+    model, state, mass, volume = contact_case()
+    assert Simulator(model, mass=mass.float(), volume=volume.float()).tiled is None
+    tiled = Simulator(model, mass=mass.float(), volume=volume.float(), p2g="tiled", sort_every=2)
+    assert tiled.tiled.keys.shape[0] == 2 * 80 and tiled.sort_every == 2
+    with pytest.raises(ValueError):
+        Simulator(model, mass=mass.float(), volume=volume.float(), p2g="fast")
+
+
+def test_polar_rotation_adjoint_at_inverted_F_matches_torch():
+    """svd3 puts det F's sign on the smallest singular value, so s_i + s_j >= 0 and the guarded adjoint of the
+    polar rotation is the exact derivative for inverted F too (kernels/mpm.py adj_polar_rotation)."""
+    import warp as wp
+    from diffmpm_cli.kernels import mpm
+
+    from diffmpm_cli.reference.mpm import polar_rotation_ref
+
+    @wp.kernel
+    def contract(F: wp.array(dtype=wp.mat33), W: wp.array(dtype=wp.mat33), out: wp.array(dtype=float)):
+        i = wp.tid()
+        wp.atomic_add(out, 0, wp.ddot(mpm.polar_rotation(F[i]), W[i]))
+
+    g = torch.Generator().manual_seed(0)
+    rot = lambda: torch.linalg.qr(torch.randn(3, 3, generator=g, dtype=torch.float64))[0]  # noqa: E731
+    F = torch.stack([rot() @ torch.diag(torch.tensor(s, dtype=torch.float64)) @ rot()
+                     for s in ([1.0, 0.3, -0.6], [0.9, 0.5, -0.7], [1.2, 0.8, -0.2], [1.1, 0.9, 0.7])])
+    W = torch.randn(4, 3, 3, generator=g, dtype=torch.float64)
+    F_w = wp.from_torch(F.float().contiguous(), dtype=wp.mat33, requires_grad=True)
+    out = wp.zeros(1, dtype=float, requires_grad=True)
+    tape = wp.Tape()
+    with tape:
+        wp.launch(contract, dim=4, inputs=[F_w, wp.from_torch(W.float().contiguous(), dtype=wp.mat33)], outputs=[out])
+    tape.backward(out)
+    F_ref = F.clone().requires_grad_(True)
+    (polar_rotation_ref(F_ref) * W).sum().backward()
+    v_F, v_F_ref = wp.to_torch(F_w.grad).double(), F_ref.grad
+    assert float(((v_F - v_F_ref).norm(dim=(1, 2)) / v_F_ref.norm(dim=(1, 2))).max()) <= 1e-4

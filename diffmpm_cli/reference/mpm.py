@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from ..enums import WallKind
+
 
 def bspline_ref(d: torch.Tensor, order: str) -> torch.Tensor:
     """The 1-D B-spline N(d) at signed distances d (in cells): quadratic support |d| < 1.5, cubic |d| < 2."""
@@ -62,16 +64,18 @@ def energy_density_ref(F: torch.Tensor, mu: torch.Tensor, lam: torch.Tensor, mod
     raise ValueError(model)
 
 
-def _apply_wall(v: torch.Tensor, axis: int, kind: int, outward: float, where: torch.Tensor) -> torch.Tensor:
+def _apply_wall(v: torch.Tensor, axis: int, kind: WallKind, outward: float, where: torch.Tensor) -> torch.Tensor:
     e = torch.zeros(3, dtype=v.dtype)
     e[axis] = 1.0
     vn = v @ e
-    if kind == 0:  # sticky
+    if kind == WallKind.STICKY:
         new = torch.zeros_like(v)
-    elif kind == 1:  # slip
+    elif kind == WallKind.SLIP:
         new = v - vn[:, None] * e
-    else:  # separate
+    elif kind == WallKind.SEPARATE:
         new = torch.where((vn * outward > 0)[:, None], v - vn[:, None] * e, v)
+    else:
+        raise ValueError(kind)
     return torch.where(where[:, None], new, v)
 
 

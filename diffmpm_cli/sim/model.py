@@ -7,10 +7,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..enums import BSpline, Material, WallKind
 from ..warp_runtime import warp
 from .grid import GridSpec
 
-WALL_CODES = {"sticky": 0, "slip": 1, "separate": 2}
 FACES = ("x", "y", "z")
 
 
@@ -20,15 +20,16 @@ class MPMModel:
 
     ``f_blend`` is the seed's F smoothing weight a (F <- a F + (1 - a) I; 1 = off); ``min_J`` clamps det F from
     below (0 = off); ``bulk_viscosity`` adds zeta tr(C) I to the Kirchhoff stress [Pa s] (0 = off).
+    ``bspline``, ``material`` and the walls (per axis x, y, z) take enum members or their names.
     """
 
     grid: GridSpec
-    bspline: str
-    material: str
+    bspline: BSpline
+    material: Material
     dt: float
     gravity: tuple[float, float, float]
-    walls_min: tuple[int, int, int]
-    walls_max: tuple[int, int, int]
+    walls_min: tuple[WallKind, WallKind, WallKind]
+    walls_max: tuple[WallKind, WallKind, WallKind]
     floor_enabled: bool = False
     floor_normal: tuple[float, float, float] = (0.0, 1.0, 0.0)
     floor_height: float = 0.0
@@ -38,6 +39,13 @@ class MPMModel:
     min_J: float = 0.0
     control_stride: int = 1
     cfl_limit: float = 0.5
+
+    def __post_init__(self):
+        # names become members (ValueError for any other); the kernels get their ints from the members
+        object.__setattr__(self, "bspline", BSpline(self.bspline))
+        object.__setattr__(self, "material", Material(self.material))
+        object.__setattr__(self, "walls_min", tuple(WallKind(w) for w in self.walls_min))
+        object.__setattr__(self, "walls_max", tuple(WallKind(w) for w in self.walls_max))
 
     @classmethod
     def from_scene(cls, scene, grid: GridSpec | None = None) -> MPMModel:
@@ -52,8 +60,8 @@ class MPMModel:
             material=material.model,
             dt=sim.dt,
             gravity=tuple(sim.gravity),
-            walls_min=tuple(WALL_CODES[getattr(walls, f"{a}_min")] for a in FACES),
-            walls_max=tuple(WALL_CODES[getattr(walls, f"{a}_max")] for a in FACES),
+            walls_min=tuple(getattr(walls, f"{a}_min") for a in FACES),
+            walls_max=tuple(getattr(walls, f"{a}_max") for a in FACES),
             floor_enabled=sim.floor.enabled,
             floor_normal=tuple(float(c) for c in normal),
             floor_height=sim.floor.height,

@@ -8,7 +8,7 @@ import torch
 
 from ..warp_runtime import torch_stream, warp, warp_device
 from .grid import GridSpec, check_cfl_number, lame_parameters
-from .solver import Rollout, RolloutStats, Simulator
+from .solver import DECISION_BUDGET_BYTES, Rollout, RolloutStats, Simulator
 
 
 class _RolloutFunction(torch.autograd.Function):
@@ -45,13 +45,14 @@ class RolloutResult:
 
 def simulate(sim: Simulator, *, x0: torch.Tensor, v0: torch.Tensor, E: torch.Tensor, nu: torch.Tensor,
              steps: int, Fc: torch.Tensor | None = None, F0: torch.Tensor | None = None,
-             C0: torch.Tensor | None = None, frames=(), segment_length: int | None = None) -> RolloutResult:
+             C0: torch.Tensor | None = None, frames=(), segment_length: int | None = None,
+             decision_budget: int = DECISION_BUDGET_BYTES) -> RolloutResult:
     """Differentiable rollout of ``steps`` steps.
 
     x0 [N, 3] m; v0 [3] or [N, 3] m/s; E [] or [N] Pa; nu [] or [N]; Fc [K, N, 3, 3] multiplicative controls
     (F~ = Fc[k] F at step k stride) with K = ceil(steps / stride) (None: no controls); F0, C0 [N, 3, 3] (default I
     and 0). Gradients reach every tensor input that requires them, through one backward sweep over checkpointed
-    segments.
+    segments that takes the forward's grid-update branches (recorded up to ``decision_budget`` bytes, see Rollout).
     """
     n = x0.shape[0]
     device = x0.device
@@ -61,7 +62,7 @@ def simulate(sim: Simulator, *, x0: torch.Tensor, v0: torch.Tensor, E: torch.Ten
     mu, lam = lame_parameters(E, nu)
     mu, lam = mu.expand(n), lam.expand(n)
     _check_stability(sim, mu, lam)
-    rollout = Rollout(sim, steps=steps, frames=frames, segment_length=segment_length)
+    rollout = Rollout(sim, steps=steps, frames=frames, segment_length=segment_length, decision_budget=decision_budget)
     x, v, F, C = _RolloutFunction.apply(rollout, x0, v0, F0, C0, Fc, mu, lam)
     return RolloutResult(x=x, v=v, F=F, C=C, frames=rollout.frames, stats=rollout.stats)
 

@@ -9,15 +9,18 @@ gradients from this single backward sweep.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
+from ..enums import DecisionMode, P2GMode
 from ..errors import SimulationError
-from ..warp_runtime import warp, warp_device
+from ..warp_runtime import warp
+from . import launch
 from .grid import default_segment_length
+from .launch import Particles
 from .model import MPMGrid, MPMModel, MPMState
+from .tiled import TiledP2G
 
 STATE_DTYPES = ("vec3", "vec3", "mat33", "mat33")
 NODE_MASS_EPS = 1.0e-8  # relative to the mean particle mass
@@ -35,153 +38,93 @@ def segment_bounds(steps: int, frames, segment_length: int | None) -> list[tuple
 
 
 class Simulator:
-    """Launches MPM steps for one model and one set of particles (mass [N] kg, rest volume [N] m^3).
+    """One model and one set of particles (mass [N] kg, rest volume [N] m^3): what every step of a rollout needs.
 
-    ``p2g``: "plain" (one thread per particle, global atomics; the default) or "tiled" (a shared-memory reduction
-    per block of particles, used by untaped forward steps; taped replays always use "plain"). On the H100 the tiled
-    P2G only pays for particles in no spatial order, together with ``sort_every`` (BENCHMARKS.md).
-    ``sort_every``: with "tiled", visit particles in cell order, re-sorted every this many steps (0 = keep the
-    given order); the state itself is never permuted, so results do not depend on it beyond float rounding.
+    ``p2g``: ``P2GMode.PLAIN`` (the default, and the only path any taped step takes) or ``P2GMode.TILED`` (untaped
+    forward steps through the shared-memory speed path of ``sim/tiled.py``, re-sorting particles by cell every
+    ``sort_every`` steps; used by ``diffmpm bench``).
+
+    Grid-update decisions: every differentiable rollout records them in its forward and replays them in its backward
+    (``Rollout``). ``freeze_decisions()`` additionally keeps the next rollout's decisions and replays them in every
+    later rollout until ``forget_decisions()``: the gradient checker's view of a rollout with contact as the smooth
+    piece it lies on.
     """
 
-    def __init__(self, model: MPMModel, *, mass: torch.Tensor, volume: torch.Tensor, p2g: str | None = None,
-                 sort_every: int = 0):
+    def __init__(self, model: MPMModel, *, mass: torch.Tensor, volume: torch.Tensor,
+                 p2g: P2GMode | str = P2GMode.PLAIN, sort_every: int = 0):
         wp = warp()
-        from ..kernels import mpm
-
         self.model = model
-        self.device = warp_device(mass.device)
+        self.particles = Particles.from_torch(mass, volume)
+        self.device = self.particles.device
         self.torch_device = mass.device
-        self.particle_count = int(mass.shape[0])
-        self.mass = wp.from_torch(mass.detach().float().contiguous().clone())
-        self.volume = wp.from_torch(volume.detach().to(mass.device).float().contiguous().clone())
-        self._p2g = mpm.p2g[(model.bspline, model.material)]
-        self._grid_update = mpm.grid_update
-        self._g2p = mpm.g2p[model.bspline]
-        g = model.grid
-        self._lower = wp.vec3(*g.lower)
-        self._interior = (wp.vec3(*g.interior_lower), wp.vec3(*g.interior_upper))
+        self.particle_count = self.particles.count
         self.clamped = wp.zeros(1, dtype=int, device=self.device)
         self.J_min = wp.zeros(max(self.particle_count, 1), dtype=float, device=self.device)  # lowest det F per particle
-        self.p2g_mode = p2g or "plain"
-        if self.p2g_mode not in ("plain", "tiled"):
-            raise ValueError(f"p2g must be 'plain' or 'tiled', got {p2g!r}")
-        self.sort_every = sort_every
-        self._block = mpm.P2G_BLOCK if self.device.startswith("cuda") else 1  # CPU runs one lane per block
-        self._p2g_tiled = mpm.p2g_tiled(model.bspline, model.material, self._block) if self.p2g_mode == "tiled" else None
-        n = self.particle_count
-        self._order = wp.array(torch.arange(2 * n, dtype=torch.int32).numpy() % max(n, 1), dtype=int, device=self.device)
-        self._keys = wp.zeros(2 * n, dtype=int, device=self.device)
-        self._steps_since_sort = None
+        self.p2g_mode = P2GMode(p2g)
+        self.tiled = TiledP2G(model, self.particles, sort_every=sort_every) if self.p2g_mode == P2GMode.TILED else None
         self.density = (mass.detach().float() / volume.detach().to(mass.device).float()).view(-1)
         # grid nodes lighter than this are empty: 1e-8 of a mean particle, far below any node a particle reaches
         # with a real weight, and far enough above 0 that the adjoint of p / m stays finite in float32
         self.node_mass_eps = NODE_MASS_EPS * float(mass.detach().float().mean()) if self.particle_count else 0.0
-        self._decision_mode, self._decisions = None, {}
-        self._no_decisions = wp.zeros((1, 1, 1), dtype=int, device=self.device)
+        self._freeze: str | None = None  # None, "record" (the next rollout's decisions are kept) or "replay"
+        self._decisions: dict[int, object] = {}  # step -> frozen decisions (uint8 per node)
 
+    @property
+    def sort_every(self) -> int:
+        return self.tiled.sort_every if self.tiled is not None else 0
+
+    # -- frozen decisions (the gradient checker) ----------------------------------------------------------------
     def record_decisions(self) -> None:
-        """From now on, rollouts record each step's grid-update decisions (contact, friction, separating walls,
-        empty nodes) per node; ``replay_decisions()`` then makes every later rollout take the same branches, and
-        ``forget_decisions()`` returns to deciding. The gradient checker uses this to compare autodiff with finite
-        differences of the smooth piece a rollout with contact lies on (kernels/mpm.py grid_update)."""
-        self._decision_mode, self._decisions = "record", {}
+        """Keep the decisions of the steps the next rollouts take (each step's first recording), and replay them in
+        every rollout after ``replay_decisions()``, until ``forget_decisions()``."""
+        self._freeze, self._decisions = "record", {}
 
     def replay_decisions(self) -> None:
-        if self._decision_mode is None:
+        if self._freeze is None:
             raise RuntimeError("no decisions were recorded")
-        self._decision_mode = "replay"
+        self._freeze = "replay"
 
     def forget_decisions(self) -> None:
-        self._decision_mode, self._decisions = None, {}
+        self._freeze, self._decisions = None, {}
 
-    def _decision_args(self, step: int | None, taped: bool):
-        """(mode, array) for the grid update of ``step``; untaped forward steps record, everything replays after."""
-        from ..kernels import mpm
+    def frozen_decisions(self) -> tuple[str | None, dict]:
+        """(mode, step -> array) as a rollout starting now sees it: it keeps these, whatever changes later."""
+        return self._freeze, self._decisions
 
-        wp = warp()
-        if self._decision_mode is None or step is None:
-            return mpm.DECIDE, self._no_decisions
-        if self._decision_mode == "record" and not taped and step not in self._decisions:
-            array = self._decisions[step] = wp.zeros(self.model.grid.shape, dtype=int, device=self.device)
-            return mpm.DECIDE_AND_RECORD, array
-        if step in self._decisions:
-            return mpm.REPLAY, self._decisions[step]
-        return mpm.DECIDE, self._no_decisions
-
+    # -- factories and one step ---------------------------------------------------------------------------------
     def new_state(self, requires_grad: bool = False) -> MPMState:
         return MPMState.zeros(self.particle_count, device=self.device, requires_grad=requires_grad)
 
     def new_grid(self, requires_grad: bool = False) -> MPMGrid:
         return MPMGrid.zeros(self.model.grid.shape, device=self.device, requires_grad=requires_grad)
 
-    def sort_particles(self, state: MPMState) -> None:
-        """Visiting order of the tiled P2G: particles by stencil cell (Warp's radix sort)."""
-        wp = warp()
+    def new_decisions(self, steps: int):
+        """Room for ``steps`` steps of grid-update decisions: uint8 [steps, nx, ny, nz] (row t: a step's)."""
         from ..kernels import mpm
 
-        g = self.model.grid
-        shift = mpm.BSPLINES[self.model.bspline][1]
-        n = self.particle_count
-        wp.launch(mpm.cell_keys, dim=n, device=self.device, inputs=[self._lower, g.inv_dx, shift, g.shape[1],
-                                                                    g.shape[2], state.x], outputs=[self._keys, self._order])
-        wp.utils.radix_sort_pairs(self._keys, self._order, n)
-
-    def launches(self, state_in: MPMState, state_out: MPMState, grid: MPMGrid, *, mu, lam, Fc, control: int,
-                 clamped=None, J_min=None, taped: bool = True,
-                 step: int | None = None) -> list[tuple[str, Callable[[], None]]]:
-        """The launches of one step, in order, as (name, launch) pairs (the benchmark times them apart).
-
-        ``step`` (the rollout's step index) keys recorded / replayed grid-update decisions (``record_decisions``).
-        """
-        wp = warp()
-        m, g = self.model, self.model.grid
-        n = self.particle_count
-        inputs = [self._lower, g.dx, m.dt, self.volume, self.mass, mu, lam, m.bulk_viscosity, Fc, control]
-        state = [state_in.x, state_in.v, state_in.F, state_in.C]
-        fast = self.p2g_mode == "tiled" and not taped
-        steps = []
-        if fast and self.sort_every:
-            due = self._steps_since_sort is None or self._steps_since_sort >= self.sort_every
-            self._steps_since_sort = 1 if due else self._steps_since_sort + 1
-            if due:
-                steps.append(("sort", lambda: self.sort_particles(state_in)))
-
-        def p2g():
-            if fast:
-                wp.launch_tiled(self._p2g_tiled, dim=[(n + self._block - 1) // self._block], block_dim=self._block,
-                                device=self.device, inputs=[*inputs, self._order, *state],
-                                outputs=[grid.mass, grid.momentum])
-            else:
-                wp.launch(self._p2g, dim=n, device=self.device, inputs=[*inputs, *state],
-                          outputs=[grid.mass, grid.momentum])
-
-        def grid_update():
-            wp.launch(self._grid_update, dim=g.shape, device=self.device, inputs=[
-                self._lower, g.dx, m.dt, wp.vec3(*m.gravity), g.boundary_cells, wp.vec3i(*m.walls_min),
-                wp.vec3i(*m.walls_max), int(m.floor_enabled), wp.vec3(*m.floor_normal), m.floor_height, m.friction,
-                self.node_mass_eps, grid.mass, grid.momentum, *self._decision_args(step, taped),
-            ], outputs=[grid.velocity])
-
-        def g2p():
-            wp.launch(self._g2p, dim=n, device=self.device, inputs=[
-                self._lower, g.dx, m.dt, self._interior[0], self._interior[1], m.f_blend, m.min_J, Fc, control,
-                state_in.x, state_in.F, grid.velocity,
-            ], outputs=[state_out.x, state_out.v, state_out.F, state_out.C,
-                        clamped if clamped is not None else self.clamped, J_min if J_min is not None else self.J_min])
-
-        return [*steps, ("p2g", p2g), ("grid_update", grid_update), ("g2p", g2p)]
+        return warp().zeros((steps, *self.model.grid.shape), dtype=mpm.DECISION_DTYPE, device=self.device)
 
     def step(self, state_in: MPMState, state_out: MPMState, grid: MPMGrid, *, mu, lam, Fc, control: int,
-             clamped=None, J_min=None, taped: bool = True, step: int | None = None) -> None:
+             clamped=None, J_min=None, taped: bool = True, decision_mode: DecisionMode = DecisionMode.DECIDE,
+             decisions=None) -> None:
         """One MLS-MPM step from ``state_in`` into ``state_out`` through ``grid`` (which must be zero).
 
-        ``taped=False`` (no tape recording) allows the faster tiled P2G. ``clamped`` / ``J_min``: where the step
-        counts wall clamps and lowers each particle's lowest det F (default: the simulator's own records).
+        ``taped=False`` (no tape recording) allows the tiled P2G. ``clamped`` / ``J_min``: where the step counts
+        wall clamps and lowers each particle's lowest det F (default: the simulator's own records).
+        ``decision_mode`` / ``decisions``: the grid update's branch decisions, recorded into or replayed from a
+        uint8 array of the grid's shape.
         """
-        for _, launch in self.launches(state_in, state_out, grid, mu=mu, lam=lam, Fc=Fc, control=control,
-                                       clamped=clamped, J_min=J_min, taped=taped, step=step):
-            launch()
+        if self.tiled is not None and not taped:
+            if self.tiled.sort_due():
+                self.tiled.sort(state_in)
+            self.tiled.p2g(state_in, grid, mu=mu, lam=lam, Fc=Fc, control=control)
+        else:
+            launch.p2g(self.model, self.particles, state_in, grid, mu=mu, lam=lam, Fc=Fc, control=control)
+        launch.grid_update(self.model, grid, node_mass_eps=self.node_mass_eps, device=self.device,
+                           mode=decision_mode, decisions=decisions)
+        launch.g2p(self.model, state_in, grid, state_out, Fc=Fc, control=control, device=self.device,
+                   clamped=clamped if clamped is not None else self.clamped,
+                   J_min=J_min if J_min is not None else self.J_min)
 
 
 @dataclass
@@ -195,6 +138,8 @@ class RolloutStats:
     bytes_per_step: int = 0  # taped bytes per step in the backward (states, grids and their adjoints)
     peak_taped_bytes: int = 0  # largest segment held on a tape at once
     checkpoint_bytes: int = 0
+    decision_bytes: int = 0  # grid-update decisions recorded in the forward (1 byte per node and step)
+    recomputed_steps: int = 0  # steps whose decisions the backward re-recorded (beyond the decision budget)
     frames: list[int] = field(default_factory=list)
 
 
@@ -215,10 +160,22 @@ def _state_to_torch(state: MPMState) -> list[torch.Tensor]:
     return [wp.to_torch(a).clone() for a in state.arrays()]
 
 
-class Rollout:
-    """A differentiable rollout of ``steps`` steps returning the states at ``frames`` (the last is ``steps``)."""
+DECISION_BUDGET_BYTES = 1 << 30  # decisions a forward keeps (1 byte per node and step): 1 GiB
 
-    def __init__(self, sim: Simulator, *, steps: int, frames=(), segment_length: int | None = None):
+
+class Rollout:
+    """A differentiable rollout of ``steps`` steps returning the states at ``frames`` (the last is ``steps``).
+
+    Forward and backward take the same branches: the forward records each step's grid-update decisions (contact,
+    friction, separating walls, empty nodes; one byte per node) and the backward's taped replay replays them. The
+    record is bounded by ``decision_budget`` bytes: steps beyond it are not kept, and the backward re-records each
+    such segment with an untaped replay from its checkpoint before taping it (one more forward pass over those
+    steps; on the CPU bit-identical to the first, on CUDA equal up to the order of float atomics). The decisions
+    of the frozen mode (``Simulator.record_decisions``) are taken when the forward starts.
+    """
+
+    def __init__(self, sim: Simulator, *, steps: int, frames=(), segment_length: int | None = None,
+                 decision_budget: int = DECISION_BUDGET_BYTES):
         if any(f < 0 or f > steps for f in frames):
             raise SimulationError(f"frames must lie in 0..{steps}, got {sorted(frames)}")
         self.sim = sim
@@ -226,8 +183,10 @@ class Rollout:
         self.frames = sorted({*frames, steps})
         self.segments = segment_bounds(steps, self.frames, segment_length)
         self.stats = RolloutStats(steps=steps, segments=len(self.segments), frames=list(self.frames))
+        self.decision_budget = decision_budget
         self._checkpoints: list[list[torch.Tensor]] = []
         self._params = None
+        self._decisions: dict[int, object] = {}  # step -> uint8 decisions the backward replays
 
     # -- forward ------------------------------------------------------------------------------------------------
     def forward(self, x0, v0, F0, C0, Fc, mu, lam) -> list[torch.Tensor]:
@@ -249,12 +208,13 @@ class Rollout:
             wp.copy(sim.J_min, wp.from_torch(torch.linalg.det(F0.detach().float()).contiguous()))
         outputs = {0: _state_to_torch(current)} if 0 in self.frames else {}
         self._checkpoints = []
+        self._decisions = self._record_decisions_for(sim.frozen_decisions())
         for start, end in self.segments:
             self._checkpoints.append(_state_to_torch(current))
             for t in range(start, end):
                 grid.zero_()
                 sim.step(current, spare, grid, mu=self._params["mu"], lam=self._params["lam"],
-                         Fc=self._params["Fc"], control=self._control(t), taped=False, step=t)
+                         Fc=self._params["Fc"], control=self._control(t), taped=False, **self._decision_args(t))
                 current, spare = spare, current
             tensors = _state_to_torch(current)
             bad = [name for name, t in zip(MPMState.FIELDS, tensors, strict=True) if not torch.isfinite(t).all()]
@@ -270,6 +230,30 @@ class Rollout:
         self._account_memory()
         return [torch.stack([outputs[f][i] for f in self.frames]) for i in range(4)]
 
+    def _record_decisions_for(self, frozen: tuple[str | None, dict]) -> dict:
+        """step -> (mode, array) for the forward: replay frozen decisions, record (into rows of one block) the steps
+        the budget holds, decide the rest (the backward re-records those)."""
+        mode, kept = frozen
+        nodes = self.sim.model.grid.node_count
+        plan, fresh = {}, []
+        for t in range(self.steps):
+            if mode is not None and t in kept:
+                plan[t] = (DecisionMode.REPLAY, kept[t])
+            elif mode == "record" or (len(fresh) + 1) * nodes <= self.decision_budget:
+                fresh.append(t)
+        if fresh:
+            block = self.sim.new_decisions(len(fresh))
+            for row, t in enumerate(fresh):
+                plan[t] = (DecisionMode.RECORD, block[row])
+                if mode == "record":
+                    kept[t] = block[row]
+        self.stats.decision_bytes = len(fresh) * nodes
+        return plan
+
+    def _decision_args(self, step: int) -> dict:
+        mode, array = self._decisions.get(step, (DecisionMode.DECIDE, None))
+        return dict(decision_mode=mode, decisions=array)
+
     def _control(self, step: int) -> int:
         return self.sim.model.control_index(step) if self._params["controlled"] else -1
 
@@ -282,6 +266,30 @@ class Rollout:
         self.stats.checkpoint_bytes = len(self.segments) * state
 
     # -- backward -----------------------------------------------------------------------------------------------
+    def _replay_decisions(self, index: int) -> dict:
+        """step -> array of segment ``index``'s decisions, as the forward took them; a segment the forward could
+        not keep is re-recorded now by an untaped replay from its checkpoint."""
+        start, end = self.segments[index]
+        missing = [t for t in range(start, end) if t not in self._decisions]
+        if not missing:
+            return {t: self._decisions[t][1] for t in range(start, end)}
+        sim = self.sim
+        wp = warp()
+        block = sim.new_decisions(end - start)
+        current, spare, grid = sim.new_state(), sim.new_state(), sim.new_grid()
+        _state_from_torch(current, self._checkpoints[index])
+        counter = wp.zeros(1, dtype=int, device=sim.device)
+        J = wp.zeros(max(sim.particle_count, 1), dtype=float, device=sim.device)
+        for t in range(start, end):
+            grid.zero_()
+            args = (dict(decision_mode=DecisionMode.REPLAY, decisions=self._decisions[t][1]) if t in self._decisions
+                    else dict(decision_mode=DecisionMode.RECORD, decisions=block[t - start]))
+            sim.step(current, spare, grid, mu=self._params["mu"], lam=self._params["lam"], Fc=self._params["Fc"],
+                     control=self._control(t), clamped=counter, J_min=J, taped=True, **args)
+            current, spare = spare, current
+        self.stats.recomputed_steps += len(missing)
+        return {t: self._decisions[t][1] if t in self._decisions else block[t - start] for t in range(start, end)}
+
     def backward(self, grads) -> tuple:
         """Gradients (x0, v0, F0, C0, Fc or None, mu, lam) from gradients of the stacked frame outputs."""
         wp = warp()
@@ -294,6 +302,7 @@ class Rollout:
             start, end = self.segments[index]
             if end in frame_row:
                 carry = [c + (g[frame_row[end]] if g is not None else 0) for c, g in zip(carry, grads, strict=True)]
+            decisions = self._replay_decisions(index)
             begin = sim.new_state(requires_grad=True)
             _state_from_torch(begin, self._checkpoints[index])
             tape = wp.Tape()
@@ -303,20 +312,21 @@ class Rollout:
                     nxt = sim.new_state(requires_grad=True)
                     sim.step(current, nxt, sim.new_grid(requires_grad=True), mu=self._params["mu"],
                              lam=self._params["lam"], Fc=self._params["Fc"], control=self._control(t),
-                             clamped=scratch_counter, J_min=scratch_J, step=t)
+                             clamped=scratch_counter, J_min=scratch_J, decision_mode=DecisionMode.REPLAY,
+                             decisions=decisions[t])
                     current = nxt
             seeds = {array: wp.from_torch(g.float().contiguous(), dtype=getattr(wp, dtype))
                      for array, g, dtype in zip(current.arrays(), carry, STATE_DTYPES, strict=True)}
             tape.backward(grads=seeds)
             carry = [wp.to_torch(a.grad).clone() for a in begin.arrays()]
             # drop the tape without Tape.reset(): reset would also zero the parameter gradients accumulated so far
-            del tape, begin, current, seeds
+            del tape, begin, current, seeds, decisions
         if 0 in frame_row:
             carry = [c + (g[frame_row[0]] if g is not None else 0) for c, g in zip(carry, grads, strict=True)]
         p = self._params
         g_fc = wp.to_torch(p["Fc"].grad).clone() if p["controlled"] else None
         g_mu, g_lam = wp.to_torch(p["mu"].grad).clone(), wp.to_torch(p["lam"].grad).clone()
-        self._params, self._checkpoints = None, []  # release Warp arrays (Warp issue #675)
+        self._params, self._checkpoints, self._decisions = None, [], {}  # release Warp arrays (Warp issue #675)
         out = (*carry, g_fc, g_mu, g_lam)
         if not all(torch.isfinite(t).all() for t in out if t is not None):
             raise SimulationError("non-finite gradient in the MPM backward pass")

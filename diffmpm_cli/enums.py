@@ -1,0 +1,55 @@
+"""Closed sets shared by the scene schema, the host code and the Warp kernels (pure Python, imports nothing).
+
+Host code passes these members around; they become ints only at the kernel boundary (``code``), where
+``kernels/mpm.py`` turns the same codes into ``wp.constant``s. The string values are the scene file's spellings.
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum, StrEnum
+
+
+class _Coded(StrEnum):
+    @property
+    def code(self) -> int:
+        """The member's int at the kernel boundary: its position in the definition."""
+        return list(type(self)).index(self)
+
+
+class WallKind(_Coded):
+    """Wall condition of a domain face (``sim.boundaries``)."""
+
+    STICKY = "sticky"  # v = 0
+    SLIP = "slip"  # normal v = 0
+    SEPARATE = "separate"  # outward normal v = 0
+
+
+class BSpline(StrEnum):
+    """Transfer kernel (``sim.bspline``): quadratic (27 nodes) or cubic (64 nodes)."""
+
+    QUADRATIC = "quadratic"
+    CUBIC = "cubic"
+
+
+class Material(StrEnum):
+    """Constitutive model (``material.model``)."""
+
+    FIXED_COROTATED = "fixed_corotated"
+    NEO_HOOKEAN = "neo_hookean"
+
+
+class P2GMode(StrEnum):
+    """How untaped forward steps scatter particles to the grid: ``plain`` (one thread per particle, global atomics;
+    the only mode of differentiable rollouts) or ``tiled`` (a shared-memory reduction per block; a CUDA speed path
+    that ``diffmpm bench`` measures)."""
+
+    PLAIN = "plain"
+    TILED = "tiled"
+
+
+class DecisionMode(IntEnum):
+    """What the grid update does with its per-node branch decisions (contact, friction, walls, empty nodes)."""
+
+    DECIDE = 0  # decide, keep nothing
+    RECORD = 1  # decide and write them
+    REPLAY = 2  # take the written ones

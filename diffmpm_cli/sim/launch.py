@@ -1,0 +1,95 @@
+"""Thin launchers of one MLS-MPM step's kernels (``kernels/mpm.py``): ``p2g``, ``grid_update``, ``g2p``.
+
+Each takes the static model, the arrays it reads and the arrays it writes, names every kernel argument in the
+kernel's own order, and translates the host's enums (WallKind, DecisionMode) into ints here, at the kernel
+boundary. Nothing here keeps state between calls.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+
+from ..enums import DecisionMode
+from ..warp_runtime import warp, warp_device
+from .model import MPMGrid, MPMModel, MPMState
+
+
+@dataclass(frozen=True)
+class Particles:
+    """Per-particle constants of a body: mass [N] kg and rest volume [N] m^3 (Warp float arrays on ``device``)."""
+
+    mass: object
+    volume: object
+    count: int
+    device: str
+
+    @classmethod
+    def from_torch(cls, mass: torch.Tensor, volume: torch.Tensor) -> Particles:
+        wp = warp()
+        return cls(mass=wp.from_torch(mass.detach().float().contiguous().clone()),
+                   volume=wp.from_torch(volume.detach().to(mass.device).float().contiguous().clone()),
+                   count=int(mass.shape[0]), device=warp_device(mass.device))
+
+
+@functools.cache
+def _no_decisions(device: str):
+    """The decision array passed when nothing is recorded or replayed (one per device)."""
+    wp = warp()
+    from ..kernels import mpm
+
+    return wp.zeros((1, 1, 1), dtype=mpm.DECISION_DTYPE, device=device)
+
+
+def p2g(model: MPMModel, particles: Particles, state_in: MPMState, grid: MPMGrid, *, mu, lam, Fc, control: int) -> None:
+    """Scatter mass and APIC/MLS momentum (with the stress of F~ = Fc[control] F) into ``grid`` (which must be 0).
+
+    mu, lam: [N] float arrays (Pa); Fc: [K, N] mat33 controls; control: the layer applied this step, or -1."""
+    wp = warp()
+    from ..kernels import mpm
+
+    g = model.grid
+    wp.launch(mpm.p2g[(model.bspline, model.material)], dim=particles.count, device=particles.device, inputs=[
+        wp.vec3(*g.lower), g.dx, model.dt, particles.volume, particles.mass, mu, lam, model.bulk_viscosity,
+        Fc, control,
+        state_in.x, state_in.v, state_in.F, state_in.C,
+    ], outputs=[grid.mass, grid.momentum])
+
+
+def grid_update(model: MPMModel, grid: MPMGrid, *, node_mass_eps: float, device: str,
+                mode: DecisionMode = DecisionMode.DECIDE, decisions=None) -> None:
+    """Grid velocities from mass and momentum: gravity, floor contact with friction, walls.
+
+    ``mode`` RECORD writes each node's branch decisions into ``decisions`` (a uint8 array of the grid's shape),
+    REPLAY takes them from it; DECIDE needs none."""
+    wp = warp()
+    from ..kernels import mpm
+
+    g = model.grid
+    if mode != DecisionMode.DECIDE and decisions is None:
+        raise ValueError(f"decision mode {mode.name} needs a decision array")
+    wp.launch(mpm.grid_update, dim=g.shape, device=device, inputs=[
+        wp.vec3(*g.lower), g.dx, model.dt, wp.vec3(*model.gravity), g.boundary_cells,
+        wp.vec3i(*(w.code for w in model.walls_min)), wp.vec3i(*(w.code for w in model.walls_max)),
+        int(model.floor_enabled), wp.vec3(*model.floor_normal), model.floor_height, model.friction, node_mass_eps,
+        grid.mass, grid.momentum,
+        int(mode), decisions if decisions is not None else _no_decisions(device),
+    ], outputs=[grid.velocity])
+
+
+def g2p(model: MPMModel, state_in: MPMState, grid: MPMGrid, state_out: MPMState, *, Fc, control: int, clamped,
+        J_min, device: str) -> None:
+    """Gather v and C from the grid, update F and x into ``state_out``; count wall clamps into ``clamped`` [1] and
+    lower each particle's lowest det F in ``J_min`` [N] (validity records, not differentiated)."""
+    wp = warp()
+    from ..kernels import mpm
+
+    g = model.grid
+    wp.launch(mpm.g2p[model.bspline], dim=state_in.x.shape[0], device=device, inputs=[
+        wp.vec3(*g.lower), g.dx, model.dt, wp.vec3(*g.interior_lower), wp.vec3(*g.interior_upper), model.f_blend,
+        model.min_J,
+        Fc, control,
+        state_in.x, state_in.F, grid.velocity,
+    ], outputs=[state_out.x, state_out.v, state_out.F, state_out.C, clamped, J_min])
