@@ -5,8 +5,9 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
+from .config.checks import stiffest_material
 from .render.rasterize import raster_memory
-from .sim.grid import default_segment_length, rollout_memory, scene_cfl
+from .sim.grid import cfl_number, default_segment_length, rollout_memory
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,7 @@ def summarize_scene(*, scene, assets, camera_count: int) -> SceneSummary:
     """Counts, grid, time stepping, CFL number and a taped-rollout memory estimate of a scene."""
     sim = scene.sim
     particles = assets.source.particle_count
+    E_max, nu_max = stiffest_material(scene)  # the stiffest material a run starts from
     layers = math.ceil(sim.steps / sim.control_stride)
     memory = rollout_memory(particle_count=particles, node_count=assets.grid.node_count, steps=sim.steps,
                             control_layers=layers if scene.learn.dFc.enabled else 0,
@@ -65,7 +67,7 @@ def summarize_scene(*, scene, assets, camera_count: int) -> SceneSummary:
         duration=sim.dt * sim.steps,
         bspline=sim.bspline,
         control_layers=layers,
-        cfl=scene_cfl(scene, assets.grid),
+        cfl=cfl_number(E=E_max, nu=nu_max, density=scene.material.density, dt=sim.dt, dx=assets.grid.dx),
         cfl_limit=sim.cfl_limit,
         memory_full_tape=memory.full_tape,
         memory_checkpointed=memory.checkpointed,

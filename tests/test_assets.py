@@ -16,7 +16,7 @@ from diffmpm_cli.assets import build_assets, build_mesh
 from diffmpm_cli.assets.lattice import inside_lattice, inside_lattice_winding, lattice_axis, lattice_particles
 from diffmpm_cli.config import scene_from_dict
 from diffmpm_cli.config.schema import Scene
-from diffmpm_cli.errors import AssetError, ConfigError
+from diffmpm_cli.errors import AssetError
 from diffmpm_cli.reference.mpm import grid_mass_ref
 from diffmpm_cli.sim.grid import GridSpec
 from diffmpm_cli.sim.op import grid_mass
@@ -319,8 +319,8 @@ def test_a_flat_open_sheet_is_one_clear_error(tmp_path):
     sheet = sheet.subdivide().subdivide()
     sheet.apply_transform(trimesh.transformations.euler_matrix(0.3, 0.4, 0.0))
     write_obj(tmp_path / "sheet.obj", sheet.vertices, sheet.faces)
-    with pytest.raises(ConfigError) as info:  # raised as the scene loads (config.checks builds every shape)
-        scene_with({"shape": "mesh", "path": "sheet.obj"}, tmp_path)
+    with pytest.raises(AssetError) as info:  # raised where the shape is built
+        build_assets(scene_with({"shape": "mesh", "path": "sheet.obj"}, tmp_path))
     message = str(info.value)
     assert re.match(r"^source\.path: '.*sheet\.obj' encloses no volume: it is not closed \(16 open edges in 1 boundary "
                     r"loop\) and none of \d+ points sampled in its bounding box is inside it", message), message
@@ -332,9 +332,9 @@ def test_an_open_mesh_file_in_a_boolean_is_refused(tmp_path):
     keep = sphere.triangles_center[:, 2] < 0.12
     write_obj(tmp_path / "bowl.obj", sphere.vertices, sphere.faces[keep])
     parts = [{"shape": "mesh", "path": "bowl.obj"}, {"shape": "sphere", "radius": 0.1, "center": [0.1, 0, 0]}]
-    with pytest.raises(ConfigError, match=r"^source\.parts\[0\]: is a mesh that is not closed \(\d+ open edges "
-                                          r"in 1 boundary loop\); a union needs closed volumes"):
-        scene_with({"shape": "union", "parts": parts}, tmp_path)
+    with pytest.raises(AssetError, match=r"^source\.parts\[0\]: is a mesh that is not closed \(\d+ open edges "
+                                         r"in 1 boundary loop\); a union needs closed volumes"):
+        build_assets(scene_with({"shape": "union", "parts": parts}, tmp_path))
 
 
 REAL_MESHES = {  # file in scenes/meshes: (inside test after repair, what is wrong with it as published)

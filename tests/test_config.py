@@ -12,10 +12,11 @@ from conftest import BASE_SCENE, REPO, SCENES
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from diffmpm_cli.assets import build_assets
 from diffmpm_cli.config import apply_overrides, dump_scene, load_scene, scene_from_dict
 from diffmpm_cli.config.defaults import render_defaults
 from diffmpm_cli.config.schema import Scene
-from diffmpm_cli.errors import ConfigError
+from diffmpm_cli.errors import AssetError, ConfigError, DiffMPMError
 
 DELETE = object()
 
@@ -159,8 +160,9 @@ def test_malformed_scene_names_the_key(base_scene, tmp_path, path, value, key, f
     if path == "sim.bspline" and value == "cubic":
         data = mutate(data, "sim.boundary_cells", 2)
         fragment = "must be >= 3 with cubic"
-    with pytest.raises(ConfigError) as info:
-        scene_from_dict(data, base_dir=tmp_path)
+    with pytest.raises(DiffMPMError) as info:  # values refused as the scene loads, geometry as its assets are built
+        build_assets(scene_from_dict(data, base_dir=tmp_path))
+    assert info.value.exit_code == 2
     first = str(info.value).splitlines()[0]
     assert first.startswith(f"{key}: "), first
     assert fragment in first, first
@@ -171,24 +173,24 @@ def test_at_least_25_malformed_cases():
 
 
 def test_missing_unsupported_and_broken_mesh_files(base_scene, tmp_path):
-    def load_with_source(source):
-        return scene_from_dict(mutate(base_scene, "source", source), base_dir=tmp_path)
+    def load_with_source(source):  # a missing file is refused as the scene loads, a broken mesh as it is built
+        return build_assets(scene_from_dict(mutate(base_scene, "source", source), base_dir=tmp_path))
 
     with pytest.raises(ConfigError, match=r"^source\.path: file not found"):
         load_with_source({"shape": "mesh", "path": "missing.obj"})
     (tmp_path / "notes.txt").write_text("hello")
-    with pytest.raises(ConfigError, match=r"^source\.path: unsupported mesh format '\.txt'"):
+    with pytest.raises(AssetError, match=r"^source\.path: unsupported mesh format '\.txt'"):
         load_with_source({"shape": "mesh", "path": "notes.txt"})
     (tmp_path / "garbage.stl").write_bytes(b"this is not a mesh at all")
-    with pytest.raises(ConfigError, match=r"^source\.path: "):
+    with pytest.raises(AssetError, match=r"^source\.path: "):
         load_with_source({"shape": "mesh", "path": "garbage.stl"})
     (tmp_path / "empty.obj").write_text("# nothing here\n")
-    with pytest.raises(ConfigError, match=r"^source\.path: .*(no triangles|cannot read)"):
+    with pytest.raises(AssetError, match=r"^source\.path: .*(no triangles|cannot read)"):
         load_with_source({"shape": "mesh", "path": "empty.obj"})
     # an open sheet has no inside at all (a sphere with a hole now loads through the winding number: test_assets)
     sheet = trimesh.Trimesh(vertices=[[0, 0, 0], [0.2, 0, 0], [0, 0.2, 0.05]], faces=[[0, 1, 2]])
     sheet.export(tmp_path / "open.ply")
-    with pytest.raises(ConfigError, match=r"^source\.path: .*encloses no volume: it is not closed \(3 open edges in 1 "
+    with pytest.raises(AssetError, match=r"^source\.path: .*encloses no volume: it is not closed \(3 open edges in 1 "
                                           r"boundary loop\)"):
         load_with_source({"shape": "mesh", "path": "open.ply", "center": [0.5, 0.5, 0.5]})
     # a mesh part inside a union reports the part's key path

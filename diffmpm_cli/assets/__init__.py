@@ -1,6 +1,9 @@
-"""Assets: the scene's shapes as meshes, particles, the target's grid mass and surface samples.
+"""Assets: the scene's shapes as meshes, particles, the target's grid mass and surface samples, its cameras.
 
-``build_assets(scene)`` is the only entry point the pipeline needs; it returns torch tensors (float32, CPU).
+``build_assets(scene)`` is the only entry point the pipeline needs; it returns torch tensors (float32, CPU). It is
+also where the scene's geometry is checked (the loader checks values only): shapes inside the interior and above
+the floor, cameras that see the domain, target pictures that decode at the render size. Every refusal names its
+key path (AssetError or ConfigError, exit code 2).
 """
 
 from __future__ import annotations
@@ -12,11 +15,14 @@ import torch
 import trimesh
 
 from ..errors import AssetError
+from ..render.camera import CameraSet, build_cameras, check_view
 from ..sim.grid import GridSpec
+from .images import read_image
 from .lattice import lattice_box_count, lattice_particles
 from .shapes import build_mesh
 
-__all__ = ["Body", "SceneAssets", "build_assets", "build_mesh", "make_body", "check_inside", "MAX_PARTICLES"]
+__all__ = ["Body", "SceneAssets", "build_assets", "build_mesh", "make_body", "check_inside", "check_above_floor",
+           "MAX_PARTICLES"]
 
 MAX_PARTICLES = 20_000_000
 MAX_LATTICE = 8 * MAX_PARTICLES  # lattice points of a shape's bounding box that the inside test may hold at once
@@ -49,6 +55,7 @@ class SceneAssets:
     source: Body
     target: Body | None  # None when the target has no mesh
     target_grid_mass: torch.Tensor | None  # [nx, ny, nz] kg
+    cameras: CameraSet | None = None  # render.cameras, each checked to see the domain's centre
 
 
 def make_body(mesh: trimesh.Trimesh, *, key: str, grid: GridSpec, particles_per_cell: int, density: float,
@@ -96,6 +103,18 @@ def check_inside(bounds, grid: GridSpec, key: str) -> None:
     )
 
 
+def check_above_floor(mesh: trimesh.Trimesh, floor, key: str) -> None:
+    """With ``sim.floor`` enabled, no vertex of ``mesh`` lies below the floor plane (AssetError naming ``key``)."""
+    if not floor.enabled:
+        return
+    normal = np.asarray(floor.normal, dtype=np.float64)
+    normal = normal / np.linalg.norm(normal)
+    lowest = float(np.min(mesh.vertices @ normal))
+    if lowest < floor.height:
+        raise AssetError(key, f"reaches below the floor plane (height {floor.height:g} m along the normal; "
+                              f"the shape goes down to {lowest:.4g} m)")
+
+
 TARGET_SAMPLES_FACTOR = 4
 
 
@@ -118,14 +137,24 @@ def build_assets(scene, *, device: str = "cpu") -> SceneAssets:
     rng = np.random.default_rng(scene.optimize.seed)
     common = dict(grid=grid, particles_per_cell=scene.sim.particles_per_cell, density=scene.material.density,
                   jitter=scene.sim.jitter)
+    # every shape first (cheap refusals before any particles are made)
     source_mesh = build_mesh(scene.source, key="source", default_center=grid.center)
-    source = make_body(source_mesh, key="source", rng=rng, surface_samples=scene.appearance.surface_samples, **common)
-    target = target_mass = None
+    check_inside(source_mesh.bounds, grid, "source")
+    check_above_floor(source_mesh, scene.sim.floor, "source")
+    target_mesh = None
     if scene.target.mesh is not None:
         target_mesh = build_mesh(scene.target.mesh, key="target.mesh", default_center=grid.center)
+        check_inside(target_mesh.bounds, grid, "target.mesh")
+    cameras = build_cameras(scene.render, default_target=grid.center)
+    check_view(cameras, scene.render, grid.center)
+    for i, image in enumerate(scene.target.images):  # decoded in full: a picture validate accepts is one a run reads
+        read_image(image.path, key=f"target.images[{i}].path", size=(scene.render.width, scene.render.height))
+    source = make_body(source_mesh, key="source", rng=rng, surface_samples=scene.appearance.surface_samples, **common)
+    target = target_mass = None
+    if target_mesh is not None:
         target = make_body(target_mesh, key="target.mesh", rng=rng, surface_samples=target_surface_samples(scene),
                            **common)
         target_mass = grid_mass(target.positions.to(device), target.masses.to(device), grid=grid,
                                 bspline=scene.sim.bspline)
     return SceneAssets(grid=grid, spacing=grid.dx / scene.sim.particles_per_cell, source=source, target=target,
-                       target_grid_mass=target_mass)
+                       target_grid_mass=target_mass, cameras=cameras)

@@ -64,8 +64,8 @@ def validate(
     """Check a scene and report particle counts, grid, time step, CFL number and memory."""
     from ..assets import build_assets
     from ..config import load_scene
+    from ..config.checks import stiffest_material
     from ..outputs.preview import check_preview_dir, write_previews
-    from ..render.camera import build_cameras
     from ..sim.grid import check_cfl
     from ..summary import summarize_scene
     from .scenes import resolve_scene
@@ -73,14 +73,16 @@ def validate(
     if preview is not None:
         check_preview_dir(preview)
     cfg = load_scene(resolve_scene(scene), set_)
-    assets = build_assets(cfg)
-    cameras = build_cameras(cfg.render, default_target=assets.grid.center)
+    assets = build_assets(cfg)  # the geometry checks: shapes, cameras, target pictures
+    cameras = assets.cameras
     summary = summarize_scene(scene=cfg, assets=assets, camera_count=cameras.camera_count)
     if as_json:
         typer.echo(json.dumps(summary.as_dict(), indent=2))
     else:
         out.print(_table(summary))
-    check_cfl(cfg, assets.grid)  # before the previews: a refused scene writes nothing
+    E, nu = stiffest_material(cfg)
+    check_cfl(E=E, nu=nu, density=cfg.material.density, dt=cfg.sim.dt, dx=assets.grid.dx,
+              limit=cfg.sim.cfl_limit)  # before the previews: a refused scene writes nothing
     if preview is not None:
         for path in write_previews(assets=assets, cameras=cameras, out_dir=preview):
             (err if as_json else out).print(f"wrote {path}", markup=False)

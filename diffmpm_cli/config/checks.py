@@ -1,28 +1,105 @@
-"""Semantic cross-checks of a validated scene: things one field cannot know about another."""
+"""Semantic cross-checks of a validated scene: things one field cannot know about another.
+
+Values only: nothing here builds a mesh, a camera or a grid. Geometry is checked where it is built (shapes,
+particles, cameras and target pictures by ``assets.build_assets``), with the same key paths in its errors.
+"""
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 
-from ..errors import AssetError, ConfigError
-from ..render.camera import build_cameras, camera_location
-from ..sim.grid import GridSpec
+from ..enums import BSpline
+from ..errors import ConfigError
 from .schema import Scene
+
+DEFAULT_RESOLUTION = 32
+# the wall band a particle's transfer stencil needs (cells) per B-spline order
+MIN_BOUNDARY_CELLS = {BSpline.QUADRATIC: 2, BSpline.CUBIC: 3}
+MAX_GRID_NODES = 512**3
 
 
 def check_scene(scene: Scene) -> None:
     """Raise ConfigError (key path + problem) for the first inconsistency found."""
     _check_grid_numbers(scene)
-    grid = GridSpec.from_sim(scene.sim)
+    layout = grid_layout(scene.sim)
     _check_sim(scene)
-    _check_particle_mass(scene, grid)
-    _check_shapes(scene, grid)
-    cameras = build_cameras(scene.render, default_target=grid.center)
-    _check_render(scene, grid, cameras)
-    _check_target(scene, cameras)
+    _check_particle_mass(scene, layout.dx)
+    _check_render(scene)
+    names = camera_names(scene.render)
+    _check_target(scene, names)
     _check_losses(scene)
+
+
+@dataclass(frozen=True)
+class GridLayout:
+    """The grid a ``SimConfig`` asks for: cell size ``dx`` [m] and cells per axis (sim/grid.py builds on it)."""
+
+    dx: float
+    cells: tuple[int, int, int]
+
+
+def grid_layout(sim) -> GridLayout:
+    """Cell size and counts of a ``SimConfig``; ConfigError when the domain does not tile into cells of size dx,
+    leaves no interior inside the wall band, or is too large."""
+    lower, upper = sim.domain.lower, sim.domain.upper
+    extents = [hi - lo for lo, hi in zip(lower, upper)]
+    for axis, extent in zip("xyz", extents):
+        if extent <= 0:
+            raise ConfigError("sim.domain", f"upper must exceed lower on every axis ({axis}: {extent:g} m)")
+    if sim.dx is not None:
+        dx, key = float(sim.dx), "sim.dx"
+    else:
+        dx, key = max(extents) / (sim.grid_resolution or DEFAULT_RESOLUTION), "sim.grid_resolution"
+    cells = []
+    for axis, extent in zip("xyz", extents):
+        count = extent / dx
+        whole = round(count)
+        if whole < 1 or abs(count - whole) > 1e-6 * max(1.0, count):
+            raise ConfigError(
+                "sim.domain",
+                f"the {axis} extent {extent:g} m is not a whole number of cells of dx = {dx:g} m "
+                f"({count:.3f} cells); change the domain or {key}",
+            )
+        cells.append(whole)
+    band = sim.boundary_cells
+    if band < MIN_BOUNDARY_CELLS[sim.bspline]:
+        raise ConfigError(
+            "sim.boundary_cells",
+            f"must be >= {MIN_BOUNDARY_CELLS[sim.bspline]} with {sim.bspline} B-splines, got {band}",
+        )
+    if min(cells) <= 2 * band:
+        raise ConfigError(
+            key, f"the grid has {min(cells)} cells on its shortest axis, no interior left inside {band} wall cells"
+        )
+    if math.prod(cells) > MAX_GRID_NODES:
+        raise ConfigError(key, f"grid of {cells[0]}x{cells[1]}x{cells[2]} nodes is too large (limit 512^3)")
+    return GridLayout(dx=dx, cells=tuple(cells))
+
+
+def camera_names(render) -> tuple[str, ...]:
+    """Names of the cameras ``render.cameras`` makes, in order (an orbit rig's are its name + 0, 1, ...); ConfigError
+    when a name is used twice."""
+    names = []
+    for cam in render.cameras:
+        names += [f"{cam.name}{j}" for j in range(len(cam.azimuths))] if cam.type == "orbit" else [cam.name]
+    seen = set()
+    for name in names:
+        if name in seen:
+            raise ConfigError("render.cameras", f"camera name '{name}' is used twice")
+        seen.add(name)
+    return tuple(names)
+
+
+def stiffest_material(scene: Scene) -> tuple[float, float]:
+    """The stiffest (E [Pa], nu) a run of ``scene`` starts from: material, learn.*.init and target.truth values
+    (what the CFL check before a run must hold for)."""
+    truth = scene.target.truth
+    Es = [scene.material.E, scene.learn.E.init, truth.E if truth else None]
+    nus = [scene.material.nu, scene.learn.nu.init, truth.nu if truth else None]
+    return max(e for e in Es if e is not None), max(n for n in nus if n is not None)
 
 
 MAX_CELLS_PER_AXIS = 1 << 20  # far above any grid GridSpec accepts (512^3 nodes); keeps its arithmetic finite
@@ -41,10 +118,10 @@ def _check_grid_numbers(scene: Scene) -> None:
                                         "longest axis (the grid may hold at most 512^3 nodes)")
 
 
-def _check_particle_mass(scene: Scene, grid: GridSpec) -> None:
+def _check_particle_mass(scene: Scene, dx: float) -> None:
     """A particle's volume (spacing^3) and mass (density x volume) must be normal float32 numbers with room for sums
     and products: 1e-30..1e30."""
-    spacing = grid.dx / scene.sim.particles_per_cell
+    spacing = dx / scene.sim.particles_per_cell
     volume = spacing * spacing * spacing
     if not 1e-30 <= volume <= 1e30:
         key = "sim.dx" if scene.sim.dx is not None else "sim.domain"
@@ -72,44 +149,13 @@ def _check_sim(scene: Scene) -> None:
         raise ConfigError("sim.floor.normal", f"must be a non-zero vector of finite length, got length {length:g}")
 
 
-def _check_shapes(scene: Scene, grid: GridSpec) -> None:
-    from ..assets import build_mesh, check_inside
-
-    roots = [("source", scene.source)] + ([("target.mesh", scene.target.mesh)] if scene.target.mesh else [])
-    for key, shape in roots:
-        try:
-            mesh = build_mesh(shape, key=key, default_center=grid.center)
-            check_inside(mesh.bounds, grid, key)
-        except AssetError as exc:
-            raise ConfigError(exc.path, exc.message) from exc
-        floor = scene.sim.floor
-        if floor.enabled and key == "source":
-            normal = np.asarray(floor.normal) / np.linalg.norm(floor.normal)
-            lowest = float(np.min(mesh.vertices @ normal))
-            if lowest < floor.height:
-                raise ConfigError(key, f"reaches below the floor plane (height {floor.height:g} m along the normal; "
-                                       f"the shape goes down to {lowest:.4g} m)")
-
-
-def _check_render(scene: Scene, grid: GridSpec, cameras) -> None:
+def _check_render(scene: Scene) -> None:
     render = scene.render
     if render.near >= render.far:
         raise ConfigError("render.near", f"must be < render.far ({render.far:g}), got {render.near:g}")
-    pixels, depths = cameras.project(np.asarray([grid.center]))
-    for c, name in enumerate(cameras.names):
-        (u, v), depth = pixels[c, 0], depths[c, 0]
-        where = camera_location(c, render)
-        if not render.near < depth < render.far:
-            raise ConfigError(where, f"camera '{name}' does not look at the domain: its centre is at depth "
-                                     f"{depth:.3g} m, outside near..far = {render.near:g}..{render.far:g} m")
-        if not (0.0 <= u <= render.width and 0.0 <= v <= render.height):
-            raise ConfigError(where, f"camera '{name}' does not look at the domain: its centre projects to pixel "
-                                     f"({u:.1f}, {v:.1f}), outside the {render.width}x{render.height} image")
 
 
-def _check_target(scene: Scene, cameras) -> None:
-    from ..assets.images import read_image
-
+def _check_target(scene: Scene, cameras: tuple[str, ...]) -> None:
     target = scene.target
     if target.mesh is None and not target.images and target.truth is None:
         raise ConfigError("target", "give a mesh, images or truth to compare the result with")
@@ -117,16 +163,12 @@ def _check_target(scene: Scene, cameras) -> None:
         raise ConfigError("target.truth", "gives no value: set E, nu and/or v0 (an empty truth is the source itself)")
     for i, image in enumerate(target.images):
         key = f"target.images[{i}]"
-        if image.camera not in cameras.names:
-            raise ConfigError(f"{key}.camera", f"no camera named '{image.camera}' (cameras: {', '.join(cameras.names)})")
+        if image.camera not in cameras:
+            raise ConfigError(f"{key}.camera", f"no camera named '{image.camera}' (cameras: {', '.join(cameras)})")
         if image.frame is not None and image.frame > scene.sim.steps:
             raise ConfigError(f"{key}.frame", f"must be <= sim.steps ({scene.sim.steps}), got {image.frame}")
         if image.frame is not None and image.frame != scene.sim.steps and image.frame not in scene.sim.frames:
             raise ConfigError(f"{key}.frame", f"step {image.frame} is not kept by the rollout: add it to sim.frames")
-        try:
-            read_image(image.path, key=f"{key}.path", size=(scene.render.width, scene.render.height))
-        except AssetError as exc:
-            raise ConfigError(exc.path, exc.message) from None
 
 
 def _check_losses(scene: Scene) -> None:

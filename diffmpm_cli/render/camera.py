@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..config.checks import camera_names
 from ..errors import ConfigError
 
 _EPS = 1e-9
@@ -113,14 +114,14 @@ def _checked_viewmat(matrix, where: str) -> np.ndarray:
 
 def build_cameras(render, *, default_target) -> CameraSet:
     """All cameras of a ``RenderConfig``, in order; raises ConfigError naming ``render.cameras[i]...``."""
-    names, views, Ks = [], [], []
+    views, Ks = [], []
     size = (render.width, render.height)
     for index, cam in enumerate(render.cameras):
         where = f"render.cameras[{index}]"
         target = cam.target if cam.target is not None else default_target
         if cam.type == "orbit":
             K = intrinsics_from_fov(cam.fov, *size)
-            for j, azimuth in enumerate(cam.azimuths):
+            for azimuth in cam.azimuths:
                 try:
                     eye = orbit_eye(target=target, up=cam.up, azimuth_deg=azimuth, elevation_deg=cam.elevation,
                                     radius=cam.radius)
@@ -129,7 +130,6 @@ def build_cameras(render, *, default_target) -> CameraSet:
                     position = "radius" if cam.radius < 1e-6 or cam.target is None else "target"
                     key = {"position": position, "up": "up", "parallel": "elevation"}[exc.part]
                     raise ConfigError(f"{where}.{key}", str(exc)) from exc
-                names.append(f"{cam.name}{j}")
                 Ks.append(K)
             continue
         if (cam.fov is None) == (cam.K is None):
@@ -150,16 +150,25 @@ def build_cameras(render, *, default_target) -> CameraSet:
             except DegenerateView as exc:  # name the key that fixes it
                 key = "up" if exc.part != "position" else "target" if cam.target is not None else "eye"
                 raise ConfigError(f"{where}.{key}", str(exc)) from exc
-        names.append(cam.name)
         views.append(view)
         Ks.append(K)
-    seen = set()
-    for name in names:
-        if name in seen:
-            raise ConfigError("render.cameras", f"camera name '{name}' is used twice")
-        seen.add(name)
-    return CameraSet(names=tuple(names), viewmats=np.stack(views), Ks=np.stack(Ks), width=render.width,
+    return CameraSet(names=camera_names(render), viewmats=np.stack(views), Ks=np.stack(Ks), width=render.width,
                      height=render.height)
+
+
+def check_view(cameras: CameraSet, render, point) -> None:
+    """Every camera of ``render.cameras`` (built into ``cameras``) sees ``point`` (the domain's centre): in front of
+    it between render.near and render.far, inside the image. ConfigError naming the camera's entry otherwise."""
+    pixels, depths = cameras.project(np.asarray([point], dtype=np.float64))
+    for c, name in enumerate(cameras.names):
+        (u, v), depth = pixels[c, 0], depths[c, 0]
+        where = camera_location(c, render)
+        if not render.near < depth < render.far:
+            raise ConfigError(where, f"camera '{name}' does not look at the domain: its centre is at depth "
+                                     f"{depth:.3g} m, outside near..far = {render.near:g}..{render.far:g} m")
+        if not (0.0 <= u <= render.width and 0.0 <= v <= render.height):
+            raise ConfigError(where, f"camera '{name}' does not look at the domain: its centre projects to pixel "
+                                     f"({u:.1f}, {v:.1f}), outside the {render.width}x{render.height} image")
 
 
 def camera_location(index: int, render) -> str:

@@ -1,16 +1,13 @@
-"""The background grid and the stability numbers derived from a scene (no Warp, no torch)."""
+"""The background grid and the stability numbers of a simulation (no Warp, no torch; values in, not scenes)."""
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
 
-from ..errors import ConfigError
+from ..config.checks import grid_layout
+from ..errors import SimulationError
 
-DEFAULT_RESOLUTION = 32
-# nodes a particle's transfer stencil reaches on each side of its base node, and the band it needs
-STENCIL_WIDTH = {"quadratic": 3, "cubic": 4}
-MIN_BOUNDARY_CELLS = {"quadratic": 2, "cubic": 3}
 FLOAT32_BYTES = 4
 
 
@@ -49,40 +46,11 @@ class GridSpec:
 
     @classmethod
     def from_sim(cls, sim) -> GridSpec:
-        """Grid of a ``SimConfig``; raises ConfigError when the domain does not tile into cells of size dx."""
-        lower, upper = sim.domain.lower, sim.domain.upper
-        extents = [hi - lo for lo, hi in zip(lower, upper)]
-        for axis, extent in zip("xyz", extents):
-            if extent <= 0:
-                raise ConfigError("sim.domain", f"upper must exceed lower on every axis ({axis}: {extent:g} m)")
-        if sim.dx is not None:
-            dx, key = float(sim.dx), "sim.dx"
-        else:
-            dx, key = max(extents) / (sim.grid_resolution or DEFAULT_RESOLUTION), "sim.grid_resolution"
-        cells = []
-        for axis, extent in zip("xyz", extents):
-            count = extent / dx
-            whole = round(count)
-            if whole < 1 or abs(count - whole) > 1e-6 * max(1.0, count):
-                raise ConfigError(
-                    "sim.domain",
-                    f"the {axis} extent {extent:g} m is not a whole number of cells of dx = {dx:g} m "
-                    f"({count:.3f} cells); change the domain or {key}",
-                )
-            cells.append(whole)
-        band = sim.boundary_cells
-        if band < MIN_BOUNDARY_CELLS[sim.bspline]:
-            raise ConfigError(
-                "sim.boundary_cells",
-                f"must be >= {MIN_BOUNDARY_CELLS[sim.bspline]} with {sim.bspline} B-splines, got {band}",
-            )
-        if min(cells) <= 2 * band:
-            raise ConfigError(
-                key, f"the grid has {min(cells)} cells on its shortest axis, no interior left inside {band} wall cells"
-            )
-        if math.prod(cells) > 512**3:
-            raise ConfigError(key, f"grid of {cells[0]}x{cells[1]}x{cells[2]} nodes is too large (limit 512^3)")
-        return cls(lower=tuple(float(v) for v in lower), dx=dx, shape=tuple(cells), boundary_cells=band)
+        """Grid of a ``SimConfig``; raises ConfigError when the domain does not tile into cells of size dx
+        (config.checks.grid_layout, which the loader has already run)."""
+        layout = grid_layout(sim)
+        return cls(lower=tuple(float(v) for v in sim.domain.lower), dx=layout.dx, shape=layout.cells,
+                   boundary_cells=sim.boundary_cells)
 
 
 def lame_parameters(E: float, nu: float) -> tuple[float, float]:
@@ -143,22 +111,8 @@ def rollout_memory(*, particle_count: int, node_count: int, steps: int, control_
                          segment_length=seg)
 
 
-def material_extremes(scene) -> tuple[float, float]:
-    """The stiffest (E, nu) a run of ``scene`` starts from: material, learn.*.init and target.truth values."""
-    Es = [scene.material.E, scene.learn.E.init, scene.target.truth.E if scene.target.truth else None]
-    nus = [scene.material.nu, scene.learn.nu.init, scene.target.truth.nu if scene.target.truth else None]
-    return max(e for e in Es if e is not None), max(n for n in nus if n is not None)
-
-
-def scene_cfl(scene, grid: GridSpec) -> float:
-    E, nu = material_extremes(scene)
-    return cfl_number(E=E, nu=nu, density=scene.material.density, dt=scene.sim.dt, dx=grid.dx)
-
-
 def check_cfl_number(*, dt: float, dx: float, speed: float, limit: float, detail: str) -> float:
     """dt * speed / dx; raises SimulationError naming a stable dt when it exceeds ``limit`` (or is not finite)."""
-    from ..errors import SimulationError
-
     cfl = dt * speed / dx
     if not cfl <= limit:
         raise SimulationError(
@@ -185,9 +139,9 @@ def above(value: float, limit: float) -> str:
     return repr(value)
 
 
-def check_cfl(scene, grid: GridSpec) -> float:
-    """The scene's CFL number for the stiffest material it starts from; SimulationError above ``sim.cfl_limit``."""
-    E, nu = material_extremes(scene)
-    density = scene.material.density
-    return check_cfl_number(dt=scene.sim.dt, dx=grid.dx, speed=wave_speed(E, nu, density), limit=scene.sim.cfl_limit,
+def check_cfl(*, E: float, nu: float, density: float, dt: float, dx: float, limit: float) -> float:
+    """The CFL number of a material (E [Pa], nu, density [kg/m^3]) at ``dt`` [s] on cells of ``dx`` [m];
+    SimulationError above ``limit`` (``sim.cfl_limit``). For a scene, E and nu are config.checks.stiffest_material's.
+    """
+    return check_cfl_number(dt=dt, dx=dx, speed=wave_speed(E, nu, density), limit=limit,
                             detail=f"E = {E:.4g} Pa, nu = {nu:g}, density = {density:g} kg/m^3")
