@@ -409,7 +409,7 @@ def _describe(err: dict) -> tuple[list, str]:
         return [], f"must have at least {ctx.get('min_length')} items, got {ctx.get('actual_length')}"
     if kind == "too_long":
         return [], f"must have at most {ctx.get('max_length')} items, got {ctx.get('actual_length')}"
-    if kind == "literal_error":
+    if kind in ("literal_error", "enum"):  # a Literal or one of the enums of diffmpm_cli/enums.py
         expected = ctx.get("expected", "")
         options = re.findall(r"'([^']*)'", expected)
         close = difflib.get_close_matches(str(value), options, n=1)

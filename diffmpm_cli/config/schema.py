@@ -11,8 +11,16 @@ import difflib
 from pathlib import PurePosixPath
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, Strict, model_validator
 from pydantic_core import PydanticCustomError
+
+from ..enums import BSpline, Material, WallKind
+
+# closed sets are the enums host code and kernels share (diffmpm_cli/enums.py), read from their names: the only
+# input lax enum validation takes besides a member (strict mode would want a member)
+BSplineName = Annotated[BSpline, Strict(False)]
+MaterialName = Annotated[Material, Strict(False)]
+WallName = Annotated[WallKind, Strict(False)]
 
 # ----------------------------------------------------------------------------------------------------------------
 # building blocks
@@ -207,14 +215,12 @@ class TargetConfig(Section):
 # ----------------------------------------------------------------------------------------------------------------
 # material
 
-MaterialModel = Literal["fixed_corotated", "neo_hookean"]
-
 
 class MaterialConfig(Section):
     preset: str | None = Field(
         None, description="named preset from configs/materials.yaml; keys given here override the preset's"
     )
-    model: MaterialModel = Field("fixed_corotated", description="constitutive model")
+    model: MaterialName = Field(Material.FIXED_COROTATED, description="constitutive model")
     E: Positive = Field(2.0e4, description="Young's modulus [Pa]")
     nu: Annotated[float, Field(gt=-1.0, lt=0.5)] = Field(0.3, description="Poisson ratio, in (-1, 0.5)")
     density: Positive = Field(1000.0, description="rest density [kg/m^3]")
@@ -238,18 +244,16 @@ class Domain(Section):
     upper: Vec3 = Field([1.0, 1.0, 1.0], description="upper corner [m]; extents must be whole multiples of dx")
 
 
-Boundary = Literal["sticky", "slip", "separate"]
-
 
 class Boundaries(Section):
     """Wall condition per domain face: sticky (v = 0), slip (normal v = 0), separate (outward normal v = 0)."""
 
-    x_min: Boundary = Field("separate", description="wall condition of the x = lower face")
-    x_max: Boundary = Field("separate", description="wall condition of the x = upper face")
-    y_min: Boundary = Field("separate", description="wall condition of the y = lower face")
-    y_max: Boundary = Field("separate", description="wall condition of the y = upper face")
-    z_min: Boundary = Field("separate", description="wall condition of the z = lower face")
-    z_max: Boundary = Field("separate", description="wall condition of the z = upper face")
+    x_min: WallName = Field(WallKind.SEPARATE, description="wall condition of the x = lower face")
+    x_max: WallName = Field(WallKind.SEPARATE, description="wall condition of the x = upper face")
+    y_min: WallName = Field(WallKind.SEPARATE, description="wall condition of the y = lower face")
+    y_max: WallName = Field(WallKind.SEPARATE, description="wall condition of the y = upper face")
+    z_min: WallName = Field(WallKind.SEPARATE, description="wall condition of the z = lower face")
+    z_max: WallName = Field(WallKind.SEPARATE, description="wall condition of the z = upper face")
 
 
 class Floor(Section):
@@ -276,7 +280,7 @@ class SimConfig(Section):
     )
     dt: Positive = Field(1.0e-3, description="time step [s]")
     steps: Annotated[Int, Field(ge=1, le=1_000_000)] = Field(50, description="simulation steps")
-    bspline: Literal["quadratic", "cubic"] = Field("quadratic", description="transfer kernel (27 or 64 nodes)")
+    bspline: BSplineName = Field(BSpline.QUADRATIC, description="transfer kernel (27 or 64 nodes)")
     gravity: Vec3 = Field([0.0, -9.81, 0.0], description="gravity [m/s^2]")
     initial_velocity: Vec3 = Field([0.0, 0.0, 0.0], description="initial velocity of the source [m/s]")
     boundaries: Boundaries = Field(
