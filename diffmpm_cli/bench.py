@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import platform
 import resource
 import statistics
 import time
@@ -10,8 +9,8 @@ from datetime import datetime, timezone
 
 import torch
 
-from . import __version__
 from .enums import P2GMode, WallKind
+from .provenance import device_name, versions
 from .sim.grid import GridSpec, stable_dt
 from .sim.model import MPMModel
 from .sim.op import simulate
@@ -36,10 +35,11 @@ def cube_particles(count: int, grid: GridSpec, *, shuffle: bool, seed: int = 0) 
     return x.float()
 
 
-def _device_name(device: str) -> str:
-    if device.startswith("cuda"):
-        return torch.cuda.get_device_name(torch.device(device))
-    return f"{platform.processor() or platform.machine()} (Warp CPU backend, 1 thread)"
+def _header(benchmark: str, device: str) -> dict:
+    """The fields every benchmark record starts with: what was measured, when, on which device, with which versions."""
+    name = device_name(device) + ("" if device.startswith("cuda") else " (Warp CPU backend, 1 thread)")
+    return {"benchmark": benchmark, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "device": device, "device_name": name, **versions()}
 
 
 def _peak_bytes(device: str) -> int:
@@ -127,13 +127,7 @@ def bench_mpm(*, particles: int = 4096, grid: int = 32, steps: int = 50, shuffle
     stats = forward_backward()  # warm-up
     fwd_bwd = statistics.median(_timed(forward_backward, device, max(1, repeats // 2)))
     return {
-        "benchmark": "mpm",
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "diffmpm": __version__,
-        "device": device,
-        "device_name": _device_name(device),
-        "warp": wp.config.version,
-        "torch": torch.__version__,
+        **_header("mpm", device),
         "particles": n,
         "grid": grid,
         "steps": steps,
@@ -295,8 +289,7 @@ def bench_render(*, gaussians: int = 3000, width: int = 128, height: int = 128, 
     fwd, bwd = _fwd_bwd_times(_ours, inputs, width, height, repeats)
     _, _, isects = _ours(*inputs, width, height)
     result = {
-        "benchmark": "render", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "diffmpm": __version__,
-        "device": device, "device_name": _device_name(device), "warp": warp().config.version, "torch": torch.__version__,
+        **_header("render", device),
         "gaussians": gaussians, "width": width, "height": height, "intersections": isects,
         "forward_s": fwd, "backward_s": bwd, "peak_bytes": _peak_bytes(device),
     }
@@ -419,12 +412,8 @@ def bench_optimize(*, scene, assets, device: str = "cpu", repeats: int = 5) -> d
         if repeat == 0:
             for k in samples:
                 samples[k].clear()
-    wp_cfg = wp.config.version
     return {
-        "benchmark": "optimize",
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "diffmpm": __version__, "device": device, "device_name": _device_name(device), "warp": wp_cfg,
-        "torch": torch.__version__, "scene": scene.name, "particles": int(pipe.x0.shape[0]),
+        **_header("optimize", device), "scene": scene.name, "particles": int(pipe.x0.shape[0]),
         "gaussians": pipe.gaussian_count, "grid": list(assets.grid.shape), "steps": scene.sim.steps,
         "cameras": int(pipe.viewmats.shape[0]), "size": [pipe.width, pipe.height], "frames": len(result.frames),
         "repeats": repeats, "seconds": {k: statistics.median(v) for k, v in samples.items()},

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 
-from .pipeline import GROUP_OF
+from .params import BY_KEY, PARAMS
 
 MAX_HALVINGS = 6  # of a finite-difference step whose central differences at h and 2h disagree
 RICHARDSON_NOISE = (16 + 0.25) ** 0.5 / 3  # noise of (4 D(h) - D(2h)) / 3 relative to that of D(h)
@@ -120,19 +119,9 @@ def _loss_noise(loss_fn, leaves, grads, eps, generator, samples: int) -> float:
 # stages of the pipeline (diffmpm check-grad)
 
 STAGES = ("sim", "splats", "render", "all")
-STAGE_GROUPS = {"sim": ("dFc", "E", "nu", "v0"), "splats": ("sigma0",), "render": ("color", "opacity"),
-                "all": tuple(GROUP_OF)}
-# steps along a unit direction, in each group's own parameterisation (log E, logit opacity, log sigma0)
-# dFc: a unit direction spreads 0.5 over all K x N x 9 log strains (~1e-3 each: the map is linear there, and the
-# loss change rises above the rollout's float32 rounding, which scatters central differences at 0.1 by ~1e-2)
-DEFAULT_EPS = {"dFc": 0.5, "log_E": 1e-2, "nu": 4e-3, "v0": 1e-2, "color": 1e-2, "opacity_logit": 1e-1,
-               "log_sigma0": 1e-2}
-# the scene's loss depends weakly on the material over a short rollout: larger steps lift its change above the
-# rendering's rounding noise (the loss stays close to linear over them)
-ALL_STAGE_EPS = {"log_E": 1e-1, "nu": 2e-2, "dFc": 2.0}  # dFc: ~4e-3 per log strain, still in the linear range
-# a single coordinate of dFc is one particle's log strain in one layer (multiplicative, volume-preserving controls):
-# a weak lever on the whole rollout, whose change at 0.1 sat within the float32 noise of the sim stage
-COORDINATE_EPS = {"dFc": 0.3}
+# a group's stage and its finite-difference steps live in its row of params.py
+STAGE_GROUPS = {**{stage: tuple(spec.key for spec in PARAMS if spec.stage == stage) for stage in STAGES[:3]},
+                "all": tuple(BY_KEY)}
 # Stage inputs: x and F (float64 splats stage) step 1e-2 x their RMS value along a unit direction. The rendered
 # means and covariances are judged through float32 images whose rounding (~1e-5 in a loss over ~1e5 pixels) must
 # stay far below the change: along a random direction each entry moves (RMS) 0.02 of a Gaussian's standard deviation
@@ -167,24 +156,28 @@ def _weighted(tensors, weights):
     return sum((t.double() * w).sum() for t, w in zip(tensors, weights, strict=True))
 
 
-def stage_problem(pipeline, stage: str, groups, *, seed: int):
+def stage_problem(pipeline, stage: str, groups, *, seed: int, cutoffs=None):
     """(loss_fn, params, eps, coordinate_eps) for one stage: a scalar made from random weights over the stage's
-    outputs (``all``: the scene's own loss), as a function of the selected parameter groups and the stage's inputs."""
+    outputs (``all``: the scene's own loss), as a function of the selected parameter groups and the stage's inputs.
+    Everything is rendered with ``cutoffs`` (check_stages: RasterCutoffs.smooth())."""
     from .losses import frozen_l1_signs, scene_loss
     from .optimize.targets import build_targets
-    from .splats import particle_gaussians, surface_gaussians
+    from .splats import splat_gaussians
 
     g = torch.Generator().manual_seed(seed)
-    chosen = [GROUP_OF[k] for k in groups if k in STAGE_GROUPS[stage]]
-    params = pipeline.initial_parameters(chosen)
+    specs = [BY_KEY[k] for k in groups if k in STAGE_GROUPS[stage]]
+    params = pipeline.initial_parameters([spec.group for spec in specs])
     if "dFc" in params:  # probe around a deformed state, not the trivial zero control: random log strains of 0.01,
         # 0.1 for the scene loss (volume-preserving controls of 0.01 barely move the body, and the loss then hardly
         # depends on E or nu). Open: at 0.1 the sim stage's AD and FD differed by 4-5 % (snowman dFc, bunny log E).
         scale = 0.1 if stage == "all" else 0.01
         params["dFc"] = params["dFc"] + scale * torch.randn(params["dFc"].shape, generator=g).to(params["dFc"].device)
-    eps = {k: (ALL_STAGE_EPS if stage == "all" else DEFAULT_EPS).get(k, DEFAULT_EPS[k]) for k in params}
+    eps = {spec.group: spec.fd_eps_all if stage == "all" and spec.fd_eps_all is not None else spec.fd_eps
+           for spec in specs}
+    coordinate_eps = {spec.group: spec.fd_eps_coordinate for spec in specs if spec.fd_eps_coordinate is not None}
     with torch.no_grad():
-        rest = pipeline.forward(pipeline.initial_parameters(["dFc"]) if stage != "sim" else {}).result
+        rest = pipeline.forward(pipeline.initial_parameters(["dFc"]) if stage != "sim" else {},
+                                cutoffs=cutoffs).result
     x, F = rest.x[-1], rest.F[-1]
     if stage == "sim":
         with torch.no_grad():
@@ -202,13 +195,10 @@ def stage_problem(pipeline, stage: str, groups, *, seed: int):
         params["log_sigma0"] = params.get("log_sigma0", pipeline.initial_parameters(["log_sigma0"])["log_sigma0"])
         params["log_sigma0"] = params["log_sigma0"].double()
         embedding = pipeline.embedding.to(torch.float64) if pipeline.embedding is not None else None
-        thickness = pipeline.scene.appearance.thickness_ratio
 
         def gaussians(p):
-            sigma0 = torch.exp(p["log_sigma0"])
-            if embedding is not None:
-                return surface_gaussians(p["x"], p["F"], embedding, sigma0=sigma0, thickness=thickness)
-            return particle_gaussians(p["x"], p["F"], sigma0=sigma0)
+            return splat_gaussians(p["x"], p["F"], embedding, sigma0=BY_KEY["sigma0"].natural(p["log_sigma0"]),
+                                   thickness=pipeline.thickness)
 
         with torch.no_grad():
             weights = _random_weights(gaussians(params), g)
@@ -221,33 +211,33 @@ def stage_problem(pipeline, stage: str, groups, *, seed: int):
         params.update(means=means, covars=covars)
         with torch.no_grad():
             _, _, colors, opacities = pipeline.gaussians(x, F, params)
-            image, alpha, _ = pipeline.render(means, covars, colors, opacities, with_depth=False)
+            image, alpha, _ = pipeline.render(means, covars, colors, opacities, with_depth=False, cutoffs=cutoffs)
         weights = _random_weights([image, alpha], g)
 
         def loss(p):
             _, _, colors, opacities = pipeline.gaussians(x, F, p)
             covs = 0.5 * (p["covars"] + p["covars"].transpose(1, 2))
-            image, alpha, _ = pipeline.render(p["means"], covs, colors, opacities, with_depth=False)
+            image, alpha, _ = pipeline.render(p["means"], covs, colors, opacities, with_depth=False, cutoffs=cutoffs)
             return _weighted([image, alpha], weights)
     elif stage == "all":
-        targets = build_targets(pipeline)
+        targets = build_targets(pipeline, cutoffs=cutoffs)
         # L1 terms have a kink wherever a residual crosses zero; with continuous images (smooth cut-offs) tails
         # of rendered and target alphas cross everywhere near the silhouette, and a central difference straddling
         # those kinks errs in proportion to its step. The signs are frozen at theta: the same loss value and
         # gradient there, the kinks' choice taken as autodiff takes it.
         with torch.no_grad():
             pipeline.sim.record_decisions()
-            signs = frozen_l1_signs(pipeline, pipeline.forward(params), targets)
+            signs = frozen_l1_signs(pipeline, pipeline.forward(params, cutoffs=cutoffs), targets)
             pipeline.sim.replay_decisions()
 
         def loss(p):
-            return scene_loss(pipeline, pipeline.forward(p), p, targets=targets, l1_signs=signs)[0]
+            return scene_loss(pipeline, pipeline.forward(p, cutoffs=cutoffs), p, targets=targets, l1_signs=signs)[0]
     else:
         raise ValueError(f"unknown stage {stage!r}")
     for name, factor in RELATIVE_EPS.items():
         if name in params:
             eps[name] = factor * float(params[name].double().pow(2).mean().sqrt())
-    coordinate_eps = {**eps, **{k: v for k, v in COORDINATE_EPS.items() if k in eps}}
+    coordinate_eps = {**eps, **coordinate_eps}
     if stage == "render":
         scale = {"means": float(params["covars"].diagonal(dim1=1, dim2=2).double().mean().sqrt()),
                  "covars": float(params["covars"].double().pow(2).mean().sqrt())}
@@ -257,37 +247,26 @@ def stage_problem(pipeline, stage: str, groups, *, seed: int):
     return loss, params, eps, coordinate_eps
 
 
-@contextmanager
-def smooth_rendering(pipeline):
-    """Render with the cut-offs moved where their jumps vanish (RasterCutoffs.smooth), then restore them.
-
-    At gsplat's cut-offs a Gaussian crossing alpha = 1/255 at one pixel changes a loss by ~1/255 at once, which a
-    central difference divides by 2 eps: no step size makes it converge. With the cut-offs at 1e-9 the same
-    kernels (forward and hand-written backward) render a continuous image, and the comparison is meaningful.
-    """
-    from .render.rasterize import RasterCutoffs
-
-    saved = pipeline.cutoffs
-    pipeline.cutoffs = RasterCutoffs.smooth()
-    try:
-        yield
-    finally:
-        pipeline.cutoffs = saved
-
-
 def check_stages(pipeline, *, stages, groups, probes: int = 8, coordinates: int = 2, rtol: float = 1e-2,
                  eps_scale: float = 1.0, seed: int = 0) -> list[CheckRow]:
-    """One row per (stage, parameter): the worst relative error over its probes and whether it is within rtol."""
+    """One row per (stage, parameter): the worst relative error over its probes and whether it is within rtol.
+
+    Everything renders with the cut-offs moved where their jumps vanish (RasterCutoffs.smooth): at gsplat's cut-offs
+    a Gaussian crossing alpha = 1/255 at one pixel changes a loss by ~1/255 at once, which a central difference
+    divides by 2 eps, so no step size makes it converge. With the cut-offs at 1e-9 the same kernels (forward and
+    hand-written backward) render a continuous image, and the comparison is meaningful."""
+    from .render.rasterize import RasterCutoffs
+
+    smooth = RasterCutoffs.smooth()
     rows = []
     for stage in stages:
         try:
-            with smooth_rendering(pipeline):
-                loss, params, eps, coordinate_eps = stage_problem(pipeline, stage, groups, seed=seed)
-                if not params:
-                    continue
-                results = directional_probes(loss, params, eps={k: v * eps_scale for k, v in eps.items()},
-                                             coordinate_eps={k: v * eps_scale for k, v in coordinate_eps.items()},
-                                             probes=probes, coordinates=coordinates, seed=seed)
+            loss, params, eps, coordinate_eps = stage_problem(pipeline, stage, groups, seed=seed, cutoffs=smooth)
+            if not params:
+                continue
+            results = directional_probes(loss, params, eps={k: v * eps_scale for k, v in eps.items()},
+                                         coordinate_eps={k: v * eps_scale for k, v in coordinate_eps.items()},
+                                         probes=probes, coordinates=coordinates, seed=seed)
         finally:
             pipeline.sim.forget_decisions()
         for name in params:

@@ -10,6 +10,10 @@ import torch
 
 from .sim.op import grid_mass
 
+# the terms scene_loss adds, by name: each is a weight of scene.loss (config/schema.py LossConfig; a test holds the
+# two together) and a key of summary.json and metrics.jsonl
+LOSS_TERMS = ("grid_mass", "silhouette", "rgb_l1", "dssim", "depth_l1", "volume", "dFc_l2", "dFc_smooth")
+
 
 def l1(residual: torch.Tensor, signs: torch.Tensor | None = None) -> torch.Tensor:
     """Mean |residual|; with ``signs`` the kink is frozen: mean(signs * residual), the same value and gradient at

@@ -1,29 +1,29 @@
 """The map parameters -> (images per camera and frame, states): simulation, splats, rendering.
 
 ``Pipeline.from_scene(scene, assets, device=...)`` builds everything that does not change between iterations;
-``pipeline.forward(params)`` runs it differentiably for any subset of the parameter groups
-(dFc, log_E, nu, v0, color, opacity_logit, log_sigma0; missing ones take the scene's values).
+``pipeline.forward(params, start=..., frames=..., cutoffs=...)`` runs it differentiably for any subset of the
+parameter groups (params.py: dFc, log_E, nu, v0, color, opacity_logit, log_sigma0; missing ones take the scene's
+values). The pipeline holds no state that varies between calls: an episode's starting state, the kept frames and
+the raster cut-offs are arguments, so no caller ever saves, changes and restores an attribute.
 """
 
 from __future__ import annotations
 
-import math
+import functools
 from dataclasses import dataclass
 
 import torch
 
+from .params import BY_GROUP, GROUP_OF, GROUPS, natural
 from .render.camera import build_cameras
 from .render.rasterize import GSPLAT, RasterCutoffs, rasterization
 from .sim.controls import control_matrices
 from .sim.model import MPMModel
 from .sim.op import RolloutResult, simulate
 from .sim.solver import Simulator
-from .splats import default_sigma0, embed_surface, particle_gaussians, surface_gaussians
+from .splats import default_sigma0, embed_surface, rest_covariances, splat_gaussians, surface_gaussians
 
-# learn.<key> (also check-grad's --param names) -> the parameter group it optimises, in its parameterisation
-GROUP_OF = {"dFc": "dFc", "E": "log_E", "nu": "nu", "v0": "v0", "color": "color", "opacity": "opacity_logit",
-            "sigma0": "log_sigma0"}
-GROUPS = tuple(GROUP_OF.values())
+__all__ = ["GROUP_OF", "GROUPS", "Pipeline", "PipelineOutput"]
 
 
 @dataclass
@@ -45,7 +45,6 @@ class Pipeline:
         self.model = MPMModel.from_scene(scene, assets.grid)
         self.sim = Simulator(self.model, mass=source.masses.to(self.device), volume=source.volumes.to(self.device))
         self.x0 = source.positions.to(self.device)
-        self.start: dict[str, torch.Tensor] | None = None  # a later episode's starting state (optimize/run.py)
         appearance = scene.appearance
         self.mode = appearance.gaussians
         self.embedding = None
@@ -56,55 +55,48 @@ class Pipeline:
         self.camera_names = cameras.names
         self.viewmats, self.Ks = cameras.to_torch(self.device)
         self.width, self.height = scene.render.width, scene.render.height
-        self.cutoffs: RasterCutoffs = GSPLAT  # the gradient checker swaps in RasterCutoffs.smooth()
         self.with_depth = scene.loss.depth_l1 > 0
         self.background = torch.tensor(scene.render.background, device=self.device).expand(cameras.camera_count, 3)
         self.steps = scene.sim.steps
-        self.frames = scene.sim.frames
-        self.sigma0 = appearance.sigma0 or default_sigma0(mode=self.mode, surface_area=float(source.mesh.area),
-                                                          samples=appearance.surface_samples, spacing=assets.spacing)
+        self.frames = tuple(scene.sim.frames)  # the steps a rollout keeps unless forward/simulate are given others
+        self.thickness = appearance.thickness_ratio
+        self.sigma0 = appearance.sigma0 if appearance.sigma0 is not None else default_sigma0(
+            mode=self.mode, surface_area=float(source.mesh.area), samples=appearance.surface_samples,
+            spacing=assets.spacing)
+        self.target_color = scene.target.color if scene.target.color is not None else appearance.color
 
     @property
     def gaussian_count(self) -> int:
         return self.embedding.gaussian_count if self.embedding is not None else int(self.x0.shape[0])
 
     def initial_parameters(self, groups=GROUPS, *, seed: int | None = None) -> dict[str, torch.Tensor]:
-        """Starting values of the parameter groups, from the scene (learn.*.init where given)."""
-        s, learn = self.scene, self.scene.learn
-        n, m, dev = int(self.x0.shape[0]), self.gaussian_count, self.device
-        g = torch.Generator().manual_seed(s.optimize.seed if seed is None else seed)
-        K = self.model.control_layers(self.steps)
+        """Starting values of the parameter groups, from the scene (learn.*.init where given; params.py)."""
+        out = {}
+        for group in groups:
+            if group == "dFc":  # random (learn.dFc.init_scale), built only when asked for: K x N x 9 numbers
+                s, n = self.scene, int(self.x0.shape[0])
+                g = torch.Generator().manual_seed(s.optimize.seed if seed is None else seed)
+                K = self.model.control_layers(self.steps)
+                out[group] = (s.learn.dFc.init_scale * torch.randn(K, n, 3, 3, generator=g)).to(self.device)
+            else:
+                out[group] = BY_GROUP[group].initial(self)
+        return out
 
-        def sized(value, per: int | None, *shape):
-            t = torch.as_tensor(value, dtype=torch.float32)
-            return (t.expand(per, *shape) if per else t.reshape(shape)).clone().to(dev)
+    def _with_defaults(self, params: dict[str, torch.Tensor], groups) -> dict[str, torch.Tensor]:
+        return {**self.initial_parameters([k for k in groups if k not in params]), **params}
 
-        E = learn.E.init or s.material.E
-        nu = learn.nu.init if learn.nu.init is not None else s.material.nu
-        v0 = learn.v0.init if learn.v0.init is not None else s.sim.initial_velocity
-        color = learn.color.init or s.appearance.color
-        opacity = learn.opacity.init or s.appearance.opacity
-        sigma0 = learn.sigma0.init or self.sigma0
-        makers = {  # built only when asked for: the random dFc alone is K x N x 9 numbers
-            "dFc": lambda: (learn.dFc.init_scale * torch.randn(K, n, 3, 3, generator=g)).to(dev),
-            "log_E": lambda: sized(math.log(E), n if learn.E.per_particle else None),
-            "nu": lambda: sized(nu, n if learn.nu.per_particle else None),
-            "v0": lambda: sized(v0, n if learn.v0.per_particle else None, 3),
-            "color": lambda: sized(color, m if learn.color.per_gaussian else None, 3),
-            "opacity_logit": lambda: sized(math.log(opacity / (1 - opacity)), m if learn.opacity.per_gaussian else None),
-            "log_sigma0": lambda: sized(math.log(sigma0), None),
-        }
-        return {k: makers[k]() for k in groups}
-
-    def simulate(self, params: dict[str, torch.Tensor]) -> RolloutResult:
-        """The rollout from the rest state, or from ``self.start`` (x, v, F, C of the particles, set between
-        optimisation episodes); a v0 in ``params`` replaces the carried velocity."""
-        p = {**self.initial_parameters([k for k in ("log_E", "nu", "v0") if k not in params]), **params}
-        start = self.start or {}
+    def simulate(self, params: dict[str, torch.Tensor], *, start: dict[str, torch.Tensor] | None = None,
+                 frames=None) -> RolloutResult:
+        """The rollout from the rest state, or from ``start`` (x, v, F, C of the particles: a later optimisation
+        episode's start); a v0 in ``params`` replaces the carried velocity. ``frames``: the steps to keep (default
+        sim.frames; the final step always)."""
+        p = self._with_defaults(params, ("log_E", "nu", "v0"))
+        start = start or {}
         v0 = start["v"] if start and "v0" not in params else p["v0"]
-        return simulate(self.sim, x0=start.get("x", self.x0), v0=v0, E=torch.exp(p["log_E"]), nu=p["nu"],
+        return simulate(self.sim, x0=start.get("x", self.x0), v0=v0, E=natural("log_E", p["log_E"]), nu=p["nu"],
                         steps=self.steps, Fc=self.control_matrices(p.get("dFc")), F0=start.get("F"), C0=start.get("C"),
-                        frames=self.frames, segment_length=self.scene.sim.segment_length)
+                        frames=self.frames if frames is None else frames,
+                        segment_length=self.scene.sim.segment_length)
 
     def control_matrices(self, dFc: torch.Tensor | None) -> torch.Tensor | None:
         """The multiplicative controls Fc [K, N, 3, 3] (det > 0) of the learned log strains dFc (sim/controls.py)."""
@@ -115,34 +107,35 @@ class Pipeline:
 
     def gaussians(self, x: torch.Tensor, F: torch.Tensor, params: dict[str, torch.Tensor]):
         """means [M, 3], covars [M, 3, 3], colors [M, 3], opacities [M] for one state."""
-        p = {**self.initial_parameters([k for k in ("color", "opacity_logit", "log_sigma0") if k not in params]),
-             **params}
-        sigma0 = torch.exp(p["log_sigma0"])
-        if self.embedding is not None:
-            means, covars = surface_gaussians(x, F, self.embedding, sigma0=sigma0,
-                                              thickness=self.scene.appearance.thickness_ratio)
-        else:
-            means, covars = particle_gaussians(x, F, sigma0=sigma0)
+        p = self._with_defaults(params, ("color", "opacity_logit", "log_sigma0"))
+        means, covars = splat_gaussians(x, F, self.embedding, sigma0=natural("log_sigma0", p["log_sigma0"]),
+                                        thickness=self.thickness)
         m = means.shape[0]
         colors = p["color"].expand(m, 3)
-        opacities = torch.sigmoid(p["opacity_logit"]).expand(m)
+        opacities = natural("opacity_logit", p["opacity_logit"]).expand(m)
         return means, covars, colors, opacities
+
+    @functools.cached_property
+    def metric_embedding(self):
+        """The source's rest surface samples bound to the particles: the Gaussians' own embedding in surface mode,
+        built on first use in particle mode (only metrics need it there)."""
+        if self.embedding is not None:
+            return self.embedding
+        source = self.assets.source
+        return embed_surface(source.surface_points.to(self.device), source.surface_normals.to(self.device), self.x0,
+                             neighbors=self.scene.appearance.neighbors)
 
     def surface_points(self, x: torch.Tensor, F: torch.Tensor) -> torch.Tensor:
         """Where the source's rest surface samples [M, 3] are carried by a state (metrics; either Gaussian mode)."""
-        embedding = self.embedding
-        if embedding is None:
-            source = self.assets.source
-            embedding = self._metric_embedding = getattr(self, "_metric_embedding", None) or embed_surface(
-                source.surface_points.to(self.device), source.surface_normals.to(self.device), self.x0,
-                neighbors=self.scene.appearance.neighbors)
-        means, _ = surface_gaussians(x, F, embedding, sigma0=torch.ones((), device=self.device), thickness=1.0)
+        means, _ = surface_gaussians(x, F, self.metric_embedding, sigma0=torch.ones((), device=self.device),
+                                     thickness=1.0)
         return means
 
     def render(self, means, covars, colors, opacities, *, with_depth: bool | None = None, viewmats=None, Ks=None,
-               size: tuple[int, int] | None = None):
+               size: tuple[int, int] | None = None, cutoffs: RasterCutoffs | None = None):
         """(images [C, H, W, 3], alphas [C, H, W, 1], expected depths [C, H, W, 1] or None) from the scene's
-        cameras (or the given ones, at ``size`` = (width, height))."""
+        cameras (or the given ones, at ``size`` = (width, height)); ``cutoffs``: gsplat's unless given (the gradient
+        checker renders with RasterCutoffs.smooth())."""
         with_depth = self.with_depth if with_depth is None else with_depth
         viewmats = self.viewmats if viewmats is None else viewmats
         Ks = self.Ks if Ks is None else Ks
@@ -151,16 +144,19 @@ class Pipeline:
         images, alphas, _ = rasterization(means, covars, opacities, colors, viewmats, Ks, width, height,
                                           near_plane=self.scene.render.near, far_plane=self.scene.render.far,
                                           backgrounds=background, render_mode="RGB+ED" if with_depth else "RGB",
-                                          rasterize_mode=self.scene.render.rasterize_mode, cutoffs=self.cutoffs)
+                                          rasterize_mode=self.scene.render.rasterize_mode,
+                                          cutoffs=GSPLAT if cutoffs is None else cutoffs)
         if with_depth:
             return images[..., :3], alphas, images[..., 3:]
         return images, alphas, None
 
-    def forward(self, params: dict[str, torch.Tensor]) -> PipelineOutput:
-        result = self.simulate(params)
+    def forward(self, params: dict[str, torch.Tensor], *, start: dict[str, torch.Tensor] | None = None,
+                frames=None, cutoffs: RasterCutoffs | None = None) -> PipelineOutput:
+        """Simulate (from ``start``, keeping ``frames``; see ``simulate``), splat and render (with ``cutoffs``)."""
+        result = self.simulate(params, start=start, frames=frames)
         images, alphas, depths = [], [], []
         for row in range(len(result.frames)):
-            image, alpha, depth = self.render(*self.gaussians(result.x[row], result.F[row], params))
+            image, alpha, depth = self.render(*self.gaussians(result.x[row], result.F[row], params), cutoffs=cutoffs)
             images.append(image)
             alphas.append(alpha)
             depths.append(depth)
@@ -174,15 +170,13 @@ class Pipeline:
             raise ValueError("the scene has no target mesh")
         points = target.surface_points.to(self.device)
         normals = target.surface_normals.to(self.device)
-        eye = torch.eye(3, device=self.device)
         sigma0 = default_sigma0(mode="surface", surface_area=float(target.mesh.area), samples=len(points),
                                 spacing=self.assets.spacing)
-        rest = sigma0**2 * (eye - (1 - self.scene.appearance.thickness_ratio**2) * normals[:, :, None] * normals[:, None])
-        color = self.scene.target.color or self.scene.appearance.color
-        colors = torch.tensor(color, device=self.device).expand(len(points), 3)
+        rest = rest_covariances(normals, sigma0=sigma0, thickness=self.thickness)
+        colors = torch.tensor(self.target_color, device=self.device).expand(len(points), 3)
         opacities = torch.full((len(points),), self.scene.appearance.opacity, device=self.device)
         return points, rest, colors, opacities
 
-    def render_target(self):
+    def render_target(self, *, cutoffs: RasterCutoffs | None = None):
         """(images [C, H, W, 3], alphas [C, H, W, 1], depths or None) of the target mesh's surface Gaussians."""
-        return self.render(*self.target_gaussians())
+        return self.render(*self.target_gaussians(), cutoffs=cutoffs)

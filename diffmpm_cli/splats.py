@@ -66,15 +66,28 @@ def surface_gaussians(x: torch.Tensor, F: torch.Tensor, embedding: SurfaceEmbedd
     Fn = F[embedding.indices]  # [M, k, 3, 3]
     means = (w * (x[embedding.indices] + (Fn @ embedding.offsets[..., None])[..., 0])).sum(dim=1)
     Fbar = (embedding.weights[..., None, None] * Fn).sum(dim=1)
-    n = embedding.normals
-    eye = torch.eye(3, dtype=x.dtype, device=x.device)
-    rest = sigma0**2 * (eye - (1.0 - thickness**2) * n[:, :, None] * n[:, None, :])
+    rest = rest_covariances(embedding.normals, sigma0=sigma0, thickness=thickness)
     return means, Fbar @ rest @ Fbar.transpose(1, 2)
+
+
+def rest_covariances(normals: torch.Tensor, *, sigma0, thickness: float) -> torch.Tensor:
+    """Rest covariances [M, 3, 3] m^2 of surface discs with unit normals [M, 3]: sigma0^2 (I - (1 - t^2) n n^T), a
+    disc of radius sigma0 [m] (a number or a tensor) in the tangent plane, t sigma0 thick along the normal."""
+    eye = torch.eye(3, dtype=normals.dtype, device=normals.device)
+    return sigma0**2 * (eye - (1.0 - thickness**2) * normals[:, :, None] * normals[:, None, :])
 
 
 def particle_gaussians(x: torch.Tensor, F: torch.Tensor, *, sigma0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """One Gaussian per particle: means x [N, 3], covariances sigma0^2 F F^T [N, 3, 3]."""
     return x, sigma0**2 * F @ F.transpose(1, 2)
+
+
+def splat_gaussians(x: torch.Tensor, F: torch.Tensor, embedding: SurfaceEmbedding | None, *, sigma0: torch.Tensor,
+                    thickness: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Means and covariances of a state's Gaussians: surface Gaussians with an embedding, else one per particle."""
+    if embedding is not None:
+        return surface_gaussians(x, F, embedding, sigma0=sigma0, thickness=thickness)
+    return particle_gaussians(x, F, sigma0=sigma0)
 
 
 def default_sigma0(*, mode: str, surface_area: float, samples: int, spacing: float) -> float:

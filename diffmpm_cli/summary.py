@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass
 
 from .config.checks import stiffest_material
 from .render.rasterize import raster_memory
-from .sim.grid import cfl_number, default_segment_length, rollout_memory
+from .sim.grid import cfl_number, control_layers, default_segment_length, kept_frames, rollout_memory
 
 
 @dataclass(frozen=True)
@@ -47,12 +46,12 @@ def summarize_scene(*, scene, assets, camera_count: int) -> SceneSummary:
     sim = scene.sim
     particles = assets.source.particle_count
     E_max, nu_max = stiffest_material(scene)  # the stiffest material a run starts from
-    layers = math.ceil(sim.steps / sim.control_stride)
+    layers = control_layers(sim.steps, sim.control_stride)
     memory = rollout_memory(particle_count=particles, node_count=assets.grid.node_count, steps=sim.steps,
                             control_layers=layers if scene.learn.dFc.enabled else 0,
                             segment_length=sim.segment_length or default_segment_length(sim.steps))
     gaussians = scene.appearance.surface_samples if scene.appearance.gaussians == "surface" else particles
-    frames = len(set(sim.frames) | {sim.steps})
+    frames = len(kept_frames(sim.steps, sim.frames))
     render = frames * raster_memory(gaussians=gaussians, cameras=camera_count, width=scene.render.width,
                                     height=scene.render.height)
     return SceneSummary(

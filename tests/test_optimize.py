@@ -174,7 +174,7 @@ def test_bad_input_and_failed_runs(finished, tmp_path, monkeypatch):
     from diffmpm_cli.errors import SimulationError
     from diffmpm_cli.pipeline import Pipeline
 
-    def blow_up(self, params):
+    def blow_up(self, params, **kwargs):
         raise SimulationError("non-finite particle state (F) after step 7")
 
     monkeypatch.setattr(Pipeline, "simulate", blow_up)
@@ -311,3 +311,85 @@ def test_a_nonfinite_gradient_steps_back_with_the_line_search(tmp_path, monkeypa
             "--set", "optimize.line_search.enabled=true"]
     result = runner.invoke(app, args)
     assert result.exit_code == 1 and "iteration 0: non-finite gradient in the MPM backward pass" in result.output
+
+
+def test_one_param_spec_per_learn_section_and_one_loss_term_per_weight():
+    """params.py's table names every learn.<key> section once (and nothing else), in the schema's order (the optimiser's
+    group order, which checkpoints hold); LOSS_TERMS names every weight of scene.loss."""
+    from diffmpm_cli.config.schema import LearnConfig, LossConfig
+    from diffmpm_cli.losses import LOSS_TERMS
+    from diffmpm_cli.params import PARAMS
+
+    assert [spec.key for spec in PARAMS] == list(LearnConfig.model_fields)
+    assert set(LOSS_TERMS) == {k for k in LossConfig.model_fields if k != "silhouette_kind"}
+
+
+def test_param_specs_map_defaults_summary_and_projection_consistently():
+    """Every group starts at its natural default through its own transform, is reported in natural units under its
+    learn key, and is projected into its bounds."""
+    import math
+
+    from diffmpm_cli.params import BY_GROUP, BY_KEY, reported
+
+    scene = small_scene("learn.E.init=3000", "learn.opacity.init=0.25", "appearance.sigma0=0.01")
+    assets = build_assets(scene)
+    from diffmpm_cli.pipeline import Pipeline
+
+    pipe = Pipeline(scene, assets)
+    params = pipe.initial_parameters(["log_E", "nu", "opacity_logit", "log_sigma0", "color"])
+    assert float(params["log_E"]) == pytest.approx(math.log(3000.0))
+    assert float(params["opacity_logit"]) == pytest.approx(math.log(0.25 / 0.75))
+    assert float(params["log_sigma0"]) == pytest.approx(math.log(0.01))
+    learned = reported(params)
+    assert learned["E"] == pytest.approx(3000.0, rel=1e-6) and learned["opacity"] == pytest.approx(0.25, rel=1e-6)
+    assert learned["sigma0"] == pytest.approx(0.01, rel=1e-6) and learned["nu"] == pytest.approx(scene.material.nu)
+    assert BY_KEY["E"].group == "log_E" and BY_GROUP["opacity_logit"].key == "opacity"
+    nu, color = torch.tensor(0.7), torch.tensor([-1.0, 0.5, 2.0])
+    BY_GROUP["nu"].project_(nu)
+    BY_GROUP["color"].project_(color)
+    assert float(nu) == pytest.approx(0.49) and color.tolist() == [0.0, 0.5, 1.0]
+
+
+def test_the_pipeline_keeps_no_state_between_calls():
+    """What varies (start state, kept frames, cut-offs) is an argument: calls with them leave the next call as it was."""
+    from diffmpm_cli.pipeline import Pipeline
+    from diffmpm_cli.render.rasterize import RasterCutoffs
+
+    scene = small_scene()
+    pipe = Pipeline(scene, build_assets(scene))
+    before = vars(pipe).copy()
+    with torch.no_grad():
+        plain = pipe.forward({})
+        start = {k: getattr(plain.result, k)[-1] for k in ("x", "F", "C")}
+        start["v"] = torch.full_like(plain.result.v[-1], 0.2)  # moving: the state at step 20 is somewhere else
+        moved = pipe.forward({}, start=start, frames=[5], cutoffs=RasterCutoffs.smooth())
+        again = pipe.forward({})
+    assert moved.result.frames == [5, 20] and plain.result.frames == again.result.frames == [10, 20]
+    assert not torch.equal(moved.result.x[-1], plain.result.x[-1])
+    assert torch.equal(again.images, plain.images) and torch.equal(again.result.x, plain.result.x)
+    assert vars(pipe).keys() == before.keys() and all(vars(pipe)[k] is v for k, v in before.items())
+
+
+def test_read_history_drops_only_a_torn_last_line(tmp_path):
+    from diffmpm_cli.errors import CheckpointError
+    from diffmpm_cli.optimize.run import _read_history
+
+    log = tmp_path / "metrics.jsonl"
+    log.write_text('{"iteration": 0, "loss": 1.0}\n{"iteration": 1, "loss": 0.5}\n{"iteration": 2, "lo')
+    assert [r["iteration"] for r in _read_history(log, 5)] == [0, 1]
+    assert [r["iteration"] for r in _read_history(log, 1)] == [0]
+    log.write_text('{"iteration": 0, "loss": 1.0}\nnot json\n{"iteration": 2, "loss": 0.5}\n')
+    with pytest.raises(CheckpointError, match="line 2"):
+        _read_history(log, 5)
+
+
+def test_a_run_sets_the_process_state_back(tmp_path):
+    """The seed and (on the CPU) the thread count a run sets hold only while it runs."""
+    threads = torch.get_num_threads()
+    torch.manual_seed(1234)
+    expected = torch.rand(3)
+    torch.manual_seed(1234)
+    scene = small_scene("optimize.iterations=1", "output.turntable_frames=0")
+    optimize(scene=scene, assets=build_assets(scene), out_dir=tmp_path / "run")
+    assert torch.get_num_threads() == threads
+    assert torch.equal(torch.rand(3), expected)

@@ -345,7 +345,8 @@ def test_an_unstable_dt_is_refused_before_anything_is_written(tmp_path):
 
 
 def test_a_learned_E_stays_in_its_range(tmp_path):
-    from diffmpm_cli.optimize.run import E_MIN, StableE, project_parameters
+    from diffmpm_cli.optimize.run import StableE, project_parameters
+    from diffmpm_cli.params import E_MIN
 
     stable = StableE(density=1000.0, dt=1e-3, dx=1 / 32, limit=0.5, nu=0.3)
     params = {"log_E": torch.tensor([-1e6, 1e6, math.log(2e4)])}

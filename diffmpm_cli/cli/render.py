@@ -68,13 +68,15 @@ def render(
         if inside_run:  # writing into a run folder: not while a run (or another render) writes there
             stack.callback(lock_for_writing(run_dir, option="RUN_DIR").release)
             remove_stale_temporaries(run_dir)
-        scene, pipeline, params, label = load_source(source, checkpoint=checkpoint, overrides=set_, device=device)
+        scene, pipeline, params, start, label = load_source(source, checkpoint=checkpoint, overrides=set_,
+                                                            device=device)
         if width is None:
             width, height = scene.render.width, scene.render.height
         steps = parse_frames(frames, scene.sim.steps)
         if out_dir is None:
             out_dir = run_dir / f"renders_{slug(frames)}" if run_dir is not None else Path("renders") / slug(scene.name)
-        kept, names, images = render_frames(pipeline, params, frames=steps, cameras=cameras, size=(width, height))
+        kept, names, images = render_frames(pipeline, params, frames=steps, cameras=cameras, size=(width, height),
+                                            start=start)
         try:
             written = write_renders(out_dir, frames=kept, names=names, images=images, fmt=fmt)
         except OSError as exc:

@@ -9,9 +9,7 @@ before older ones are pruned, so a failed write (a full disk) never loses the la
 
 from __future__ import annotations
 
-import os
 import random
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,30 +18,20 @@ import numpy as np
 import torch
 
 from ..errors import CheckpointError
-from .runfolder import file_mode
+from ..outputs.files import atomic_write
 
 PATTERN = "iter_{:06d}.pt"
 LEDGER = "written.txt"  # the checkpoints this run wrote, oldest first
 
 
 def _atomic_save(obj, path: Path) -> None:
-    """torch.save ``obj`` (or write ``obj`` when it is bytes) to a temporary file, then rename it onto ``path``.
-    The file gets the mode a plain open() would give it (0o666 less the umask; mkstemp makes 0o600)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            if isinstance(obj, bytes):
-                f.write(obj)
-            else:
-                torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, file_mode())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """torch.save ``obj`` (or write ``obj`` when it is bytes) durably and atomically onto ``path``."""
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            f.write(obj) if isinstance(obj, bytes) else torch.save(obj, f)
+
+    atomic_write(path, write, durable=True)
 
 
 def rng_state() -> dict:

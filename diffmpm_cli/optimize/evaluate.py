@@ -19,6 +19,7 @@ import torch
 import trimesh
 
 from .. import metrics
+from ..params import natural
 
 CLUMPED_TOLERANCE = 0.01  # a state is physically valid with no inverted particle and at most 1 % clumped
 EXACT_SURFACE_SAMPLES = 20_000  # samples of the exact target surface for Chamfer
@@ -70,7 +71,7 @@ def evaluate_metrics(pipeline, output, targets, params: dict[str, torch.Tensor])
     truth = pipeline.scene.target.truth
     if truth is not None:
         p = {**pipeline.initial_parameters(["log_E", "nu"]), **params}
-        E, nu = float(torch.exp(p["log_E"]).mean()), float(p["nu"].mean())
+        E, nu = float(natural("log_E", p["log_E"]).mean()), float(natural("nu", p["nu"]).mean())
         out.update(E=E, nu=nu, **metrics.material_errors(E=E, nu=nu, truth_E=truth.E, truth_nu=truth.nu))
     out.update(validity_metrics(pipeline, output.result))
     return out

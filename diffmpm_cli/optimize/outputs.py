@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-import platform
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .. import __version__
+from ..losses import LOSS_TERMS
 from ..outputs.pictures import comparison_grid, loss_curves, mp4_available, save_png, to_uint8, write_animation
 from ..outputs.ply import write_gaussians_ply, write_particles_ply
+from ..params import reported
+from ..provenance import device_name, versions
 from .evaluate import ExactTarget, evaluate_metrics, exact_target_metrics
 
 PICTURE_HEIGHT = 192  # comparison and turntable pictures are upscaled (nearest) to at least this height
@@ -47,19 +48,14 @@ def write_final_outputs(run, out_dir: Path, *, history: list[dict], wall_s: floa
     """final/: gaussians.ply, particles.ply, trajectory.npz, comparison.png (against the exact target mesh),
     comparison_training.png, turntable.gif (.mp4), loss.png;
     returns the summary (initial and final metrics, losses, wall time, device, versions, iterations)."""
-    from .targets import rollout_frames
-
     pipeline, scene = run.pipeline, run.scene
     final = Path(out_dir) / "final"
     final.mkdir(parents=True, exist_ok=True)
     with torch.no_grad():
         total, terms, out = run.loss(grad=False)
         initial_params = pipeline.initial_parameters(list(run.params))
-        start, pipeline.start = pipeline.start, None  # "initial" is the first episode's start
-        try:
-            initial_total, initial_terms, initial = run.loss(initial_params, grad=False)
-        finally:
-            pipeline.start = start
+        # "initial" is the first episode's start: the rest state
+        initial_total, initial_terms, initial = run.loss(initial_params, grad=False, start=None)
     final_metrics = evaluate_metrics(pipeline, out, run.targets, run.params)
     initial_metrics = evaluate_metrics(pipeline, initial, run.targets, initial_params)
     x, F = out.result.x[-1], out.result.F[-1]
@@ -87,7 +83,7 @@ def write_final_outputs(run, out_dir: Path, *, history: list[dict], wall_s: floa
                                        colors=colors.cpu(), opacities=opacities.cpu()))
     written.append(write_particles_ply(final / "particles.ply", positions=x.cpu(),
                                        extra={"J": torch.linalg.det(F).cpu()}))
-    np.savez_compressed(final / "trajectory.npz", steps=np.asarray(rollout_frames(scene)),
+    np.savez_compressed(final / "trajectory.npz", steps=np.asarray(out.result.frames),
                         x=out.result.x.detach().cpu().numpy(), F=out.result.F.detach().cpu().numpy())
     written.append(final / "trajectory.npz")
     # comparison: target | initial | final, one row per camera with a target at the final target frame
@@ -108,38 +104,22 @@ def write_final_outputs(run, out_dir: Path, *, history: list[dict], wall_s: floa
             written += write_animation(final / "turntable.gif", frames)
         if mp4_available():  # "mp4"/"both" without a writer are refused before the run starts
             written += write_animation(final / "turntable.mp4", frames)
-    keys = ["loss", *sorted({k for r in history for k in r if k in ("grid_mass", "silhouette", "rgb_l1", "dssim",
-                                                                      "depth_l1", "volume", "dFc_l2", "dFc_smooth")})]
+    keys = ["loss", *sorted({k for r in history for k in r if k in LOSS_TERMS})]
     loss_curves(history, final / "loss.png", keys=keys)
     written.append(final / "loss.png")
-    learned = {}
-    for k, v in run.params.items():
-        if v.numel() <= 3:
-            value = v.detach().cpu()
-            if k in ("log_E", "log_sigma0", "opacity_logit"):
-                value = {"log_E": torch.exp, "log_sigma0": torch.exp, "opacity_logit": torch.sigmoid}[k](value)
-            learned[k.replace("log_", "").replace("_logit", "")] = value.tolist()
     return {
         "scene": scene.name,
         "iterations": len(history),
         "episodes": scene.optimize.episodes,
         "initial": {"loss": float(initial_total), **initial_terms, **initial_metrics},
         "final": {"loss": float(total), **terms, **final_metrics},
-        "learned": learned,
+        "learned": reported(run.params),
         "physically_valid": bool(final_metrics.get("physically_valid", True)),
         **representation,
         "wall_s": wall_s,
         "mean_step_s": float(np.mean([r["step_s"] for r in history])) if history else None,
         "device": device,
-        "device_name": torch.cuda.get_device_name(torch.device(device)) if device.startswith("cuda") else
-        platform.processor() or platform.machine(),
-        "versions": _versions(),
+        "device_name": device_name(device),
+        "versions": versions(),
         "outputs": [str(p.relative_to(out_dir)) for p in written],
     }
-
-
-def _versions() -> dict:
-    import warp
-
-    return {"diffmpm": __version__, "torch": torch.__version__, "warp": warp.config.version,
-            "python": platform.python_version()}

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from ..errors import CheckpointError, ConfigError
-from ..pipeline import GROUPS
+from ..params import GROUPS
 from .checkpoint import latest_checkpoint, load_checkpoint, start_state
 
 
@@ -31,20 +31,19 @@ def run_checkpoint(run_dir: Path, which: str | None) -> tuple[Path, str]:
 
 
 def load_source(path: Path, *, checkpoint: Path | str | None, overrides=(), device: str = "cpu"):
-    """(scene, pipeline, params, label) from a run folder (its resolved config and a checkpoint: ``best`` (the
-    default), ``last`` or a file, see run_checkpoint) or from a scene file (its initial parameters)."""
+    """(scene, pipeline, params, start, label) from a run folder (its resolved config and a checkpoint: ``best``
+    (the default), ``last`` or a file, see run_checkpoint) or from a scene file (its initial parameters). ``start``:
+    the state the checkpoint's episode starts from (None: the rest state)."""
     from ..assets import build_assets
     from ..config import load_scene
     from ..pipeline import Pipeline
     from .checkpoint import shape_mismatch
-    from .runfolder import CONFIG
+    from .runfolder import run_config
 
     path = Path(path)
-    label = "initial"
+    label, start = "initial", None
     if path.is_dir():
-        if not (path / CONFIG).exists():
-            raise ConfigError("RUN_DIR", f"{path} holds no run (no {CONFIG})")
-        scene = load_scene(path / CONFIG, overrides)
+        scene = load_scene(run_config(path, "RUN_DIR"), overrides)
         checkpoint, label = run_checkpoint(path, None if checkpoint is None else str(checkpoint))
     else:
         scene = load_scene(path, overrides)
@@ -61,11 +60,11 @@ def load_source(path: Path, *, checkpoint: Path | str | None, overrides=(), devi
             raise CheckpointError(str(checkpoint), f"does not fit this scene: {problem}")
         params = {k: v.to(pipeline.device) for k, v in state["params"].items()}
         try:
-            pipeline.start = start_state(state, pipeline.device)  # a later episode starts where the last ended
+            start = start_state(state, pipeline.device)  # a later episode starts where the last ended
         except (AttributeError, TypeError) as exc:
             raise CheckpointError(str(checkpoint), "not a diffmpm checkpoint (a bad 'start')") from exc
         label = f"{label}, iteration {state.get('iteration')}"
-    return scene, pipeline, params, label
+    return scene, pipeline, params, start, label
 
 
 def parse_frames(text: str, steps: int) -> list[int]:
@@ -85,9 +84,9 @@ def parse_frames(text: str, steps: int) -> list[int]:
     return frames
 
 
-def render_frames(pipeline, params, *, frames: list[int], cameras: str, size: tuple[int, int]):
-    """(frames, camera names, images [R, C, H, W, 3]) of the states at ``frames`` seen from the scene's cameras
-    (``cameras="scene"``) or an orbit of N (``"orbit:N"``)."""
+def render_frames(pipeline, params, *, frames: list[int], cameras: str, size: tuple[int, int], start=None):
+    """(frames, camera names, images [R, C, H, W, 3]) of the states at ``frames`` (of the rollout from ``start``,
+    None: the rest state) seen from the scene's cameras (``cameras="scene"``) or an orbit of N (``"orbit:N"``)."""
     from ..render.camera import turntable_cameras
 
     scene = pipeline.scene
@@ -107,17 +106,12 @@ def render_frames(pipeline, params, *, frames: list[int], cameras: str, size: tu
     else:
         raise ConfigError("--cameras", f"must be scene or orbit:N (N in 1..360), got '{cameras}'")
     viewmats, Ks = cams.to_torch(pipeline.device) if cams is not None else (pipeline.viewmats, pipeline.Ks)
-    saved = pipeline.frames
-    pipeline.frames = frames
-    try:
-        with torch.no_grad():
-            result = pipeline.simulate(params)
-            images = []
-            for row in range(len(result.frames)):
-                gaussians = pipeline.gaussians(result.x[row], result.F[row], params)
-                images.append(pipeline.render(*gaussians, with_depth=False, viewmats=viewmats, Ks=Ks, size=size)[0])
-    finally:
-        pipeline.frames = saved
+    with torch.no_grad():
+        result = pipeline.simulate(params, start=start, frames=frames)
+        images = []
+        for row in range(len(result.frames)):
+            gaussians = pipeline.gaussians(result.x[row], result.F[row], params)
+            images.append(pipeline.render(*gaussians, with_depth=False, viewmats=viewmats, Ks=Ks, size=size)[0])
     return list(result.frames), names, torch.stack(images).cpu()
 
 

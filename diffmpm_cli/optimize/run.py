@@ -8,6 +8,7 @@ checkpoint and, on the CPU, ends bitwise where an uninterrupted run ends.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -20,12 +21,15 @@ import torch
 
 from ..errors import CheckpointError, ConfigError, DiffMPMError, SimulationError
 from ..losses import scene_loss
-from ..pipeline import GROUP_OF, Pipeline
+from ..outputs.files import json_line, write_json, write_text
+from ..params import BY_GROUP, GROUP_OF, learned_rates
+from ..pipeline import Pipeline
 from .checkpoint import (
     forget_checkpoints,
     latest_checkpoint,
     load_checkpoint,
     resume_checkpoint,
+    rng_state,
     save_best,
     save_checkpoint,
     set_rng_state,
@@ -70,8 +74,8 @@ class RunState:
 
 
 def learned_groups(scene) -> dict[str, float]:
-    """Parameter group -> learning rate, for every enabled learn.* section."""
-    groups = {GROUP_OF[key]: section.lr for key, section in scene.learn if getattr(section, "enabled", False)}
+    """Parameter group -> learning rate, for every enabled learn.* section (params.py's order)."""
+    groups = learned_rates(scene)
     if not groups:
         raise ConfigError("learn", "nothing is learned: enable at least one of " + ", ".join(GROUP_OF))
     return groups
@@ -92,7 +96,6 @@ def _schedule(opt_cfg, iterations: int) -> Callable[[int], float]:
     return factor
 
 
-E_MIN = 1.0  # Pa: the softest Young's modulus a learned E may reach
 E_CFL_MARGIN = 1e-3  # a learned E stays this fraction below the largest stable one
 
 
@@ -114,22 +117,19 @@ class StableE:
 
 
 def project_parameters(params: dict[str, torch.Tensor], stable: StableE | None = None) -> None:
-    """Keep groups inside their valid ranges after a step: nu in (-1, 0.5), colours in [0, 1], E in [E_MIN, the
-    largest E the time step keeps stable] (with ``stable``; each particle's own nu when both are per particle)."""
+    """Keep groups inside their valid ranges after a step: each group's bounds (params.py: nu in [-0.95, 0.49],
+    colours in [0, 1], E >= E_MIN), and E below the largest E the time step keeps stable (with ``stable``; each
+    particle's own nu when both are per particle)."""
     with torch.no_grad():
-        if "nu" in params:
-            params["nu"].clamp_(-0.95, 0.49)
-        if "color" in params:
-            params["color"].clamp_(0.0, 1.0)
-        if "log_E" in params:
+        for group, value in params.items():
+            BY_GROUP[group].project_(value)
+        if "log_E" in params and stable is not None:
             log_E = params["log_E"]
-            log_E.clamp_(min=math.log(E_MIN))
-            if stable is not None:
-                nu = params["nu"] if "nu" in params else torch.tensor(stable.nu)
-                high = stable.log_E_max(nu).to(log_E.device)
-                if high.shape != log_E.shape:  # one E for particles of several nu: the stiffest bound holds
-                    high = high.min() if log_E.numel() == 1 else high.expand_as(log_E)
-                log_E.copy_(torch.minimum(log_E, high.to(log_E.dtype)))
+            nu = params["nu"] if "nu" in params else torch.tensor(stable.nu)
+            high = stable.log_E_max(nu).to(log_E.device)
+            if high.shape != log_E.shape:  # one E for particles of several nu: the stiffest bound holds
+                high = high.min() if log_E.numel() == 1 else high.expand_as(log_E)
+            log_E.copy_(torch.minimum(log_E, high.to(log_E.dtype)))
 
 
 def _finite(t: torch.Tensor | None) -> bool:
@@ -156,14 +156,14 @@ class Optimization:
         E_max, nu_max = stiffest_material(scene)  # as validate does: an unstable dt is bad input, refused before any write
         check_cfl(E=E_max, nu=nu_max, density=scene.material.density, dt=scene.sim.dt, dx=assets.grid.dx,
                   limit=scene.sim.cfl_limit)
-        nu = scene.learn.nu.init if scene.learn.nu.init is not None else scene.material.nu
+        nu = BY_GROUP["nu"].default(scene)
         self.stable_E = StableE(density=scene.material.density, dt=scene.sim.dt, dx=assets.grid.dx,
                                 limit=scene.sim.cfl_limit, nu=nu)
         self.scene = scene
         self.per_episode = scene.optimize.iterations if iterations is None else iterations
         self.iterations = self.per_episode * scene.optimize.episodes
-        torch.manual_seed(scene.optimize.seed)
         self.pipeline = Pipeline(scene, assets, device=device)
+        self.start: dict[str, torch.Tensor] | None = None  # the episode's starting state (None: the rest state)
         self.targets = build_targets(self.pipeline)
         rates = learned_groups(scene)
         self.params = {k: v.clone().requires_grad_(True)
@@ -181,16 +181,19 @@ class Optimization:
     def next_episode(self) -> None:
         """The current parameters' final state becomes the start; fresh (zero) controls and optimiser moments."""
         with torch.no_grad():
-            result = self.pipeline.simulate(self.params)
-            self.pipeline.start = {k: getattr(result, k)[-1].clone() for k in ("x", "v", "F", "C")}
+            result = self.pipeline.simulate(self.params, start=self.start)
+            self.start = {k: getattr(result, k)[-1].clone() for k in ("x", "v", "F", "C")}
             if "dFc" in self.params:
                 self.params["dFc"].zero_()
         self.optimizer.state.clear()
 
-    def loss(self, params=None, *, grad: bool = True):
+    def loss(self, params=None, *, grad: bool = True, start: dict | None | str = "episode"):
+        """(total, terms, output) at ``params`` (default: the current ones) from ``start`` (default: the current
+        episode's starting state; None: the rest state)."""
         params = self.params if params is None else params
+        start = self.start if start == "episode" else start
         with torch.set_grad_enabled(grad):
-            out = self.pipeline.forward(params)
+            out = self.pipeline.forward(params, start=start)
             total, terms = scene_loss(self.pipeline, out, params, targets=self.targets)
         return total, terms, out
 
@@ -262,25 +265,24 @@ class Optimization:
 
 
 def _read_history(path: Path, before: int) -> list[dict]:
-    """metrics.jsonl lines of iterations < ``before`` (a torn last line from a killed run is dropped)."""
+    """metrics.jsonl records of iterations < ``before``. Only the last line may be torn (a run killed while writing
+    it) and is then dropped; an unreadable line anywhere else means the log is not this tool's: CheckpointError."""
     if not path.exists():
         return []
     history = []
-    for line in path.read_text().splitlines():
+    lines = path.read_text().splitlines()
+    for number, line in enumerate(lines, 1):
         try:
             record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(record, dict) and record.get("iteration", math.inf) < before:
+        except json.JSONDecodeError as exc:
+            if number == len(lines):
+                break
+            raise CheckpointError(str(path), f"line {number} is not JSON ({exc.msg}); the run's log is damaged") from None
+        if not isinstance(record, dict) or not isinstance(record.get("iteration"), int):
+            raise CheckpointError(str(path), f"line {number} is not an iteration record")
+        if record["iteration"] < before:
             history.append(record)
     return history
-
-
-def _write_text(path: Path, text: str) -> None:
-    """Replace ``path`` atomically (a failure leaves the old file)."""
-    from ..outputs.ply import atomic_write
-
-    atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
 def with_iterations(scene, iterations: int | None):
@@ -312,20 +314,35 @@ def optimize(*, scene, assets, out_dir: Path, device: str = "cpu", iterations: i
         folder.check()
     if resume:
         _check_same_run(out_dir, scene)
-    if not str(device).startswith("cuda"):
-        # torch's multithreaded CPU reductions sum in a varying order (dFc gradients differ at ~1e-11 between
-        # identical runs); one thread makes a CPU run, and its resume, bitwise reproducible for ~7 % of its time.
-        # Warp's CPU kernels are single-threaded anyway.
-        torch.set_num_threads(1)
-    state = RunState()
-    run = Optimization(scene, assets, device=device)  # refuses bad input (an unstable dt too) before any write
     try:
-        folder.acquire(create=not resume)
-        return _optimize_locked(run, state, out_dir=out_dir, device=device, resume=resume, stop=stop,
-                                progress=progress, notice=notice)
+        with process_state(device=device, seed=scene.optimize.seed):
+            state = RunState()
+            run = Optimization(scene, assets, device=device)  # refuses bad input (an unstable dt) before any write
+            folder.acquire(create=not resume)
+            return _optimize_locked(run, state, out_dir=out_dir, device=device, resume=resume, stop=stop,
+                                    progress=progress, notice=notice)
     finally:
         if own_lock:
             folder.release()
+
+
+@contextlib.contextmanager
+def process_state(*, device: str, seed: int):
+    """What a run sets for the whole process, set back afterwards: the torch, numpy and Python RNGs (seeded with
+    optimize.seed, restored from checkpoints on resume) and, on the CPU, torch's thread count.
+
+    torch's multithreaded CPU reductions sum in a varying order (dFc gradients differ at ~1e-11 between identical
+    runs); one thread makes a CPU run, and its resume, bitwise reproducible for ~7 % of its time. Warp's CPU
+    kernels are single-threaded anyway."""
+    threads, saved_rng = torch.get_num_threads(), rng_state()
+    if not str(device).startswith("cuda"):
+        torch.set_num_threads(1)
+    torch.manual_seed(seed)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        set_rng_state(saved_rng)
 
 
 def _check_same_run(out_dir: Path, scene) -> None:
@@ -355,7 +372,7 @@ def _optimize_locked(run, state: RunState, *, out_dir: Path, device: str, resume
             _restore(run, state, point)
     try:
         if not resume:
-            _write_text(out_dir / CONFIG, dump_scene(run.scene))
+            write_text(out_dir / CONFIG, dump_scene(run.scene))
         else:
             for path in remove_stale_temporaries(out_dir):
                 notice(f"removed {path}, a temporary file a killed process left")
@@ -363,10 +380,10 @@ def _optimize_locked(run, state: RunState, *, out_dir: Path, device: str, resume
                 notice(text)
             forget_checkpoints(ckpt_dir, point.unusable)
             if (out_dir / CONFIG).read_text() != dump_scene(run.scene):  # --iters changed
-                _write_text(out_dir / CONFIG, dump_scene(run.scene))
+                write_text(out_dir / CONFIG, dump_scene(run.scene))
             # the log holds exactly the iterations before the checkpoint (a killed run may have logged more)
             state.history = _read_history(metrics_path, state.iteration)
-            _write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in state.history))
+            write_text(metrics_path, "".join(json_line(r) for r in state.history))
         try:
             _loop(run, state, out_dir=out_dir, stop=stop, progress=progress)
         except RunFailed as failure:
@@ -376,7 +393,7 @@ def _optimize_locked(run, state: RunState, *, out_dir: Path, device: str, resume
         summary = write_final_outputs(run, out_dir, history=state.history, wall_s=state.wall(), device=device)
         summary.update(_run_facts(run, state, out_dir, point))
         summary["main_metric"] = main_metric(summary["final"])
-        _write_text(out_dir / "summary.json", json.dumps(summary, indent=2))
+        write_json(out_dir / "summary.json", summary)
         return summary
     except OSError as exc:  # a full disk, a folder made read-only meanwhile: checkpoints are atomic, the last stays
         raise write_error(exc, last_good=latest_checkpoint(ckpt_dir)) from exc
@@ -395,7 +412,7 @@ def _restore(run, state: RunState, point) -> None:
         run.optimizer.load_state_dict(ckpt["optimizer"])
         run.scheduler.load_state_dict(ckpt["scheduler"])
         set_rng_state(ckpt["rng"])
-        run.pipeline.start = start_state(ckpt, run.pipeline.device)
+        run.start = start_state(ckpt, run.pipeline.device)
     except (KeyError, ValueError, TypeError, IndexError, RuntimeError, AttributeError) as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
         raise CheckpointError(str(point.path), f"cannot be restored into this run ({first})") from exc
@@ -438,7 +455,7 @@ def _write_failed_run(run, state: RunState, *, out_dir: Path, failure: RunFailed
     summary["main_metric"] = main_metric(summary["final"])
     summary["failed"] = str(failure)
     summary["final_from"] = "best parameters before the failure"
-    _write_text(Path(out_dir) / "summary.json", json.dumps(summary, indent=2))
+    write_json(Path(out_dir) / "summary.json", summary)
     failure.args = (f"{failure}; final/ and summary.json were written from the best parameters so far",)
 
 
@@ -456,7 +473,7 @@ def _loop(run, state: RunState, *, out_dir: Path, stop: StopFlag, progress) -> N
             it = state.iteration
             if it and it % max(run.per_episode, 1) == 0:  # episode k + 1 starts from episode k's final state
                 if best is not None:
-                    save_best(ckpt_dir, iteration=best_at, params=best, loss=state.best_loss, start=run.pipeline.start)
+                    save_best(ckpt_dir, iteration=best_at, params=best, loss=state.best_loss, start=run.start)
                 run.next_episode()
                 # losses of different episodes are not comparable
                 best, state.best_loss, state.best_params = None, math.inf, None
@@ -497,7 +514,7 @@ def _loop(run, state: RunState, *, out_dir: Path, stop: StopFlag, progress) -> N
                       "grad_norm": grad_norm, **step_info,
                       "lr": {g["name"]: g["lr"] for g in run.optimizer.param_groups},
                       "step_s": time.perf_counter() - t0}
-            log.write(json.dumps(record) + "\n")
+            log.write(json_line(record))
             log.flush()
             state.history.append(record)
             state.best_loss = min(state.best_loss, loss_value)
@@ -510,9 +527,9 @@ def _loop(run, state: RunState, *, out_dir: Path, stop: StopFlag, progress) -> N
             if last or state.iteration % opt_cfg.checkpoint_every == 0 or stop.requested:
                 save_checkpoint(ckpt_dir, iteration=state.iteration, params=run.params, optimizer=run.optimizer,
                                 scheduler=run.scheduler, best_loss=state.best_loss, keep=opt_cfg.keep_checkpoints,
-                                start=run.pipeline.start, wall_s=state.wall())
+                                start=run.start, wall_s=state.wall())
                 if best is not None:
-                    save_best(ckpt_dir, iteration=best_at, params=best, loss=state.best_loss, start=run.pipeline.start)
+                    save_best(ckpt_dir, iteration=best_at, params=best, loss=state.best_loss, start=run.start)
                     best = None
             if stop.requested and not last:
                 raise RunInterrupted(f"interrupted after iteration {it}: checkpoint written; continue with "

@@ -63,18 +63,6 @@ def slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip(".-")[:80] or "scene"
 
 
-def umask() -> int:
-    """The process's umask (os.umask can only be read by setting it, so it is set back at once)."""
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def file_mode() -> int:
-    """The mode a plain ``open(path, "w")`` would give a new file: 0o666 less the umask (mkstemp makes 0o600)."""
-    return 0o666 & ~umask()
-
-
 def write_error(exc: OSError, *, what: str = "", last_good: Path | None = None) -> DiffMPMError:
     """The typed error for an OSError raised while writing outputs (see the module docstring)."""
     where = exc.filename or what or "output"
@@ -133,6 +121,14 @@ def holds_run(folder: Path) -> bool:
     return (Path(folder) / CONFIG).exists() or (Path(folder) / METRICS).exists()
 
 
+def run_config(folder: Path, option: str) -> Path:
+    """A run folder's config.resolved.yaml; ConfigError (exit 2) naming ``option`` when ``folder`` holds no run."""
+    config = Path(folder) / CONFIG
+    if not config.is_file():
+        raise ConfigError(option, f"{folder} holds no run (no {CONFIG})")
+    return config
+
+
 class RunFolder:
     """The folder of one run, checked before any work and locked for as long as anything writes into it.
 
@@ -155,8 +151,7 @@ class RunFolder:
         if path.exists() and not path.is_dir():
             raise ConfigError(option, f"{path} is not a folder")
         if self.resume:
-            if not (path / CONFIG).is_file():
-                raise ConfigError(option, f"{path} holds no run (no {CONFIG})")
+            run_config(path, option)
             return
         if path.is_dir():
             if holds_run(path):
@@ -254,12 +249,9 @@ def _short(value) -> str:
 
 def write_json_file(path: Path, data) -> Path:
     """Write ``data`` as indented JSON to ``path`` (atomically, making parent folders); OSError -> typed error."""
-    import json
+    from ..outputs.files import write_json
 
-    from ..outputs.ply import atomic_write
-
-    text = json.dumps(data, indent=2)
     try:
-        return atomic_write(Path(path), lambda tmp: tmp.write_text(text))
+        return write_json(Path(path), data)
     except OSError as exc:
         raise write_error(exc, what=str(path)) from exc

@@ -7,7 +7,6 @@ kept frame), or the target mesh (its own surface Gaussians rendered at the final
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -15,6 +14,8 @@ import torch
 
 from ..assets.images import read_image
 from ..errors import ConfigError
+from ..params import BY_KEY
+from ..sim.grid import kept_frames
 
 
 @dataclass
@@ -41,23 +42,24 @@ class Targets:
 
 
 def rollout_frames(scene) -> list[int]:
-    """The steps a rollout keeps, sorted: sim.frames and the final step."""
-    return sorted(set(scene.sim.frames) | {scene.sim.steps})
+    """The steps a rollout of ``scene`` keeps, sorted: sim.frames and the final step."""
+    return kept_frames(scene.sim.steps, scene.sim.frames)
 
 
-def build_targets(pipeline) -> Targets:
+def build_targets(pipeline, *, cutoffs=None) -> Targets:
+    """The scene's targets; what is rendered (truth, the target's Gaussians) is rendered with ``cutoffs``."""
     scene = pipeline.scene
     frames = rollout_frames(scene)
     if scene.target.images:
         return _image_targets(pipeline, frames)
     if scene.target.truth is not None:
-        return _truth_targets(pipeline, frames)
+        return _truth_targets(pipeline, frames, cutoffs=cutoffs)
     with torch.no_grad():
         if scene.target.mesh_render == "exact":  # the target's Gaussians only for depths, when a loss needs them
             images, alphas = exact_mesh_pictures(pipeline)
-            depths = pipeline.render_target()[2] if pipeline.with_depth else None
+            depths = pipeline.render_target(cutoffs=cutoffs)[2] if pipeline.with_depth else None
         else:
-            images, alphas, depths = pipeline.render_target()
+            images, alphas, depths = pipeline.render_target(cutoffs=cutoffs)
     cams = torch.ones(images.shape[0], dtype=torch.bool, device=images.device)
     return Targets([TargetFrame(scene.sim.steps, len(frames) - 1, images, alphas, depths, cams)], kind="mesh")
 
@@ -78,7 +80,7 @@ def exact_mesh_pictures(pipeline) -> tuple[torch.Tensor, torch.Tensor]:
                             pipeline.height * s, device=pipeline.device)
     C = fine.shape[0]
     alphas = fine.float().reshape(C, pipeline.height, s, pipeline.width, s).mean(dim=(2, 4))[..., None]
-    color = torch.tensor(scene.target.color or scene.appearance.color, device=pipeline.device)
+    color = torch.tensor(pipeline.target_color, device=pipeline.device)
     background = torch.tensor(scene.render.background, device=pipeline.device)
     return alphas * color + (1 - alphas) * background, alphas
 
@@ -87,18 +89,17 @@ def truth_parameters(pipeline) -> dict[str, torch.Tensor]:
     """The scene's material / velocity with target.truth's values put in (the others as in the scene)."""
     truth = pipeline.scene.target.truth
     params = pipeline.initial_parameters(["log_E", "nu", "v0"])
-    if truth.E is not None:
-        params["log_E"] = torch.full_like(params["log_E"], math.log(truth.E))
-    if truth.nu is not None:
-        params["nu"] = torch.full_like(params["nu"], truth.nu)
-    if truth.v0 is not None:
-        params["v0"] = torch.tensor(truth.v0, device=pipeline.device).expand_as(params["v0"]).clone()
+    for key in ("E", "nu", "v0"):
+        value, spec = getattr(truth, key), BY_KEY[key]
+        if value is not None:
+            params[spec.group] = torch.tensor(spec.parameterised(value), dtype=params[spec.group].dtype,
+                                              device=pipeline.device).expand_as(params[spec.group]).clone()
     return params
 
 
-def _truth_targets(pipeline, frames) -> Targets:
+def _truth_targets(pipeline, frames, *, cutoffs=None) -> Targets:
     with torch.no_grad():
-        out = pipeline.forward(truth_parameters(pipeline))
+        out = pipeline.forward(truth_parameters(pipeline), cutoffs=cutoffs)
     cams = torch.ones(out.images.shape[1], dtype=torch.bool, device=out.images.device)
     return Targets([TargetFrame(step, row, out.images[row], out.alphas[row],
                                 None if out.depths is None else out.depths[row], cams)

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from .ply import atomic_write
+from .files import atomic_write
 
 MP4_MISSING = 'mp4 needs imageio-ffmpeg (pip install "diffmpm[video]")'
 WHITE = (255, 255, 255)

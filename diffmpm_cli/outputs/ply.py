@@ -16,12 +16,12 @@ All files are binary little-endian and are written atomically (temporary file in
 
 from __future__ import annotations
 
-import os
-import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
+
+from .files import atomic_write
 
 C0 = 0.28209479177387814  # degree-0 real spherical harmonic, 1 / (2 sqrt(pi))
 MIN_OPACITY = 1e-6  # opacities are clamped to [MIN_OPACITY, 1 - MIN_OPACITY] before the logit
@@ -39,32 +39,6 @@ _PLY_TYPES = {
     "int": "i4", "int32": "i4", "uint": "u4", "uint32": "u4",
     "float": "f4", "float32": "f4", "double": "f8", "float64": "f8",
 }
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def atomic_write(path, write: Callable[[Path], None]) -> Path:
-    """Call ``write(tmp)`` on a temporary path in ``path``'s folder, then move it onto ``path``; makes parent folders.
-
-    The temporary name keeps ``path``'s suffix, so writers that pick a format from the extension still work.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}")
-    os.close(fd)
-    tmp = Path(tmp)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())  # the mode a plain open() gives (mkstemp makes 0o600)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
 
 
 def _numpy(x, name: str, *, finite: bool = True) -> np.ndarray:

@@ -80,6 +80,26 @@ def default_segment_length(steps: int) -> int:
     return max(1, round(math.sqrt(steps)))
 
 
+def kept_frames(steps: int, frames=()) -> list[int]:
+    """The steps a rollout of ``steps`` steps keeps, sorted: ``frames`` and the final step."""
+    return sorted({*frames, steps})
+
+
+def control_layers(steps: int, stride: int) -> int:
+    """K = ceil(steps / stride): the control layers of a rollout (layer k acts at step k stride)."""
+    return math.ceil(steps / stride)
+
+
+def state_bytes(particle_count: int) -> int:
+    """float32 bytes of one particle state: x, v (3 each), F, C (9 each) = 24 floats a particle."""
+    return particle_count * 24 * FLOAT32_BYTES
+
+
+def grid_bytes(node_count: int) -> int:
+    """float32 bytes of one step's grid: mass, momentum, velocity = 7 floats a node."""
+    return node_count * 7 * FLOAT32_BYTES
+
+
 @dataclass(frozen=True)
 class RolloutMemory:
     """Estimated bytes of a taped rollout: forward states and their adjoints, per-step grids, controls."""
@@ -99,9 +119,8 @@ def rollout_memory(*, particle_count: int, node_count: int, steps: int, control_
     momentum, velocity = 7 floats per node); the backward needs an adjoint of each, so twice that. The controls
     dFc are [K, N, 3, 3] plus their gradient. Checkpointing keeps one state per segment and tapes one segment at a time.
     """
-    state = particle_count * 24 * FLOAT32_BYTES
-    grid = node_count * 7 * FLOAT32_BYTES
-    per_step = 2 * (state + grid)
+    state = state_bytes(particle_count)
+    per_step = 2 * (state + grid_bytes(node_count))
     controls = 2 * control_layers * particle_count * 9 * FLOAT32_BYTES
     seg = segment_length or default_segment_length(steps)
     seg = min(seg, steps)

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
 
 from ..enums import BSpline, Material, WallKind
 from ..warp_runtime import warp
-from .grid import GridSpec
+from .grid import GridSpec, control_layers
 
 FACES = ("x", "y", "z")
 
@@ -78,8 +77,8 @@ class MPMModel:
         return step // self.control_stride if step % self.control_stride == 0 else -1
 
     def control_layers(self, steps: int) -> int:
-        """K = ceil(steps / stride)."""
-        return math.ceil(steps / self.control_stride)
+        """K = ceil(steps / stride) (grid.control_layers)."""
+        return control_layers(steps, self.control_stride)
 
 
 @dataclass

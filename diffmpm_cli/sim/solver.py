@@ -17,7 +17,7 @@ from ..enums import DecisionMode, P2GMode
 from ..errors import SimulationError
 from ..warp_runtime import warp
 from . import launch
-from .grid import default_segment_length
+from .grid import default_segment_length, grid_bytes, kept_frames, state_bytes
 from .launch import Particles
 from .model import MPMGrid, MPMModel, MPMState
 from .tiled import TiledP2G
@@ -180,7 +180,7 @@ class Rollout:
             raise SimulationError(f"frames must lie in 0..{steps}, got {sorted(frames)}")
         self.sim = sim
         self.steps = steps
-        self.frames = sorted({*frames, steps})
+        self.frames = kept_frames(steps, frames)
         self.segments = segment_bounds(steps, self.frames, segment_length)
         self.stats = RolloutStats(steps=steps, segments=len(self.segments), frames=list(self.frames))
         self.decision_budget = decision_budget
@@ -259,9 +259,8 @@ class Rollout:
 
     def _account_memory(self) -> None:
         n, nodes = self.sim.particle_count, self.sim.model.grid.node_count
-        state = n * (3 + 3 + 9 + 9) * 4
-        grid = nodes * (1 + 3 + 3) * 4
-        self.stats.bytes_per_step = 2 * (state + grid)
+        state = state_bytes(n)
+        self.stats.bytes_per_step = 2 * (state + grid_bytes(nodes))
         self.stats.peak_taped_bytes = max(e - s for s, e in self.segments) * self.stats.bytes_per_step
         self.stats.checkpoint_bytes = len(self.segments) * state
 
