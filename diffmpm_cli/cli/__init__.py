@@ -43,10 +43,28 @@ class DiffMPMGroup(TyperGroup):
         return code
 
 
+EPILOG = """[bold]Examples[/]
+
+  diffmpm scenes
+
+  diffmpm validate scenes/sphere_to_snowman.yaml
+
+  diffmpm optimize sphere_to_snowman --iters 40
+
+  diffmpm render runs/demo --frames all --format gif
+
+  diffmpm check-grad scenes/sphere_to_snowman.yaml --stage sim
+
+  diffmpm bench mpm --device cuda --json mpm.json
+
+Every command takes --help. Refused input is one line 'error: key.path: problem' on stderr, exit code 2.
+"""
+
 app = typer.Typer(
     name="diffmpm",
     cls=DiffMPMGroup,
     help="Differentiable MPM shape and material optimisation. Exit codes: 0 ok, 1 failure, 2 bad input.",
+    epilog=EPILOG,
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated
 
 import typer
 from rich.table import Table
 
+from ..enums import BSpline, Material, P2GMode
 from ..optimize.runfolder import check_output_file, interruptible, write_json_file
-from .common import SET_HELP, check_device, handle_errors, out, parse_size
+from .common import SET_HELP, DeviceOpt, JsonFileOpt, check_device, handle_errors, out, parse_size
 
 RENDER_EPILOG = """[bold]Examples[/]
 
@@ -26,7 +28,17 @@ EPILOG = """[bold]Examples[/]
   diffmpm bench mpm --particles 1000000 --grid 128 --shuffle --device cuda
 """
 
-bench_app = typer.Typer(help="Benchmarks (results as a table and, with --json, a file).", no_args_is_help=True)
+GROUP_EPILOG = """[bold]Examples[/]
+
+  diffmpm bench mpm --particles 4096 --grid 32 --steps 50
+
+  diffmpm bench render --gaussians 3000 --size 128x128
+
+  diffmpm bench optimize scenes/sphere_to_snowman.yaml --json it.json
+"""
+
+bench_app = typer.Typer(help="Benchmarks (results as a table and, with --json, a file).", no_args_is_help=True,
+                        epilog=GROUP_EPILOG)
 
 
 def _rate(value: float) -> str:
@@ -37,18 +49,21 @@ def _rate(value: float) -> str:
 @handle_errors
 @interruptible
 def mpm(
-    particles: int = typer.Option(4096, min=1, help="Particles (a cube at 2 per cell per axis)."),
-    grid: int = typer.Option(32, min=8, max=512, help="Grid nodes per axis (dx = 1/grid m)."),
-    steps: int = typer.Option(50, min=1, help="Steps per timed run."),
-    backward_steps: int | None = typer.Option(None, min=1, help="Steps of the forward+backward run (default: --steps)."),
-    shuffle: bool = typer.Option(False, "--shuffle", help="Randomly permute the particles (no lattice order)."),
-    device: str = typer.Option("cpu", help="cpu or cuda[:i]."),
-    material: str = typer.Option("fixed_corotated", help="fixed_corotated or neo_hookean."),
-    bspline: str = typer.Option("quadratic", help="quadratic or cubic."),
-    repeats: int = typer.Option(5, min=1, help="Timed repetitions (the median is reported)."),
-    p2g: str | None = typer.Option(None, help="plain (default) or tiled (shared-memory reduction per block)."),
-    sort_every: int = typer.Option(0, min=0, help="Tiled P2G: re-sort particles by cell every N steps (0 = never)."),
-    json_file: Path | None = typer.Option(None, "--json", help="Also write the results to this JSON file."),
+    particles: Annotated[int, typer.Option(min=1, help="Particles (a cube at 2 per cell per axis).")] = 4096,
+    grid: Annotated[int, typer.Option(min=8, max=512, help="Grid nodes per axis (dx = 1/grid m).")] = 32,
+    steps: Annotated[int, typer.Option(min=1, help="Steps per timed run.")] = 50,
+    backward_steps: Annotated[int | None, typer.Option(min=1, help="Steps of the forward+backward run (default: "
+                                                                   "--steps).")] = None,
+    shuffle: Annotated[bool, typer.Option("--shuffle", help="Randomly permute the particles (no lattice order).")] = False,
+    device: DeviceOpt = "cpu",
+    material: Annotated[Material, typer.Option(help="Constitutive model.")] = Material.FIXED_COROTATED,
+    bspline: Annotated[BSpline, typer.Option(help="Transfer kernel.")] = BSpline.QUADRATIC,
+    repeats: Annotated[int, typer.Option(min=1, help="Timed repetitions (the median is reported).")] = 5,
+    p2g: Annotated[P2GMode, typer.Option(help="plain, or tiled (a shared-memory reduction per block of particles; "
+                                              "untaped forward steps only).")] = P2GMode.PLAIN,
+    sort_every: Annotated[int, typer.Option(min=0, help="Tiled P2G: re-sort particles by cell every N steps (0 = "
+                                                        "never).")] = 0,
+    json_file: JsonFileOpt = None,
 ) -> None:
     """MPM throughput: particle-steps per second forward and forward+backward, kernel split, peak memory."""
     from ..bench import bench_mpm
@@ -56,12 +71,6 @@ def mpm(
 
     check_device(device)
     check_output_file(json_file, "--json")
-    if material not in ("fixed_corotated", "neo_hookean"):
-        raise ConfigError("--material", f"must be fixed_corotated or neo_hookean, got '{material}'")
-    if p2g not in (None, "plain", "tiled"):
-        raise ConfigError("--p2g", f"must be plain or tiled, got '{p2g}'")
-    if bspline not in ("quadratic", "cubic"):
-        raise ConfigError("--bspline", f"must be quadratic or cubic, got '{bspline}'")
     try:
         result = bench_mpm(particles=particles, grid=grid, steps=steps, shuffle=shuffle, device=device,
                            backward_steps=backward_steps, material=material, bspline=bspline, repeats=repeats,

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import asdict
-from pathlib import Path
+from typing import Annotated
 
 import typer
 from rich.table import Table
 
 from ..optimize.runfolder import check_output_file, interruptible, write_json_file
-from .common import SET_HELP, check_device, handle_errors, out
+from .common import DeviceOpt, JsonFileOpt, SceneArg, SetOpt, check_device, handle_errors, out
 
 EPILOG = """[bold]Examples[/]
 
@@ -53,19 +53,21 @@ def _table(rows, *, rtol: float, title: str) -> Table:
 @handle_errors
 @interruptible
 def check_grad(
-    scene: Path = typer.Argument(..., help="Scene YAML file."),
-    stage: str = typer.Option("sim,splats,render,all", help="Stages, comma-separated: sim, splats, render, all."),
-    param: str = typer.Option("dFc,E,nu,v0,color,opacity,sigma0",
-                              help="Parameter groups, comma-separated (each stage checks those it has, and its own "
-                                   "inputs: x and F for splats, means and covars for render)."),
-    probes: int = typer.Option(8, min=1, max=256, help="Random unit directions per parameter."),
-    coordinates: int = typer.Option(2, min=0, max=64, help="Single-coordinate directions per parameter."),
-    eps: float = typer.Option(1.0, min=1e-6, max=1e3, help="Scale of every finite-difference step (1 = defaults)."),
-    rtol: float = typer.Option(1e-2, min=1e-8, max=1.0, help="Relative tolerance."),
-    seed: int = typer.Option(0, min=0, max=2**63 - 1, help="Seed of the directions and loss weights."),
-    device: str = typer.Option("cpu", help="cpu or cuda[:i]."),
-    json_file: Path | None = typer.Option(None, "--json", help="Also write the table to this JSON file."),
-    set_: list[str] = typer.Option([], "--set", help=SET_HELP),
+    scene: SceneArg,
+    stage: Annotated[str, typer.Option(help="Stages, comma-separated: sim, splats, render, all.")] = (
+        "sim,splats,render,all"),
+    param: Annotated[str, typer.Option(help="Parameter groups, comma-separated (each stage checks those it has, and "
+                                            "its own inputs: x and F for splats, means and covars for render).")] = (
+        "dFc,E,nu,v0,color,opacity,sigma0"),
+    probes: Annotated[int, typer.Option(min=1, max=256, help="Random unit directions per parameter.")] = 8,
+    coordinates: Annotated[int, typer.Option(min=0, max=64, help="Single-coordinate directions per parameter.")] = 2,
+    eps: Annotated[float, typer.Option(min=1e-6, max=1e3, help="Scale of every finite-difference step (1 = "
+                                                               "defaults).")] = 1.0,
+    rtol: Annotated[float, typer.Option(min=1e-8, max=1.0, help="Relative tolerance.")] = 1e-2,
+    seed: Annotated[int, typer.Option(min=0, max=2**63 - 1, help="Seed of the directions and loss weights.")] = 0,
+    device: DeviceOpt = "cpu",
+    json_file: JsonFileOpt = None,
+    set_: SetOpt = [],  # noqa: B006 (Typer copies it)
 ) -> None:
     """Compare autodiff directional derivatives with central differences through the real kernels."""
     from ..assets import build_assets

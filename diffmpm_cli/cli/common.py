@@ -5,6 +5,8 @@ from __future__ import annotations
 import functools
 import sys
 import warnings
+from pathlib import Path
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -17,6 +19,14 @@ out = Console(highlight=False, width=None if sys.stdout.isatty() else 120)
 err = Console(stderr=True, highlight=False)
 
 SET_HELP = "Override a scene key, KEY=VALUE (repeatable), e.g. --set sim.dt=5e-4 --set render.cameras[0].fov=30."
+
+# the options several commands share, in Typer's Annotated style
+SceneArg = Annotated[Path, typer.Argument(help="Scene YAML file, or the name of a shipped scene (diffmpm scenes).")]
+SetOpt = Annotated[list[str], typer.Option("--set", help=SET_HELP)]
+DeviceOpt = Annotated[str, typer.Option(help="cpu or cuda[:i].")]
+JsonFileOpt = Annotated[Path | None, typer.Option("--json", help="Also write the results to this JSON file.")]
+JsonFlag = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout (anything else goes to "
+                                                       "stderr or is left out).")]
 
 
 def print_error(line: str) -> None:

@@ -9,7 +9,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from .common import handle_errors, out
+from .common import JsonFlag, handle_errors, out
 
 EPILOG = """[bold]Examples[/]
 
@@ -43,7 +43,7 @@ def collect_info() -> dict:
 
 
 @handle_errors
-def info(as_json: bool = typer.Option(False, "--json", help="Print as JSON.")) -> None:
+def info(as_json: JsonFlag = False) -> None:
     """Show versions, Warp devices and whether CUDA is usable."""
     data = collect_info()
     if as_json:

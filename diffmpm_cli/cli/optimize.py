@@ -8,12 +8,13 @@ import signal
 import sys
 import time
 from pathlib import Path
+from typing import Annotated
 
 import typer
 from rich.markup import escape
 
 from ..optimize.runfolder import interruptible
-from .common import SET_HELP, check_device, err, handle_errors, out
+from .common import DeviceOpt, JsonFlag, SetOpt, check_device, err, handle_errors, out
 
 EPILOG = """[bold]Examples[/]
 
@@ -84,18 +85,20 @@ def _resume_config(run_dir: Path, scene: Path | None, overrides: list[str]):
 @handle_errors
 @interruptible
 def optimize(
-    scene: Path = typer.Argument(None, help="Scene YAML file, or the name of a shipped scene (diffmpm scenes); not "
-                                            "needed with --resume."),
-    out_dir: Path | None = typer.Option(None, "--out", help="Output folder (default runs/<scene>-<timestamp>); new "
-                                                            "or empty."),
-    iters: int | None = typer.Option(None, "--iters", min=0, help="Iterations (default: optimize.iterations); saved "
-                                                                  "with the run, so --resume goes as far."),
-    device: str = typer.Option("cpu", help="cpu or cuda[:i]."),
-    set_: list[str] = typer.Option([], "--set", help=SET_HELP),
-    resume: Path | None = typer.Option(None, "--resume", help="Continue the run in this folder from its latest intact "
-                                                              "checkpoint, with its own configuration."),
-    quiet: bool = typer.Option(False, "--quiet", help="No progress bar: one log line every 10 iterations."),
-    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON on stdout (logs go to stderr)."),
+    scene: Annotated[Path | None, typer.Argument(help="Scene YAML file, or the name of a shipped scene (diffmpm "
+                                                      "scenes); not needed with --resume.")] = None,
+    out_dir: Annotated[Path | None, typer.Option("--out", help="Output folder (default runs/<scene>-<timestamp>); "
+                                                               "new or empty.")] = None,
+    iters: Annotated[int | None, typer.Option("--iters", min=0, help="Iterations (default: optimize.iterations); "
+                                                                     "saved with the run, so --resume goes as "
+                                                                     "far.")] = None,
+    device: DeviceOpt = "cpu",
+    set_: SetOpt = [],  # noqa: B006 (Typer copies it)
+    resume: Annotated[Path | None, typer.Option("--resume", help="Continue the run in this folder from its latest "
+                                                                 "intact checkpoint, with its own "
+                                                                 "configuration.")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar: one log line every 10 iterations.")] = False,
+    as_json: JsonFlag = False,
 ) -> None:
     """Optimise a scene: simulate, render, compare with the targets, back-propagate, step; write the outputs."""
     from ..errors import ConfigError

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Annotated
 
 import typer
 from rich.markup import escape
 from rich.table import Table
 
 from ..sim.grid import above
-from .common import SET_HELP, err, handle_errors, out
+from .common import JsonFlag, SceneArg, SetOpt, err, handle_errors, out
 
 EPILOG = """[bold]Examples[/]
 
@@ -56,10 +57,11 @@ def _table(s) -> Table:
 
 @handle_errors
 def validate(
-    scene: Path = typer.Argument(..., help="Scene YAML file."),
-    set_: list[str] = typer.Option([], "--set", help=SET_HELP),
-    preview: Path | None = typer.Option(None, "--preview", help="Write PNG pictures of the particles into this folder."),
-    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout instead of a table."),
+    scene: SceneArg,
+    set_: SetOpt = [],  # noqa: B006 (Typer copies it)
+    preview: Annotated[Path | None, typer.Option("--preview", help="Write PNG pictures of the particles into this "
+                                                                   "folder.")] = None,
+    as_json: JsonFlag = False,
 ) -> None:
     """Check a scene and report particle counts, grid, time step, CFL number and memory."""
     from ..assets import build_assets

@@ -24,6 +24,12 @@ class GridSpec:
     shape: tuple[int, int, int]
     boundary_cells: int
 
+    def __post_init__(self):
+        # an interior on every axis: no node lies in the wall bands of both faces of an axis (the grid update
+        # records one wall decision per axis, kernels/mpm.py)
+        if min(self.shape) <= 2 * self.boundary_cells:
+            raise ValueError(f"grid {self.shape} has no interior inside {self.boundary_cells} wall cells")
+
     @property
     def inv_dx(self) -> float:
         return 1.0 / self.dx
