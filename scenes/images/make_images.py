@@ -18,12 +18,12 @@ from diffmpm_cli.pipeline import Pipeline
 
 TRUE_COLOR = [0.2, 0.6, 0.9]
 TRUE_OPACITY = 0.75
-SIGMA0_FACTOR = 1.6  # the true sigma0 relative to the scene's default
+SIGMA0_FACTOR = 1.92  # the true sigma0 relative to the scene's default (0.5 x the sample spacing): 0.96 x spacing
 
 if __name__ == "__main__":
     here = Path(__file__).resolve().parent
     raw = yaml.safe_load((here.parent / "torus_appearance.yaml").read_text())
-    raw["target"] = {"truth": {}}  # the pictures do not exist yet: render the source itself
+    raw["target"] = {"truth": {"v0": [0.0, 0.0, 0.0]}}  # the pictures do not exist yet: render the source itself
     scene = scene_from_dict(raw, base_dir=here.parent)
     pipe = Pipeline(scene, build_assets(scene))
     params = {"color": torch.tensor(TRUE_COLOR),
