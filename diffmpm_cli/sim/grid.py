@@ -9,6 +9,7 @@ from ..config.checks import grid_layout
 from ..errors import SimulationError
 
 FLOAT32_BYTES = 4
+DECISION_BUDGET_BYTES = 1 << 30  # grid-update decisions a forward keeps for its backward (1 byte per node and step)
 
 
 @dataclass(frozen=True)
@@ -115,6 +116,7 @@ class RolloutMemory:
     full_tape: int
     checkpointed: int
     segment_length: int
+    decisions: int = 0  # the grid-update decisions the forward records for the backward (both estimates hold them)
 
 
 def rollout_memory(*, particle_count: int, node_count: int, steps: int, control_layers: int,
@@ -124,16 +126,19 @@ def rollout_memory(*, particle_count: int, node_count: int, steps: int, control_
     Per step the tape keeps one particle state (x, v: 3 each; F, C: 9 each = 24 floats) and one grid (mass,
     momentum, velocity = 7 floats per node); the backward needs an adjoint of each, so twice that. The controls
     dFc are [K, N, 3, 3] plus their gradient. Checkpointing keeps one state per segment and tapes one segment at a time.
+    The forward records one byte of grid-update decisions per node and step, up to DECISION_BUDGET_BYTES (the
+    backward re-records segments beyond it).
     """
     state = state_bytes(particle_count)
     per_step = 2 * (state + grid_bytes(node_count))
     controls = 2 * control_layers * particle_count * 9 * FLOAT32_BYTES
     seg = segment_length or default_segment_length(steps)
     seg = min(seg, steps)
-    full = steps * per_step + controls
-    checkpointed = math.ceil(steps / seg) * state + seg * per_step + controls
+    decisions = min(steps * node_count, DECISION_BUDGET_BYTES)
+    full = steps * per_step + controls + decisions
+    checkpointed = math.ceil(steps / seg) * state + seg * per_step + controls + decisions
     return RolloutMemory(per_step=per_step, controls=controls, full_tape=full, checkpointed=checkpointed,
-                         segment_length=seg)
+                         segment_length=seg, decisions=decisions)
 
 
 def check_cfl_number(*, dt: float, dx: float, speed: float, limit: float, detail: str) -> float:

@@ -17,7 +17,7 @@ from ..enums import DecisionMode, P2GMode
 from ..errors import SimulationError
 from ..warp_runtime import warp
 from . import launch
-from .grid import default_segment_length, grid_bytes, kept_frames, state_bytes
+from .grid import DECISION_BUDGET_BYTES, default_segment_length, grid_bytes, kept_frames, state_bytes
 from .launch import Particles
 from .model import MPMGrid, MPMModel, MPMState
 from .tiled import TiledP2G
@@ -158,9 +158,6 @@ def _state_from_torch(state: MPMState, tensors) -> None:
 def _state_to_torch(state: MPMState) -> list[torch.Tensor]:
     wp = warp()
     return [wp.to_torch(a).clone() for a in state.arrays()]
-
-
-DECISION_BUDGET_BYTES = 1 << 30  # decisions a forward keeps (1 byte per node and step): 1 GiB
 
 
 class Rollout:
