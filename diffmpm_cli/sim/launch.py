@@ -50,9 +50,9 @@ def p2g(model: MPMModel, particles: Particles, state_in: MPMState, grid: MPMGrid
     wp = warp()
     from ..kernels import mpm
 
-    g = model.grid
+    g, k = model.grid, model.kernel_constants
     wp.launch(mpm.p2g[(model.bspline, model.material)], dim=particles.count, device=particles.device, inputs=[
-        wp.vec3(*g.lower), g.dx, model.dt, particles.volume, particles.mass, mu, lam, model.bulk_viscosity,
+        k.lower, g.dx, model.dt, particles.volume, particles.mass, mu, lam, model.bulk_viscosity,
         Fc, control,
         state_in.x, state_in.v, state_in.F, state_in.C,
     ], outputs=[grid.mass, grid.momentum])
@@ -67,13 +67,12 @@ def grid_update(model: MPMModel, grid: MPMGrid, *, node_mass_eps: float, device:
     wp = warp()
     from ..kernels import mpm
 
-    g = model.grid
+    g, k = model.grid, model.kernel_constants
     if mode != DecisionMode.DECIDE and decisions is None:
         raise ValueError(f"decision mode {mode.name} needs a decision array")
     wp.launch(mpm.grid_update, dim=g.shape, device=device, inputs=[
-        wp.vec3(*g.lower), g.dx, model.dt, wp.vec3(*model.gravity), g.boundary_cells,
-        wp.vec3i(*(w.code for w in model.walls_min)), wp.vec3i(*(w.code for w in model.walls_max)),
-        int(model.floor_enabled), wp.vec3(*model.floor_normal), model.floor_height, model.friction, node_mass_eps,
+        k.lower, g.dx, model.dt, k.gravity, g.boundary_cells, k.walls_min, k.walls_max,
+        int(model.floor_enabled), k.floor_normal, model.floor_height, model.friction, node_mass_eps,
         grid.mass, grid.momentum,
         int(mode), decisions if decisions is not None else _no_decisions(device),
     ], outputs=[grid.velocity])
@@ -86,9 +85,9 @@ def g2p(model: MPMModel, state_in: MPMState, grid: MPMGrid, state_out: MPMState,
     wp = warp()
     from ..kernels import mpm
 
-    g = model.grid
+    g, k = model.grid, model.kernel_constants
     wp.launch(mpm.g2p[model.bspline], dim=state_in.x.shape[0], device=device, inputs=[
-        wp.vec3(*g.lower), g.dx, model.dt, wp.vec3(*g.interior_lower), wp.vec3(*g.interior_upper), model.f_blend,
+        k.lower, g.dx, model.dt, k.interior_lower, k.interior_upper, model.f_blend,
         model.min_J,
         Fc, control,
         state_in.x, state_in.F, grid.velocity,

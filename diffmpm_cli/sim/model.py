@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import numpy as np
 
@@ -70,6 +72,19 @@ class MPMModel:
             min_J=material.min_J or 0.0,
             control_stride=sim.control_stride,
             cfl_limit=sim.cfl_limit,
+        )
+
+    @functools.cached_property
+    def kernel_constants(self) -> SimpleNamespace:
+        """The model's vectors as Warp values for kernel launches, built once per model (launchers read them every
+        step): grid lower corner and interior box, gravity, floor normal, wall kinds as int codes per axis."""
+        wp = warp()
+        g = self.grid
+        return SimpleNamespace(
+            lower=wp.vec3(*g.lower), interior_lower=wp.vec3(*g.interior_lower),
+            interior_upper=wp.vec3(*g.interior_upper), gravity=wp.vec3(*self.gravity),
+            floor_normal=wp.vec3(*self.floor_normal), walls_min=wp.vec3i(*(w.code for w in self.walls_min)),
+            walls_max=wp.vec3i(*(w.code for w in self.walls_max)),
         )
 
     def control_index(self, step: int) -> int:

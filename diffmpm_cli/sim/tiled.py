@@ -49,7 +49,8 @@ class TiledP2G:
 
         g, n = self.model.grid, self.particles.count
         wp.launch(mpm.cell_keys, dim=n, device=self.particles.device, inputs=[
-            wp.vec3(*g.lower), g.inv_dx, mpm.BSPLINES[self.model.bspline][1], g.shape[1], g.shape[2], state.x,
+            self.model.kernel_constants.lower, g.inv_dx, mpm.BSPLINES[self.model.bspline][1], g.shape[1], g.shape[2],
+            state.x,
         ], outputs=[self.keys, self.order])
         wp.utils.radix_sort_pairs(self.keys, self.order, n)
 
@@ -59,7 +60,7 @@ class TiledP2G:
         g, m, p = self.model.grid, self.model, self.particles
         wp.launch_tiled(self.kernel, dim=[(p.count + self.block - 1) // self.block], block_dim=self.block,
                         device=p.device, inputs=[
-                            wp.vec3(*g.lower), g.dx, m.dt, p.volume, p.mass, mu, lam, m.bulk_viscosity,
+                            m.kernel_constants.lower, g.dx, m.dt, p.volume, p.mass, mu, lam, m.bulk_viscosity,
                             Fc, control,
                             self.order,
                             state_in.x, state_in.v, state_in.F, state_in.C,
