@@ -1,6 +1,6 @@
 """The map parameters -> (images per camera and frame, states): simulation, splats, rendering.
 
-``Pipeline.from_scene(scene, assets, device=...)`` builds everything that does not change between iterations;
+``Pipeline(scene, assets, device=...)`` builds everything that does not change between iterations;
 ``pipeline.forward(params, start=..., frames=..., cutoffs=...)`` runs it differentiably for any subset of the
 parameter groups (params.py: dFc, log_E, nu, v0, color, opacity_logit, log_sigma0; missing ones take the scene's
 values). The pipeline holds no state that varies between calls: an episode's starting state, the kept frames and

@@ -132,6 +132,9 @@ def project_parameters(params: dict[str, torch.Tensor], stable: StableE | None =
             log_E.copy_(torch.minimum(log_E, high.to(log_E.dtype)))
 
 
+EPISODE_START = object()  # Optimization.loss's default start: the current episode's starting state
+
+
 def _finite(t: torch.Tensor | None) -> bool:
     return t is None or bool(torch.isfinite(t).all())
 
@@ -187,11 +190,11 @@ class Optimization:
                 self.params["dFc"].zero_()
         self.optimizer.state.clear()
 
-    def loss(self, params=None, *, grad: bool = True, start: dict | None | str = "episode"):
+    def loss(self, params=None, *, grad: bool = True, start=EPISODE_START):
         """(total, terms, output) at ``params`` (default: the current ones) from ``start`` (default: the current
         episode's starting state; None: the rest state)."""
         params = self.params if params is None else params
-        start = self.start if start == "episode" else start
+        start = self.start if start is EPISODE_START else start
         with torch.set_grad_enabled(grad):
             out = self.pipeline.forward(params, start=start)
             total, terms = scene_loss(self.pipeline, out, params, targets=self.targets)
