@@ -21,6 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ..errors import ConfigError, DiffMPMError, PathError
+from ..outputs.files import slug as slug  # re-exported: the CLI names run and render folders with it
 
 CONFIG = "config.resolved.yaml"
 METRICS = "metrics.jsonl"
@@ -56,11 +57,6 @@ def interruptible(command: Callable) -> Callable:
             raise Interrupted("interrupted (Ctrl-C)") from None
 
     return wrapper
-
-
-def slug(name: str) -> str:
-    """A name as a safe folder name: letters, digits, '.', '_' and '-' only, at most 80 characters."""
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip(".-")[:80] or "scene"
 
 
 def write_error(exc: OSError, *, what: str = "", last_good: Path | None = None) -> DiffMPMError:

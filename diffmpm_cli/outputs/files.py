@@ -8,9 +8,15 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+
+
+def slug(name: str) -> str:
+    """A name as a safe file or folder name: letters, digits, '.', '_' and '-' only, at most 80 characters."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip(".-")[:80] or "scene"
 
 
 def umask() -> int:

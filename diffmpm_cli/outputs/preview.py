@@ -64,7 +64,7 @@ def write_previews(*, assets, cameras, out_dir: Path, max_views: int = 4) -> lis
 
     Raises ConfigError (``--preview``) when the folder cannot be created or written."""
     from ..errors import ConfigError
-    from ..optimize.runfolder import slug
+    from .files import slug
 
     out_dir = Path(out_dir)
     check_preview_dir(out_dir)
