@@ -33,9 +33,7 @@ NEVER = {  # third-party modules a layer must not import
     "enums": {"torch", "warp", "numpy"},
     "errors": {"torch", "warp", "numpy"},
 }
-KNOWN_EXCEPTIONS = {  # (importing module, imported module): allowed for now, to be removed
-    ("diffmpm_cli.outputs.preview", "diffmpm_cli.optimize.runfolder"),
-}
+KNOWN_EXCEPTIONS: set[tuple[str, str]] = set()  # (importing module, imported module) allowed for now: none
 
 
 def module_name(path: Path) -> str:
