@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -10,7 +9,7 @@ from rich.table import Table
 
 from ..enums import BSpline, Material, P2GMode
 from ..optimize.runfolder import check_output_file, interruptible, write_json_file
-from .common import SET_HELP, DeviceOpt, JsonFileOpt, check_device, handle_errors, out, parse_size
+from .common import DeviceOpt, JsonFileOpt, SceneArg, SetOpt, check_device, handle_errors, out, parse_size
 
 RENDER_EPILOG = """[bold]Examples[/]
 
@@ -103,12 +102,13 @@ def mpm(
 @handle_errors
 @interruptible
 def render(
-    gaussians: int = typer.Option(3000, min=1, help="Number of Gaussians."),
-    size: str = typer.Option("128x128", help="Image size WIDTHxHEIGHT."),
-    device: str = typer.Option("cpu", help="cpu or cuda[:i]."),
-    compare_gsplat: bool = typer.Option(False, "--compare-gsplat", help="Time gsplat on the same tensors (CUDA)."),
-    repeats: int = typer.Option(5, min=1, help="Timed repetitions (the median is reported)."),
-    json_file: Path | None = typer.Option(None, "--json", help="Also write the results to this JSON file."),
+    gaussians: Annotated[int, typer.Option(min=1, help="Number of Gaussians.")] = 3000,
+    size: Annotated[str, typer.Option(help="Image size WIDTHxHEIGHT.")] = "128x128",
+    device: DeviceOpt = "cpu",
+    compare_gsplat: Annotated[bool, typer.Option("--compare-gsplat", help="Time gsplat on the same tensors "
+                                                                          "(CUDA).")] = False,
+    repeats: Annotated[int, typer.Option(min=1, help="Timed repetitions (the median is reported).")] = 5,
+    json_file: JsonFileOpt = None,
 ) -> None:
     """Rasteriser forward and backward time (RGB, one camera); optionally beside gsplat."""
     from ..bench import bench_render
@@ -158,11 +158,12 @@ OPTIMIZE_EPILOG = """[bold]Examples[/]
 @handle_errors
 @interruptible
 def optimize(
-    scene: Path = typer.Argument(..., help="Scene YAML file."),
-    device: str = typer.Option("cpu", help="cpu or cuda[:i]."),
-    repeats: int = typer.Option(5, min=1, help="Timed iterations (the median of each stage is reported)."),
-    set_: list[str] = typer.Option([], "--set", help=SET_HELP),
-    json_file: Path | None = typer.Option(None, "--json", help="Also write the results to this JSON file."),
+    scene: SceneArg,
+    device: DeviceOpt = "cpu",
+    repeats: Annotated[int, typer.Option(min=1, help="Timed iterations (the median of each stage is "
+                                                     "reported).")] = 5,
+    set_: SetOpt = [],  # noqa: B006 (Typer copies it)
+    json_file: JsonFileOpt = None,
 ) -> None:
     """Time one optimisation iteration of a scene, split by stage (sim, splats, render, losses; each both ways)."""
     from ..assets import build_assets

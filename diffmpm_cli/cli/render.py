@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+from enum import StrEnum
 from pathlib import Path
+from typing import Annotated
 
 import typer
 
 from ..optimize.runfolder import interruptible
-from .common import SET_HELP, check_device, handle_errors, out, parse_size
+from .common import DeviceOpt, SetOpt, check_device, handle_errors, out, parse_size
+
+
+class RenderFormat(StrEnum):
+    PNG = "png"  # one file per frame and camera
+    GIF = "gif"  # one animation per camera
+    MP4 = "mp4"
 
 EPILOG = """[bold]Examples[/]
 
@@ -24,18 +32,21 @@ EPILOG = """[bold]Examples[/]
 @handle_errors
 @interruptible
 def render(
-    source: Path = typer.Argument(..., help="A run folder (from diffmpm optimize) or a scene YAML file."),
-    checkpoint: str | None = typer.Option(None, help="With a run folder: best (default: checkpoints/best.pt, the "
-                                                     "lowest loss), last (the last iterate, as in final/) or a file."),
-    cameras: str = typer.Option("scene", help="scene (the scene's cameras) or orbit:N (N views around the body)."),
-    frames: str = typer.Option("final", help="final, all (about 60 steps) or a list of steps, e.g. 0,30,60."),
-    size: str | None = typer.Option(None, help="Image size WIDTHxHEIGHT (default: the scene's)."),
-    fmt: str = typer.Option("png", "--format", help="png (one file per frame and camera), gif or mp4 (one per "
-                                                    "camera)."),
-    out_dir: Path | None = typer.Option(None, "--out", help="Output folder (default RUN_DIR/renders_<frames>, or "
-                                                           "renders/<scene>)."),
-    device: str = typer.Option("cpu", help="cpu or cuda[:i]."),
-    set_: list[str] = typer.Option([], "--set", help=SET_HELP),
+    source: Annotated[Path, typer.Argument(help="A run folder (from diffmpm optimize) or a scene YAML file.")],
+    checkpoint: Annotated[str | None, typer.Option(help="With a run folder: best (default: checkpoints/best.pt, the "
+                                                        "lowest loss), last (the last iterate, as in final/) or a "
+                                                        "file.")] = None,
+    cameras: Annotated[str, typer.Option(help="scene (the scene's cameras) or orbit:N (N views around the "
+                                              "body).")] = "scene",
+    frames: Annotated[str, typer.Option(help="final, all (about 60 steps) or a list of steps, e.g. "
+                                             "0,30,60.")] = "final",
+    size: Annotated[str | None, typer.Option(help="Image size WIDTHxHEIGHT (default: the scene's).")] = None,
+    fmt: Annotated[RenderFormat, typer.Option("--format", help="png (one file per frame and camera), gif or mp4 "
+                                                               "(one per camera).")] = RenderFormat.PNG,
+    out_dir: Annotated[Path | None, typer.Option("--out", help="Output folder (default RUN_DIR/renders_<frames>, "
+                                                               "or renders/<scene>).")] = None,
+    device: DeviceOpt = "cpu",
+    set_: SetOpt = [],  # noqa: B006 (Typer copies it)
 ) -> None:
     """Simulate and render chosen frames from the scene's cameras or an orbit.
 
@@ -50,9 +61,7 @@ def render(
     from .scenes import resolve_scene
 
     check_device(device)
-    if fmt not in ("png", "gif", "mp4"):
-        raise ConfigError("--format", f"must be png, gif or mp4, got '{fmt}'")
-    if fmt == "mp4" and not mp4_available():
+    if fmt == RenderFormat.MP4 and not mp4_available():
         raise ConfigError("--format", 'mp4 needs imageio-ffmpeg (pip install "diffmpm[video]"); use gif')
     source = resolve_scene(source)
     run_dir = source if source.is_dir() else None

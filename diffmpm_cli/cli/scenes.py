@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from typing import Annotated
 
 import typer
 import yaml
@@ -117,8 +118,9 @@ def scenes(ctx: typer.Context) -> None:
 @handle_errors
 @interruptible
 def copy(
-    name: str = typer.Argument(..., help="A shipped scene (see diffmpm scenes)."),
-    dest: Path = typer.Argument(Path("."), help="Folder to copy into (made if missing), or a .yaml file name."),
+    name: Annotated[str, typer.Argument(help="A shipped scene (see diffmpm scenes).")],
+    dest: Annotated[Path, typer.Argument(help="Folder to copy into (made if missing), or a .yaml file "
+                                              "name.")] = Path("."),
 ) -> None:
     """Copy a shipped scene and the meshes/pictures it uses (same relative paths), never overwriting a file."""
     from ..errors import ConfigError
