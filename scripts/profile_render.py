@@ -1,6 +1,6 @@
 """Where the render's time goes on CUDA: every kernel of one forward and one backward, from torch's profiler.
 
-    python3 scripts/profile_render.py [GAUSSIANS] [WIDTH] [HEIGHT] [PATH]
+    python3 scripts/profile_render.py [GAUSSIANS] [WIDTH] [HEIGHT] [PATH: auto|block|tile]
 """
 
 import sys
