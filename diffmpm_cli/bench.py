@@ -43,9 +43,14 @@ def _header(benchmark: str, device: str) -> dict:
 
 
 def _peak_bytes(device: str) -> int:
+    """Peak device memory: Warp's memory pool plus torch's caching allocator (the rasteriser's buffers are torch
+    tensors since its ops were split, so Warp's pool alone no longer sees them); on the CPU the peak resident set."""
     wp = warp()
-    if device.startswith("cuda") and wp.is_mempool_enabled(warp_device(device)):
-        return int(wp.get_mempool_used_mem_high(warp_device(device)))
+    if device.startswith("cuda"):
+        peak = int(torch.cuda.max_memory_allocated(torch.device(device)))
+        if wp.is_mempool_enabled(warp_device(device)):
+            peak += int(wp.get_mempool_used_mem_high(warp_device(device)))
+        return peak
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # CPU: the process's peak resident set
 
 
