@@ -62,7 +62,8 @@ def directional_probes(loss_fn: Callable[[dict[str, torch.Tensor]], torch.Tensor
         for _ in range(probes):
             u = torch.randn(value.shape, generator=generator, dtype=value.dtype)
             directions.append(("random", u / u.norm()))
-        for _ in range(coordinates):
+        # a None step: no single-coordinate probes for this parameter (stage_problem: dFc in the scene loss)
+        for _ in range(coordinates if (coordinate_eps or {}).get(name, 0.0) is not None else 0):
             i = int(torch.randint(value.numel(), (1,), generator=generator))
             u = torch.zeros(value.numel(), dtype=value.dtype)
             u[i] = 1.0
@@ -244,6 +245,8 @@ def stage_problem(pipeline, stage: str, groups, *, seed: int, cutoffs=None):
         for name, (per_entry, single) in INPUT_STEP.items():
             eps[name] = per_entry * scale[name] * params[name].numel() ** 0.5
             coordinate_eps[name] = single * scale[name]
+    if stage == "all":  # single coordinates too weak to see through a rendered loss: random directions only
+        coordinate_eps.update({spec.group: None for spec in specs if not spec.coordinate_probes_all})
     return loss, params, eps, coordinate_eps
 
 
@@ -264,8 +267,9 @@ def check_stages(pipeline, *, stages, groups, probes: int = 8, coordinates: int 
             loss, params, eps, coordinate_eps = stage_problem(pipeline, stage, groups, seed=seed, cutoffs=smooth)
             if not params:
                 continue
+            single = {k: None if v is None else v * eps_scale for k, v in coordinate_eps.items()}
             results = directional_probes(loss, params, eps={k: v * eps_scale for k, v in eps.items()},
-                                         coordinate_eps={k: v * eps_scale for k, v in coordinate_eps.items()},
+                                         coordinate_eps=single,
                                          probes=probes, coordinates=coordinates, seed=seed)
         finally:
             pipeline.sim.forget_decisions()
