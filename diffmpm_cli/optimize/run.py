@@ -233,19 +233,25 @@ class Optimization:
                 if math.isfinite(trial) and trial < loss_value and physical:
                     self._before_step, self._retreats = saved_params, 0
                     return {"line_search_tries": attempt + 1, "accepted": True}
-                with torch.no_grad():
-                    for k, v in self.params.items():
-                        v.copy_(saved_params[k])
+                self._restore(saved_params)
                 self.optimizer.load_state_dict(copy.deepcopy(saved_state))
         finally:
             for g, lr in zip(self.optimizer.param_groups, rates):
                 g["lr"] = lr
-        # every try failed: retrying the same step next iteration would fail the same way, so change something
-        self.scheduler.base_lrs = [lr * ls.shrink for lr in self.scheduler.base_lrs]
-        self.optimizer.state.clear()
+        self._slow_down()  # every try failed
         return {"line_search_tries": ls.max_tries, "accepted": False,
                 "line_search_note": f"step rejected {ls.max_tries}x: learning rates x{ls.shrink:g}, moments reset"}
 
+    def _restore(self, params: dict[str, torch.Tensor]) -> None:
+        with torch.no_grad():
+            for k, v in self.params.items():
+                v.copy_(params[k])
+
+    def _slow_down(self) -> None:
+        """Learning rates x line_search.shrink from the next iteration on (the scheduler applies them), Adam's
+        moments dropped: a step that could not be taken would fail the same way if retried unchanged."""
+        self.scheduler.base_lrs = [lr * self.scene.optimize.line_search.shrink for lr in self.scheduler.base_lrs]
+        self.optimizer.state.clear()
 
     def retreat(self, problem: str) -> dict | None:
         """For an iteration whose gradient could not be computed (non-finite in the MPM backward pass), with the line
@@ -255,13 +261,8 @@ class Optimization:
         ls = self.scene.optimize.line_search
         if not ls.enabled or self._before_step is None or self._retreats >= ls.max_tries:
             return None
-        with torch.no_grad():
-            for k, v in self.params.items():
-                v.copy_(self._before_step[k])
-        self.optimizer.state.clear()
-        self.scheduler.base_lrs = [lr * ls.shrink for lr in self.scheduler.base_lrs]
-        for g, lr in zip(self.optimizer.param_groups, self.scheduler.base_lrs):
-            g["lr"] = lr
+        self._restore(self._before_step)
+        self._slow_down()
         self._retreats += 1
         return {"accepted": False, "line_search_note": f"{problem}: back to the previous parameters, learning "
                                                        f"rates x{ls.shrink:g}, moments reset"}
