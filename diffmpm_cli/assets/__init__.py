@@ -122,7 +122,9 @@ def target_surface_samples(scene) -> int:
     """How many surface Gaussians render the target mesh (and sample its surface for Chamfer): target.surface_samples,
     else 4 x appearance.surface_samples. The target is rendered once, so it can afford to be sharper than the source
     (at 4x, the target's own Gaussians score >= 0.955 IoU against the exact mesh at 256^2 on the shipped scenes)."""
-    return scene.target.surface_samples or TARGET_SAMPLES_FACTOR * scene.appearance.surface_samples
+    if scene.target.surface_samples is not None:
+        return scene.target.surface_samples
+    return TARGET_SAMPLES_FACTOR * scene.appearance.surface_samples
 
 
 def build_assets(scene, *, device: str = "cpu") -> SceneAssets:
