@@ -14,10 +14,10 @@ import numpy as np
 import torch
 import trimesh
 
-from ..errors import AssetError
+from ..errors import AssetError, ConfigError
 from ..render.camera import CameraSet, build_cameras, check_view
 from ..sim.grid import GridSpec
-from .images import read_image
+from .images import load_picture
 from .lattice import lattice_box_count, lattice_particles
 from .shapes import build_mesh
 
@@ -150,7 +150,12 @@ def build_assets(scene, *, device: str = "cpu") -> SceneAssets:
     cameras = build_cameras(scene.render, default_target=grid.center)
     check_view(cameras, scene.render, grid.center)
     for i, image in enumerate(scene.target.images):  # decoded in full: a picture validate accepts is one a run reads
-        read_image(image.path, key=f"target.images[{i}].path", size=(scene.render.width, scene.render.height))
+        if image.camera not in cameras.names:  # capture rigs name their cameras only once read
+            shown = ", ".join(cameras.names[:8]) + (", ..." if len(cameras.names) > 8 else "")
+            raise ConfigError(f"target.images[{i}].camera", f"no camera named '{image.camera}' (cameras: {shown})")
+        load_picture(image.path, key=f"target.images[{i}].path", size=(scene.render.width, scene.render.height),
+                     mask=image.mask, mask_key=f"target.images[{i}].mask", background=scene.target.image_background,
+                     tolerance=scene.target.image_background_tolerance)
     source = make_body(source_mesh, key="source", rng=rng, surface_samples=scene.appearance.surface_samples, **common)
     target = target_mass = None
     if target_mesh is not None:

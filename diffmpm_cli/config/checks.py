@@ -81,9 +81,11 @@ def grid_layout(sim) -> GridLayout:
 
 def camera_names(render) -> tuple[str, ...]:
     """Names of the cameras ``render.cameras`` makes, in order (an orbit rig's are its name + 0, 1, ...); ConfigError
-    when a name is used twice."""
+    when a name is used twice. A capture rig's names come from its file (render/capture.py) and are not listed."""
     names = []
     for cam in render.cameras:
+        if cam.type == "capture":
+            continue
         names += [f"{cam.name}{j}" for j in range(len(cam.azimuths))] if cam.type == "orbit" else [cam.name]
     seen = set()
     for name in names:
@@ -163,7 +165,8 @@ def _check_target(scene: Scene, cameras: tuple[str, ...]) -> None:
         raise ConfigError("target.truth", "gives no value: set E, nu and/or v0 (an empty truth is the source itself)")
     for i, image in enumerate(target.images):
         key = f"target.images[{i}]"
-        if image.camera not in cameras:
+        captured = any(cam.type == "capture" for cam in scene.render.cameras)  # names known once read (assets)
+        if image.camera not in cameras and not captured:
             raise ConfigError(f"{key}.camera", f"no camera named '{image.camera}' (cameras: {', '.join(cameras)})")
         if image.frame is not None and image.frame > scene.sim.steps:
             raise ConfigError(f"{key}.frame", f"must be <= sim.steps ({scene.sim.steps}), got {image.frame}")

@@ -431,7 +431,7 @@ def _expected_tags(discriminator: str) -> str:
     if discriminator == "shape":
         tags = [t.model_fields["shape"].annotation.__args__[0] for t in SHAPE_TYPES]
     else:
-        tags = ["orbit", "pinhole"]
+        tags = ["orbit", "pinhole", "capture"]
     return ", ".join(f"'{t}'" for t in tags)
 
 
@@ -504,6 +504,28 @@ def _resolve_paths(scene: Scene, base_dir: Path) -> None:
                 shape.path = str(_existing_file(base_dir, shape.path, f"{key}.path"))
     for i, image in enumerate(scene.target.images):
         image.path = str(_existing_file(base_dir, image.path, f"target.images[{i}].path"))
+        if image.mask is not None:
+            image.mask = str(_existing_file(base_dir, image.mask, f"target.images[{i}].mask"))
+    for i, cam in enumerate(scene.render.cameras):
+        if cam.type == "capture":
+            cam.path = str(_existing_path(base_dir, cam.path, f"render.cameras[{i}].path"))
+
+
+def _existing_path(base_dir: Path, name: str, key: str) -> Path:
+    """The absolute path of a folder or regular file named relative to ``base_dir`` (a capture: a COLMAP model
+    folder or a camera file); ConfigError naming ``key`` otherwise."""
+    if "\0" in name:
+        raise ConfigError(key, "the file name contains a NUL character")
+    try:
+        path = (base_dir / Path(name).expanduser()).resolve()
+        info = os.stat(path)
+    except FileNotFoundError:
+        raise ConfigError(key, f"not found: {base_dir / name}") from None
+    except (OSError, RuntimeError) as exc:
+        raise ConfigError(key, f"cannot open {base_dir / name}: {getattr(exc, 'strerror', None) or exc}") from None
+    if stat.S_ISDIR(info.st_mode):
+        return path
+    return _existing_file(base_dir, name, key)
 
 
 def _existing_file(base_dir: Path, name: str, key: str) -> Path:

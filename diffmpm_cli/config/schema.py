@@ -182,8 +182,11 @@ for _model in COMPOSITE_TYPES:
 
 
 class TargetImage(Section):
-    path: str = Field(description="PNG/JPEG image, relative to the scene file; alpha (if any) is the silhouette")
+    path: str = Field(description="PNG/JPEG image of any size with the render's aspect ratio (area-averaged to "
+                      "render.width x render.height), relative to the scene file; alpha (if any) is the silhouette")
     camera: str = Field(description="name of a camera in render.cameras")
+    mask: str | None = Field(None, description="silhouette as a separate greyscale image of the same size (white = "
+                             "object), relative to the scene file; the image must then have no alpha")
     frame: Annotated[Int, Field(ge=0)] | None = Field(None, description="simulation step it shows; null = the final step")
 
 
@@ -201,6 +204,9 @@ class TargetConfig(Section):
     image_background: Color | None = Field(
         None, description="for images without alpha: pixels of this colour are background (RGB in [0, 1])"
     )
+    image_background_tolerance: Annotated[float, Field(gt=0.0, le=1.0)] = Field(
+        2.0 / 255.0, description="largest per-channel difference from image_background that still counts as "
+        "background (keyed at full resolution, before downscaling); JPEGs want about 0.1")
     truth: Truth | None = Field(None, description="ground truth for synthetic targets (material identification)")
     color: Color | None = Field(None, description="colour of the target's rendered Gaussians; null = appearance.color")
     surface_samples: Annotated[int, Field(ge=1, le=10_000_000)] | None = Field(
@@ -425,7 +431,27 @@ class PinholeCamera(Section):
     )
 
 
-Camera = Annotated[Union[OrbitRig, PinholeCamera], Field(discriminator="type")]
+class CaptureRig(Section):
+    """Cameras of a real capture (docs/CAPTURES.md): a COLMAP sparse model folder (text or binary), a nerfstudio /
+    Blender transforms.json or an INRIA 3DGS cameras.json. Each camera is named after its image file (without folder
+    or extension, after `prefix`); its intrinsics are scaled from the capture's image size to render.width x
+    render.height (the aspect ratios must agree within a pixel). Cameras with lens distortion are refused."""
+
+    type: Literal["capture"]
+    path: str = Field(description="COLMAP model folder (e.g. sparse/0) or a .json camera file, relative to the "
+                      "scene file (resolved to an absolute path on load)")
+    format: Literal["auto", "colmap", "transforms", "inria"] = Field(
+        "auto", description="auto: a folder is COLMAP, a JSON list is INRIA cameras.json, a JSON object with frames "
+        "is transforms.json (OpenGL camera-to-world, converted to OpenCV; camera_angle_x is horizontal)")
+    select: list[str] | None = Field(None, min_length=1, description="names of the cameras to use (image file names "
+                                     "without extension); null = all of them")
+    prefix: str = Field("", description="prepended to every camera name (two captures in one scene)")
+    world_from_capture: Mat4 | None = Field(
+        None, description="4x4 similarity (uniform scale x rotation, translation) taking the capture's coordinates "
+        "to the scene's [m]; null = the capture's coordinates are the scene's")
+
+
+Camera = Annotated[Union[OrbitRig, PinholeCamera, CaptureRig], Field(discriminator="type")]
 
 
 class RenderConfig(Section):
@@ -438,7 +464,8 @@ class RenderConfig(Section):
     near: Positive = Field(0.01, description="near clipping depth [m]")
     far: Positive = Field(100.0, description="far clipping depth [m]")
     cameras: list[Camera] = Field(
-        default_factory=lambda: [OrbitRig(type="orbit")], min_length=1, description="camera rigs (orbit or pinhole)"
+        default_factory=lambda: [OrbitRig(type="orbit")], min_length=1,
+        description="camera rigs (orbit, pinhole or capture)"
     )
 
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..assets.images import read_image
+from ..assets.images import load_picture
 from ..errors import ConfigError
 from ..params import BY_KEY
 from ..sim.grid import kept_frames
@@ -106,16 +106,21 @@ def _truth_targets(pipeline, frames, *, cutoffs=None) -> Targets:
                     for row, step in enumerate(frames)], kind="truth")
 
 
-def load_target_image(path: str, *, background, key: str = "target.images") -> tuple[np.ndarray, np.ndarray]:
-    """(rgb [H, W, 3], alpha [H, W, 1]) in [0, 1]: alpha from the image's alpha channel, else pixels within 2/255
-    of ``background`` are transparent, else the whole image is opaque."""
-    rgb, alpha = read_image(path, key=key)
-    if alpha is None and background is not None:
-        alpha = (np.abs(rgb - np.asarray(background, dtype=np.float32)).max(-1, keepdims=True) > 2.0 / 255.0)
-        alpha = alpha.astype(np.float32)
-    elif alpha is None:
-        alpha = np.ones_like(rgb[..., :1])
-    return rgb, alpha
+def load_target_image(path: str, *, background, key: str = "target.images", size: tuple[int, int] | None = None,
+                      mask: str | None = None, tolerance: float = 2.0 / 255.0) -> tuple[np.ndarray, np.ndarray]:
+    """(rgb [H, W, 3], alpha [H, W, 1]) in [0, 1] at ``size`` (width, height; None = the picture's own): alpha from
+    ``mask``, else the image's alpha channel, else pixels within ``tolerance`` of ``background`` are transparent,
+    else the whole image is opaque (assets/images.py load_picture)."""
+    return load_picture(path, key=key, size=size, mask=mask, mask_key=key.replace(".path", ".mask"),
+                        background=background, tolerance=tolerance)
+
+
+def target_picture(scene, index: int) -> tuple[np.ndarray, np.ndarray]:
+    """target.images[index] at the render size: (rgb [H, W, 3], alpha [H, W, 1])."""
+    spec, target = scene.target.images[index], scene.target
+    return load_picture(spec.path, key=f"target.images[{index}].path", size=(scene.render.width, scene.render.height),
+                        mask=spec.mask, mask_key=f"target.images[{index}].mask", background=target.image_background,
+                        tolerance=target.image_background_tolerance)
 
 
 def _image_targets(pipeline, frames) -> Targets:
@@ -127,11 +132,9 @@ def _image_targets(pipeline, frames) -> Targets:
         step = scene.sim.steps if spec.frame is None else spec.frame
         if step not in frames:
             raise ConfigError(f"target.images[{i}].frame", f"step {step} is not kept by the rollout: add it to sim.frames")
-        rgb, alpha = load_target_image(spec.path, background=scene.target.image_background,
-                                       key=f"target.images[{i}].path")
-        if rgb.shape[:2] != (H, W):
-            raise ConfigError(f"target.images[{i}].path",
-                              f"image is {rgb.shape[1]}x{rgb.shape[0]} px but render is {W}x{H}")
+        if spec.camera not in names:
+            raise ConfigError(f"target.images[{i}].camera", f"no camera named '{spec.camera}'")
+        rgb, alpha = target_picture(scene, i)
         frame = by_step.get(step)
         if frame is None:
             dev = pipeline.device

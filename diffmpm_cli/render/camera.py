@@ -13,6 +13,7 @@ import numpy as np
 
 from ..config.checks import camera_names
 from ..errors import ConfigError
+from .capture import read_capture
 
 _EPS = 1e-9
 
@@ -26,6 +27,7 @@ class CameraSet:
     Ks: np.ndarray
     width: int
     height: int
+    keys: tuple[str, ...] = ()  # key path of the config entry that made each camera (build_cameras), or none
 
     @property
     def camera_count(self) -> int:
@@ -112,12 +114,69 @@ def _checked_viewmat(matrix, where: str) -> np.ndarray:
     return view
 
 
+def _similarity(matrix, key: str) -> tuple[float, np.ndarray, np.ndarray]:
+    """(scale s, rotation R, translation t) of a 4x4 similarity [[s R, t], [0, 1]]; ConfigError naming ``key``."""
+    m = np.asarray(matrix, dtype=np.float64)
+    if not np.allclose(m[3], [0.0, 0.0, 0.0, 1.0], atol=1e-9):
+        raise ConfigError(key, "last row must be [0, 0, 0, 1]")
+    det = float(np.linalg.det(m[:3, :3]))
+    if not det > 0 or not math.isfinite(det):
+        raise ConfigError(key, "the upper-left 3x3 block must be a positive scale times a rotation (det > 0)")
+    scale = det ** (1.0 / 3.0)
+    rot = m[:3, :3] / scale
+    if not np.allclose(rot @ rot.T, np.eye(3), atol=1e-4):
+        raise ConfigError(key, "the upper-left 3x3 block must be a uniform scale times a rotation (no shear, no "
+                               "unequal scales)")
+    return scale, rot, m[:3, 3]
+
+
+def capture_cameras(cam, *, where: str, size: tuple[int, int]) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    """(name, K [3, 3] at ``size`` = (width, height), world -> camera [4, 4]) of a capture rig's cameras (its
+    ``select`` ones, in the capture's order), in the scene's coordinates (``world_from_capture``)."""
+    cameras = read_capture(cam.path, fmt=cam.format, key=f"{where}.path")
+    if cam.select is not None:
+        by_name = {c.name: c for c in cameras}
+        for i, name in enumerate(cam.select):
+            if name not in by_name:
+                shown = ", ".join(list(by_name)[:8]) + (", ..." if len(by_name) > 8 else "")
+                raise ConfigError(f"{where}.select[{i}]", f"the capture has no camera named '{name}' (it has {shown})")
+        cameras = [by_name[name] for name in cam.select]
+    scale, rot, shift = 1.0, np.eye(3), np.zeros(3)
+    if cam.world_from_capture is not None:
+        scale, rot, shift = _similarity(cam.world_from_capture, f"{where}.world_from_capture")
+    width, height = size
+    out = []
+    for c in cameras:
+        if abs(width * c.height / c.width - height) > 1.0:  # the same picture at another size, within a pixel
+            fitted = max(1, round(width * c.height / c.width))
+            raise ConfigError("render.height", f"camera '{c.name}' of {where} takes {c.width}x{c.height} px pictures "
+                                               f"(aspect {c.width / c.height:.4g}) but render is {width}x{height}: "
+                                               f"give a render size of the same aspect, e.g. {width}x{fitted}")
+        K = c.K.copy()
+        K[0] *= width / c.width
+        K[1] *= height / c.height
+        view = np.eye(4)  # x_scene = s R x + t: the camera's axes turn by R^T, its distances scale by s
+        view[:3, :3] = c.viewmat[:3, :3] @ rot.T
+        view[:3, 3] = scale * c.viewmat[:3, 3] - view[:3, :3] @ shift
+        out.append((cam.prefix + c.name, K, view))
+    return out
+
+
 def build_cameras(render, *, default_target) -> CameraSet:
     """All cameras of a ``RenderConfig``, in order; raises ConfigError naming ``render.cameras[i]...``."""
-    views, Ks = [], []
+    views, Ks, names, keys = [], [], [], []
     size = (render.width, render.height)
     for index, cam in enumerate(render.cameras):
         where = f"render.cameras[{index}]"
+        if cam.type == "capture":
+            for name, K, view in capture_cameras(cam, where=where, size=size):
+                names.append(name)
+                Ks.append(K)
+                views.append(view)
+                keys.append(where)
+            continue
+        names += [f"{cam.name}{j}" for j in range(len(cam.azimuths))] if cam.type == "orbit" else [cam.name]
+        keys += [where] * (len(cam.azimuths) if cam.type == "orbit" else 1)
         target = cam.target if cam.target is not None else default_target
         if cam.type == "orbit":
             K = intrinsics_from_fov(cam.fov, *size)
@@ -152,8 +211,14 @@ def build_cameras(render, *, default_target) -> CameraSet:
                 raise ConfigError(f"{where}.{key}", str(exc)) from exc
         views.append(view)
         Ks.append(K)
-    return CameraSet(names=camera_names(render), viewmats=np.stack(views), Ks=np.stack(Ks), width=render.width,
-                     height=render.height)
+    camera_names(render)  # refuses a name used twice among the orbit and pinhole cameras
+    seen = set()
+    for name, key in zip(names, keys):
+        if name in seen:
+            raise ConfigError(key, f"camera name '{name}' is used twice (a capture's prefix tells two captures apart)")
+        seen.add(name)
+    return CameraSet(names=tuple(names), viewmats=np.stack(views), Ks=np.stack(Ks), width=render.width,
+                     height=render.height, keys=tuple(keys))
 
 
 def check_view(cameras: CameraSet, render, point) -> None:
@@ -162,13 +227,36 @@ def check_view(cameras: CameraSet, render, point) -> None:
     pixels, depths = cameras.project(np.asarray([point], dtype=np.float64))
     for c, name in enumerate(cameras.names):
         (u, v), depth = pixels[c, 0], depths[c, 0]
-        where = camera_location(c, render)
+        where = cameras.keys[c] if cameras.keys else camera_location(c, render)
         if not render.near < depth < render.far:
             raise ConfigError(where, f"camera '{name}' does not look at the domain: its centre is at depth "
-                                     f"{depth:.3g} m, outside near..far = {render.near:g}..{render.far:g} m")
+                                     f"{depth:.3g} m, outside near..far = {render.near:g}..{render.far:g} m"
+                                     + _convention_hint(cameras, c, render, where, point))
         if not (0.0 <= u <= render.width and 0.0 <= v <= render.height):
             raise ConfigError(where, f"camera '{name}' does not look at the domain: its centre projects to pixel "
-                                     f"({u:.1f}, {v:.1f}), outside the {render.width}x{render.height} image")
+                                     f"({u:.1f}, {v:.1f}), outside the {render.width}x{render.height} image"
+                                     + _convention_hint(cameras, c, render, where, point))
+
+
+def _convention_hint(cameras: CameraSet, c: int, render, where: str, point) -> str:
+    """What usually makes a given matrix miss the domain: an OpenGL camera-to-world matrix (Blender, nerfstudio)
+    where OpenCV's world-to-camera is expected. Says so outright when that reading of the matrix sees ``point``."""
+    cam = render.cameras[int(where.rsplit("[", 1)[1].rstrip("]"))]
+    if cam.type == "capture":
+        return "; check world_from_capture (it places the capture in the scene) and the capture's format"
+    if cam.type != "pinhole" or cam.world_to_camera is None:
+        return ""
+    matrix = np.asarray(cam.world_to_camera, dtype=np.float64)
+    opencv = np.linalg.inv(matrix @ np.diag([1.0, -1.0, -1.0, 1.0]))  # the matrix read as OpenGL camera-to-world
+    inside = CameraSet(names=("x",), viewmats=opencv[None], Ks=cameras.Ks[c:c + 1], width=render.width,
+                       height=render.height)
+    (u, v), depth = (a[0, 0] for a in inside.project(np.asarray([point], dtype=np.float64)))
+    seen = render.near < depth < render.far and 0 <= u <= render.width and 0 <= v <= render.height
+    if seen:
+        return ("; M looks like OpenGL's camera-to-world (Blender, nerfstudio), which sees it: world_to_camera is "
+                "OpenCV's (x right, y down, z forward), so give inverse(M @ diag(1, -1, -1, 1))")
+    return ("; world_to_camera is OpenCV's (x right, y down, z forward), not OpenGL's camera-to-world (Blender, "
+            "nerfstudio; convert with inverse(M @ diag(1, -1, -1, 1)))")
 
 
 def camera_location(index: int, render) -> str:
