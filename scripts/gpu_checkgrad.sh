@@ -8,5 +8,7 @@ OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 python3 -m pytest -q tests/test_mpm.py -m gpu -p no:cacheprovider 2>&1 | tail -3
 for s in sphere_to_snowman elastic_drop; do
-  python3 -m diffmpm_cli check-grad scenes/$s.yaml --device cuda --json "$OUT/checkgrad_cuda_$s.json" 2>&1 | tail -22
+  python3 -m diffmpm_cli check-grad scenes/$s.yaml --device cuda --json > "$OUT/checkgrad_cuda_$s.json" \
+    2> "$OUT/checkgrad_cuda_$s.txt"
+  tail -22 "$OUT/checkgrad_cuda_$s.txt"
 done

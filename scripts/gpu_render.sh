@@ -11,6 +11,6 @@ t() { python3 -m pytest -q -m gpu -s -p no:cacheprovider "$@" 2>&1 | tail -6; }
 { t tests/test_render.py -k "not capture"; t tests/test_gsplat.py; t tests/test_render.py -k capture; } | tee "$OUT/tests_gpu_render.txt"
 python3 scripts/profile_render.py 1000000 1024 1024 > "$OUT/profile_1M_1024.txt" 2>&1; head -30 "$OUT/profile_1M_1024.txt"
 bench() { python3 -m diffmpm_cli bench render --device cuda --compare-gsplat "$@"; }
-bench --gaussians 1000000 --size 1024x1024 --json "$OUT/render_1M_1024.json"
-bench --gaussians 100000 --size 1024x1024 --json "$OUT/render_100k_1024.json"
-bench --gaussians 1000000 --size 1920x1080 --json "$OUT/render_1M_1080p.json"
+bench --gaussians 1000000 --size 1024x1024 --json > "$OUT/render_1M_1024.json"
+bench --gaussians 100000 --size 1024x1024 --json > "$OUT/render_100k_1024.json"
+bench --gaussians 1000000 --size 1920x1080 --json > "$OUT/render_1M_1080p.json"

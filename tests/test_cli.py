@@ -113,3 +113,13 @@ def test_info_reports_versions_and_devices():
     assert data["diffmpm"] == __version__
     assert "cpu" in data["warp_devices"]
     assert isinstance(data["cuda_usable"], bool)
+
+
+def test_bench_json_goes_to_stdout_and_the_table_to_stderr():
+    """The one --json convention: stdout holds the JSON document alone (redirect it to a file), the table goes to
+    stderr."""
+    result = invoke("bench", "render", "--gaussians", "40", "--size", "16x16", "--repeats", "1", "--json")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["forward_s"] > 0 and data["backward_s"] > 0
+    assert "rasteriser" in result.stderr and "{" not in result.stderr

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from conftest import REPO
 
@@ -68,18 +70,18 @@ def test_the_cli_reports_a_wrong_adjoint_with_exit_1(monkeypatch, tmp_path):
 
     scene = REPO / "scenes" / "sphere_to_snowman.yaml"
     args = ["check-grad", str(scene), "--stage", "sim", "--param", "dFc,E", "--probes", "3", "--coordinates", "0",
-            "--json", str(tmp_path / "grad.json")]
+            "--json"]
     ok = CliRunner().invoke(app, args)
-    assert ok.exit_code == 0, ok.stdout
-    assert "all 2 rows passed" in ok.stdout
+    assert ok.exit_code == 0, ok.output
+    assert "all 2 rows passed" in ok.stderr  # with --json the table goes to stderr, the JSON alone to stdout
+    assert json.loads(ok.stdout)["passed"] is True
     break_the_dfc_adjoint(monkeypatch)
     bad = CliRunner().invoke(app, args)
-    assert bad.exit_code == 1, bad.stdout
-    assert "FAIL" in bad.stdout and "1 of 2 rows failed" in bad.stdout
-    import json
-
-    rows = {r["parameter"]: r["passed"] for r in json.loads((tmp_path / "grad.json").read_text())["rows"]}
-    assert rows == {"dFc": False, "log_E": True}
+    assert bad.exit_code == 1, bad.output
+    assert "FAIL" in bad.stderr and "1 of 2 rows failed" in bad.stderr
+    report = json.loads(bad.stdout)
+    assert report["passed"] is False
+    assert {r["parameter"]: r["passed"] for r in report["rows"]} == {"dFc": False, "log_E": True}
 
 
 def test_the_cli_refuses_bad_options_with_exit_2():

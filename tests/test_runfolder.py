@@ -314,19 +314,18 @@ def test_outputs_respect_the_umask(tmp_path):
         assert (out / name).stat().st_mode & 0o777 == 0o640, name
 
 
-def test_check_grad_refuses_a_json_folder_before_computing(tmp_path, monkeypatch):
+def test_json_is_a_flag_everywhere_and_a_file_name_after_it_is_refused(tmp_path, monkeypatch):
+    """One --json convention: the result as JSON on stdout (redirect it to keep a file), never a file argument."""
     import diffmpm_cli.gradcheck as gradcheck
 
     def never(*args, **kwargs):
         raise AssertionError("the gradient check ran")
 
     monkeypatch.setattr(gradcheck, "check_stages", never)
-    result = invoke("check-grad", SCENE, "--json", tmp_path)
-    assert result.exit_code == 2 and "is a folder" in result.output, result.output
-    result = invoke("check-grad", SCENE, "--json", "/dev/null/x.json")
-    assert result.exit_code == 2 and "is not a folder" in result.output, result.output
-    result = invoke("bench", "render", "--json", tmp_path)
-    assert result.exit_code == 2 and "is a folder" in result.output, result.output
+    result = invoke("check-grad", SCENE, "--json", tmp_path / "grad.json")  # taken as a second scene argument
+    assert result.exit_code == 2 and not (tmp_path / "grad.json").exists(), result.output
+    result = invoke("bench", "render", "--json", tmp_path / "r.json")
+    assert result.exit_code == 2 and not (tmp_path / "r.json").exists(), result.output
     result = invoke("check-grad", SCENE, "--seed", 2**63)  # was an overflow traceback after loading the scene
     assert result.exit_code == 2 and "--seed" in result.output, result.output
 

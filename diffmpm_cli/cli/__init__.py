@@ -9,7 +9,7 @@ import typer
 from typer.core import TyperGroup
 
 from .. import __version__
-from . import check_grad, info, optimize, render, scenes, validate
+from . import check_grad, info, optimize, render, scenes, sweep, validate
 from .bench import bench_app
 from .common import print_error
 
@@ -56,7 +56,7 @@ EPILOG = """[bold]Examples[/]
 
   diffmpm check-grad scenes/sphere_to_snowman.yaml --stage sim
 
-  diffmpm bench mpm --device cuda --json mpm.json
+  diffmpm bench mpm --device cuda --json > mpm.json
 
 Every command takes --help. Refused input is one line 'error: key.path: problem' on stderr, exit code 2.
 """
@@ -94,6 +94,7 @@ optimize.register(app)
 render.register(app)
 app.add_typer(bench_app, name="bench")
 scenes.register(app)
+sweep.register(app)
 
 
 def main() -> None:

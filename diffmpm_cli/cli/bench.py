@@ -1,4 +1,4 @@
-"""`diffmpm bench ...`: benchmarks that print a table and write JSON."""
+"""`diffmpm bench ...`: benchmarks that print a table (or, with --json, JSON on stdout)."""
 
 from __future__ import annotations
 
@@ -8,21 +8,21 @@ import typer
 from rich.table import Table
 
 from ..enums import BSpline, Material, P2GMode
-from ..optimize.runfolder import check_output_file, interruptible, write_json_file
-from .common import DeviceOpt, JsonFileOpt, SceneArg, SetOpt, check_device, handle_errors, out, parse_size
+from ..optimize.runfolder import interruptible
+from .common import DeviceOpt, JsonFlag, SceneArg, SetOpt, check_device, console_for, handle_errors, parse_size, print_json
 
 RENDER_EPILOG = """[bold]Examples[/]
 
   diffmpm bench render --gaussians 3000 --size 128x128
 
-  diffmpm bench render --gaussians 1000000 --size 1024x1024 --device cuda --compare-gsplat --json render.json
+  diffmpm bench render --gaussians 1000000 --size 1024x1024 --device cuda --compare-gsplat --json > render.json
 """
 
 EPILOG = """[bold]Examples[/]
 
   diffmpm bench mpm --particles 4096 --grid 32 --steps 50
 
-  diffmpm bench mpm --particles 1000000 --grid 128 --steps 100 --device cuda --json bench.json
+  diffmpm bench mpm --particles 1000000 --grid 128 --steps 100 --device cuda --json > bench.json
 
   diffmpm bench mpm --particles 1000000 --grid 128 --shuffle --device cuda
 """
@@ -33,10 +33,10 @@ GROUP_EPILOG = """[bold]Examples[/]
 
   diffmpm bench render --gaussians 3000 --size 128x128
 
-  diffmpm bench optimize scenes/sphere_to_snowman.yaml --json it.json
+  diffmpm bench optimize scenes/sphere_to_snowman.yaml --json > it.json
 """
 
-bench_app = typer.Typer(help="Benchmarks (results as a table and, with --json, a file).", no_args_is_help=True,
+bench_app = typer.Typer(help="Benchmarks (results as a table or, with --json, as JSON on stdout).", no_args_is_help=True,
                         epilog=GROUP_EPILOG)
 
 
@@ -62,14 +62,13 @@ def mpm(
                                               "untaped forward steps only).")] = P2GMode.PLAIN,
     sort_every: Annotated[int, typer.Option(min=0, help="Tiled P2G: re-sort particles by cell every N steps (0 = "
                                                         "never).")] = 0,
-    json_file: JsonFileOpt = None,
+    as_json: JsonFlag = False,
 ) -> None:
     """MPM throughput: particle-steps per second forward and forward+backward, kernel split, peak memory."""
     from ..bench import bench_mpm
     from ..errors import ConfigError
 
     check_device(device)
-    check_output_file(json_file, "--json")
     try:
         result = bench_mpm(particles=particles, grid=grid, steps=steps, shuffle=shuffle, device=device,
                            backward_steps=backward_steps, material=material, bspline=bspline, repeats=repeats,
@@ -92,10 +91,9 @@ def mpm(
         ("peak memory", f"{result['peak_bytes'] / 2**20:.0f} MiB"),
     ]:
         table.add_row(name, value)
-    out.print(table)
-    if json_file is not None:
-        write_json_file(json_file, result)
-        out.print(f"wrote {json_file}", markup=False)
+    console_for(as_json).print(table)
+    if as_json:
+        print_json(result, indent=2)
 
 
 @bench_app.command("render", epilog=RENDER_EPILOG)
@@ -108,7 +106,7 @@ def render(
     compare_gsplat: Annotated[bool, typer.Option("--compare-gsplat", help="Time gsplat on the same tensors "
                                                                           "(CUDA).")] = False,
     repeats: Annotated[int, typer.Option(min=1, help="Timed repetitions (the median is reported).")] = 5,
-    json_file: JsonFileOpt = None,
+    as_json: JsonFlag = False,
 ) -> None:
     """Rasteriser forward and backward time (RGB, one camera); optionally beside gsplat."""
     from ..bench import bench_render
@@ -116,7 +114,6 @@ def render(
 
     width, height = parse_size(size)
     check_device(device)
-    check_output_file(json_file, "--json")
     if compare_gsplat:
         try:
             import gsplat  # noqa: F401
@@ -140,17 +137,16 @@ def render(
         ratios = (result["ratio_forward"], result["ratio_backward"], result["ratio_forward_backward"])
         table.add_row("ratio (ours / gsplat)", "forward {:.2f}x, backward {:.2f}x, both {:.2f}x".format(*ratios))
     table.add_row("peak memory", f"{result['peak_bytes'] / 2**20:.0f} MiB")
-    out.print(table)
-    if json_file is not None:
-        write_json_file(json_file, result)
-        out.print(f"wrote {json_file}", markup=False)
+    console_for(as_json).print(table)
+    if as_json:
+        print_json(result, indent=2)
 
 
 OPTIMIZE_EPILOG = """[bold]Examples[/]
 
   diffmpm bench optimize scenes/sphere_to_snowman.yaml
 
-  diffmpm bench optimize scenes/sphere_to_snowman.yaml --device cuda --set sim.grid_resolution=64 --json it.json
+  diffmpm bench optimize scenes/sphere_to_snowman.yaml --device cuda --set sim.grid_resolution=64 --json > it.json
 """
 
 
@@ -163,7 +159,7 @@ def optimize(
     repeats: Annotated[int, typer.Option(min=1, help="Timed iterations (the median of each stage is "
                                                      "reported).")] = 5,
     set_: SetOpt = [],  # noqa: B006 (Typer copies it)
-    json_file: JsonFileOpt = None,
+    as_json: JsonFlag = False,
 ) -> None:
     """Time one optimisation iteration of a scene, split by stage (sim, splats, render, losses; each both ways)."""
     from ..assets import build_assets
@@ -172,7 +168,6 @@ def optimize(
     from .scenes import resolve_scene
 
     check_device(device)
-    check_output_file(json_file, "--json")
     cfg = load_scene(resolve_scene(scene), set_)
     result = bench_optimize(scene=cfg, assets=build_assets(cfg, device=device), device=device, repeats=repeats)
     sec = result["seconds"]
@@ -186,7 +181,6 @@ def optimize(
                      f"{'x'.join(map(str, result['grid']))}, {result['steps']} steps, {result['cameras']} cameras x "
                      f"{result['frames']} frames at {result['size'][0]}x{result['size'][1]}; peak "
                      f"{result['peak_bytes'] / 2**20:.0f} MiB")
-    out.print(table)
-    if json_file is not None:
-        write_json_file(json_file, result)
-        out.print(f"wrote {json_file}", markup=False)
+    console_for(as_json).print(table)
+    if as_json:
+        print_json(result, indent=2)

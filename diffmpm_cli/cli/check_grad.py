@@ -8,14 +8,14 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from ..optimize.runfolder import check_output_file, interruptible, write_json_file
-from .common import DeviceOpt, JsonFileOpt, SceneArg, SetOpt, check_device, handle_errors, out
+from ..optimize.runfolder import interruptible
+from .common import DeviceOpt, JsonFlag, SceneArg, SetOpt, check_device, console_for, handle_errors, print_json
 
 EPILOG = """[bold]Examples[/]
 
   diffmpm check-grad scenes/sphere_to_snowman.yaml
 
-  diffmpm check-grad scenes/sphere_to_snowman.yaml --stage sim --param dFc,E --probes 4 --json grad.json
+  diffmpm check-grad scenes/sphere_to_snowman.yaml --stage sim --param dFc,E --probes 4 --json > grad.json
 
   diffmpm check-grad scenes/peanut_to_sphere.yaml --stage all --device cuda
 
@@ -66,7 +66,7 @@ def check_grad(
     rtol: Annotated[float, typer.Option(min=1e-8, max=1.0, help="Relative tolerance.")] = 1e-2,
     seed: Annotated[int, typer.Option(min=0, max=2**63 - 1, help="Seed of the directions and loss weights.")] = 0,
     device: DeviceOpt = "cpu",
-    json_file: JsonFileOpt = None,
+    as_json: JsonFlag = False,
     set_: SetOpt = [],  # noqa: B006 (Typer copies it)
 ) -> None:
     """Compare autodiff directional derivatives with central differences through the real kernels."""
@@ -79,21 +79,20 @@ def check_grad(
     stages = _parse_list(stage, STAGES, "--stage")
     groups = _parse_list(param, tuple(GROUP_OF), "--param")
     check_device(device)
-    check_output_file(json_file, "--json")  # before the computation, not after it
     cfg = load_scene(resolve_scene(scene), set_)
     pipeline = Pipeline(cfg, build_assets(cfg, device=device), device=device)
     rows = check_stages(pipeline, stages=stages, groups=groups, probes=probes, coordinates=coordinates, rtol=rtol,
                         eps_scale=eps, seed=seed)
-    out.print(_table(rows, rtol=rtol, title=f"gradient check of '{cfg.name}' on {device}"))
-    if json_file is not None:
-        write_json_file(json_file, {"scene": cfg.name, "device": device, "rtol": rtol, "seed": seed,
-                                    "rows": [asdict(r) for r in rows]})
-        out.print(f"wrote {json_file}", markup=False)
+    log = console_for(as_json)
+    log.print(_table(rows, rtol=rtol, title=f"gradient check of '{cfg.name}' on {device}"))
     failed = [r for r in rows if not r.passed]
+    if as_json:  # the exit code still says whether every row passed
+        print_json({"scene": cfg.name, "device": device, "rtol": rtol, "seed": seed, "passed": not failed,
+                    "rows": [asdict(r) for r in rows]}, indent=2)
     if failed:
-        out.print(f"[bold red]{len(failed)} of {len(rows)} rows failed[/]")
+        log.print(f"[bold red]{len(failed)} of {len(rows)} rows failed[/]")
         raise typer.Exit(1)
-    out.print(f"all {len(rows)} rows passed")
+    log.print(f"all {len(rows)} rows passed")
 
 
 def register(app: typer.Typer) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import json
 import sys
 import warnings
 from pathlib import Path
@@ -24,9 +25,20 @@ SET_HELP = "Override a scene key, KEY=VALUE (repeatable), e.g. --set sim.dt=5e-4
 SceneArg = Annotated[Path, typer.Argument(help="Scene YAML file, or the name of a shipped scene (diffmpm scenes).")]
 SetOpt = Annotated[list[str], typer.Option("--set", help=SET_HELP)]
 DeviceOpt = Annotated[str, typer.Option(help="cpu or cuda[:i].")]
-JsonFileOpt = Annotated[Path | None, typer.Option("--json", help="Also write the results to this JSON file.")]
+# one --json convention for every command: the result as one JSON document on stdout, everything else on stderr
+# (redirect it to keep a file: diffmpm bench mpm --json > mpm.json)
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout (anything else goes to "
                                                        "stderr or is left out).")]
+
+
+def console_for(as_json: bool) -> Console:
+    """Where a command's human-readable output goes: stderr when stdout carries the JSON result."""
+    return err if as_json else out
+
+
+def print_json(data, *, indent: int | None = None) -> None:
+    """The command's result as one JSON document on stdout."""
+    typer.echo(json.dumps(data, indent=indent))
 
 
 def print_error(line: str) -> None:

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import json
-import platform
-
 import typer
 from rich.markup import escape
 from rich.table import Table
 
-from .common import JsonFlag, handle_errors, out
+from .common import JsonFlag, handle_errors, out, print_json
 
 EPILOG = """[bold]Examples[/]
 
@@ -20,20 +17,16 @@ EPILOG = """[bold]Examples[/]
 
 
 def collect_info() -> dict:
-    """Versions of diffmpm and its main dependencies, Warp's devices and CUDA availability."""
+    """The versions a run's summary records (provenance.versions), Warp's devices and CUDA availability."""
     import torch
 
-    from .. import __version__
+    from ..provenance import versions
     from ..warp_runtime import INIT_MESSAGES, warp
 
     wp = warp()
-    devices = [{"name": str(d), "alias": d.alias, "is_cuda": d.is_cuda} for d in wp.get_devices()]
     return {
-        "diffmpm": __version__,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "warp": wp.config.version,
-        "warp_devices": [d["alias"] for d in devices],
+        **versions(),
+        "warp_devices": [d.alias for d in wp.get_devices()],
         "torch_cuda": torch.cuda.is_available(),
         "warp_cuda": wp.is_cuda_available(),
         "cuda_usable": bool(torch.cuda.is_available() and wp.is_cuda_available()),
@@ -47,7 +40,7 @@ def info(as_json: JsonFlag = False) -> None:
     """Show versions, Warp devices and whether CUDA is usable."""
     data = collect_info()
     if as_json:
-        typer.echo(json.dumps(data, indent=2))
+        print_json(data, indent=2)
         return
     table = Table(show_header=False)
     table.add_column("item", style="bold")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import signal
 import sys
 import time
@@ -14,7 +13,7 @@ import typer
 from rich.markup import escape
 
 from ..optimize.runfolder import interruptible
-from .common import DeviceOpt, JsonFlag, SetOpt, check_device, err, handle_errors, out
+from .common import DeviceOpt, JsonFlag, SetOpt, check_device, console_for, err, handle_errors, out, print_json
 
 EPILOG = """[bold]Examples[/]
 
@@ -149,7 +148,7 @@ def _optimize(*, scene, out_dir, resume, folder, overrides, device, quiet, as_js
             folder = RunFolder(out_dir, resume=False, option="output.dir")
             folder.check()
     assets = build_assets(cfg, device=device)
-    log = err if as_json else out
+    log = console_for(as_json)
     stop = StopFlag()
 
     def on_sigint(signum, frame):
@@ -191,7 +190,7 @@ def _optimize(*, scene, out_dir, resume, folder, overrides, device, quiet, as_js
     finally:
         signal.signal(signal.SIGINT, previous)
     if as_json:
-        typer.echo(json.dumps(summary))
+        print_json(summary)
         return
     first, last = summary["initial"], summary["final"]
     name, value = summary["main_metric"]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated
 
@@ -11,7 +10,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from ..sim.grid import above
-from .common import JsonFlag, SceneArg, SetOpt, err, handle_errors, out
+from .common import JsonFlag, SceneArg, SetOpt, console_for, handle_errors, out, print_json
 
 EPILOG = """[bold]Examples[/]
 
@@ -79,7 +78,7 @@ def validate(
     cameras = assets.cameras
     summary = summarize_scene(scene=cfg, assets=assets, camera_count=cameras.camera_count)
     if as_json:
-        typer.echo(json.dumps(summary.as_dict(), indent=2))
+        print_json(summary.as_dict(), indent=2)
     else:
         out.print(_table(summary))
     E, nu = stiffest_material(cfg)
@@ -87,7 +86,7 @@ def validate(
               limit=cfg.sim.cfl_limit)  # before the previews: a refused scene writes nothing
     if preview is not None:
         for path in write_previews(assets=assets, cameras=cameras, out_dir=preview):
-            (err if as_json else out).print(f"wrote {path}", markup=False)
+            console_for(as_json).print(f"wrote {path}", markup=False)
     if not as_json:
         out.print("[green]scene is valid[/]")
 

@@ -241,13 +241,3 @@ def config_difference(before, after, *, ignore=frozenset()) -> tuple[str, str, s
 def _short(value) -> str:
     text = repr(value) if isinstance(value, str) else str(value)
     return text if len(text) <= 80 else text[:77] + "..."
-
-
-def write_json_file(path: Path, data) -> Path:
-    """Write ``data`` as indented JSON to ``path`` (atomically, making parent folders); OSError -> typed error."""
-    from ..outputs.files import write_json
-
-    try:
-        return write_json(Path(path), data)
-    except OSError as exc:
-        raise write_error(exc, what=str(path)) from exc
