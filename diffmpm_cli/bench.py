@@ -9,11 +9,11 @@ from datetime import datetime, timezone
 
 import torch
 
-from .enums import P2GMode, WallKind
+from .enums import Material, P2GMode, WallKind
 from .provenance import device_name, versions
 from .sim.grid import GridSpec, stable_dt
 from .sim.model import MPMModel
-from .sim.op import simulate
+from .sim.op import material_kappa, simulate
 from .sim.solver import Simulator
 from .warp_runtime import warp, warp_device
 
@@ -91,7 +91,11 @@ def bench_mpm(*, particles: int = 4096, grid: int = 32, steps: int = 50, shuffle
     eye = torch.eye(3, device=torch_device).expand(n, 3, 3).contiguous()
     mu = torch.full((n,), E / (2 * (1 + nu)), device=torch_device)
     lam = torch.full((n,), E * nu / ((1 + nu) * (1 - 2 * nu)), device=torch_device)
-    wmu, wlam = wp.from_torch(mu), wp.from_torch(lam)
+    # the model's third material parameter (plastic and fluid models; sim/op.py), at a representative value
+    extra_name = Material(material).extra_parameter
+    extra = {extra_name: torch.tensor(BENCH_EXTRA[extra_name], device=torch_device)} if extra_name else {}
+    kappa = material_kappa(material, count=n, device=torch_device, **extra)
+    wmu, wlam, wkappa = wp.from_torch(mu), wp.from_torch(lam), wp.from_torch(kappa.contiguous())
     fc = wp.zeros((1, n), dtype=wp.mat33, device=sim.device)  # unused: control -1
     states = [sim.new_state(), sim.new_state()]
     grid_arrays = sim.new_grid()
@@ -106,7 +110,7 @@ def bench_mpm(*, particles: int = 4096, grid: int = 32, steps: int = 50, shuffle
         a, b = states
         for _ in range(steps):
             grid_arrays.zero_()
-            sim.step(a, b, grid_arrays, mu=wmu, lam=wlam, Fc=fc, control=-1, taped=False)
+            sim.step(a, b, grid_arrays, mu=wmu, lam=wlam, kappa=wkappa, Fc=fc, control=-1, taped=False)
             a, b = b, a
 
     reset()
@@ -117,7 +121,8 @@ def bench_mpm(*, particles: int = 4096, grid: int = 32, steps: int = 50, shuffle
     split = {}
     reset()
     for name in ("sort", "p2g", "grid_update", "g2p") if sim.sort_every else ("p2g", "grid_update", "g2p"):
-        split[name] = statistics.median(_kernel_times(sim, name, states, grid_arrays, wmu, wlam, fc, device, steps))
+        split[name] = statistics.median(_kernel_times(sim, name, states, grid_arrays, (wmu, wlam, wkappa), fc, device,
+                                                         steps))
 
     T = backward_steps or steps
     K = model.control_layers(T)
@@ -125,7 +130,7 @@ def bench_mpm(*, particles: int = 4096, grid: int = 32, steps: int = 50, shuffle
     def forward_backward():
         Fc = torch.eye(3, device=torch_device).repeat(K, n, 1, 1).requires_grad_(True)
         E_t = torch.tensor(E, device=torch_device, requires_grad=True)
-        out = simulate(sim, x0=x0, v0=v0, E=E_t, nu=torch.tensor(nu, device=torch_device), Fc=Fc, steps=T)
+        out = simulate(sim, x0=x0, v0=v0, E=E_t, nu=torch.tensor(nu, device=torch_device), Fc=Fc, steps=T, **extra)
         out.x[-1].sum().backward()
         return out.stats
 
@@ -155,7 +160,10 @@ def bench_mpm(*, particles: int = 4096, grid: int = 32, steps: int = 50, shuffle
     }
 
 
-def _step_launches(sim, state_in, state_out, grid, *, mu, lam, Fc) -> list[tuple[str, object]]:
+BENCH_EXTRA = {"yield_stress": 2.0e3, "friction_angle": 30.0, "viscosity": 1.0}  # Pa, degrees, Pa s
+
+
+def _step_launches(sim, state_in, state_out, grid, *, mu, lam, kappa, Fc) -> list[tuple[str, object]]:
     """The launches of one untaped step without controls, in order, as (name, launch) pairs: what
     ``Simulator.step(..., taped=False)`` runs, taken apart so that each kernel can be timed alone."""
     from .sim import launch
@@ -164,24 +172,27 @@ def _step_launches(sim, state_in, state_out, grid, *, mu, lam, Fc) -> list[tuple
     if sim.tiled is not None:
         if sim.tiled.sort_due():
             out.append(("sort", lambda: sim.tiled.sort(state_in)))
-        out.append(("p2g", lambda: sim.tiled.p2g(state_in, grid, mu=mu, lam=lam, Fc=Fc, control=-1)))
+        out.append(("p2g", lambda: sim.tiled.p2g(state_in, grid, mu=mu, lam=lam, kappa=kappa, Fc=Fc,
+                                                                control=-1)))
     else:
-        out.append(("p2g", lambda: launch.p2g(sim.model, sim.particles, state_in, grid, mu=mu, lam=lam, Fc=Fc,
-                                              control=-1)))
+        out.append(("p2g", lambda: launch.p2g(sim.model, sim.particles, state_in, grid, mu=mu, lam=lam,
+                                              kappa=kappa, Fc=Fc, control=-1)))
     out.append(("grid_update", lambda: launch.grid_update(sim.model, grid, node_mass_eps=sim.node_mass_eps,
                                                           device=sim.device)))
-    out.append(("g2p", lambda: launch.g2p(sim.model, state_in, grid, state_out, Fc=Fc, control=-1,
+    out.append(("g2p", lambda: launch.g2p(sim.model, state_in, grid, state_out, mu=mu, lam=lam, kappa=kappa,
+                                          Fc=Fc, control=-1,
                                           clamped=sim.clamped, J_min=sim.J_min, device=sim.device)))
     return out
 
 
-def _kernel_times(sim, name, states, grid, mu, lam, fc, device, steps) -> list[float]:
+def _kernel_times(sim, name, states, grid, material, fc, device, steps) -> list[float]:
     """Time one kernel of the step ``steps`` times in a row (the others run untimed in between)."""
     a, b = states
     times = []
     for _ in range(steps):
         grid.zero_()
-        for label, launch in _step_launches(sim, a, b, grid, mu=mu, lam=lam, Fc=fc):
+        mu, lam, kappa = material
+        for label, launch in _step_launches(sim, a, b, grid, mu=mu, lam=lam, kappa=kappa, Fc=fc):
             if label == name:
                 times += _timed(launch, device, 1)
             else:

@@ -36,6 +36,15 @@ class Material(StrEnum):
 
     FIXED_COROTATED = "fixed_corotated"
     NEO_HOOKEAN = "neo_hookean"
+    VON_MISES = "von_mises"  # plasticine / metal: Hencky (StVK log-strain) elasticity, von Mises return mapping
+    DRUCKER_PRAGER = "drucker_prager"  # sand: Hencky elasticity, Drucker-Prager return mapping (Klar et al. 2016)
+    NEWTONIAN_FLUID = "newtonian_fluid"  # weakly compressible fluid: J-based pressure, Newtonian viscosity
+
+    @property
+    def extra_parameter(self) -> str | None:
+        """The model's material parameter beside E and nu (its learn.<key>), or None for the elastic models."""
+        return {"von_mises": "yield_stress", "drucker_prager": "friction_angle",
+                "newtonian_fluid": "viscosity"}.get(self.value)
 
 
 class P2GMode(StrEnum):

@@ -8,7 +8,8 @@ One step, for control index ``control`` (-1 off control steps):
   F~ = Fc[control] F                          stress from F~ (Kirchhoff tau = P(F~) F~^T, + bulk viscosity)
   P2G   m_i += w m_p;  p_i += w (m_p v_p + (m_p C_p - dt V_p D^-1 tau_p)(x_i - x_p))
   grid  v_i = p_i / m_i + dt g (0 where m_i <= mass_eps), then floor contact, then walls
-  G2P   v_p = sum w v_i;  C_p = D^-1 sum w v_i (x_i - x_p)^T;  F+ = (I + dt C) F~;  x+ = x + dt v  (held inside);
+  G2P   v_p = sum w v_i;  C_p = D^-1 sum w v_i (x_i - x_p)^T;  F+ = Z((I + dt C) F~) with Z the material's return
+        mapping (the identity for elastic models);  x+ = x + dt v  (held inside);
         each particle's lowest det F+ so far is kept (not differentiated: a validity record)
 Kernels are built per B-spline order (and material) by factories using ``wp.static`` closures.
 """
@@ -123,7 +124,320 @@ def neo_hookean_tau(F: wp.mat33, mu: float, lam: float):
     return mu * (F * wp.transpose(F) - eye) + eye * (lam * wp.log(J))
 
 
-MATERIALS = {Material.FIXED_COROTATED: fixed_corotated_tau, Material.NEO_HOOKEAN: neo_hookean_tau}
+# ---- plastic and fluid models ------------------------------------------------------------------------------------
+# Plasticine (von Mises) and sand (Drucker-Prager) keep the elastic part F_e in F: after G2P's F+ = (I + dt C) F~,
+# a return mapping projects F+ back onto the yield surface in Hencky (log) strain (Klar et al. 2016, PAC-NeRF). Both
+# maps and the Hencky stress are spectral: G = U diag(g(s)) V^T with F = U diag(s) V^T. Their adjoints are written
+# by hand (spectral_adjoint): wp.svd3's own adjoint divides by s_i^2 - s_j^2, which is 0 at rest (F = I) where every
+# particle starts. The model's third material parameter ``kappa`` is the yield stress tau_Y [Pa] (von_mises), the
+# Drucker-Prager coefficient alpha (drucker_prager; alpha = sqrt(2/3) 2 sin(phi) / (3 - sin(phi)) of the friction
+# angle phi, made on the host) or the dynamic viscosity eta [Pa s] (newtonian_fluid).
+
+# return-mapping branches (one byte per particle and step when recorded, like the grid update's decisions)
+ELASTIC = wp.constant(0)
+YIELD = wp.constant(1)
+TENSION = wp.constant(2)
+NORM_MIN = wp.constant(1.0e-12)  # |e| of a replayed YIELD branch taken at a strain with no deviatoric part
+SIGMA_MIN = wp.constant(1.0e-4)  # singular values below this are clamped before the log (det F -> 0: invalid anyway)
+SPECTRAL_GAP = wp.constant(1.0e-3)  # |s_i - s_j| <= gap (s_i + s_j): divided differences take their limit
+
+
+@wp.func
+def clamped_log(s: wp.vec3):
+    return wp.vec3(wp.log(wp.max(s[0], SIGMA_MIN)), wp.log(wp.max(s[1], SIGMA_MIN)), wp.log(wp.max(s[2], SIGMA_MIN)))
+
+
+@wp.func
+def inv_clamped(s: wp.vec3):
+    """d log(max(s, SIGMA_MIN)) / ds per component: 1 / s, or 0 where clamped."""
+    out = wp.vec3(0.0)
+    for i in range(3):
+        if s[i] > SIGMA_MIN:
+            out[i] = 1.0 / s[i]
+    return out
+
+
+@wp.func
+def spectral_compose(U: wp.mat33, g: wp.vec3, V: wp.mat33):
+    return U * wp.diag(g) * wp.transpose(V)
+
+
+@wp.func
+def spectral_adjoint(U: wp.mat33, s: wp.vec3, V: wp.mat33, g: wp.vec3, Jg: wp.mat33, adj_G: wp.mat33):
+    """Adjoint of G(F) = U diag(g(s)) V^T (F = U diag(s) V^T, g permutation-equivariant with Jacobian Jg = dg/ds).
+
+    With B = U^T G_bar V: F_bar = U A V^T, A_ii = (Jg^T diag(B))_i and for i != j
+    A_ij = 1/2 (g_i - g_j) / (s_i - s_j) (B_ij + B_ji) + 1/2 (g_i + g_j) / (s_i + s_j) (B_ij - B_ji). At a repeated
+    singular value the first quotient takes its limit 1/2 (Jg_ii - Jg_ij + Jg_jj - Jg_ji); the second's denominator
+    is held at POLAR_EPS as in adj_polar_rotation. Returns (F_bar, diag(B)); diag(B) . dg/dtheta is the adjoint of
+    any parameter theta that g depends on."""
+    B = wp.transpose(U) * adj_G * V
+    b = wp.vec3(B[0, 0], B[1, 1], B[2, 2])
+    d = wp.transpose(Jg) * b
+    A = wp.mat33(0.0)
+    for i in range(3):
+        for j in range(3):
+            if i == j:
+                A[i, j] = d[i]
+            else:
+                gap = s[i] - s[j]
+                a = float(0.0)
+                if wp.abs(gap) > SPECTRAL_GAP * (wp.abs(s[i]) + wp.abs(s[j])):
+                    a = (g[i] - g[j]) / gap
+                else:
+                    a = 0.5 * (Jg[i, i] - Jg[i, j] + Jg[j, j] - Jg[j, i])
+                c = (g[i] + g[j]) / wp.max(s[i] + s[j], POLAR_EPS)
+                A[i, j] = 0.5 * a * (B[i, j] + B[j, i]) + 0.5 * c * (B[i, j] - B[j, i])
+    return U * A * wp.transpose(V), b
+
+
+@wp.func
+def hencky_P(F: wp.mat33, mu: float, lam: float):
+    """First Piola-Kirchhoff stress of StVK on Hencky strain, psi = mu |log s|^2 + lam / 2 (sum log s)^2:
+    P = U diag((2 mu eps_i + lam tr eps) / s_i) V^T with eps = log s (s clamped at SIGMA_MIN)."""
+    U = wp.mat33()
+    s = wp.vec3()
+    V = wp.mat33()
+    wp.svd3(F, U, s, V)
+    eps = clamped_log(s)
+    tr = eps[0] + eps[1] + eps[2]
+    sc = wp.vec3(wp.max(s[0], SIGMA_MIN), wp.max(s[1], SIGMA_MIN), wp.max(s[2], SIGMA_MIN))
+    p = wp.cw_div(2.0 * mu * eps + wp.vec3(lam * tr), sc)
+    return spectral_compose(U, p, V)
+
+
+@wp.func_grad(hencky_P)
+def adj_hencky_P(F: wp.mat33, mu: float, lam: float, adj_ret: wp.mat33):
+    U = wp.mat33()
+    s = wp.vec3()
+    V = wp.mat33()
+    wp.svd3(F, U, s, V)
+    eps = clamped_log(s)
+    tr = eps[0] + eps[1] + eps[2]
+    sc = wp.vec3(wp.max(s[0], SIGMA_MIN), wp.max(s[1], SIGMA_MIN), wp.max(s[2], SIGMA_MIN))
+    t = 2.0 * mu * eps + wp.vec3(lam * tr)
+    p = wp.cw_div(t, sc)
+    ds = inv_clamped(s)  # d eps_j / d s_j
+    Jp = wp.mat33(0.0)
+    for i in range(3):
+        for j in range(3):
+            dt_ij = lam * ds[j]
+            if i == j:
+                dt_ij = dt_ij + 2.0 * mu * ds[j]
+            Jp[i, j] = dt_ij / sc[i]
+        Jp[i, i] = Jp[i, i] - p[i] * ds[i]  # d(1 / s_i) / d s_i = -1 / s_i^2 (0 where clamped)
+    F_bar, b = spectral_adjoint(U, s, V, p, Jp, adj_ret)
+    wp.adjoint[F] += F_bar
+    wp.adjoint[mu] += wp.dot(b, wp.cw_div(2.0 * eps, sc))
+    wp.adjoint[lam] += wp.dot(b, wp.cw_div(wp.vec3(tr), sc))
+
+
+@wp.func
+def deviatoric_log_strain(F: wp.mat33):
+    """(tr eps, |e|) of the Hencky strain eps = log s of F, e = eps - tr eps / 3."""
+    U = wp.mat33()
+    s = wp.vec3()
+    V = wp.mat33()
+    wp.svd3(F, U, s, V)
+    eps = clamped_log(s)
+    tr = eps[0] + eps[1] + eps[2]
+    return tr, wp.length(eps - wp.vec3(tr / 3.0))
+
+
+@wp.func
+def von_mises_branch(F: wp.mat33, mu: float, lam: float, kappa: float):
+    """YIELD where the deviatoric Hencky strain |e| exceeds tau_Y / (2 mu), else ELASTIC."""
+    tr, n = deviatoric_log_strain(F)
+    out = ELASTIC
+    if n > kappa / (2.0 * mu):
+        out = YIELD
+    return out
+
+
+@wp.func
+def von_mises_F(F: wp.mat33, mu: float, lam: float, kappa: float, branch: int):
+    """Return mapping of von Mises plasticity in Hencky strain (kappa = yield stress tau_Y [Pa]) along ``branch``
+    (von_mises_branch, or a recorded one): YIELD -> F <- U exp(mean(eps) + r e / |e|) V^T with r = tau_Y / (2 mu)
+    (the deviatoric log strain e brought back to the yield surface); ELASTIC -> F."""
+    U = wp.mat33()
+    s = wp.vec3()
+    V = wp.mat33()
+    wp.svd3(F, U, s, V)
+    eps = clamped_log(s)
+    m = (eps[0] + eps[1] + eps[2]) / 3.0
+    e = eps - wp.vec3(m)
+    n = wp.length(e)
+    r = kappa / (2.0 * mu)
+    out = F
+    if branch == YIELD:
+        h = wp.vec3(m) + (r / wp.max(n, NORM_MIN)) * e
+        out = spectral_compose(U, wp.vec3(wp.exp(h[0]), wp.exp(h[1]), wp.exp(h[2])), V)
+    return out
+
+
+@wp.func_grad(von_mises_F)
+def adj_von_mises_F(F: wp.mat33, mu: float, lam: float, kappa: float, branch: int, adj_ret: wp.mat33):
+    """Along the branch the forward takes: the identity without yield; with yield, h = mean(eps) 1 + r e_hat gives
+    dh/deps = 11^T / 3 + (r / n)(I - 11^T / 3 - e_hat e_hat^T), dg/ds = diag(g) dh/deps diag(1 / s), and
+    dg/dr = g * e_hat with dr/dtau_Y = 1 / (2 mu), dr/dmu = -r / mu."""
+    U = wp.mat33()
+    s = wp.vec3()
+    V = wp.mat33()
+    wp.svd3(F, U, s, V)
+    eps = clamped_log(s)
+    m = (eps[0] + eps[1] + eps[2]) / 3.0
+    e = eps - wp.vec3(m)
+    n = wp.length(e)
+    r = kappa / (2.0 * mu)
+    if branch == YIELD:
+        n = wp.max(n, NORM_MIN)
+        eh = e / n
+        h = wp.vec3(m) + r * eh
+        g = wp.vec3(wp.exp(h[0]), wp.exp(h[1]), wp.exp(h[2]))
+        ds = inv_clamped(s)
+        third = wp.mat33(1.0 / 3.0, 1.0 / 3.0, 1.0 / 3.0, 1.0 / 3.0, 1.0 / 3.0, 1.0 / 3.0, 1.0 / 3.0, 1.0 / 3.0,
+                         1.0 / 3.0)
+        dh = third + (r / n) * (wp.identity(3, dtype=float) - third - wp.outer(eh, eh))
+        Jg = wp.diag(g) * dh * wp.diag(ds)
+        F_bar, b = spectral_adjoint(U, s, V, g, Jg, adj_ret)
+        wp.adjoint[F] += F_bar
+        dg_dr = wp.dot(b, wp.cw_mul(g, eh))
+        wp.adjoint[kappa] += dg_dr / (2.0 * mu)
+        wp.adjoint[mu] += -dg_dr * r / mu
+    else:
+        wp.adjoint[F] += adj_ret
+
+
+@wp.func
+def drucker_prager_branch(F: wp.mat33, mu: float, lam: float, kappa: float):
+    """TENSION where tr eps >= 0; else YIELD where dgamma = |e| + beta alpha tr eps > 0 (beta = 1 + 3 lam / (2 mu));
+    else ELASTIC."""
+    tr, n = deviatoric_log_strain(F)
+    out = ELASTIC
+    if tr >= 0.0:
+        out = TENSION
+    elif n + (1.0 + 1.5 * lam / mu) * kappa * tr > 0.0:
+        out = YIELD
+    return out
+
+
+@wp.func
+def drucker_prager_F(F: wp.mat33, mu: float, lam: float, kappa: float, branch: int):
+    """Return mapping of Drucker-Prager sand in Hencky strain (Klar et al. 2016, no hardening; kappa = alpha) along
+    ``branch`` (drucker_prager_branch, or a recorded one): TENSION -> U V^T (stress-free); YIELD ->
+    U exp(tr eps / 3 - beta alpha tr eps e / |e|) V^T (onto the cone); ELASTIC -> F."""
+    U = wp.mat33()
+    s = wp.vec3()
+    V = wp.mat33()
+    wp.svd3(F, U, s, V)
+    eps = clamped_log(s)
+    tr = eps[0] + eps[1] + eps[2]
+    e = eps - wp.vec3(tr / 3.0)
+    n = wp.length(e)
+    beta = 1.0 + 1.5 * lam / mu
+    out = F
+    if branch == TENSION:
+        out = U * wp.transpose(V)
+    elif branch == YIELD:
+        h = wp.vec3(tr / 3.0) - (beta * kappa * tr / wp.max(n, NORM_MIN)) * e
+        out = spectral_compose(U, wp.vec3(wp.exp(h[0]), wp.exp(h[1]), wp.exp(h[2])), V)
+    return out
+
+
+@wp.func_grad(drucker_prager_F)
+def adj_drucker_prager_F(F: wp.mat33, mu: float, lam: float, kappa: float, branch: int, adj_ret: wp.mat33):
+    """Along the forward's branch: tension -> the polar rotation's adjoint (g = 1); yield -> with c = -beta alpha tr,
+    h = tr / 3 1 + c e_hat, dh/deps = 11^T / 3 - beta alpha e_hat 1^T + (c / n)(I - 11^T / 3 - e_hat e_hat^T),
+    dg/dc = g * e_hat, dc/dalpha = -beta tr, dc/dlam = -1.5 alpha tr / mu, dc/dmu = 1.5 alpha tr lam / mu^2;
+    elastic -> the identity."""
+    U = wp.mat33()
+    s = wp.vec3()
+    V = wp.mat33()
+    wp.svd3(F, U, s, V)
+    eps = clamped_log(s)
+    tr = eps[0] + eps[1] + eps[2]
+    e = eps - wp.vec3(tr / 3.0)
+    n = wp.length(e)
+    beta = 1.0 + 1.5 * lam / mu
+    if branch == TENSION:
+        F_bar, b = spectral_adjoint(U, s, V, wp.vec3(1.0), wp.mat33(0.0), adj_ret)
+        wp.adjoint[F] += F_bar
+    elif branch == YIELD:
+        n = wp.max(n, NORM_MIN)
+        eh = e / n
+        c = -beta * kappa * tr
+        h = wp.vec3(tr / 3.0) + c * eh
+        g = wp.vec3(wp.exp(h[0]), wp.exp(h[1]), wp.exp(h[2]))
+        ds = inv_clamped(s)
+        third = wp.mat33(1.0 / 3.0, 1.0 / 3.0, 1.0 / 3.0, 1.0 / 3.0, 1.0 / 3.0, 1.0 / 3.0, 1.0 / 3.0, 1.0 / 3.0,
+                         1.0 / 3.0)
+        dh = third - (beta * kappa) * wp.outer(eh, wp.vec3(1.0)) + (c / n) * (
+            wp.identity(3, dtype=float) - third - wp.outer(eh, eh))
+        Jg = wp.diag(g) * dh * wp.diag(ds)
+        F_bar, b = spectral_adjoint(U, s, V, g, Jg, adj_ret)
+        wp.adjoint[F] += F_bar
+        dg_dc = wp.dot(b, wp.cw_mul(g, eh))
+        wp.adjoint[kappa] += -dg_dc * beta * tr
+        wp.adjoint[lam] += -dg_dc * 1.5 * kappa * tr / mu
+        wp.adjoint[mu] += dg_dc * 1.5 * kappa * tr * lam / (mu * mu)
+    else:
+        wp.adjoint[F] += adj_ret
+
+
+@wp.func
+def no_branch(F: wp.mat33, mu: float, lam: float, kappa: float):
+    """Models without a return mapping (elastic) or with a smooth one (fluid): one branch."""
+    return ELASTIC
+
+
+@wp.func
+def fluid_F(F: wp.mat33, mu: float, lam: float, kappa: float, branch: int):
+    """A fluid keeps only its volume ratio: F <- J^(1/3) I (J = det F > 0; NaN otherwise, caught by the solver)."""
+    return wp.identity(3, dtype=float) * wp.pow(wp.determinant(F), 1.0 / 3.0)
+
+
+@wp.func
+def keep_F(F: wp.mat33, mu: float, lam: float, kappa: float, branch: int):
+    """Elastic models: no return mapping."""
+    return F
+
+
+# Kirchhoff stress tau(F, C; mu, lam, kappa) per model (C: the particle's affine velocity, ~ grad v)
+
+
+@wp.func
+def fixed_corotated_stress(F: wp.mat33, C: wp.mat33, mu: float, lam: float, kappa: float):
+    return fixed_corotated_tau(F, mu, lam)
+
+
+@wp.func
+def neo_hookean_stress(F: wp.mat33, C: wp.mat33, mu: float, lam: float, kappa: float):
+    return neo_hookean_tau(F, mu, lam)
+
+
+@wp.func
+def hencky_stress(F: wp.mat33, C: wp.mat33, mu: float, lam: float, kappa: float):
+    """tau = P F^T = U diag(2 mu eps + lam tr eps) U^T (StVK on Hencky strain of the elastic part)."""
+    return hencky_P(F, mu, lam) * wp.transpose(F)
+
+
+@wp.func
+def fluid_stress(F: wp.mat33, C: wp.mat33, mu: float, lam: float, kappa: float):
+    """Weakly compressible Newtonian fluid: tau = J sigma, sigma = -p I + eta (C + C^T), pressure
+    p = -K (J - 1) with bulk modulus K = lam + 2 mu / 3 (of E, nu); eta = kappa [Pa s]."""
+    J = wp.determinant(F)
+    return wp.identity(3, dtype=float) * ((lam + 2.0 / 3.0 * mu) * (J - 1.0) * J) + (kappa * J) * (C + wp.transpose(C))
+
+
+# per model: (Kirchhoff stress, return mapping applied to F+ after G2P, the mapping's branch decision)
+MATERIALS = {
+    Material.FIXED_COROTATED: (fixed_corotated_stress, keep_F, no_branch),
+    Material.NEO_HOOKEAN: (neo_hookean_stress, keep_F, no_branch),
+    Material.VON_MISES: (hencky_stress, von_mises_F, von_mises_branch),
+    Material.DRUCKER_PRAGER: (hencky_stress, drucker_prager_F, drucker_prager_branch),
+    Material.NEWTONIAN_FLUID: (fluid_stress, fluid_F, no_branch),
+}
+PLASTIC_MODELS = (Material.VON_MISES, Material.DRUCKER_PRAGER)  # the models whose G2P records a branch per particle
 
 
 @wp.func
@@ -163,13 +477,13 @@ def _stencil_func(order: str):
 @functools.cache
 def _affine_func(order: str, material: str):
     inertia = BSPLINES[order][3]
-    stress = MATERIALS[material]
+    stress = MATERIALS[material][0]
 
     @wp.func
-    def particle_affine(F: wp.mat33, C: wp.mat33, mu: float, lam: float, m: float, volume: float, dt: float,
-                        inv_dx: float, bulk_viscosity: float):
+    def particle_affine(F: wp.mat33, C: wp.mat33, mu: float, lam: float, kappa: float, m: float, volume: float,
+                        dt: float, inv_dx: float, bulk_viscosity: float):
         """MLS/APIC affine momentum m C - dt V D^-1 tau(F) (+ bulk viscosity zeta tr(C) I in tau)."""
-        tau = stress(F, mu, lam)
+        tau = stress(F, C, mu, lam, kappa)
         if bulk_viscosity > 0.0:
             tau = tau + wp.identity(3, dtype=float) * (bulk_viscosity * wp.trace(C))
         return m * C - (dt * volume * wp.static(inertia) * inv_dx * inv_dx) * tau
@@ -223,6 +537,7 @@ def _p2g_kernel(order: str, material: str):
         particle_mass: wp.array(dtype=float),
         mu: wp.array(dtype=float),
         lam: wp.array(dtype=float),
+        kappa: wp.array(dtype=float),
         bulk_viscosity: float,
         # controls
         Fc: wp.array2d(dtype=wp.mat33),
@@ -242,7 +557,7 @@ def _p2g_kernel(order: str, material: str):
         bx, by, bz, wx, wy, wz = stencil(x, grid_lower, inv_dx, grid_mass_out.shape[0], grid_mass_out.shape[1],
                                          grid_mass_out.shape[2])
         m = particle_mass[p]
-        affine = particle_affine(controlled_F(F_in[p], Fc, control, p), C_in[p], mu[p], lam[p], m,
+        affine = particle_affine(controlled_F(F_in[p], Fc, control, p), C_in[p], mu[p], lam[p], kappa[p], m,
                                  particle_volume[p], dt, inv_dx, bulk_viscosity)
         mv = m * v_in[p]
         for i in range(wp.static(width)):
@@ -302,6 +617,7 @@ def _p2g_tiled_kernel(order: str, material: str, block_dim: int):
         particle_mass: wp.array(dtype=float),
         mu: wp.array(dtype=float),
         lam: wp.array(dtype=float),
+        kappa: wp.array(dtype=float),
         bulk_viscosity: float,
         # controls
         Fc: wp.array2d(dtype=wp.mat33),
@@ -327,7 +643,7 @@ def _p2g_tiled_kernel(order: str, material: str, block_dim: int):
         bx, by, bz, wx, wy, wz = stencil(x, grid_lower, inv_dx, grid_mass_out.shape[0], grid_mass_out.shape[1],
                                          grid_mass_out.shape[2])
         m = particle_mass[p]
-        affine = particle_affine(controlled_F(F_in[p], Fc, control, p), C_in[p], mu[p], lam[p], m,
+        affine = particle_affine(controlled_F(F_in[p], Fc, control, p), C_in[p], mu[p], lam[p], kappa[p], m,
                                  particle_volume[p], dt, inv_dx, bulk_viscosity)
         mv = m * v_in[p]
         # the block's box of stencil nodes
@@ -514,9 +830,10 @@ def grid_update(
 # grid -> particle
 
 
-def _g2p_kernel(order: str):
+def _g2p_kernel(order: str, material: str):
     width, inertia = BSPLINES[order][0], BSPLINES[order][3]
     stencil = _stencil_func(order)
+    return_mapping, branch_of = MATERIALS[material][1], MATERIALS[material][2]
 
     @wp.kernel(module="unique")
     def g2p(
@@ -528,6 +845,9 @@ def _g2p_kernel(order: str):
         interior_upper: wp.vec3,
         f_blend: float,
         min_J: float,
+        mu: wp.array(dtype=float),
+        lam: wp.array(dtype=float),
+        kappa: wp.array(dtype=float),
         # controls
         Fc: wp.array2d(dtype=wp.mat33),
         control: int,
@@ -535,6 +855,9 @@ def _g2p_kernel(order: str):
         x_in: wp.array(dtype=wp.vec3),
         F_in: wp.array(dtype=wp.mat33),
         grid_velocity_in: wp.array3d(dtype=wp.vec3),
+        # return-mapping decisions (DecisionMode, as grid_update's; plastic models only)
+        decision_mode: int,
+        decisions: wp.array(dtype=wp.uint8),
         # state out
         x_out: wp.array(dtype=wp.vec3),
         v_out: wp.array(dtype=wp.vec3),
@@ -559,7 +882,15 @@ def _g2p_kernel(order: str):
                     v += w * vi
                     B += w * wp.outer(vi, node - x)
         C = (wp.static(inertia) * inv_dx * inv_dx) * B
-        F = (wp.identity(3, dtype=float) + dt * C) * controlled_F(F_in[p], Fc, control, p)
+        F_trial = (wp.identity(3, dtype=float) + dt * C) * controlled_F(F_in[p], Fc, control, p)
+        branch = int(0)
+        if decision_mode == REPLAY:
+            branch = int(decisions[p])
+        else:
+            branch = branch_of(F_trial, mu[p], lam[p], kappa[p])
+        if decision_mode == RECORD:
+            decisions[p] = wp.uint8(branch)
+        F = return_mapping(F_trial, mu[p], lam[p], kappa[p], branch)
         if f_blend < 1.0:  # seed extra: F <- a F + (1 - a) I
             F = f_blend * F + (1.0 - f_blend) * wp.identity(3, dtype=float)
         if min_J > 0.0:  # seed extra: det F >= min_J by uniform scaling
@@ -595,4 +926,4 @@ def p2g_tiled(order: str, material: str, block_dim: int = P2G_BLOCK):
 
 p2g_mass = {order: _p2g_mass_kernel(order) for order in BSPLINES}
 p2g = {(order, material): _p2g_kernel(order, material) for order in BSPLINES for material in MATERIALS}
-g2p = {order: _g2p_kernel(order) for order in BSPLINES}
+g2p = {(order, material): _g2p_kernel(order, material) for order in BSPLINES for material in MATERIALS}

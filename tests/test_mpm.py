@@ -419,7 +419,7 @@ def test_frozen_decisions_are_taken_when_the_forward_starts():
         simulate(sim, x0=state["x"].float(), v0=state["v"].float(), F0=state["F"].float(), C0=state["C"].float(),
                  E=torch.tensor(1.0e4), nu=torch.tensor(0.3), steps=12)
     assert sorted(sim._decisions) == list(range(12))
-    codes = [sim._decisions[t].numpy() for t in range(12)]
+    codes = [sim._decisions[t].grid.numpy() for t in range(12)]
     assert any((c & 2).any() for c in codes) and any((c & 56).any() for c in codes)  # floor contact, a wall stop
     sim.replay_decisions()
     state = {**state, "v": state["v"] + 0.05}  # perturbed: the frozen decisions are not this rollout's own

@@ -40,10 +40,52 @@ def polar_rotation_ref(F: torch.Tensor) -> torch.Tensor:
     return U @ D @ Vh
 
 
-def kirchhoff_ref(F: torch.Tensor, mu: torch.Tensor, lam: torch.Tensor, model: str) -> torch.Tensor:
-    """tau = P(F) F^T for fixed-corotated or neo-Hookean, [N, 3, 3]."""
+SIGMA_MIN = 1.0e-4  # kernels/mpm.py: singular values are clamped here before the log
+
+
+def hencky_strain_ref(F: torch.Tensor):
+    """(U, eps = log s, Vh) of F = U diag(s) Vh (torch's SVD; its gradient needs distinct singular values, which
+    the twin's random states have; det F > 0, so U diag(g) Vh is unique)."""
+    U, S, Vh = torch.linalg.svd(F)
+    return U, torch.log(S.clamp_min(SIGMA_MIN)), Vh
+
+
+def spd_log_ref(b: torch.Tensor, *, roots: int = 5, iterations: int = 12, terms: int = 14) -> torch.Tensor:
+    """Matrix log of symmetric positive definite b [N, 3, 3] by inverse scaling and squaring: ``roots`` square roots
+    (Denman-Beavers iterations) bring b near I, then the series of log(I + X). Only matmuls and inverses: its
+    autograd is defined at repeated eigenvalues (a rotated F, F = I), where an eigen- or SVD-based gradient is not."""
+    eye = torch.eye(3, dtype=b.dtype).expand_as(b)
+    a = b
+    for _ in range(roots):
+        y, z = a, eye
+        for _ in range(iterations):
+            y, z = 0.5 * (y + torch.linalg.inv(z)), 0.5 * (z + torch.linalg.inv(y))
+        a = y
+    x = a - eye
+    out, power = torch.zeros_like(b), eye
+    for k in range(1, terms + 1):
+        power = power @ x
+        out = out + ((-1) ** (k + 1) / k) * power
+    return out * 2**roots
+
+
+def spectral_ref(U: torch.Tensor, g: torch.Tensor, Vh: torch.Tensor) -> torch.Tensor:
+    return U @ torch.diag_embed(g) @ Vh
+
+
+def kirchhoff_ref(F: torch.Tensor, mu: torch.Tensor, lam: torch.Tensor, model: str, *, C: torch.Tensor | None = None,
+                  kappa: torch.Tensor | None = None) -> torch.Tensor:
+    """tau = P(F) F^T, [N, 3, 3]: fixed-corotated, neo-Hookean, StVK on Hencky strain (von_mises, drucker_prager:
+    U diag(2 mu eps + lam tr eps) U^T) or the Newtonian fluid (K (J - 1) J I + eta J (C + C^T), K = lam + 2 mu / 3,
+    eta = kappa; needs C)."""
     eye = torch.eye(3, dtype=F.dtype, device=F.device).expand_as(F)
     J = torch.linalg.det(F)
+    if model in ("von_mises", "drucker_prager"):  # 2 mu log V + lam tr(log V) I with log V = log(F F^T) / 2
+        log_v = 0.5 * spd_log_ref(F @ F.transpose(1, 2))
+        return 2 * mu[:, None, None] * log_v + (lam * torch.einsum("pii->p", log_v))[:, None, None] * eye
+    if model == "newtonian_fluid":
+        return (((lam + 2.0 / 3.0 * mu) * (J - 1) * J)[:, None, None] * eye
+                + (kappa * J)[:, None, None] * (C + C.transpose(1, 2)))
     if model == "fixed_corotated":
         R = polar_rotation_ref(F)
         return 2 * mu[:, None, None] * (F - R) @ F.transpose(1, 2) + (lam * (J - 1) * J)[:, None, None] * eye
@@ -61,6 +103,37 @@ def energy_density_ref(F: torch.Tensor, mu: torch.Tensor, lam: torch.Tensor, mod
     if model == "neo_hookean":
         logJ = torch.log(J)
         return 0.5 * mu * ((F**2).sum(dim=(1, 2)) - 3) - mu * logJ + 0.5 * lam * logJ**2
+    if model in ("von_mises", "drucker_prager"):
+        eps = torch.log(torch.linalg.svdvals(F).clamp_min(SIGMA_MIN))
+        return mu * (eps**2).sum(-1) + 0.5 * lam * eps.sum(-1) ** 2
+    if model == "newtonian_fluid":  # the pressure's potential: tau = K (J - 1) J I = J dpsi/dJ I
+        return 0.5 * (lam + 2.0 / 3.0 * mu) * (J - 1) ** 2
+    raise ValueError(model)
+
+
+def return_mapping_ref(F: torch.Tensor, mu: torch.Tensor, lam: torch.Tensor, kappa: torch.Tensor,
+                       model: str) -> torch.Tensor:
+    """The projection kernels/mpm.py applies to F+ after G2P (elastic models: none). von_mises (kappa = yield
+    stress), drucker_prager (kappa = alpha), newtonian_fluid (F <- J^(1/3) I); branches by torch.where."""
+    if model in ("fixed_corotated", "neo_hookean"):
+        return F
+    if model == "newtonian_fluid":
+        J = torch.linalg.det(F)
+        return J.pow(1.0 / 3.0)[:, None, None] * torch.eye(3, dtype=F.dtype).expand_as(F)
+    U, eps, Vh = hencky_strain_ref(F)
+    tr = eps.sum(-1)
+    e = eps - (tr / 3)[:, None]
+    n = e.norm(dim=-1)
+    safe_n = torch.where(n > 0, n, torch.ones_like(n))[:, None]
+    if model == "von_mises":
+        r = kappa / (2 * mu)
+        h = (tr / 3)[:, None] + r[:, None] * e / safe_n
+        return torch.where((n > r)[:, None, None], spectral_ref(U, torch.exp(h), Vh), F)
+    if model == "drucker_prager":
+        beta = 1 + 1.5 * lam / mu
+        h = (tr / 3)[:, None] - (beta * kappa * tr)[:, None] * e / safe_n
+        yielded = torch.where((n + beta * kappa * tr > 0)[:, None, None], spectral_ref(U, torch.exp(h), Vh), F)
+        return torch.where((tr >= 0)[:, None, None], U @ Vh, yielded)
     raise ValueError(model)
 
 
@@ -80,8 +153,9 @@ def _apply_wall(v: torch.Tensor, axis: int, kind: WallKind, outward: float, wher
 
 
 def step_ref(state: dict, *, model, mass: torch.Tensor, volume: torch.Tensor, mu: torch.Tensor, lam: torch.Tensor,
-             Fc_t: torch.Tensor | None, node_mass_eps: float) -> dict:
-    """One step of ``kernels/mpm.py`` in float64 torch, every particle against every node. ``state``: x, v, F, C."""
+             Fc_t: torch.Tensor | None, node_mass_eps: float, kappa: torch.Tensor | None = None) -> dict:
+    """One step of ``kernels/mpm.py`` in float64 torch, every particle against every node. ``state``: x, v, F, C;
+    kappa [N]: the model's third material parameter (sim/op.py material_kappa; None: zeros)."""
     g = model.grid
     dt = model.dt
     x, v, F, C = (state[k] for k in ("x", "v", "F", "C"))
@@ -99,7 +173,8 @@ def step_ref(state: dict, *, model, mass: torch.Tensor, volume: torch.Tensor, mu
     inv_d = INERTIA[model.bspline] / g.dx**2
     # stress and P2G
     Ft = Fc_t @ F if Fc_t is not None else F
-    tau = kirchhoff_ref(Ft, mu, lam, model.material)
+    kappa = torch.zeros_like(mu) if kappa is None else kappa
+    tau = kirchhoff_ref(Ft, mu, lam, model.material, C=C, kappa=kappa)
     if model.bulk_viscosity > 0:
         tau = tau + model.bulk_viscosity * torch.einsum("pii->p", C)[:, None, None] * eye
     affine = mass[:, None, None] * C - (dt * volume * inv_d)[:, None, None] * tau
@@ -128,7 +203,7 @@ def step_ref(state: dict, *, model, mass: torch.Tensor, volume: torch.Tensor, mu
     # G2P
     v_new = (w[:, :, None] * vg[None]).sum(1)
     C_new = inv_d * torch.einsum("pg,pgi,pgj->pij", w, vg.expand(len(x), -1, -1), dpos)
-    F_new = (eye + dt * C_new) @ Ft
+    F_new = return_mapping_ref((eye + dt * C_new) @ Ft, mu, lam, kappa, model.material)
     if model.f_blend < 1.0:
         F_new = model.f_blend * F_new + (1 - model.f_blend) * eye
     if model.min_J > 0:
@@ -142,7 +217,7 @@ def step_ref(state: dict, *, model, mass: torch.Tensor, volume: torch.Tensor, mu
 
 
 def rollout_ref(state: dict, *, model, steps: int, mass, volume, mu, lam, Fc=None, node_mass_eps: float,
-                frames=()) -> list[dict]:
+                frames=(), kappa=None) -> list[dict]:
     """Run ``steps`` steps of ``step_ref``; states at sorted({*frames, steps})."""
     out = []
     wanted = sorted({*frames, steps})
@@ -151,7 +226,7 @@ def rollout_ref(state: dict, *, model, steps: int, mass, volume, mu, lam, Fc=Non
     for t in range(steps):
         k = model.control_index(t) if Fc is not None else -1
         state = step_ref(state, model=model, mass=mass, volume=volume, mu=mu, lam=lam,
-                         Fc_t=Fc[k] if k >= 0 else None, node_mass_eps=node_mass_eps)
+                         Fc_t=Fc[k] if k >= 0 else None, node_mass_eps=node_mass_eps, kappa=kappa)
         if t + 1 in wanted:
             out.append(state)
     return out

@@ -35,24 +35,27 @@ class Particles:
 
 
 @functools.cache
-def _no_decisions(device: str):
-    """The decision array passed when nothing is recorded or replayed (one per device)."""
+def _no_decisions(device: str, ndim: int = 3):
+    """The decision array passed when nothing is recorded or replayed (one per device and dimension)."""
     wp = warp()
     from ..kernels import mpm
 
-    return wp.zeros((1, 1, 1), dtype=mpm.DECISION_DTYPE, device=device)
+    return wp.zeros((1,) * ndim, dtype=mpm.DECISION_DTYPE, device=device)
 
 
-def p2g(model: MPMModel, particles: Particles, state_in: MPMState, grid: MPMGrid, *, mu, lam, Fc, control: int) -> None:
+def p2g(model: MPMModel, particles: Particles, state_in: MPMState, grid: MPMGrid, *, mu, lam, kappa, Fc,
+        control: int) -> None:
     """Scatter mass and APIC/MLS momentum (with the stress of F~ = Fc[control] F) into ``grid`` (which must be 0).
 
-    mu, lam: [N] float arrays (Pa); Fc: [K, N] mat33 controls; control: the layer applied this step, or -1."""
+    mu, lam: [N] float arrays (Pa); kappa: [N] float array, the model's third material parameter (yield stress [Pa],
+    Drucker-Prager alpha or viscosity [Pa s]; unused by elastic models); Fc: [K, N] mat33 controls; control: the
+    layer applied this step, or -1."""
     wp = warp()
     from ..kernels import mpm
 
     g, k = model.grid, model.kernel_constants
     wp.launch(mpm.p2g[(model.bspline, model.material)], dim=particles.count, device=particles.device, inputs=[
-        k.lower, g.dx, model.dt, particles.volume, particles.mass, mu, lam, model.bulk_viscosity,
+        k.lower, g.dx, model.dt, particles.volume, particles.mass, mu, lam, kappa, model.bulk_viscosity,
         Fc, control,
         state_in.x, state_in.v, state_in.F, state_in.C,
     ], outputs=[grid.mass, grid.momentum])
@@ -78,17 +81,23 @@ def grid_update(model: MPMModel, grid: MPMGrid, *, node_mass_eps: float, device:
     ], outputs=[grid.velocity])
 
 
-def g2p(model: MPMModel, state_in: MPMState, grid: MPMGrid, state_out: MPMState, *, Fc, control: int, clamped,
-        J_min, device: str) -> None:
-    """Gather v and C from the grid, update F and x into ``state_out``; count wall clamps into ``clamped`` [1] and
-    lower each particle's lowest det F in ``J_min`` [N] (validity records, not differentiated)."""
+def g2p(model: MPMModel, state_in: MPMState, grid: MPMGrid, state_out: MPMState, *, mu, lam, kappa, Fc,
+        control: int, clamped, J_min, device: str, mode: DecisionMode = DecisionMode.DECIDE,
+        decisions=None) -> None:
+    """Gather v and C from the grid, update F (then the material's return mapping, which reads mu, lam, kappa as
+    ``p2g`` does) and x into ``state_out``; count wall clamps into ``clamped`` [1] and lower each particle's lowest
+    det F in ``J_min`` [N] (validity records, not differentiated). ``mode`` RECORD writes each particle's
+    return-mapping branch into ``decisions`` (uint8 [N]), REPLAY takes it from there (plastic models)."""
     wp = warp()
     from ..kernels import mpm
 
+    if mode != DecisionMode.DECIDE and decisions is None:
+        raise ValueError(f"decision mode {mode.name} needs a decision array")
     g, k = model.grid, model.kernel_constants
-    wp.launch(mpm.g2p[model.bspline], dim=state_in.x.shape[0], device=device, inputs=[
+    wp.launch(mpm.g2p[(model.bspline, model.material)], dim=state_in.x.shape[0], device=device, inputs=[
         k.lower, g.dx, model.dt, k.interior_lower, k.interior_upper, model.f_blend,
-        model.min_J,
+        model.min_J, mu, lam, kappa,
         Fc, control,
         state_in.x, state_in.F, grid.velocity,
+        int(mode), decisions if decisions is not None else _no_decisions(device, 1),
     ], outputs=[state_out.x, state_out.v, state_out.F, state_out.C, clamped, J_min])

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..enums import Material
+from ..errors import SimulationError
 from ..warp_runtime import torch_stream, warp, warp_device
 from .grid import GridSpec, check_cfl_number, lame_parameters
 from .solver import DECISION_BUDGET_BYTES, Rollout, RolloutStats, Simulator
@@ -13,9 +15,9 @@ from .solver import DECISION_BUDGET_BYTES, Rollout, RolloutStats, Simulator
 
 class _RolloutFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, rollout: Rollout, x0, v0, F0, C0, Fc, mu, lam):
+    def forward(ctx, rollout: Rollout, x0, v0, F0, C0, Fc, mu, lam, kappa):
         with torch_stream(x0.device):
-            outputs = rollout.forward(x0, v0, F0, C0, Fc, mu, lam)
+            outputs = rollout.forward(x0, v0, F0, C0, Fc, mu, lam, kappa)
         ctx.rollout = rollout
         return tuple(outputs)
 
@@ -43,13 +45,42 @@ class RolloutResult:
         return {"x": self.x[row], "v": self.v[row], "F": self.F[row], "C": self.C[row]}
 
 
+def drucker_prager_alpha(friction_angle: torch.Tensor) -> torch.Tensor:
+    """alpha = sqrt(2/3) 2 sin(phi) / (3 - sin(phi)) of the friction angle phi [degrees] (Klar et al. 2016)."""
+    s = torch.sin(torch.deg2rad(friction_angle))
+    return (2.0 / 3.0) ** 0.5 * 2.0 * s / (3.0 - s)
+
+
+def material_kappa(material: Material, *, count: int, device, yield_stress: torch.Tensor | None = None,
+                   friction_angle: torch.Tensor | None = None, viscosity: torch.Tensor | None = None) -> torch.Tensor:
+    """The kernels' third material parameter [N] (differentiable): the yield stress [Pa] (von_mises), alpha of the
+    friction angle [degrees] (drucker_prager), the dynamic viscosity [Pa s] (newtonian_fluid), zeros otherwise. The
+    model's own parameter is required; another model's is refused (it would silently do nothing)."""
+    given = {"yield_stress": yield_stress, "friction_angle": friction_angle, "viscosity": viscosity}
+    needed = Material(material).extra_parameter
+    stray = [name for name, value in given.items() if value is not None and name != needed]
+    if stray:
+        raise SimulationError(f"material model {Material(material).value} has no parameter {stray[0]}")
+    if needed is None:
+        return torch.zeros(count, device=device)
+    value = given[needed]
+    if value is None:
+        raise SimulationError(f"material model {Material(material).value} needs {needed}")
+    if needed == "friction_angle":
+        value = drucker_prager_alpha(value)
+    return value.expand(count)
+
+
 def simulate(sim: Simulator, *, x0: torch.Tensor, v0: torch.Tensor, E: torch.Tensor, nu: torch.Tensor,
              steps: int, Fc: torch.Tensor | None = None, F0: torch.Tensor | None = None,
              C0: torch.Tensor | None = None, frames=(), segment_length: int | None = None,
-             decision_budget: int = DECISION_BUDGET_BYTES) -> RolloutResult:
+             decision_budget: int = DECISION_BUDGET_BYTES, yield_stress: torch.Tensor | None = None,
+             friction_angle: torch.Tensor | None = None, viscosity: torch.Tensor | None = None) -> RolloutResult:
     """Differentiable rollout of ``steps`` steps.
 
-    x0 [N, 3] m; v0 [3] or [N, 3] m/s; E [] or [N] Pa; nu [] or [N]; Fc [K, N, 3, 3] multiplicative controls
+    x0 [N, 3] m; v0 [3] or [N, 3] m/s; E [] or [N] Pa; nu [] or [N]; the model's own third parameter, [] or [N]:
+    yield_stress [Pa] (von_mises), friction_angle [degrees] (drucker_prager) or viscosity [Pa s]
+    (newtonian_fluid); Fc [K, N, 3, 3] multiplicative controls
     (F~ = Fc[k] F at step k stride) with K = ceil(steps / stride) (None: no controls); F0, C0 [N, 3, 3] (default I
     and 0). Gradients reach every tensor input that requires them, through one backward sweep over checkpointed
     segments that takes the forward's grid-update branches (recorded up to ``decision_budget`` bytes, see Rollout).
@@ -61,17 +92,29 @@ def simulate(sim: Simulator, *, x0: torch.Tensor, v0: torch.Tensor, E: torch.Ten
     C0 = C0 if C0 is not None else torch.zeros(n, 3, 3, device=device)
     mu, lam = lame_parameters(E, nu)
     mu, lam = mu.expand(n), lam.expand(n)
-    _check_stability(sim, mu, lam)
+    kappa = material_kappa(sim.model.material, count=n, device=device, yield_stress=yield_stress,
+                           friction_angle=friction_angle, viscosity=viscosity)
+    _check_stability(sim, mu, lam, kappa)
     rollout = Rollout(sim, steps=steps, frames=frames, segment_length=segment_length, decision_budget=decision_budget)
-    x, v, F, C = _RolloutFunction.apply(rollout, x0, v0, F0, C0, Fc, mu, lam)
+    x, v, F, C = _RolloutFunction.apply(rollout, x0, v0, F0, C0, Fc, mu, lam, kappa)
     return RolloutResult(x=x, v=v, F=F, C=C, frames=rollout.frames, stats=rollout.stats)
 
 
-def _check_stability(sim: Simulator, mu: torch.Tensor, lam: torch.Tensor) -> None:
-    """Refuse a rollout whose CFL number dt sqrt((lambda + 2 mu) / rho) / dx exceeds the model's limit."""
+def _check_stability(sim: Simulator, mu: torch.Tensor, lam: torch.Tensor, kappa: torch.Tensor) -> None:
+    """Refuse a rollout whose CFL number dt sqrt((lambda + 2 mu) / rho) / dx exceeds the model's limit; for a fluid
+    also one whose viscous number dt eta / (rho dx^2) (explicit viscosity, a diffusion of momentum) does."""
     speed = float(torch.sqrt(torch.clamp((lam + 2 * mu).detach() / sim.density, min=0.0)).max())
     check_cfl_number(dt=sim.model.dt, dx=sim.model.grid.dx, speed=speed, limit=sim.model.cfl_limit,
                      detail=f"largest wave speed {speed:.4g} m/s")
+    if sim.model.material == Material.NEWTONIAN_FLUID and sim.particle_count:
+        number = float((kappa.detach() / sim.density).max()) * sim.model.dt / sim.model.grid.dx**2
+        if number > VISCOUS_LIMIT:
+            raise SimulationError(f"unstable time step: viscous number dt eta / (rho dx^2) = {number:.3g} exceeds "
+                                  f"{VISCOUS_LIMIT}; lower sim.dt below {sim.model.dt * VISCOUS_LIMIT / number:.3g} s "
+                                  "or the viscosity")
+
+
+VISCOUS_LIMIT = 0.1  # explicit viscosity: dt eta / (rho dx^2) above this blew up in tests/test_materials.py
 
 
 class _GridMassFunction(torch.autograd.Function):

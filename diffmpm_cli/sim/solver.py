@@ -37,6 +37,26 @@ def segment_bounds(steps: int, frames, segment_length: int | None) -> list[tuple
     return bounds
 
 
+@dataclass(frozen=True)
+class StepDecisions:
+    """One step's branch decisions: grid uint8 [nx, ny, nz] (grid update) and particles uint8 [N] (return mapping
+    of a plastic model; None otherwise)."""
+
+    grid: object
+    particles: object | None
+
+
+@dataclass(frozen=True)
+class DecisionBlock:
+    """Decisions of several steps; ``block[row]`` is one step's ``StepDecisions``."""
+
+    grid: object
+    particles: object | None
+
+    def __getitem__(self, row: int) -> StepDecisions:
+        return StepDecisions(self.grid[row], self.particles[row] if self.particles is not None else None)
+
+
 class Simulator:
     """One model and one set of particles (mass [N] kg, rest volume [N] m^3): what every step of a rollout needs.
 
@@ -44,7 +64,8 @@ class Simulator:
     forward steps through the shared-memory speed path of ``sim/tiled.py``, re-sorting particles by cell every
     ``sort_every`` steps; used by ``diffmpm bench``).
 
-    Grid-update decisions: every differentiable rollout records them in its forward and replays them in its backward
+    Branch decisions (the grid update's; for a plastic model also each particle's return-mapping branch: elastic,
+    yield, tension): every differentiable rollout records them in its forward and replays them in its backward
     (``Rollout``). ``freeze_decisions()`` additionally keeps the next rollout's decisions and replays them in every
     later rollout until ``forget_decisions()``: the gradient checker's view of a rollout with contact as the smooth
     piece it lies on.
@@ -98,33 +119,56 @@ class Simulator:
     def new_grid(self, requires_grad: bool = False) -> MPMGrid:
         return MPMGrid.zeros(self.model.grid.shape, device=self.device, requires_grad=requires_grad)
 
-    def new_decisions(self, steps: int):
-        """Room for ``steps`` steps of grid-update decisions: uint8 [steps, nx, ny, nz] (row t: a step's)."""
+    @property
+    def plastic(self) -> bool:
+        """Whether the model's G2P takes a return-mapping branch per particle (recorded beside the grid's)."""
         from ..kernels import mpm
 
-        return warp().zeros((steps, *self.model.grid.shape), dtype=mpm.DECISION_DTYPE, device=self.device)
+        return self.model.material in mpm.PLASTIC_MODELS
 
-    def step(self, state_in: MPMState, state_out: MPMState, grid: MPMGrid, *, mu, lam, Fc, control: int,
+    @property
+    def decision_bytes_per_step(self) -> int:
+        """One byte per grid node, and one per particle for a plastic model."""
+        return self.model.grid.node_count + (self.particle_count if self.plastic else 0)
+
+    def new_decisions(self, steps: int) -> DecisionBlock:
+        """Room for ``steps`` steps of decisions: grid uint8 [steps, nx, ny, nz] and, for a plastic model, particles
+        uint8 [steps, N] (row t: a step's)."""
+        from ..kernels import mpm
+
+        wp = warp()
+        grid = wp.zeros((steps, *self.model.grid.shape), dtype=mpm.DECISION_DTYPE, device=self.device)
+        particles = (wp.zeros((steps, max(self.particle_count, 1)), dtype=mpm.DECISION_DTYPE, device=self.device)
+                     if self.plastic else None)
+        return DecisionBlock(grid, particles)
+
+    def step(self, state_in: MPMState, state_out: MPMState, grid: MPMGrid, *, mu, lam, kappa, Fc, control: int,
              clamped=None, J_min=None, taped: bool = True, decision_mode: DecisionMode = DecisionMode.DECIDE,
              decisions=None) -> None:
         """One MLS-MPM step from ``state_in`` into ``state_out`` through ``grid`` (which must be zero).
 
+        mu, lam, kappa: [N] float arrays, the material (``launch.p2g``).
+
         ``taped=False`` (no tape recording) allows the tiled P2G. ``clamped`` / ``J_min``: where the step counts
         wall clamps and lowers each particle's lowest det F (default: the simulator's own records).
-        ``decision_mode`` / ``decisions``: the grid update's branch decisions, recorded into or replayed from a
-        uint8 array of the grid's shape.
+        ``decision_mode`` / ``decisions``: the branch decisions of the grid update and (plastic models) of the
+        return mapping, recorded into or replayed from one row of a ``DecisionBlock`` (``StepDecisions``).
         """
         if self.tiled is not None and not taped:
             if self.tiled.sort_due():
                 self.tiled.sort(state_in)
-            self.tiled.p2g(state_in, grid, mu=mu, lam=lam, Fc=Fc, control=control)
+            self.tiled.p2g(state_in, grid, mu=mu, lam=lam, kappa=kappa, Fc=Fc, control=control)
         else:
-            launch.p2g(self.model, self.particles, state_in, grid, mu=mu, lam=lam, Fc=Fc, control=control)
+            launch.p2g(self.model, self.particles, state_in, grid, mu=mu, lam=lam, kappa=kappa, Fc=Fc,
+                       control=control)
         launch.grid_update(self.model, grid, node_mass_eps=self.node_mass_eps, device=self.device,
-                           mode=decision_mode, decisions=decisions)
-        launch.g2p(self.model, state_in, grid, state_out, Fc=Fc, control=control, device=self.device,
+                           mode=decision_mode, decisions=decisions.grid if decisions is not None else None)
+        particle_mode = decision_mode if self.plastic else DecisionMode.DECIDE
+        launch.g2p(self.model, state_in, grid, state_out, mu=mu, lam=lam, kappa=kappa, Fc=Fc, control=control,
+                   device=self.device,
                    clamped=clamped if clamped is not None else self.clamped,
-                   J_min=J_min if J_min is not None else self.J_min)
+                   J_min=J_min if J_min is not None else self.J_min, mode=particle_mode,
+                   decisions=decisions.particles if decisions is not None and self.plastic else None)
 
 
 @dataclass
@@ -138,7 +182,7 @@ class RolloutStats:
     bytes_per_step: int = 0  # taped bytes per step in the backward (states, grids and their adjoints)
     peak_taped_bytes: int = 0  # largest segment held on a tape at once
     checkpoint_bytes: int = 0
-    decision_bytes: int = 0  # grid-update decisions recorded in the forward (1 byte per node and step)
+    decision_bytes: int = 0  # decisions recorded in the forward (1 byte per node, plastic: + 1 per particle, a step)
     recomputed_steps: int = 0  # steps whose decisions the backward re-recorded (beyond the decision budget)
     frames: list[int] = field(default_factory=list)
 
@@ -164,7 +208,8 @@ class Rollout:
     """A differentiable rollout of ``steps`` steps returning the states at ``frames`` (the last is ``steps``).
 
     Forward and backward take the same branches: the forward records each step's grid-update decisions (contact,
-    friction, separating walls, empty nodes; one byte per node) and the backward's taped replay replays them. The
+    friction, separating walls, empty nodes; one byte per node) and, for a plastic model, each particle's
+    return-mapping branch (one byte per particle), and the backward's taped replay replays them. The
     record is bounded by ``decision_budget`` bytes: steps beyond it are not kept, and the backward re-records each
     such segment with an untaped replay from its checkpoint before taping it (one more forward pass over those
     steps; on the CPU bit-identical to the first, on CUDA equal up to the order of float atomics). The decisions
@@ -186,8 +231,10 @@ class Rollout:
         self._decisions: dict[int, object] = {}  # step -> uint8 decisions the backward replays
 
     # -- forward ------------------------------------------------------------------------------------------------
-    def forward(self, x0, v0, F0, C0, Fc, mu, lam) -> list[torch.Tensor]:
-        """States at the frames, stacked: x [R, N, 3], v [R, N, 3], F [R, N, 3, 3], C [R, N, 3, 3]."""
+    def forward(self, x0, v0, F0, C0, Fc, mu, lam, kappa) -> list[torch.Tensor]:
+        """States at the frames, stacked: x [R, N, 3], v [R, N, 3], F [R, N, 3, 3], C [R, N, 3, 3].
+
+        mu, lam, kappa: [N] (Pa, Pa, the model's third parameter: see ``launch.p2g``)."""
         wp = warp()
         sim = self.sim
         controlled = Fc is not None
@@ -196,7 +243,8 @@ class Rollout:
             raise SimulationError(f"Fc must have shape [{K}, {sim.particle_count}, 3, 3], got {list(Fc.shape)}")
         fc = Fc if controlled else torch.eye(3, device=sim.torch_device).expand(1, sim.particle_count, 3, 3)
         self._params = dict(Fc=_to_warp(fc, "mat33", controlled), mu=_to_warp(mu, "float32", True),
-                            lam=_to_warp(lam, "float32", True), controlled=controlled)
+                            lam=_to_warp(lam, "float32", True), kappa=_to_warp(kappa, "float32", True),
+                            controlled=controlled)
         current, spare = sim.new_state(), sim.new_state()
         _state_from_torch(current, (x0, v0, F0, C0))
         grid = sim.new_grid()
@@ -210,8 +258,8 @@ class Rollout:
             self._checkpoints.append(_state_to_torch(current))
             for t in range(start, end):
                 grid.zero_()
-                sim.step(current, spare, grid, mu=self._params["mu"], lam=self._params["lam"],
-                         Fc=self._params["Fc"], control=self._control(t), taped=False, **self._decision_args(t))
+                sim.step(current, spare, grid, **self._material(), Fc=self._params["Fc"], control=self._control(t),
+                         taped=False, **self._decision_args(t))
                 current, spare = spare, current
             tensors = _state_to_torch(current)
             bad = [name for name, t in zip(MPMState.FIELDS, tensors, strict=True) if not torch.isfinite(t).all()]
@@ -231,7 +279,7 @@ class Rollout:
         """step -> (mode, array) for the forward: replay frozen decisions, record (into rows of one block) the steps
         the budget holds, decide the rest (the backward re-records those)."""
         mode, kept = frozen
-        nodes = self.sim.model.grid.node_count
+        nodes = self.sim.decision_bytes_per_step
         plan, fresh = {}, []
         for t in range(self.steps):
             if mode is not None and t in kept:
@@ -250,6 +298,9 @@ class Rollout:
     def _decision_args(self, step: int) -> dict:
         mode, array = self._decisions.get(step, (DecisionMode.DECIDE, None))
         return dict(decision_mode=mode, decisions=array)
+
+    def _material(self) -> dict:
+        return {name: self._params[name] for name in ("mu", "lam", "kappa")}
 
     def _control(self, step: int) -> int:
         return self.sim.model.control_index(step) if self._params["controlled"] else -1
@@ -280,14 +331,14 @@ class Rollout:
             grid.zero_()
             args = (dict(decision_mode=DecisionMode.REPLAY, decisions=self._decisions[t][1]) if t in self._decisions
                     else dict(decision_mode=DecisionMode.RECORD, decisions=block[t - start]))
-            sim.step(current, spare, grid, mu=self._params["mu"], lam=self._params["lam"], Fc=self._params["Fc"],
-                     control=self._control(t), clamped=counter, J_min=J, taped=True, **args)
+            sim.step(current, spare, grid, **self._material(), Fc=self._params["Fc"], control=self._control(t),
+                     clamped=counter, J_min=J, taped=True, **args)
             current, spare = spare, current
         self.stats.recomputed_steps += len(missing)
         return {t: self._decisions[t][1] if t in self._decisions else block[t - start] for t in range(start, end)}
 
     def backward(self, grads) -> tuple:
-        """Gradients (x0, v0, F0, C0, Fc or None, mu, lam) from gradients of the stacked frame outputs."""
+        """Gradients (x0, v0, F0, C0, Fc or None, mu, lam, kappa) from gradients of the stacked frame outputs."""
         wp = warp()
         sim = self.sim
         frame_row = {f: i for i, f in enumerate(self.frames)}
@@ -306,8 +357,8 @@ class Rollout:
             with tape:
                 for t in range(start, end):
                     nxt = sim.new_state(requires_grad=True)
-                    sim.step(current, nxt, sim.new_grid(requires_grad=True), mu=self._params["mu"],
-                             lam=self._params["lam"], Fc=self._params["Fc"], control=self._control(t),
+                    sim.step(current, nxt, sim.new_grid(requires_grad=True), **self._material(),
+                             Fc=self._params["Fc"], control=self._control(t),
                              clamped=scratch_counter, J_min=scratch_J, decision_mode=DecisionMode.REPLAY,
                              decisions=decisions[t])
                     current = nxt
@@ -321,9 +372,9 @@ class Rollout:
             carry = [c + (g[frame_row[0]] if g is not None else 0) for c, g in zip(carry, grads, strict=True)]
         p = self._params
         g_fc = wp.to_torch(p["Fc"].grad).clone() if p["controlled"] else None
-        g_mu, g_lam = wp.to_torch(p["mu"].grad).clone(), wp.to_torch(p["lam"].grad).clone()
+        g_mu, g_lam, g_kappa = (wp.to_torch(p[name].grad).clone() for name in ("mu", "lam", "kappa"))
         self._params, self._checkpoints, self._decisions = None, [], {}  # release Warp arrays (Warp issue #675)
-        out = (*carry, g_fc, g_mu, g_lam)
+        out = (*carry, g_fc, g_mu, g_lam, g_kappa)
         if not all(torch.isfinite(t).all() for t in out if t is not None):
             raise SimulationError("non-finite gradient in the MPM backward pass")
         return out

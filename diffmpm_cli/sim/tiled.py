@@ -54,13 +54,13 @@ class TiledP2G:
         ], outputs=[self.keys, self.order])
         wp.utils.radix_sort_pairs(self.keys, self.order, n)
 
-    def p2g(self, state_in: MPMState, grid: MPMGrid, *, mu, lam, Fc, control: int) -> None:
+    def p2g(self, state_in: MPMState, grid: MPMGrid, *, mu, lam, kappa, Fc, control: int) -> None:
         """As ``launch.p2g`` (same arguments and result up to float rounding), through shared-memory blocks."""
         wp = warp()
         g, m, p = self.model.grid, self.model, self.particles
         wp.launch_tiled(self.kernel, dim=[(p.count + self.block - 1) // self.block], block_dim=self.block,
                         device=p.device, inputs=[
-                            m.kernel_constants.lower, g.dx, m.dt, p.volume, p.mass, mu, lam, m.bulk_viscosity,
+                            m.kernel_constants.lower, g.dx, m.dt, p.volume, p.mass, mu, lam, kappa, m.bulk_viscosity,
                             Fc, control,
                             self.order,
                             state_in.x, state_in.v, state_in.F, state_in.C,

@@ -1,0 +1,228 @@
+"""Plastic, granular and fluid materials: the Warp step vs the float64 twin, VJPs, finite differences through the
+kernels, the return mappings' hand-written adjoints, and physical checks (plasticine keeps its deformation, sand
+piles near its friction angle, a fluid column spreads, energy never grows)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import DEVICES
+from test_mpm import FIELDS, make_model, make_particles, rel_error
+
+from diffmpm_cli.errors import SimulationError
+from diffmpm_cli.gradcheck import directional_probes
+from diffmpm_cli.reference.mpm import hencky_strain_ref, return_mapping_ref, rollout_ref
+from diffmpm_cli.sim.grid import lame_parameters
+from diffmpm_cli.sim.op import drucker_prager_alpha, material_kappa, simulate
+from diffmpm_cli.sim.solver import Simulator
+
+PLASTIC = ("von_mises", "drucker_prager", "newtonian_fluid")
+# each model's third parameter at a value where the random states of make_particles take every branch
+EXTRA = {"von_mises": ("yield_stress", 750.0), "drucker_prager": ("friction_angle", 30.0),
+         "newtonian_fluid": ("viscosity", 20.0)}
+
+
+def extra_kwargs(material, value=None, dtype=torch.float64):
+    name, default = EXTRA[material]
+    return {name: torch.tensor(default if value is None else value, dtype=dtype)}
+
+
+def run(model, state, mass, volume, *, E, nu, steps, extra, frames=(), device="cpu"):
+    on = lambda t: t.float().to(device)  # noqa: E731
+    sim = Simulator(model, mass=on(mass), volume=on(volume))
+    result = simulate(sim, x0=on(state["x"]), v0=on(state["v"]), F0=on(state["F"]), C0=on(state["C"]), E=on(E),
+                      nu=on(nu), steps=steps, frames=frames, **{k: on(v) for k, v in extra.items()})
+    for name in FIELDS:
+        setattr(result, name, getattr(result, name).cpu())
+    return sim, result
+
+
+def twin_kappa(material, extra, count):
+    return material_kappa(material, count=count, device="cpu", **extra).double()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# twins
+
+
+def test_every_branch_is_taken_by_the_twin_states():
+    """The states the twin tests start from exercise yield and no yield (and Drucker-Prager's tension cut-off)."""
+    state, _, _ = make_particles()
+    mu, lam = lame_parameters(torch.tensor(1.0e4, dtype=torch.float64), torch.tensor(0.3, dtype=torch.float64))
+    _, eps, _ = hencky_strain_ref(state["F"])
+    tr = eps.sum(-1)
+    n = (eps - tr[:, None] / 3).norm(dim=-1)
+    yields = n > EXTRA["von_mises"][1] / (2 * mu)
+    assert 0.2 < float(yields.double().mean()) < 0.8
+    alpha = drucker_prager_alpha(torch.tensor(EXTRA["drucker_prager"][1], dtype=torch.float64))
+    beta = 1 + 1.5 * lam / mu
+    tension, cone = tr >= 0, (tr < 0) & (n + beta * alpha * tr > 0)
+    elastic = (tr < 0) & ~cone
+    for branch in (tension, cone, elastic):
+        assert int(branch.sum()) >= 10
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("material", PLASTIC)
+def test_step_matches_the_twin(material, device):
+    model = make_model(material=material, floor_enabled=True, floor_normal=(0.0, 1.0, 0.0), floor_height=0.3,
+                       friction=0.4)
+    state, mass, volume = make_particles()
+    E, nu = torch.full((120,), 1.0e4, dtype=torch.float64), torch.full((120,), 0.3, dtype=torch.float64)
+    E[:60] = 2.0e4  # per-particle material
+    extra = extra_kwargs(material)
+    sim, result = run(model, state, mass, volume, E=E, nu=nu, steps=20, extra=extra, frames=[1], device=device)
+    mu, lam = lame_parameters(E, nu)
+    ref = rollout_ref(state, model=model, steps=20, mass=mass, volume=volume, mu=mu, lam=lam,
+                      kappa=twin_kappa(material, extra, 120), node_mass_eps=sim.node_mass_eps, frames=[1])
+    for row, (step, tolerance) in enumerate([(1, 1e-4), (20, 2e-3)]):
+        for name in FIELDS:
+            err = rel_error(getattr(result, name)[row], ref[row][name])
+            assert err <= tolerance, f"{name} after {step} steps: rel error {err:.2e}"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("material", PLASTIC)
+def test_backward_matches_the_twin_by_random_cotangents(material, device):
+    model = make_model(material=material, control_stride=2)
+    state, mass, volume = make_particles(count=60, seed=2)
+    g = torch.Generator().manual_seed(5)
+    name, value = EXTRA[material]
+    inputs = {
+        "x0": state["x"], "v0": state["v"], "F0": state["F"], "C0": state["C"],
+        "Fc": torch.eye(3, dtype=torch.float64) + 0.02 * torch.randn(2, 60, 3, 3, generator=g, dtype=torch.float64),
+        "E": torch.full((60,), 1.0e4, dtype=torch.float64), "nu": torch.full((60,), 0.3, dtype=torch.float64),
+        name: torch.full((60,), value, dtype=torch.float64),
+    }
+    cotangents = {n: torch.randn_like(state[n]) for n in FIELDS}
+    steps = 3
+
+    def vjp(use_warp: bool):
+        leaves = {k: v.clone().requires_grad_(True) for k, v in inputs.items()}
+        if use_warp:
+            f32 = {k: v.float().to(device) for k, v in leaves.items()}
+            sim = Simulator(model, mass=mass.float().to(device), volume=volume.float().to(device))
+            out = simulate(sim, x0=f32["x0"], v0=f32["v0"], F0=f32["F0"], C0=f32["C0"], E=f32["E"], nu=f32["nu"],
+                           Fc=f32["Fc"], steps=steps, **{name: f32[name]})
+            final = {n: getattr(out, n)[-1].cpu() for n in FIELDS}
+        else:
+            mu, lam = lame_parameters(leaves["E"], leaves["nu"])
+            start = {"x": leaves["x0"], "v": leaves["v0"], "F": leaves["F0"], "C": leaves["C0"]}
+            kappa = material_kappa(material, count=60, device="cpu", **{name: leaves[name]})
+            final = rollout_ref(start, model=model, steps=steps, mass=mass, volume=volume, mu=mu, lam=lam,
+                                Fc=leaves["Fc"], kappa=kappa, node_mass_eps=1e-8 * float(mass.mean()))[-1]
+        total = sum((final[n].double() * cotangents[n]).sum() for n in FIELDS)
+        return {k: g.cpu() for k, g in zip(leaves, torch.autograd.grad(total, list(leaves.values())), strict=True)}
+
+    v_warp, v_ref = vjp(True), vjp(False)
+    for key in inputs:
+        err = float((v_warp[key].double() - v_ref[key]).norm() / v_ref[key].norm())
+        assert err <= 2e-3, f"d/d{key}: relative L2 error {err:.2e}"
+
+
+@pytest.mark.parametrize("material", ["von_mises", "drucker_prager"])
+def test_return_mapping_adjoint_at_rest_and_repeated_singular_values(material):
+    """At F = I and F = a rotation times diag(s, s, t) (repeated singular values, where wp.svd3's own adjoint divides
+    by zero) the hand-written adjoint stays finite and matches central differences of the kernel in float64 twin
+    form along random directions (the twin's SVD gradient is undefined there: differences only)."""
+    import warp as wp
+    from diffmpm_cli.kernels import mpm
+
+    func, branch_of = mpm.MATERIALS[material][1:]
+
+    @wp.kernel(module="unique")
+    def project(F: wp.array(dtype=wp.mat33), mu: float, lam: float, kappa: wp.array(dtype=float),
+                out: wp.array(dtype=wp.mat33)):
+        i = wp.tid()
+        out[i] = func(F[i], mu, lam, kappa[i], branch_of(F[i], mu, lam, kappa[i]))
+
+    mu, lam = 3846.0, 5769.0
+    kappa = {"von_mises": 750.0, "drucker_prager": float(drucker_prager_alpha(torch.tensor(30.0)))}[material]
+    angle = 0.6
+    c, s = math.cos(angle), math.sin(angle)
+    R = torch.tensor([[c, -s, 0.0], [s, c, 0.0], [0.0, 0.0, 1.0]], dtype=torch.float64)
+    # at rest (Drucker-Prager: uniformly compressed, as F = I lies on its tension kink); stretched with a repeated
+    # pair (yields); compressed with a repeated pair (Drucker-Prager: the cone)
+    rest = 1.0 if material == "von_mises" else 0.97
+    Fs = torch.stack([R @ (rest * torch.eye(3, dtype=torch.float64)),
+                      R @ torch.diag(torch.tensor([1.2, 1.2, 0.8])).double(),
+                      R @ torch.diag(torch.tensor([0.9, 0.9, 0.7])).double()])
+    g = torch.Generator().manual_seed(0)
+    cot = torch.randn(3, 3, 3, generator=g, dtype=torch.float64)
+    F = wp.array(Fs.float().numpy(), dtype=wp.mat33, requires_grad=True)
+    k = wp.array([kappa] * 3, dtype=float, requires_grad=True)
+    out = wp.zeros(3, dtype=wp.mat33, requires_grad=True)
+    tape = wp.Tape()
+    with tape:
+        wp.launch(project, dim=3, inputs=[F, mu, lam, k], outputs=[out])
+    tape.backward(grads={out: wp.array(cot.float().numpy(), dtype=wp.mat33)})
+    grad_F = torch.from_numpy(F.grad.numpy()).double()
+    assert torch.isfinite(grad_F).all()
+    for i in range(3):
+        for _ in range(3):
+            u = torch.randn(3, 3, generator=g, dtype=torch.float64)
+            u /= u.norm()
+            h = 1e-4
+            kap = torch.full((1,), kappa, dtype=torch.float64)
+            plus = return_mapping_ref((Fs[i] + h * u)[None], torch.tensor([mu]).double(),
+                                      torch.tensor([lam]).double(), kap, material)[0]
+            minus = return_mapping_ref((Fs[i] - h * u)[None], torch.tensor([mu]).double(),
+                                       torch.tensor([lam]).double(), kap, material)[0]
+            fd = float(((plus - minus) / (2 * h) * cot[i]).sum())
+            ad = float((grad_F[i] * u).sum())
+            assert abs(ad - fd) <= 2e-3 * max(1.0, abs(fd)), (i, ad, fd)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# finite differences through the kernels
+
+
+@pytest.mark.parametrize("material", PLASTIC)
+def test_finite_differences_through_the_kernels(material):
+    """log E, nu and the model's own parameter (log yield stress, friction angle in degrees, log viscosity) over 24
+    steps with gravity, a wall band and a frame: autodiff against central differences of the float32 kernels."""
+    model = make_model(material=material, dt=2e-3)
+    state, mass, volume = make_particles(count=80, seed=4)
+    sim = Simulator(model, mass=mass.float(), volume=volume.float())
+    weights = {n: torch.randn(2, 80, *((3,) if n in "xv" else (3, 3)), generator=torch.Generator().manual_seed(9),
+                              dtype=torch.float64) for n in FIELDS}
+    name, value = EXTRA[material]
+    logged = name != "friction_angle"
+
+    def loss(p):
+        extra = torch.exp(p["extra"]) if logged else p["extra"]
+        out = simulate(sim, x0=state["x"].float(), v0=state["v"].float(), F0=state["F"].float(),
+                       C0=state["C"].float(), E=torch.exp(p["log_E"]), nu=p["nu"], steps=24, frames=[12],
+                       **{name: extra})
+        return sum((getattr(out, n).double() * weights[n]).sum() for n in FIELDS)
+
+    params = {"log_E": torch.tensor(math.log(1.0e4)), "nu": torch.tensor(0.3),
+              "extra": torch.tensor(math.log(value) if logged else value)}
+    eps = {"log_E": 1e-2, "nu": 4e-3, "extra": 5e-2 if logged else 1.0}
+    # the base rollout's branches (grid update; plastic models: each particle's return mapping), replayed by every
+    # perturbed one, as check-grad does: the rollout as the smooth piece it lies on
+    sim.record_decisions()
+    with torch.no_grad():
+        loss(params)
+    sim.replay_decisions()
+    probes = directional_probes(loss, params, eps=eps, probes=1, seed=3)
+    sim.forget_decisions()
+    assert len(probes) == 3
+    for probe in probes:  # check-grad's rule: within 1 % plus 3 standard deviations of the FD's measured noise
+        assert abs(probe.ad - probe.fd) <= 1e-2 * max(abs(probe.ad), abs(probe.fd)) + 3 * probe.noise, probe
+        assert probe.noise <= 0.05 * abs(probe.fd), probe  # the comparison means something
+
+
+def test_a_models_parameter_is_required_and_another_models_refused():
+    state, mass, volume = make_particles(count=10)
+    with pytest.raises(SimulationError, match="needs yield_stress"):
+        run(make_model(material="von_mises"), state, mass, volume, E=torch.tensor(1e4), nu=torch.tensor(0.3),
+            steps=1, extra={})
+    with pytest.raises(SimulationError, match="has no parameter viscosity"):
+        run(make_model(material="neo_hookean"), state, mass, volume, E=torch.tensor(1e4), nu=torch.tensor(0.3),
+            steps=1, extra={"viscosity": torch.tensor(1.0)})
+    with pytest.raises(SimulationError, match="viscous number"):
+        run(make_model(material="newtonian_fluid"), state, mass, volume, E=torch.tensor(1e4), nu=torch.tensor(0.3),
+            steps=1, extra={"viscosity": torch.tensor(1.0e3)})
