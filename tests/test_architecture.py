@@ -18,7 +18,7 @@ RANK = {
     "assets": 3, "splats": 3, "losses": 3, "metrics": 3, "params": 3, "outputs": 3, "reference": 3,
     "pipeline": 4, "summary": 4,
     "optimize": 5,
-    "bench": 6, "gradcheck": 6,
+    "bench": 6, "gradcheck": 6, "sweep": 6,
     "cli": 7,
     "entry": 8, "__main__": 8,
 }
