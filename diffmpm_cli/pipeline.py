@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .config.sequences import rollout_steps
 from .params import BY_GROUP, GROUP_OF, GROUPS, natural
 from .render.camera import build_cameras
 from .render.rasterize import GSPLAT, RasterCutoffs, rasterization
@@ -58,7 +59,8 @@ class Pipeline:
         self.with_depth = scene.loss.depth_l1 > 0
         self.background = torch.tensor(scene.render.background, device=self.device).expand(cameras.camera_count, 3)
         self.steps = scene.sim.steps
-        self.frames = tuple(scene.sim.frames)  # the steps a rollout keeps unless forward/simulate are given others
+        # the steps a rollout keeps unless forward/simulate are given others: sim.frames and the target sequences
+        self.frames = rollout_steps(scene)
         self.thickness = appearance.thickness_ratio
         self.sigma0 = appearance.sigma0 if appearance.sigma0 is not None else default_sigma0(
             mode=self.mode, surface_area=float(source.mesh.area), samples=appearance.surface_samples,

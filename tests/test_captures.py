@@ -381,3 +381,199 @@ def test_picture_refusals(tmp_path):
     with pytest.raises(AssetError, match="mask is 40x30 px but its image is 80x60"):
         load_picture(str(tmp_path / "rgb.png"), key="k", size=(64, 48), mask=str(tmp_path / "small_mask.png"),
                      mask_key="m")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# outputs a splat user opens
+
+
+@pytest.fixture(scope="module")
+def small_run(tmp_path_factory):
+    """A one-iteration run of a tiny scene exported z-up (Blender's convention)."""
+    from diffmpm_cli.assets import build_assets
+    from diffmpm_cli.optimize.run import optimize
+
+    folder = tmp_path_factory.mktemp("run")
+    data = copy.deepcopy(BASE_SCENE)
+    data["sim"] = {"grid_resolution": 16, "dt": 1.0e-3, "steps": 12, "control_stride": 6, "frames": [4, 8]}
+    data["render"]["width"] = data["render"]["height"] = 24
+    data["appearance"] = {"surface_samples": 300}
+    data["optimize"] = {"iterations": 1, "render_every": 0}
+    data["evaluate"] = {"size": 16}
+    data["output"] = {"turntable_frames": 0, "up_axis": "z"}
+    scene = load_scene(write(folder, data))
+    optimize(scene=scene, assets=build_assets(scene), out_dir=folder / "out")
+    return scene, folder / "out"
+
+
+def plyfile_gaussians(path):
+    """A 3DGS PLY read with plyfile (an independent reader), covariances built from its scales and quaternions."""
+    plyfile = pytest.importorskip("plyfile")
+    v = plyfile.PlyData.read(str(path))["vertex"]
+    q = np.stack([v[f"rot_{i}"] for i in range(4)], 1).astype(np.float64)
+    R = np.stack([rotation_matrix(qi / np.linalg.norm(qi)) for qi in q])
+    s = np.exp(np.stack([v[f"scale_{i}"] for i in range(3)], 1).astype(np.float64))
+    return {"means": np.stack([v["x"], v["y"], v["z"]], 1).astype(np.float64),
+            "covars": (R * s[:, None, :] ** 2) @ np.swapaxes(R, 1, 2),
+            "opacities": 1 / (1 + np.exp(-np.asarray(v["opacity"], np.float64))),
+            "colors": 0.28209479177387814 * np.stack([v[f"f_dc_{i}"] for i in range(3)], 1) + 0.5}
+
+
+def test_every_kept_frame_is_a_ply_that_the_trajectory_rebuilds(small_run):
+    from diffmpm_cli.optimize.outputs import rebuild_gaussians
+
+    scene, out = small_run
+    plys = sorted((out / "final" / "frames").glob("*.ply"))
+    assert [p.name for p in plys] == ["frame_000004.ply", "frame_000008.ply", "frame_000012.ply"]
+    for row, path in enumerate(plys):
+        ply, rebuilt = plyfile_gaussians(path), rebuild_gaussians(out / "final" / "trajectory.npz", row=row)
+        assert rebuilt["step"] == int(path.stem.split("_")[1])
+        np.testing.assert_allclose(ply["means"], rebuilt["means"], atol=1e-6)
+        scale = np.abs(rebuilt["covars"]).max()
+        np.testing.assert_allclose(ply["covars"], rebuilt["covars"], atol=1e-4 * scale)
+        np.testing.assert_allclose(ply["opacities"], rebuilt["opacities"], atol=1e-5)
+        np.testing.assert_allclose(ply["colors"], rebuilt["colors"], atol=1e-5)
+    assert (out / "final" / "gaussians.ply").read_bytes()[200:] == plys[-1].read_bytes()[200:]  # the final frame
+    # z-up: the simulated world's +y (against gravity) is +z in the files
+    y_up = rebuild_gaussians(out / "final" / "trajectory.npz", row=0, up_axis="y")
+    z_up = rebuild_gaussians(out / "final" / "trajectory.npz", row=0)
+    np.testing.assert_allclose(z_up["means"], y_up["means"][:, [0, 2, 1]] * [1, -1, 1], atol=1e-12)
+    assert y_up["means"][:, 1].mean() == pytest.approx(z_up["means"][:, 2].mean())
+
+
+def test_cameras_json_is_the_training_cameras_in_the_exported_world(small_run):
+    from diffmpm_cli.outputs.ply import UP_ROTATIONS
+
+    scene, out = small_run
+    cams = build_cameras(scene.render, default_target=CENTER)
+    exported = read_capture(out / "final" / "cameras.json", key="k")  # the INRIA layout, read back
+    assert [c.name for c in exported] == list(cams.names)
+    points = np.random.default_rng(1).uniform(0.3, 0.7, size=(10, 3))
+    for c, cam in enumerate(exported):
+        moved = points @ UP_ROTATIONS["z"].T
+        p = moved @ cam.viewmat[:3, :3].T + cam.viewmat[:3, 3]
+        uv = (p @ cam.K.T)[:, :2] / p[:, 2:]
+        expected, _ = cams.project(points)
+        # INRIA keeps no principal point (the image centre), the scene's cameras have theirs at the centre too
+        np.testing.assert_allclose(uv, expected[c], atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# picture sequences and videos as targets
+
+
+def sequence_scene(**sequence) -> dict:
+    data = copy.deepcopy(BASE_SCENE)
+    data["sim"] = {"grid_resolution": 16, "dt": 1.0e-3, "steps": 80, "control_stride": 80}
+    data["target"] = {"sequences": [{"camera": "front", "path": "f_*.png", "fps": 50, **sequence}]}
+    data["loss"] = {"grid_mass": 0.0, "silhouette": 1.0}
+    return data
+
+
+@pytest.mark.parametrize("fps, start, steps", [(50, 0.0, [0, 20, 40, 60, 80]), (30, 0.0, [0, 33, 67]),
+                                               (50, 0.01, [10, 30, 50, 70]), (1000, 0.079, [79, 80])])
+def test_sequence_pictures_map_to_the_nearest_steps(tmp_path, fps, start, steps):
+    from diffmpm_cli.config.sequences import rollout_steps, sequence_steps
+
+    scene = load_scene(write(tmp_path, sequence_scene(fps=fps, start=start)))
+    assert sequence_steps(scene, 0) == steps
+    assert rollout_steps(scene) == tuple(steps)  # kept without being listed in sim.frames
+
+
+def test_sequence_refusals(tmp_path):
+    for i in range(3):
+        Image.new("RGB", (64, 64), "white").save(tmp_path / f"f_{i}.png")
+    refused(invoke("validate", write(tmp_path, sequence_scene(fps=2000))), "target.sequences[0].fps", "faster")
+    refused(invoke("validate", write(tmp_path, sequence_scene(start=0.5))), "target.sequences[0].start", "after")
+    refused(invoke("validate", write(tmp_path, sequence_scene())), "target.sequences[0].path",
+            "has 3 pictures, but 5 at 50 per s span the simulated 0.08 s")
+    refused(invoke("validate", write(tmp_path, sequence_scene(path="g_*.png"))), "target.sequences[0].path",
+            "matches no file")
+    refused(invoke("validate", write(tmp_path, sequence_scene(camera="back", fps=25))), "target.sequences[0].camera",
+            "no camera named 'back'")
+    assert invoke("validate", write(tmp_path, sequence_scene(fps=25))).exit_code == 0  # 3 pictures: steps 0, 40, 80
+
+
+def rgba_pictures(images, alphas, background=1.0) -> np.ndarray:
+    """uint8 RGBA pictures [..., H, W, 4] of renders composited over a plain background (colour un-premultiplied)."""
+    colour = ((images - (1 - alphas) * background) / np.maximum(alphas, 1e-6)).clip(0, 1)
+    return (np.concatenate([colour, alphas], -1).clip(0, 1) * 255).round().astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def true_motion(tmp_path_factory):
+    """A sphere dropped on the floor (E = 6e4 Pa), its scene (E = 2e4 Pa to start from) and the true motion's
+    pictures at 100 per s from two cameras: [7, 2, H, W, 4] uint8 RGBA."""
+    import torch
+
+    from diffmpm_cli.assets import build_assets
+    from diffmpm_cli.optimize.targets import truth_parameters
+    from diffmpm_cli.pipeline import Pipeline
+
+    folder = tmp_path_factory.mktemp("motion")
+    data = copy.deepcopy(BASE_SCENE)
+    data["source"] = {"shape": "sphere", "radius": 0.12, "center": [0.5, 0.34, 0.5]}
+    data["material"] = {"model": "neo_hookean", "E": 2.0e4, "nu": 0.3}
+    data["sim"] = {"grid_resolution": 16, "dt": 1.0e-3, "steps": 60, "control_stride": 60,
+                   "initial_velocity": [0.0, -2.0, 0.0], "floor": {"enabled": True, "height": 0.2}}
+    data["learn"] = {"E": {"enabled": True, "lr": 0.2}}
+    data["loss"] = {"grid_mass": 0.0, "silhouette": 1.0}
+    data["render"] = {"width": 32, "height": 32, "rasterize_mode": "classic", "cameras": [
+        {"type": "orbit", "azimuths": [0, 90], "elevation": 10, "radius": 2.0, "fov": 30, "target": [0.5, 0.34, 0.5]}]}
+    data["optimize"] = {"iterations": 12, "render_every": 0, "schedule": {"kind": "cosine", "final_factor": 0.1},
+                        "line_search": {"enabled": True}}
+    data["evaluate"] = {"size": 16}
+    data["output"] = {"turntable_frames": 0, "frame_plys": False}
+    truth = copy.deepcopy(data)
+    truth["target"] = {"truth": {"E": 6.0e4}}
+    truth["sim"]["frames"] = list(range(0, 61, 10))
+    scene = load_scene(write(folder, truth, "truth.yaml"))
+    pipe = Pipeline(scene, build_assets(scene))
+    with torch.no_grad():
+        out = pipe.forward(truth_parameters(pipe))
+    return data, rgba_pictures(out.images.numpy(), out.alphas.numpy())
+
+
+def test_a_picture_sequence_identifies_a_material(tmp_path, true_motion):
+    """Per camera, the true motion's pictures as a PNG sequence (steps from the fps alone, no sim.frames) drive E from
+    2e4 Pa toward the truth (6e4 Pa)."""
+    from diffmpm_cli.assets import build_assets
+    from diffmpm_cli.optimize.run import optimize
+
+    data, pictures = true_motion
+    for k, picture in enumerate(pictures):
+        for c in range(2):
+            Image.fromarray(picture[c], "RGBA").save(tmp_path / f"cam{c}_{k:03d}.png")
+    data = copy.deepcopy(data)
+    data["target"] = {"sequences": [{"camera": f"orbit{c}", "path": f"cam{c}_*.png", "fps": 100} for c in range(2)]}
+    scene = load_scene(write(tmp_path, data))
+    assert scene.sim.frames == []
+    summary = optimize(scene=scene, assets=build_assets(scene), out_dir=tmp_path / "out")
+    found = summary["learned"]["E"]
+    assert abs(found / 6.0e4 - 1) < 0.05, found  # within 5 % (measured: 6.0005e4 Pa after 12 iterations)
+    assert summary["final"]["loss"] < 0.5 * summary["initial"]["loss"]
+
+
+def test_a_video_target_gives_its_frames_at_their_steps(tmp_path, true_motion):
+    iio = pytest.importorskip("imageio.v2")
+    pytest.importorskip("imageio_ffmpeg")
+    from diffmpm_cli.assets.sequences import sequence_pictures
+
+    data, pictures = true_motion
+    over_white = pictures[..., :3] * (pictures[..., 3:] / 255) + 255 * (1 - pictures[..., 3:] / 255)
+    frames = [np.repeat(np.repeat(f, 2, 0), 2, 1).round().astype(np.uint8) for f in over_white[:, 1]]  # 64x64
+    iio.mimwrite(tmp_path / "cam1.mp4", frames, fps=100, macro_block_size=1, quality=9)
+    data = copy.deepcopy(data)
+    data["target"] = {"image_background": [1, 1, 1], "image_background_tolerance": 0.1,
+                      "sequences": [{"camera": "orbit1", "path": "cam1.mp4", "fps": 100}]}
+    scene = load_scene(write(tmp_path, data))
+    got = list(sequence_pictures(scene, 0))
+    assert [step for step, _, _ in got] == list(range(0, 61, 10))
+    for k, (_, rgb, alpha) in enumerate(got):
+        assert rgb.shape == (32, 32, 3) and alpha.shape == (32, 32, 1)
+        assert np.abs(rgb - over_white[k, 1] / 255).mean() < 0.02  # H.264's error, averaged over 2 x 2 pixels
+        assert np.abs(alpha[..., 0] - pictures[k, 1, ..., 3] / 255).mean() < 0.05  # keyed against white
+        if k:  # each picture is its own step's: closer to its own frame than to the previous one
+            assert np.abs(rgb - over_white[k, 1] / 255).mean() < np.abs(rgb - over_white[k - 1, 1] / 255).mean()
+    data["target"]["sequences"][0]["path"] = "missing.mp4"
+    refused(invoke("validate", write(tmp_path, data)), "target.sequences[0].path", "file not found")

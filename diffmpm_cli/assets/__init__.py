@@ -19,6 +19,7 @@ from ..render.camera import CameraSet, build_cameras, check_view
 from ..sim.grid import GridSpec
 from .images import load_picture
 from .lattice import lattice_box_count, lattice_particles
+from .sequences import sequence_pictures
 from .shapes import build_mesh
 
 __all__ = ["Body", "SceneAssets", "build_assets", "build_mesh", "make_body", "check_inside", "check_above_floor",
@@ -156,6 +157,12 @@ def build_assets(scene, *, device: str = "cpu") -> SceneAssets:
         load_picture(image.path, key=f"target.images[{i}].path", size=(scene.render.width, scene.render.height),
                      mask=image.mask, mask_key=f"target.images[{i}].mask", background=scene.target.image_background,
                      tolerance=scene.target.image_background_tolerance)
+    for i, sequence in enumerate(scene.target.sequences):  # every used picture decoded, as for target.images
+        if sequence.camera not in cameras.names:
+            shown = ", ".join(cameras.names[:8]) + (", ..." if len(cameras.names) > 8 else "")
+            raise ConfigError(f"target.sequences[{i}].camera", f"no camera named '{sequence.camera}' (cameras: {shown})")
+        for _ in sequence_pictures(scene, i):
+            pass
     source = make_body(source_mesh, key="source", rng=rng, surface_samples=scene.appearance.surface_samples, **common)
     target = target_mass = None
     if target_mesh is not None:

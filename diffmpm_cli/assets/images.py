@@ -81,6 +81,14 @@ def load_picture(path: str, *, key: str, size: tuple[int, int] | None, mask: str
     aspect ratios must agree within a pixel; None = the picture's own size). AssetError naming ``key`` (or
     ``mask_key``) otherwise."""
     rgb, alpha = read_image(path, key=key)
+    return fit_picture(rgb, alpha, key=key, size=size, mask=mask, mask_key=mask_key, background=background,
+                       tolerance=tolerance)
+
+
+def fit_picture(rgb: np.ndarray, alpha: np.ndarray | None, *, key: str, size: tuple[int, int] | None,
+                mask: str | None = None, mask_key: str = "", background=None,
+                tolerance: float = 2.0 / 255.0) -> tuple[np.ndarray, np.ndarray]:
+    """``load_picture`` for a decoded picture: rgb [H0, W0, 3] and alpha [H0, W0, 1] or None, in [0, 1]."""
     height0, width0 = rgb.shape[:2]
     size = (width0, height0) if size is None else size
     if not fits((width0, height0), size):

@@ -14,6 +14,7 @@ import numpy as np
 from ..enums import BSpline
 from ..errors import ConfigError
 from .schema import Scene
+from .sequences import sequence_steps
 
 DEFAULT_RESOLUTION = 32
 # the wall band a particle's transfer stencil needs (cells) per B-spline order
@@ -159,8 +160,10 @@ def _check_render(scene: Scene) -> None:
 
 def _check_target(scene: Scene, cameras: tuple[str, ...]) -> None:
     target = scene.target
-    if target.mesh is None and not target.images and target.truth is None:
-        raise ConfigError("target", "give a mesh, images or truth to compare the result with")
+    if target.mesh is None and not target.images and not target.sequences and target.truth is None:
+        raise ConfigError("target", "give a mesh, images or truth (or picture sequences) to compare the result with")
+    for i in range(len(target.sequences)):
+        sequence_steps(scene, i)  # refuses a sequence faster than the simulation or outside the simulated time
     if target.truth is not None and all(v is None for v in (target.truth.E, target.truth.nu, target.truth.v0)):
         raise ConfigError("target.truth", "gives no value: set E, nu and/or v0 (an empty truth is the source itself)")
     for i, image in enumerate(target.images):

@@ -21,6 +21,7 @@ from pydantic import ValidationError
 
 from ..errors import ConfigError, clip
 from .schema import SHAPE_TYPES, MeshFile, Scene
+from .sequences import is_video
 
 SCENE_KEYS = tuple(Scene.model_fields)
 
@@ -506,9 +507,26 @@ def _resolve_paths(scene: Scene, base_dir: Path) -> None:
         image.path = str(_existing_file(base_dir, image.path, f"target.images[{i}].path"))
         if image.mask is not None:
             image.mask = str(_existing_file(base_dir, image.mask, f"target.images[{i}].mask"))
+    for i, sequence in enumerate(scene.target.sequences):
+        key = f"target.sequences[{i}]"
+        if is_video(sequence.path):
+            sequence.path = str(_existing_file(base_dir, sequence.path, f"{key}.path"))
+        else:  # a glob: anchored at the scene's folder, matched when the pictures are read (assets)
+            sequence.path = _anchored_glob(base_dir, sequence.path, f"{key}.path")
+        if sequence.masks is not None:
+            if is_video(sequence.masks):
+                raise ConfigError(f"{key}.masks", "must be a glob of pictures, not a video")
+            sequence.masks = _anchored_glob(base_dir, sequence.masks, f"{key}.masks")
     for i, cam in enumerate(scene.render.cameras):
         if cam.type == "capture":
             cam.path = str(_existing_path(base_dir, cam.path, f"render.cameras[{i}].path"))
+
+
+def _anchored_glob(base_dir: Path, pattern: str, key: str) -> str:
+    """A glob pattern made absolute against ``base_dir`` (``~`` expanded); ConfigError for a NUL character."""
+    if "\0" in pattern:
+        raise ConfigError(key, "the pattern contains a NUL character")
+    return str(base_dir / Path(pattern).expanduser())
 
 
 def _existing_path(base_dir: Path, name: str, key: str) -> Path:

@@ -190,6 +190,21 @@ class TargetImage(Section):
     frame: Annotated[Int, Field(ge=0)] | None = Field(None, description="simulation step it shows; null = the final step")
 
 
+class TargetSequence(Section):
+    """One camera's pictures over time (docs/CAPTURES.md): a glob of pictures (sorted by name) or a video file, at
+    `fps`. Picture k shows time start + k / fps, mapped to the nearest simulation step (kept automatically); the
+    pictures inside the simulated time sim.steps x sim.dt are used."""
+
+    camera: str = Field(description="name of a camera in render.cameras")
+    path: str = Field(description="a glob of PNG/JPEG pictures such as 'frames/cam0_*.png' (sorted by name) or a video "
+                      "file (.mp4, .mov, .avi, .mkv, .webm, .m4v; needs imageio-ffmpeg: pip install diffmpm[video]), "
+                      "relative to the scene file; pictures of any size with the render's aspect")
+    fps: Positive = Field(description="pictures per second of the sequence")
+    start: Annotated[float, Field(ge=0.0)] = Field(0.0, description="simulation time of the first picture [s]")
+    masks: str | None = Field(None, description="a glob of silhouettes, one per picture in the same order (greyscale, "
+                              "white = object), relative to the scene file; null = alpha or image_background")
+
+
 class Truth(Section):
     """Ground truth of a synthetic target: target frames are simulated from the source with these values."""
 
@@ -201,6 +216,8 @@ class Truth(Section):
 class TargetConfig(Section):
     mesh: Shape | None = Field(None, description="target shape (any source shape), reached at the final step")
     images: list[TargetImage] = Field([], description="target images from known cameras")
+    sequences: list[TargetSequence] = Field([], description="picture sequences or videos, one per camera, mapped to "
+                                            "simulation steps by their fps")
     image_background: Color | None = Field(
         None, description="for images without alpha: pixels of this colour are background (RGB in [0, 1])"
     )
@@ -544,6 +561,12 @@ class OutputConfig(Section):
         "--out on the command line writes elsewhere")
     turntable_frames: Annotated[Int, Field(ge=0, le=720)] = Field(36, description="views in turntable.gif; 0 = none")
     video: Literal["gif", "mp4", "both"] = Field("gif", description="turntable format (mp4 needs an ffmpeg writer)")
+    up_axis: Literal["y", "z", "-y"] = Field(
+        "y", description="up axis of the exported splats and cameras.json (the simulation is y-up): y as simulated; z "
+        "for Blender (z up); -y for the COLMAP / OpenCV convention of trained 3DGS scenes, as SuperSplat shows them")
+    frame_plys: bool = Field(True, description="write final/frames/frame_<step>.ply: the Gaussians of every kept "
+                             "frame (an animated splat sequence)")
+
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -8,9 +8,10 @@ import numpy as np
 import torch
 
 from ..losses import LOSS_TERMS
+from ..outputs.cameras import write_inria_cameras
 from ..outputs.pictures import comparison_grid, loss_curves, mp4_available, save_png, to_uint8, write_animation
-from ..outputs.ply import write_gaussians_ply, write_particles_ply
-from ..params import reported
+from ..outputs.ply import UP_ROTATIONS, to_up_axis, write_gaussians_ply, write_particles_ply
+from ..params import natural, reported
 from ..provenance import device_name, versions
 from .evaluate import ExactTarget, evaluate_metrics, exact_target_metrics
 
@@ -44,8 +45,59 @@ def render_turntable(pipeline, params, x, F, *, count: int, size: tuple[int, int
     return frames
 
 
+def write_splats(path: Path, means, covars, colors, opacities, *, up_axis: str) -> Path:
+    """One 3DGS PLY of Gaussians (torch tensors), turned to ``up_axis`` (outputs/ply.py UP_ROTATIONS)."""
+    means, covars = to_up_axis(up_axis, means=means.detach().cpu(), covars=covars.detach().cpu())
+    return write_gaussians_ply(path, means=means, covars=covars, colors=colors.detach().cpu(),
+                               opacities=opacities.detach().cpu())
+
+
+def splat_recipe(pipeline, params) -> dict[str, np.ndarray]:
+    """What trajectory.npz keeps besides x and F so that ``rebuild_gaussians`` gives every frame's splats: the
+    Gaussian mode, the surface embedding (indices [M, k], weights [M, k], offsets [M, k, 3] m, rest normals [M, 3]),
+    sigma0 [m], the disc thickness ratio, colours [M, 3], opacities [M] and the export's up axis."""
+    with torch.no_grad():
+        p = pipeline._with_defaults(params, ("color", "opacity_logit", "log_sigma0"))
+        count = pipeline.gaussian_count
+        recipe = {"gaussian_mode": np.asarray(pipeline.mode), "up_axis": np.asarray(pipeline.scene.output.up_axis),
+                  "sigma0": np.asarray(float(natural("log_sigma0", p["log_sigma0"]))),
+                  "thickness": np.asarray(pipeline.thickness),
+                  "colors": p["color"].expand(count, 3).cpu().numpy(),
+                  "opacities": natural("opacity_logit", p["opacity_logit"]).expand(count).cpu().numpy()}
+        if pipeline.embedding is not None:
+            e = pipeline.embedding
+            recipe.update(embedding_indices=e.indices.cpu().numpy(), embedding_weights=e.weights.cpu().numpy(),
+                          embedding_offsets=e.offsets.cpu().numpy(), embedding_normals=e.normals.cpu().numpy())
+    return recipe
+
+
+def rebuild_gaussians(path, *, row: int = -1, up_axis: str | None = None) -> dict[str, np.ndarray]:
+    """The splats of kept frame ``row`` of a run's final/trajectory.npz (the Gaussians final/frames/ holds), turned to
+    ``up_axis`` (default: the run's output.up_axis): means [M, 3] m, covars [M, 3, 3] m^2, colors [M, 3],
+    opacities [M] (float64 numpy), and the frame's ``step``."""
+    from ..splats import SurfaceEmbedding, particle_gaussians, surface_gaussians
+
+    with np.load(path) as data:
+        if "gaussian_mode" not in data:
+            raise ValueError(f"{path}: a trajectory written before splats could be rebuilt from it (no embedding)")
+        x, F = (torch.from_numpy(data[k][row]).double() for k in ("x", "F"))
+        sigma0 = torch.tensor(float(data["sigma0"]), dtype=torch.float64)
+        if str(data["gaussian_mode"]) == "surface":
+            embedding = SurfaceEmbedding(**{k: torch.from_numpy(data[f"embedding_{k}"]) for k in
+                                            ("indices", "weights", "offsets", "normals")}).to(torch.float64)
+            means, covars = surface_gaussians(x, F, embedding, sigma0=sigma0, thickness=float(data["thickness"]))
+        else:
+            means, covars = particle_gaussians(x, F, sigma0=sigma0)
+        up = str(data["up_axis"]) if up_axis is None else up_axis
+        means, covars = to_up_axis(up, means=means, covars=covars)
+        return {"means": means, "covars": covars, "colors": data["colors"].astype(np.float64),
+                "opacities": data["opacities"].astype(np.float64), "step": int(data["steps"][row])}
+
+
 def write_final_outputs(run, out_dir: Path, *, history: list[dict], wall_s: float, device: str) -> dict:
-    """final/: gaussians.ply, particles.ply, trajectory.npz, comparison.png (against the exact target mesh),
+    """final/: gaussians.ply, frames/frame_<step>.ply (every kept frame), cameras.json (INRIA, the training cameras),
+    particles.ply (all in output.up_axis), trajectory.npz (x, F and what rebuild_gaussians needs), comparison.png
+    (against the exact target mesh),
     comparison_training.png, turntable.gif (.mp4), loss.png;
     returns the summary (initial and final metrics, losses, wall time, device, versions, iterations)."""
     pipeline, scene = run.pipeline, run.scene
@@ -77,14 +129,25 @@ def write_final_outputs(run, out_dir: Path, *, history: list[dict], wall_s: floa
         save_png(final / "comparison.png", comparison_grid(rows, labels=["exact target", "initial", "final",
                                                                          "final vs exact"]))
         written.append(final / "comparison.png")
+    up = scene.output.up_axis
     with torch.no_grad():
         means, covars, colors, opacities = pipeline.gaussians(x, F, run.params)
-    written.append(write_gaussians_ply(final / "gaussians.ply", means=means.cpu(), covars=covars.cpu(),
-                                       colors=colors.cpu(), opacities=opacities.cpu()))
-    written.append(write_particles_ply(final / "particles.ply", positions=x.cpu(),
-                                       extra={"J": torch.linalg.det(F).cpu()}))
+    written.append(write_splats(final / "gaussians.ply", means, covars, colors, opacities, up_axis=up))
+    written.append(write_particles_ply(final / "particles.ply", positions=x.cpu().double() @ torch.from_numpy(
+        UP_ROTATIONS[up]).T, extra={"J": torch.linalg.det(F).cpu()}))
+    if scene.output.frame_plys:  # the animated splat sequence: every kept frame
+        with torch.no_grad():
+            for row, step in enumerate(out.result.frames):
+                written.append(write_splats(final / "frames" / f"frame_{step:06d}.ply",
+                                            *pipeline.gaussians(out.result.x[row], out.result.F[row], run.params),
+                                            up_axis=up))
+    written.append(write_inria_cameras(final / "cameras.json", names=pipeline.camera_names,
+                                       viewmats=pipeline.viewmats.detach().cpu().double().numpy(),
+                                       Ks=pipeline.Ks.detach().cpu().double().numpy(), width=pipeline.width,
+                                       height=pipeline.height, up_axis=up))
     np.savez_compressed(final / "trajectory.npz", steps=np.asarray(out.result.frames),
-                        x=out.result.x.detach().cpu().numpy(), F=out.result.F.detach().cpu().numpy())
+                        x=out.result.x.detach().cpu().numpy(), F=out.result.F.detach().cpu().numpy(),
+                        **splat_recipe(pipeline, run.params))
     written.append(final / "trajectory.npz")
     # comparison: target | initial | final, one row per camera with a target at the final target frame
     tf = run.targets.final

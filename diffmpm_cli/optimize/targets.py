@@ -13,6 +13,8 @@ import numpy as np
 import torch
 
 from ..assets.images import load_picture
+from ..assets.sequences import sequence_pictures
+from ..config.sequences import rollout_steps
 from ..errors import ConfigError
 from ..params import BY_KEY
 from ..sim.grid import kept_frames
@@ -42,15 +44,15 @@ class Targets:
 
 
 def rollout_frames(scene) -> list[int]:
-    """The steps a rollout of ``scene`` keeps, sorted: sim.frames and the final step."""
-    return kept_frames(scene.sim.steps, scene.sim.frames)
+    """The steps a rollout of ``scene`` keeps, sorted: sim.frames, the target sequences' steps and the final step."""
+    return kept_frames(scene.sim.steps, rollout_steps(scene))
 
 
 def build_targets(pipeline, *, cutoffs=None) -> Targets:
     """The scene's targets; what is rendered (truth, the target's Gaussians) is rendered with ``cutoffs``."""
     scene = pipeline.scene
     frames = rollout_frames(scene)
-    if scene.target.images:
+    if scene.target.images or scene.target.sequences:
         return _image_targets(pipeline, frames)
     if scene.target.truth is not None:
         return _truth_targets(pipeline, frames, cutoffs=cutoffs)
@@ -128,21 +130,29 @@ def _image_targets(pipeline, frames) -> Targets:
     names = list(pipeline.camera_names)
     C, H, W = len(names), scene.render.height, scene.render.width
     by_step: dict[int, TargetFrame] = {}
-    for i, spec in enumerate(scene.target.images):
-        step = scene.sim.steps if spec.frame is None else spec.frame
-        if step not in frames:
-            raise ConfigError(f"target.images[{i}].frame", f"step {step} is not kept by the rollout: add it to sim.frames")
-        if spec.camera not in names:
-            raise ConfigError(f"target.images[{i}].camera", f"no camera named '{spec.camera}'")
-        rgb, alpha = target_picture(scene, i)
+
+    def put(step: int, camera: str, rgb: np.ndarray, alpha: np.ndarray) -> None:
         frame = by_step.get(step)
         if frame is None:
             dev = pipeline.device
             frame = by_step[step] = TargetFrame(step, frames.index(step), torch.zeros(C, H, W, 3, device=dev),
                                                 torch.zeros(C, H, W, 1, device=dev), None,
                                                 torch.zeros(C, dtype=torch.bool, device=dev))
-        c = names.index(spec.camera)
+        c = names.index(camera)
         frame.images[c] = torch.from_numpy(rgb)
         frame.alphas[c] = torch.from_numpy(alpha)
         frame.cameras[c] = True
+
+    for i, spec in enumerate(scene.target.images):
+        step = scene.sim.steps if spec.frame is None else spec.frame
+        if step not in frames:
+            raise ConfigError(f"target.images[{i}].frame", f"step {step} is not kept by the rollout: add it to sim.frames")
+        if spec.camera not in names:
+            raise ConfigError(f"target.images[{i}].camera", f"no camera named '{spec.camera}'")
+        put(step, spec.camera, *target_picture(scene, i))
+    for i, spec in enumerate(scene.target.sequences):
+        if spec.camera not in names:
+            raise ConfigError(f"target.sequences[{i}].camera", f"no camera named '{spec.camera}'")
+        for step, rgb, alpha in sequence_pictures(scene, i):
+            put(step, spec.camera, rgb, alpha)
     return Targets([by_step[s] for s in sorted(by_step)], kind="images")

@@ -12,6 +12,10 @@ viewers that read its output::
   ``covariance = R diag(exp(scale)^2) R^T`` (m^2).
 
 All files are binary little-endian and are written atomically (temporary file in the same folder, then ``os.replace``).
+
+Exported splats can be turned to another up axis (``output.up_axis``, ``UP_ROTATIONS``): the simulation's world is
+y-up (gravity along -y); ``z`` turns it so +y becomes +z (Blender, z-up, shows the object standing), ``-y`` so +y
+becomes -y (the COLMAP/OpenCV convention of trained 3DGS scenes, which SuperSplat and the INRIA viewer show upright).
 """
 
 from __future__ import annotations
@@ -39,6 +43,20 @@ _PLY_TYPES = {
     "int": "i4", "int32": "i4", "uint": "u4", "uint32": "u4",
     "float": "f4", "float32": "f4", "double": "f8", "float64": "f8",
 }
+
+
+UP_ROTATIONS = {  # output.up_axis -> the proper rotation R applied to exported positions (R x) and covariances
+    "y": np.eye(3),
+    "z": np.array([[1.0, 0.0, 0.0], [0.0, 0.0, -1.0], [0.0, 1.0, 0.0]]),  # +90 deg about x: +y -> +z, +z -> -y
+    "-y": np.diag([1.0, -1.0, -1.0]),  # 180 deg about x: +y -> -y, +z -> -z
+}
+
+
+def to_up_axis(up_axis: str, *, means, covars) -> tuple[np.ndarray, np.ndarray]:
+    """Means [M, 3] and covariances [M, 3, 3] (float64) turned from the simulation's y-up world to ``up_axis``."""
+    R = UP_ROTATIONS[up_axis]
+    means, covars = _numpy(means, "means"), _numpy(covars, "covars")
+    return means @ R.T, R @ covars @ R.T
 
 
 def _numpy(x, name: str, *, finite: bool = True) -> np.ndarray:
