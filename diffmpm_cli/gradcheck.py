@@ -166,7 +166,8 @@ def stage_problem(pipeline, stage: str, groups, *, seed: int, cutoffs=None):
     from .splats import splat_gaussians
 
     g = torch.Generator().manual_seed(seed)
-    specs = [BY_KEY[k] for k in groups if k in STAGE_GROUPS[stage]]
+    # another material model's parameter is not this scene's (check-grad's default list names every model's)
+    specs = [BY_KEY[k] for k in groups if k in STAGE_GROUPS[stage] and BY_KEY[k].applies_to(pipeline.model.material)]
     params = pipeline.initial_parameters([spec.group for spec in specs])
     if "dFc" in params:  # probe around a deformed state, not the trivial zero control: random log strains of 0.01,
         # 0.1 for the scene loss (volume-preserving controls of 0.01 barely move the body, and the loss then hardly

@@ -20,6 +20,9 @@ from dataclasses import dataclass
 import torch
 
 E_MIN = 1.0  # Pa: the softest Young's modulus a learned E may reach
+YIELD_STRESS_MIN = 1.0  # Pa
+FRICTION_ANGLE_RANGE = (1.0, 80.0)  # degrees: a learned friction angle stays inside
+VISCOSITY_MIN = 1.0e-6  # Pa s
 
 
 @dataclass(frozen=True)
@@ -53,6 +56,12 @@ class ParamSpec:
     fd_eps_all: float | None = None  # the same for the whole-pipeline stage ("all"); None: fd_eps
     fd_eps_coordinate: float | None = None  # the same along a single coordinate; None: as along a direction
     coordinate_probes_all: bool = True  # check-grad's scene-loss stage also probes single coordinates of it
+    model: str | None = None  # the material.model whose parameter it is (None: every model's)
+
+    def applies_to(self, model) -> bool:
+        """Whether a scene of material.model ``model`` has this group (a plastic or fluid model's own parameter
+        belongs to that model only)."""
+        return self.model is None or self.model == model
 
     def natural(self, value: torch.Tensor) -> torch.Tensor:
         """The group's value in natural units (Pa, opacity in (0, 1), m, ...)."""
@@ -116,6 +125,16 @@ PARAMS: tuple[ParamSpec, ...] = (
               scene_default=lambda scene, _: scene.material.nu, fd_eps=4e-3, fd_eps_all=2e-2),
     ParamSpec("v0", "v0", IDENTITY, "sim", width=(3,), per="particle",
               scene_default=lambda scene, _: scene.sim.initial_velocity, fd_eps=1e-2),
+    # each plastic or fluid model's own parameter (sim/op.py material_kappa); steps as for log E (degrees for phi)
+    ParamSpec("yield_stress", "log_yield_stress", LOG, "sim", per="particle", bounds=(YIELD_STRESS_MIN, None),
+              scene_default=lambda scene, _: scene.material.yield_stress, fd_eps=1e-2, fd_eps_all=1e-1,
+              model="von_mises"),
+    ParamSpec("friction_angle", "friction_angle", IDENTITY, "sim", per="particle", bounds=FRICTION_ANGLE_RANGE,
+              scene_default=lambda scene, _: scene.material.friction_angle, fd_eps=0.5, fd_eps_all=2.0,
+              model="drucker_prager"),
+    ParamSpec("viscosity", "log_viscosity", LOG, "sim", per="particle", bounds=(VISCOSITY_MIN, None),
+              scene_default=lambda scene, _: scene.material.viscosity, fd_eps=1e-2, fd_eps_all=1e-1,
+              model="newtonian_fluid"),
     ParamSpec("color", "color", IDENTITY, "render", width=(3,), per="gaussian", bounds=(0.0, 1.0),
               scene_default=_appearance("color"), fd_eps=1e-2),
     ParamSpec("opacity", "opacity_logit", LOGIT, "render", per="gaussian", scene_default=_appearance("opacity"),

@@ -68,6 +68,12 @@ class Pipeline:
         self.target_color = scene.target.color if scene.target.color is not None else appearance.color
 
     @property
+    def material_parameter(self) -> str | None:
+        """The learn.<key> of the material model's own parameter (yield_stress, friction_angle, viscosity) or None
+        (elastic models): it joins E and nu in every rollout."""
+        return self.model.material.extra_parameter
+
+    @property
     def gaussian_count(self) -> int:
         return self.embedding.gaussian_count if self.embedding is not None else int(self.x0.shape[0])
 
@@ -92,10 +98,13 @@ class Pipeline:
         """The rollout from the rest state, or from ``start`` (x, v, F, C of the particles: a later optimisation
         episode's start); a v0 in ``params`` replaces the carried velocity. ``frames``: the steps to keep (default
         sim.frames; the final step always)."""
-        p = self._with_defaults(params, ("log_E", "nu", "v0"))
+        extra = self.material_parameter
+        p = self._with_defaults(params, ("log_E", "nu", "v0", *((GROUP_OF[extra],) if extra else ())))
         start = start or {}
         v0 = start["v"] if start and "v0" not in params else p["v0"]
+        material = {extra: natural(GROUP_OF[extra], p[GROUP_OF[extra]])} if extra else {}
         return simulate(self.sim, x0=start.get("x", self.x0), v0=v0, E=natural("log_E", p["log_E"]), nu=p["nu"],
+                        **material,
                         steps=self.steps, Fc=self.control_matrices(p.get("dFc")), F0=start.get("F"), C0=start.get("C"),
                         frames=self.frames if frames is None else frames,
                         segment_length=self.scene.sim.segment_length)

@@ -27,6 +27,7 @@ def check_scene(scene: Scene) -> None:
     _check_grid_numbers(scene)
     layout = grid_layout(scene.sim)
     _check_sim(scene)
+    _check_material(scene)
     _check_particle_mass(scene, layout.dx)
     _check_render(scene)
     names = camera_names(scene.render)
@@ -121,6 +122,28 @@ def _check_grid_numbers(scene: Scene) -> None:
                                         "longest axis (the grid may hold at most 512^3 nodes)")
 
 
+EXTRA_MATERIAL_PARAMETERS = ("yield_stress", "friction_angle", "viscosity")  # Material.extra_parameter's values
+
+
+def _check_material(scene: Scene) -> None:
+    """A plastic or fluid model needs its own parameter (material.<name>); no other model's may be given, learned or
+    be a truth (it would silently do nothing)."""
+    material, truth = scene.material, scene.target.truth
+    needed = material.model.extra_parameter
+    for name in EXTRA_MATERIAL_PARAMETERS:
+        if name == needed:
+            continue
+        model = f"material.model {material.model.value}"
+        if getattr(material, name) is not None:
+            raise ConfigError(f"material.{name}", f"is not a parameter of {model}")
+        if getattr(scene.learn, name).enabled:
+            raise ConfigError(f"learn.{name}.enabled", f"{model} has no {name} to learn")
+        if truth is not None and getattr(truth, name) is not None:
+            raise ConfigError(f"target.truth.{name}", f"is not a parameter of {model}")
+    if needed is not None and getattr(material, needed) is None:
+        raise ConfigError(f"material.{needed}", f"material.model {material.model.value} needs it")
+
+
 def _check_particle_mass(scene: Scene, dx: float) -> None:
     """A particle's volume (spacing^3) and mass (density x volume) must be normal float32 numbers with room for sums
     and products: 1e-30..1e30."""
@@ -164,8 +187,9 @@ def _check_target(scene: Scene, cameras: tuple[str, ...]) -> None:
         raise ConfigError("target", "give a mesh, images or truth (or picture sequences) to compare the result with")
     for i in range(len(target.sequences)):
         sequence_steps(scene, i)  # refuses a sequence faster than the simulation or outside the simulated time
-    if target.truth is not None and all(v is None for v in (target.truth.E, target.truth.nu, target.truth.v0)):
-        raise ConfigError("target.truth", "gives no value: set E, nu and/or v0 (an empty truth is the source itself)")
+    if target.truth is not None and all(v is None for v in target.truth.model_dump().values()):
+        raise ConfigError("target.truth", "gives no value: set E, nu, v0 and/or the material model's parameter (an "
+                                          "empty truth is the source itself)")
     for i, image in enumerate(target.images):
         key = f"target.images[{i}]"
         captured = any(cam.type == "capture" for cam in scene.render.cameras)  # names known once read (assets)

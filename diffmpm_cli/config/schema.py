@@ -20,6 +20,7 @@ from ..enums import BSpline, Material, WallKind
 # input lax enum validation takes besides a member (strict mode would want a member)
 BSplineName = Annotated[BSpline, Strict(False)]
 MaterialName = Annotated[Material, Strict(False)]
+FrictionAngle = Annotated[float, Field(gt=0.0, lt=90.0)]  # degrees
 WallName = Annotated[WallKind, Strict(False)]
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -211,6 +212,10 @@ class Truth(Section):
     E: Positive | None = Field(None, description="true Young's modulus [Pa]")
     nu: Annotated[float, Field(gt=-1.0, lt=0.5)] | None = Field(None, description="true Poisson ratio")
     v0: Vec3 | None = Field(None, description="true initial velocity [m/s]")
+    yield_stress: Positive | None = Field(None, description="true yield stress [Pa] (material.model von_mises)")
+    friction_angle: FrictionAngle | None = Field(
+        None, description="true friction angle [degrees] (material.model drucker_prager)")
+    viscosity: Positive | None = Field(None, description="true dynamic viscosity [Pa s] (material.model newtonian_fluid)")
 
 
 class TargetConfig(Section):
@@ -255,6 +260,15 @@ class MaterialConfig(Section):
     )
     min_J: Annotated[float, Field(gt=0.0, lt=1.0)] | None = Field(
         None, description="seed extra, off when null: clamp det F from below (the seed used 0.6)"
+    )
+    yield_stress: Positive | None = Field(
+        None, description="von_mises: yield stress [Pa] (Hencky strain beyond yield_stress / (2 mu) flows)"
+    )
+    friction_angle: FrictionAngle | None = Field(
+        None, description="drucker_prager: friction angle [degrees], in (0, 90)"
+    )
+    viscosity: Positive | None = Field(
+        None, description="newtonian_fluid: dynamic viscosity [Pa s]; E and nu set its bulk modulus E / (3 (1 - 2 nu))"
     )
 
 
@@ -366,6 +380,27 @@ class LearnV0(Section):
     per_particle: bool = Field(False, description="one velocity per particle instead of one global velocity")
 
 
+class LearnYieldStress(Section):
+    enabled: bool = Field(False, description="learn the yield stress (von_mises; optimised as log)")
+    lr: Positive = Field(5.0e-2, description="learning rate on log yield stress")
+    init: Positive | None = Field(None, description="starting value [Pa]; null = material.yield_stress")
+    per_particle: bool = Field(False, description="one value per particle instead of one global value")
+
+
+class LearnFrictionAngle(Section):
+    enabled: bool = Field(False, description="learn the friction angle (drucker_prager)")
+    lr: Positive = Field(1.0, description="learning rate [degrees]")
+    init: FrictionAngle | None = Field(None, description="starting value [degrees]; null = material.friction_angle")
+    per_particle: bool = Field(False, description="one value per particle instead of one global value")
+
+
+class LearnViscosity(Section):
+    enabled: bool = Field(False, description="learn the dynamic viscosity (newtonian_fluid; optimised as log)")
+    lr: Positive = Field(5.0e-2, description="learning rate on log viscosity")
+    init: Positive | None = Field(None, description="starting value [Pa s]; null = material.viscosity")
+    per_particle: bool = Field(False, description="one value per particle instead of one global value")
+
+
 class LearnColor(Section):
     enabled: bool = Field(False, description="learn the Gaussians' colour")
     lr: Positive = Field(1.0e-2, description="learning rate")
@@ -391,6 +426,10 @@ class LearnConfig(Section):
     E: LearnE = Field(default_factory=LearnE, description="Young's modulus")
     nu: LearnNu = Field(default_factory=LearnNu, description="Poisson ratio")
     v0: LearnV0 = Field(default_factory=LearnV0, description="initial velocity")
+    yield_stress: LearnYieldStress = Field(default_factory=LearnYieldStress, description="yield stress (von_mises)")
+    friction_angle: LearnFrictionAngle = Field(default_factory=LearnFrictionAngle,
+                                               description="friction angle (drucker_prager)")
+    viscosity: LearnViscosity = Field(default_factory=LearnViscosity, description="viscosity (newtonian_fluid)")
     color: LearnColor = Field(default_factory=LearnColor, description="colour")
     opacity: LearnOpacity = Field(default_factory=LearnOpacity, description="opacity")
     sigma0: LearnSigma0 = Field(default_factory=LearnSigma0, description="Gaussian rest size")

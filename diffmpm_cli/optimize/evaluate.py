@@ -19,7 +19,7 @@ import torch
 import trimesh
 
 from .. import metrics
-from ..params import natural
+from ..params import BY_KEY, natural
 
 CLUMPED_TOLERANCE = 0.01  # a state is physically valid with no inverted particle and at most 1 % clumped
 EXACT_SURFACE_SAMPLES = 20_000  # samples of the exact target surface for Chamfer
@@ -73,6 +73,16 @@ def evaluate_metrics(pipeline, output, targets, params: dict[str, torch.Tensor])
         p = {**pipeline.initial_parameters(["log_E", "nu"]), **params}
         E, nu = float(natural("log_E", p["log_E"]).mean()), float(natural("nu", p["nu"]).mean())
         out.update(E=E, nu=nu, **metrics.material_errors(E=E, nu=nu, truth_E=truth.E, truth_nu=truth.nu))
+        extra = pipeline.material_parameter  # the plastic or fluid model's own parameter against its truth
+        if extra is not None and getattr(truth, extra) is not None:
+            spec = BY_KEY[extra]
+            value = float(spec.natural({**pipeline.initial_parameters([spec.group]), **params}[spec.group]).mean())
+            true = getattr(truth, extra)
+            out[extra] = value
+            if extra == "friction_angle":  # degrees: an absolute error
+                out["friction_angle_abs_error"] = abs(value - true)
+            else:
+                out[f"{extra}_rel_error"] = abs(value - true) / true
     out.update(validity_metrics(pipeline, output.result))
     return out
 
@@ -155,6 +165,9 @@ def exact_target_metrics(pipeline, exact: ExactTarget, x: torch.Tensor, F: torch
 
 def main_metric(values: dict) -> tuple[str, float]:
     """The one number a progress bar shows: material error when identifying, else silhouette IoU."""
+    for name in ("yield_stress_rel_error", "friction_angle_abs_error", "viscosity_rel_error"):
+        if name in values:
+            return name, values[name]
     if "E_rel_error" in values:
         return "E_rel_error", values["E_rel_error"]
     return "silhouette_iou_mean", values["silhouette_iou_mean"]

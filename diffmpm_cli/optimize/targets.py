@@ -90,8 +90,9 @@ def exact_mesh_pictures(pipeline) -> tuple[torch.Tensor, torch.Tensor]:
 def truth_parameters(pipeline) -> dict[str, torch.Tensor]:
     """The scene's material / velocity with target.truth's values put in (the others as in the scene)."""
     truth = pipeline.scene.target.truth
-    params = pipeline.initial_parameters(["log_E", "nu", "v0"])
-    for key in ("E", "nu", "v0"):
+    keys = ("E", "nu", "v0", *((pipeline.material_parameter,) if pipeline.material_parameter else ()))
+    params = pipeline.initial_parameters([BY_KEY[key].group for key in keys])
+    for key in keys:
         value, spec = getattr(truth, key), BY_KEY[key]
         if value is not None:
             params[spec.group] = torch.tensor(spec.parameterised(value), dtype=params[spec.group].dtype,
