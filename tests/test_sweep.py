@@ -33,7 +33,7 @@ TINY["sim"].update(steps=10, frames=[5], control_stride=5, grid_resolution=12)
 TINY["render"].update(width=16, height=16)
 SWEEP = {"scene": "tiny.yaml", "params": {"learn.dFc.lr": [0.005, 0.02], "loss.silhouette": [0.5, 1.0]},
          "resources": {"cpus": 1}}
-CRASHED = "lr=0.02__silhouette=1"  # the trial whose worker dies once after its second iteration
+CRASHED = "dFc.lr=0.02__loss.silhouette=1"  # the trial whose worker dies once after its second iteration
 
 
 def write_sweep(folder, sweep=None, scene=None):
@@ -65,8 +65,8 @@ def test_a_four_trial_sweep_survives_a_killed_worker(swept):
     assert marker.is_file(), "the worker was not killed: the test proves nothing"
     result = json.loads(done.stdout)
     trials = {r["trial"]: r for r in result["trials"]}
-    assert sorted(trials) == ["lr=0.005__silhouette=0.5", "lr=0.005__silhouette=1", "lr=0.02__silhouette=0.5",
-                              "lr=0.02__silhouette=1"]
+    assert sorted(trials) == ["dFc.lr=0.005__loss.silhouette=0.5", "dFc.lr=0.005__loss.silhouette=1",
+                              "dFc.lr=0.02__loss.silhouette=0.5", "dFc.lr=0.02__loss.silhouette=1"]
     assert all(r["status"] == "finished" and r["iterations"] == 2 for r in trials.values()), trials
     # the killed trial was retried once, and the retry went on from the checkpoint of its first iteration
     assert trials[CRASHED]["retries"] == 1 and sum(r["retries"] for r in trials.values()) == 1
@@ -104,7 +104,7 @@ def test_a_rerun_skips_finished_trials_and_resumes_an_unfinished_one(swept):
     assert done.returncode == 0
     out = folder / "out"
     # as a sweep killed during a trial leaves it: the checkpoint of iteration 1, no summary, no final outputs
-    victim = out / "lr=0.005__silhouette=0.5"
+    victim = out / "dFc.lr=0.005__loss.silhouette=0.5"
     for name in ("summary.json", "checkpoints/iter_000002.pt"):
         (victim / name).unlink()
     before = {p.name: (p / "summary.json").stat().st_mtime_ns for p in out.iterdir() if (p / "summary.json").exists()}
@@ -122,6 +122,36 @@ def test_a_rerun_skips_finished_trials_and_resumes_an_unfinished_one(swept):
     third = runner.invoke(app, ["sweep", str(folder / "sweep.yaml"), "--out", str(out), "--json"])
     assert third.exit_code == 0, third.stderr
     assert all(r["session"] == "skipped" for r in json.loads(third.stdout)["trials"])
+
+
+def test_early_stopping_stops_trials_behind_the_first(tmp_path):
+    """ASHA with one trial at a time: the first (the largest step) sets the rungs, the smaller steps fall behind it
+    at the first rung and are stopped there; the stopped trials keep their run folders (no summary) and a rerun
+    leaves them stopped."""
+    sweep = {"scene": "tiny.yaml", "params": {"learn.dFc.lr": [0.064, 0.004, 0.001]}, "iterations": 4,
+             "concurrent": 1, "early_stop": {"grace": 1, "reduction": 2}}
+    write_sweep(tmp_path, sweep)
+    done = sweep_cli(tmp_path, "sweep.yaml", "--out", "out", "--json")
+    assert done.returncode == 0, done.stderr[-3000:]
+    trials = {r["trial"]: r for r in json.loads(done.stdout)["trials"]}
+    first = trials["dFc.lr=0.064"]
+    assert first["status"] == "finished" and first["iterations"] == 4
+    for name in ("dFc.lr=0.004", "dFc.lr=0.001"):
+        assert trials[name]["status"] == "stopped" and trials[name]["iterations"] < 4, trials[name]
+        assert trials[name]["value"] < first["value"]
+        assert not (tmp_path / "out" / name / "summary.json").exists()
+    again = runner.invoke(app, ["sweep", str(tmp_path / "sweep.yaml"), "--out", str(tmp_path / "out"), "--json"])
+    assert again.exit_code == 0, again.stderr
+    assert {r["trial"]: (r["status"], r["session"]) for r in json.loads(again.stdout)["trials"]} == {
+        "dFc.lr=0.064": ("finished", "skipped"), "dFc.lr=0.004": ("stopped", "skipped"),
+        "dFc.lr=0.001": ("stopped", "skipped")}
+
+
+def test_an_unreachable_cluster_is_refused_before_anything_is_written(tmp_path, monkeypatch):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    path = write_sweep(tmp_path)
+    refused(invoke(path, "--out", tmp_path / "out", "--address", "auto"), "--address: cannot reach a Ray cluster")
+    assert not (tmp_path / "out").exists()
 
 
 def invoke(*args):
@@ -175,10 +205,10 @@ def test_bad_command_lines_and_folders_are_refused(tmp_path):
     refused(invoke(path, "--out", foreign), "--out: ")
     assert sorted(p.name for p in foreign.iterdir()) == ["notes.txt"]
     out = tmp_path / "out"
-    (out / "lr=0.005__silhouette=0.5").mkdir(parents=True)
+    (out / "dFc.lr=0.005__loss.silhouette=0.5").mkdir(parents=True)
     (out / "sweep.yaml").write_text("earlier")
-    (out / "lr=0.005__silhouette=0.5" / "data.bin").write_text("mine")
-    refused(invoke(path, "--out", out), "trial lr=0.005__silhouette=0.5: ")
+    (out / "dFc.lr=0.005__loss.silhouette=0.5" / "data.bin").write_text("mine")
+    refused(invoke(path, "--out", out), "trial dFc.lr=0.005__loss.silhouette=0.5: ")
     assert (out / "sweep.yaml").read_text() == "earlier" and len(list(out.iterdir())) == 2
 
 
@@ -205,16 +235,37 @@ def test_trial_values_out_of_range_become_failed_trials_not_a_refused_sweep(tmp_
     assert (metric, mode) == ("silhouette_iou_mean", "max") and not (tmp_path / "out").exists()
 
 
+def test_several_scenes_are_a_grid_dimension(tmp_path):
+    """Two base scenes x two values: four trials named by scene and value, each with its own scene."""
+    from diffmpm_cli.sweep import prepare
+
+    write_sweep(tmp_path)
+    other = {**copy.deepcopy(TINY), "name": "other"}
+    other["source"] = {"shape": "box", "size": [0.25, 0.25, 0.25], "center": [0.5, 0.5, 0.5]}
+    (tmp_path / "other.yaml").write_text(yaml.safe_dump(other, sort_keys=False))
+    spec, base = load_sweep(tmp_path / "sweep.yaml", scenes=[str(tmp_path / "tiny.yaml"), str(tmp_path / "other.yaml")],
+                            params=["learn.dFc.lr=0.01,0.02"])
+    spec.params.pop("loss.silhouette")
+    trials, metric, mode = prepare(spec=spec, scenes=[tmp_path / "tiny.yaml", tmp_path / "other.yaml"],
+                                   out=tmp_path / "out")
+    assert sorted(t.name for t in trials) == ["other__dFc.lr=0.01", "other__dFc.lr=0.02", "tiny__dFc.lr=0.01",
+                                              "tiny__dFc.lr=0.02"]
+    shapes = {t.name.split("__")[0]: t.scene.source.shape for t in trials}
+    assert shapes == {"tiny": "sphere", "other": "box"}
+    assert all(t.params["scene"] == t.name.split("__")[0] for t in trials)
+
+
 def test_param_shortcuts_and_names():
     assert parse_param_option("learn.E.init=1e4,3e4") == ("learn.E.init", {"grid": [1e4, 3e4]})
     assert parse_param_option("source.center=[0.5,0.5,0.5],[0.4,0.5,0.5]") == (
         "source.center", {"grid": [[0.5, 0.5, 0.5], [0.4, 0.5, 0.5]]})
     assert parse_param_option("learn.nu.init=uniform:0.2,0.45") == ("learn.nu.init", {"uniform": [0.2, 0.45]})
-    assert short_keys(["learn.E.init", "learn.nu.init", "loss.volume"]) == {
-        "learn.E.init": "E.init", "learn.nu.init": "nu.init", "loss.volume": "volume"}
+    assert short_keys(["learn.E.init", "learn.nu.init", "loss.volume", "seed"]) == {
+        "learn.E.init": "E.init", "learn.nu.init": "nu.init", "loss.volume": "loss.volume", "seed": "seed"}
+    assert short_keys(["a.b.c", "x.b.c"]) == {"a.b.c": "a.b.c", "x.b.c": "x.b.c"}
     points = [{"a.x": 1e-5, "__sample": 0}, {"a.x": "p/q", "__sample": 0}, {"a.x": "p_q", "__sample": 0}]
     names = trial_names(points, ["a.x"], samples=1)
-    assert names[0] == "x=1e-05" and all("/" not in n for n in names) and len(set(names)) == 3
+    assert names[0] == "a.x=1e-05" and all("/" not in n for n in names) and len(set(names)) == 3
     long = trial_names([{"k": "v" * 300, "__sample": 0}], ["k"], samples=1)[0]
     assert len(long) <= 100
 
@@ -224,7 +275,13 @@ def test_the_help_has_examples():
     assert result.exit_code == 0 and "Examples" in result.stdout and "--address" in result.stdout
 
 
-def test_the_docs_sweep_files_are_valid():
-    for path in sorted((REPO / "scenes" / "sweeps").glob("*.yaml")):
+def test_the_example_sweeps_are_valid(tmp_path):
+    """The sweeps docs/SWEEPS.md runs: each loads, names scenes that exist, and expands to valid trials."""
+    from diffmpm_cli.sweep import prepare
+
+    paths = sorted((REPO / "scenes" / "sweeps").glob("*.yaml"))
+    assert len(paths) >= 2
+    for path in paths:
         spec, base = load_sweep(path)
-        assert spec.params, path
+        trials, metric, mode = prepare(spec=spec, scenes=[base / s for s in spec.scenes], out=tmp_path / path.stem)
+        assert len(trials) >= 3 and all(t.error is None for t in trials), path

@@ -3,16 +3,17 @@ Exit 0 done, 1 no trial finished or some ended in an error / unfinished, 2 bad i
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.console import Console
 from rich.markup import escape
+from rich.measure import Measurement
 from rich.table import Table
 
 from ..optimize.runfolder import interruptible
-from .common import JsonFlag, err, handle_errors, out
+from .common import JsonFlag, console_for, err, handle_errors, print_json
 
 EPILOG = """[bold]Examples[/]
 
@@ -83,14 +84,13 @@ def sweep(
             out_dir, option = RUN_ROOT / spec.out, "out"  # the spec keeps it inside runs/
         else:
             out_dir = RUN_ROOT / slug(spec.name)
-    log = err if as_json else out
+    # the live lines (a trial finished, failed, was retried) are progress: stderr
     result = run_sweep(spec=spec, scenes=scenes, out=out_dir, address=address, option=option,
-                       log=lambda text: log.print(escape(text), soft_wrap=True))
+                       log=lambda text: err.print(escape(text), soft_wrap=True))
+    _print(result, console_for(as_json))
     if as_json:
-        typer.echo(json.dumps({"out": str(result.out), "metric": result.metric, "mode": result.mode,
-                               "best": result.best, "trials": result.records}))
-    else:
-        _print(result)
+        print_json({"out": str(result.out), "metric": result.metric, "mode": result.mode, "best": result.best,
+                    "trials": result.records})
     if result.exit_code:
         bad = [r for r in result.records if r["status"] in ("error", "unfinished")]
         problem = (f"{len(bad)} trial(s) ended in an error or unfinished: rerun the same command to retry them"
@@ -107,7 +107,7 @@ def _scene_path(name: str, base: Path) -> Path:
     return resolve_scene(path)
 
 
-def _print(result) -> None:
+def _print(result, out) -> None:
     """The table (best first), the best trial's folder, what this session did."""
     metric = result.metric
     retried = any(r["retries"] for r in result.records)
@@ -117,6 +117,7 @@ def _print(result) -> None:
     table.add_column("trial (run folder)", overflow="fold")
     table.add_column(escape(metric), justify="right")
     table.add_column("loss", justify="right")
+    table.add_column("valid")
     table.add_column("iters", justify="right")
     table.add_column("wall s", justify="right")
     if retried:
@@ -126,11 +127,16 @@ def _print(result) -> None:
         status = r["status"] + (" (earlier)" if r["session"] == "skipped" else "")
         if r["error"]:
             status += f": {r['error'][:200]}"
+        valid = r["metrics"].get("physically_valid")
         cells = [str(r["rank"]), escape(r["trial"]), _number(r["value"]), _number(r["metrics"].get("loss")),
+                 "" if valid is None else ("yes" if valid else "[bold red]NO[/]"),
                  "" if r["iterations"] is None else str(r["iterations"]),
                  "" if r["wall_s"] is None else f"{r['wall_s']:.1f}", *([str(r["retries"] or "")] if retried else []),
                  escape(status)]
         table.add_row(*cells, style="bold green" if r is result.best else None)
+    if not out.is_terminal:  # a file or a pipe: the table whole, trial names unbroken (as wide as it needs)
+        need = Measurement.get(out, out.options.update(max_width=10_000), table).maximum
+        out = Console(file=out.file, highlight=False, width=max(out.width, need))
     out.print(table)
     if result.best is not None:
         out.print(f"best: {result.best['trial']} ({metric} {_number(result.best['value'])}): "

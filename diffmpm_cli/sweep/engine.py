@@ -24,7 +24,8 @@ from pathlib import Path
 
 from ..config import dump_scene
 from ..errors import ConfigError, DiffMPMError
-from ..optimize.runfolder import write_error
+from ..optimize.runfolder import Interrupted, write_error
+from ..outputs.files import write_text
 from .report import (
     best_record,
     make_record,
@@ -38,7 +39,6 @@ from .spec import SweepSpec
 from .trials import SCENE_KEY, Trial, check_metric, expand, inspect_folders, read_summary
 from .worker import numeric, run_trial
 
-SWEEP_FILES = ("sweep.yaml", "sweep.jsonl", "sweep.csv", "sweep.png")
 INSTALL = 'pip install "diffmpm[sweep]"'
 # set before Ray is imported: no usage statistics (no network), no Tune result files, Tune's console output off,
 # Ctrl-C reaches the sweep (which writes its records and exits 130) instead of Tune's own handler
@@ -153,8 +153,6 @@ def run_sweep(*, spec: SweepSpec, scenes: list[Path], out: Path, address: str | 
     trials, metric, mode = prepare(spec=spec, scenes=scenes, out=out, option=option)
     keys = ([SCENE_KEY] if len(scenes) > 1 else []) + list(spec.params)
     log_keys = {k for k, d in spec.params.items() if d.kind == "loguniform"}
-    folder = SweepFolder(out, option)
-    folder.acquire()
     records: dict[str, dict] = {}
     todo = [t for t in trials if t.state in ("new", "unfinished")]
     files: list[Path] = []
@@ -167,30 +165,37 @@ def run_sweep(*, spec: SweepSpec, scenes: list[Path], out: Path, address: str | 
             raise write_error(exc, what=str(out)) from exc
         return written
 
-    try:
+    for trial in trials:  # read before sweep.jsonl is rewritten (a stopped trial's record lives there)
+        if trial.state not in ("new", "unfinished"):
+            records[trial.name] = _earlier_record(trial, metric=metric, out=out)
+    for trial in todo:  # what the table shows until the trial reports
+        records[trial.name] = make_record(trial, metric=metric, status="unfinished", metrics={},
+                                          session="resumed" if trial.state == "unfinished" else "ran")
+    # Ray first (a cluster that cannot be reached, or too small for one trial, is refused before anything is
+    # written); nothing to run: no Ray at all
+    with _cluster(spec, address) if todo else contextlib.nullcontext() as placement:
+        folder = SweepFolder(out, option)
+        folder.acquire()
         try:
-            from ..outputs.files import write_text
-
-            write_text(out / "sweep.yaml", _spec_text(spec, scenes))
-        except OSError as exc:
-            raise write_error(exc, what=str(out / "sweep.yaml")) from exc
-        for trial in trials:
-            if trial.state not in ("new", "unfinished"):
-                records[trial.name] = _earlier_record(trial, metric=metric, out=out)
-        for trial in todo:  # what the table shows until the trial reports
-            records[trial.name] = make_record(trial, metric=metric, status="unfinished", metrics={},
-                                              session="resumed" if trial.state == "unfinished" else "ran")
-        save()
-        if todo:
-            _tune(spec=spec, trials=todo, metric=metric, mode=mode, address=address, records=records, save=save,
-                  log=log)
-    finally:
-        try:
-            files = save()
-            ordered = sort_records([records[t.name] for t in trials if t.name in records], mode=mode)
-            files.append(plot_metric(out / "sweep.png", ordered, keys=keys, metric=metric, log_keys=log_keys))
+            try:
+                write_text(out / "sweep.yaml", _spec_text(spec, scenes))
+            except OSError as exc:
+                raise write_error(exc, what=str(out / "sweep.yaml")) from exc
+            save()
+            if todo:
+                try:
+                    _fit(placement, spec=spec, trials=todo, metric=metric, mode=mode, records=records, save=save,
+                         log=log)
+                except KeyboardInterrupt:
+                    raise Interrupted(f"interrupted (Ctrl-C): the trials keep their checkpoints; the same command "
+                                      f"resumes the sweep in {out}") from None
         finally:
-            folder.release()
+            try:
+                files = save()
+                ordered = sort_records([records[t.name] for t in trials if t.name in records], mode=mode)
+                files.append(plot_metric(out / "sweep.png", ordered, keys=keys, metric=metric, log_keys=log_keys))
+            finally:
+                folder.release()
     ordered = sort_records([records[t.name] for t in trials], mode=mode)
     return SweepResult(records=ordered, best=best_record(ordered), metric=metric, mode=mode, out=out,
                        ran=len(todo), skipped=len(trials) - len(todo), files=[out / "sweep.yaml", *files])
@@ -252,11 +257,19 @@ def _ray(address: str | None):
         ray.shutdown()
 
 
-def _tune(*, spec: SweepSpec, trials: list[Trial], metric: str, mode: str, address: str | None, records: dict,
-          save: Callable[[], list[Path]], log: Callable[[str], None]) -> None:
-    with _ray(address) as ray:
-        from ray import tune
+@dataclass
+class Placement:
+    """Where trials run: each reserves ``cpus`` and ``gpus`` of the cluster and runs on ``device``."""
 
+    cpus: float
+    gpus: float
+    device: str
+
+
+@contextlib.contextmanager
+def _cluster(spec: SweepSpec, address: str | None):
+    """Ray (started or joined) and the resources of one trial, checked against the cluster (ConfigError)."""
+    with _ray(address) as ray:
         cluster = ray.cluster_resources()
         gpus = spec.resources.gpus
         gpus = (1.0 if cluster.get("GPU", 0) >= 1 else 0.0) if gpus is None else float(gpus)
@@ -265,41 +278,50 @@ def _tune(*, spec: SweepSpec, trials: list[Trial], metric: str, mode: str, addre
             raise ConfigError("resources.cpus", f"{cpus:g} per trial, but the Ray cluster has {cluster.get('CPU', 0):g}")
         if gpus > cluster.get("GPU", 0):
             raise ConfigError("resources.gpus", f"{gpus:g} per trial, but the Ray cluster has {cluster.get('GPU', 0):g}")
-        device = "cuda" if gpus > 0 else "cpu"  # Ray sets CUDA_VISIBLE_DEVICES: the trial's GPU is cuda:0 there
-        jobs = {t.name: {"scene": dump_scene(t.scene), "base_dir": str(t.scene_path.resolve().parent),
-                         "run_dir": str(t.run_dir.resolve()), "device": device} for t in trials}
-        by_name = {t.name: t for t in trials}
-        scheduler = None
-        if spec.early_stop is not None:
-            from ray.tune.schedulers import ASHAScheduler
+        # Ray sets CUDA_VISIBLE_DEVICES for each trial: its GPU is cuda:0 there
+        yield Placement(cpus=cpus, gpus=gpus, device="cuda" if gpus > 0 else "cpu")
 
-            planned = max(t.scene.optimize.iterations * t.scene.optimize.episodes for t in trials)
-            scheduler = ASHAScheduler(time_attr="iteration", metric=spec.early_stop.metric or metric, mode=mode,
-                                      max_t=planned, grace_period=min(spec.early_stop.grace, planned),
-                                      reduction_factor=spec.early_stop.reduction)
-        callback = _live(by_name=by_name, records=records, metric=metric, save=save, log=log)
-        storage = tempfile.mkdtemp(prefix="diffmpm-sweep-tune-")
+
+def _fit(placement: Placement, *, spec: SweepSpec, trials: list[Trial], metric: str, mode: str, records: dict,
+         save: Callable[[], list[Path]], log: Callable[[str], None]) -> None:
+    """Run ``trials`` with Ray Tune, keeping ``records`` (and the files, through ``save``) up to date."""
+    from ray import tune
+
+    jobs = {t.name: {"scene": dump_scene(t.scene), "base_dir": str(t.scene_path.resolve().parent),
+                     "run_dir": str(t.run_dir.resolve()), "device": placement.device} for t in trials}
+    by_name = {t.name: t for t in trials}
+    scheduler = None
+    if spec.early_stop is not None:
+        from ray.tune.schedulers import ASHAScheduler
+
+        planned = max(t.scene.optimize.iterations * t.scene.optimize.episodes for t in trials)
+        scheduler = ASHAScheduler(time_attr="iteration", metric=spec.early_stop.metric or metric, mode=mode,
+                                  max_t=planned, grace_period=min(spec.early_stop.grace, planned),
+                                  reduction_factor=spec.early_stop.reduction, stop_last_trials=False)
+    callback = _live(by_name=by_name, records=records, metric=metric, save=save, log=log)
+    storage = tempfile.mkdtemp(prefix="diffmpm-sweep-tune-")
+    try:
+        tuner = tune.Tuner(
+            tune.with_resources(tune.with_parameters(run_trial, trials=jobs), {"cpu": placement.cpus,
+                                                                                      "gpu": placement.gpus}),
+            param_space={"trial": tune.grid_search([t.name for t in trials])},
+            # a worker runs trial after trial (its imports and Warp's loaded kernels are paid once); each run
+            # sets its process state (RNG, threads) itself and sets it back (optimize/run.py's process_state)
+            tune_config=tune.TuneConfig(max_concurrent_trials=spec.concurrent, scheduler=scheduler,
+                                        reuse_actors=True),
+            run_config=tune.RunConfig(name="sweep", storage_path=storage, verbose=0, callbacks=[callback],
+                                      failure_config=tune.FailureConfig(max_failures=spec.retries),
+                                      log_to_file=False))
+        # Tune logs each failed try with its traceback; the sweep says it in one line (the live log, the table)
+        quiet = logging.getLogger("ray.tune")
+        level = quiet.level
+        quiet.setLevel(logging.CRITICAL)
         try:
-            tuner = tune.Tuner(
-                tune.with_resources(tune.with_parameters(run_trial, trials=jobs), {"cpu": cpus, "gpu": gpus}),
-                param_space={"trial": tune.grid_search([t.name for t in trials])},
-                # a worker runs trial after trial (its imports and Warp's loaded kernels are paid once); each run
-                # sets its process state (RNG, threads) itself and sets it back (optimize/run.py's process_state)
-                tune_config=tune.TuneConfig(max_concurrent_trials=spec.concurrent, scheduler=scheduler,
-                                            reuse_actors=True),
-                run_config=tune.RunConfig(name="sweep", storage_path=storage, verbose=0, callbacks=[callback],
-                                          failure_config=tune.FailureConfig(max_failures=spec.retries),
-                                          log_to_file=False))
-            # Tune logs each failed try with its traceback; the sweep says it in one line (the live log, the table)
-            quiet = logging.getLogger("ray.tune")
-            level = quiet.level
-            quiet.setLevel(logging.CRITICAL)
-            try:
-                tuner.fit()
-            finally:
-                quiet.setLevel(level)
+            tuner.fit()
         finally:
-            shutil.rmtree(storage, ignore_errors=True)
+            quiet.setLevel(level)
+    finally:
+        shutil.rmtree(storage, ignore_errors=True)
 
 
 def _live(**kwargs):

@@ -110,8 +110,8 @@ POINT = {"finished": (31, 119, 180), "stopped": (160, 160, 160)}
 
 def plot_metric(path: Path, records: list[dict], *, keys: list[str], metric: str, log_keys: set[str]) -> Path:
     """sweep.png: one panel per varied key, the metric of every finished (blue) and stopped (grey) trial against
-    the key's value; numbers on a linear axis (log10 for loguniform keys), anything else as categories; the best
-    trial ringed in red."""
+    the key's value; numbers on a linear axis (log10 for loguniform keys and positive values spanning a factor 30 or
+    more), anything else as categories; the best trial ringed in red."""
     keys = keys or [SCENE_KEY]
     width, height = PANEL
     picture = Image.new("RGB", (width * len(keys), height), (255, 255, 255))
@@ -132,7 +132,10 @@ def plot_metric(path: Path, records: list[dict], *, keys: list[str], metric: str
         draw.text((left, 6), f"{metric} vs {key}", fill=(0, 0, 0), font=font)
         raw = [r["params"].get(key) for r in shown]
         numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in raw) and raw
-        logx = key in log_keys and numeric and all(v > 0 for v in raw)
+        # log10 for loguniform keys and for positive values spread over more than a decade and a half (a grid
+        # such as 0.002, 0.02, 0.2)
+        positive = numeric and all(v > 0 for v in raw)
+        logx = positive and (key in log_keys or max(raw) / min(raw) >= 30)
         if numeric:
             xs = [math.log10(v) if logx else float(v) for v in raw]
             labels = None

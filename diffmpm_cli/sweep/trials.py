@@ -85,11 +85,12 @@ def value_label(value: Any) -> str:
 
 
 def short_keys(keys: list[str]) -> dict[str, str]:
-    """Each key's shortest dotted tail that no other key ends with: learn.E.init, learn.nu.init -> E.init, nu.init."""
+    """Each key's shortest dotted tail of at least two parts that no other key ends with: learn.E.init,
+    loss.volume -> E.init, loss.volume."""
     out = {}
     for key in keys:
         parts = key.split(".")
-        for n in range(1, len(parts) + 1):
+        for n in range(min(2, len(parts)), len(parts) + 1):
             tail = ".".join(parts[-n:])
             if not any(other != key and (other == tail or other.endswith("." + tail)) for other in keys):
                 out[key] = tail
@@ -104,7 +105,7 @@ def _safe(text: str) -> str:
 
 
 def trial_names(points: list[dict[str, Any]], keys: list[str], *, samples: int) -> list[str]:
-    """Deterministic folder names: ``E.init=30000__nu.init=0.3`` (short keys, values at 6 digits), sanitised to
+    """Deterministic folder names: ``E.init=30000__loss.volume=0.02`` (short keys, values at 6 digits), sanitised to
     letters, digits and ``._,=+-``, never hidden; ``__sample=K`` with several draws per grid point; at most MAX_NAME
     characters (longer ones end in a hash of the exact parameters); names that would collide get that hash too."""
     short = short_keys(keys)
@@ -114,7 +115,7 @@ def trial_names(points: list[dict[str, Any]], keys: list[str], *, samples: int) 
 
     names = []
     for point in points:
-        pieces = [_safe(value_label(point[SCENE_KEY]))] if SCENE_KEY in point else []
+        pieces = [_safe(Path(point[SCENE_KEY]).stem)] if SCENE_KEY in point else []
         pieces += [f"{_safe(short[k])}={_safe(value_label(point[k]))}" for k in keys if k != SCENE_KEY]
         if samples > 1:
             pieces.append(f"sample={point['__sample']}")
