@@ -361,3 +361,56 @@ def test_a_fluid_column_spreads_at_the_shallow_water_front_speed():
     viscous, _, viscous_energies = dam_break(20.0)
     assert viscous[-1] < 0.9 * front[-1], (viscous[-1], front[-1])
     assert viscous_energies[-1] < energies[-1]  # dissipates more
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the scene: presets, checks, parameter rows
+
+
+def test_material_parameters_are_checked_with_one_error_line():
+    """A model needs its own parameter and refuses another's (given, learned or true): one line, exit 2."""
+    from conftest import REPO
+    from typer.testing import CliRunner
+
+    from diffmpm_cli.cli import app
+
+    scene = str(REPO / "scenes" / "plasticine_drop.yaml")
+    cases = [
+        (["--set", "material.model=neo_hookean"], "error: material.yield_stress: is not a parameter of"),
+        (["--set", "material.yield_stress=null"], "error: material.yield_stress: material.model von_mises needs it"),
+        (["--set", "learn.viscosity.enabled=true"], "error: learn.viscosity.enabled: material.model von_mises has"),
+        (["--set", "target.truth.friction_angle=30"], "error: target.truth.friction_angle: is not a parameter of"),
+        (["--set", "material.friction_angle=95"], "error: material.friction_angle:"),
+    ]
+    for overrides, message in cases:
+        result = CliRunner().invoke(app, ["validate", scene, *overrides])
+        assert result.exit_code == 2, (overrides, result.output)
+        lines = [line for line in result.output.strip().splitlines() if line]
+        assert len(lines) == 1 and lines[0].startswith(message), (overrides, result.output)
+
+
+@pytest.mark.parametrize("preset,model", [("plasticine", "von_mises"), ("sand", "drucker_prager"),
+                                          ("water", "newtonian_fluid"), ("honey", "newtonian_fluid")])
+def test_presets_route_their_parameter_into_the_rollout(preset, model, write_scene):
+    """A preset's model parameter reaches simulate (through the ParamSpec row and the pipeline), and only its own
+    model's row is a parameter group of the scene."""
+    from conftest import BASE_SCENE
+
+    from diffmpm_cli.assets import build_assets
+    from diffmpm_cli.config import load_scene
+    from diffmpm_cli.params import PARAMS
+    from diffmpm_cli.pipeline import Pipeline
+
+    scene = {**BASE_SCENE, "material": {"preset": preset}, "sim": {**BASE_SCENE["sim"], "steps": 2, "control_stride": 2, "frames": []}}
+    cfg = load_scene(write_scene(scene))
+    assert cfg.material.model == model
+    pipeline = Pipeline(cfg, build_assets(cfg))
+    name = pipeline.material_parameter
+    assert name == EXTRA[model][0]
+    own = [spec.key for spec in PARAMS if spec.model is not None and spec.applies_to(model)]
+    assert own == [name]
+    spec = next(s for s in PARAMS if s.key == name)
+    value = getattr(cfg.material, name)
+    assert float(spec.natural(pipeline.initial_parameters([spec.group])[spec.group])) == pytest.approx(value, rel=1e-6)
+    result = pipeline.simulate({})
+    assert torch.isfinite(result.x).all()
