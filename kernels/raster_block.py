@@ -35,17 +35,22 @@ float a[16];
 #pragma unroll
 for (int i = 0; i < 16; ++i) a[i] = v.c[i];
 // recursive halving: at each exchange a lane keeps half of its slots and receives its partner's sum of them,
-// so 16 values are summed over the warp with 16 shuffles instead of 80; lane l ends with slot (l >> 1) & 15
-#pragma unroll
-for (int m = 16, n = 16; m >= 2; m >>= 1, n >>= 1) {
-    const bool upper = (lane & m) != 0;
-#pragma unroll
-    for (int i = 0; i < n / 2; ++i) {
-        const float send = upper ? a[i] : a[i + n / 2];
-        const float keep = upper ? a[i + n / 2] : a[i];
-        a[i] = keep + __shfl_xor_sync(0xffffffff, send, m);
-    }
+// so 16 values are summed over the warp with 16 shuffles instead of 80; lane l ends with slot (l >> 1) & 15.
+// Every index is a compile-time constant (one expansion per level; both slots read before a select of values), so
+// a[] lives in registers: a loop over the levels (two induction variables) was not unrolled and a select of
+// a[i] and a[i + n / 2] indexed a[] dynamically, which put it in local memory (ncu: ~35 local loads and ~14 local
+// stores per pixel and Gaussian in the backward, L2 80 % busy with them)
+#define DIFFMPM_HALVE(M) { \
+    const bool upper = (lane & (M)) != 0; \
+    _Pragma("unroll") \
+    for (int i = 0; i < (M) / 2; ++i) { \
+        const float low = a[i]; \
+        const float high = a[i + (M) / 2]; \
+        a[i] = (upper ? high : low) + __shfl_xor_sync(0xffffffff, upper ? low : high, (M)); \
+    } \
 }
+DIFFMPM_HALVE(16) DIFFMPM_HALVE(8) DIFFMPM_HALVE(4) DIFFMPM_HALVE(2)
+#undef DIFFMPM_HALVE
 return a[0] + __shfl_xor_sync(0xffffffff, a[0], 1);
 #else
 return v.c[0];
@@ -75,21 +80,20 @@ def warp_lanes() -> int: ...
 
 
 @wp.func
-def add_gradient(grads: wp.array(dtype=float), row: int, g: vec16, lane: int, used: int):
-    """Add one Gaussian's gradient slots, summed over the warp, to its row of ``grads`` ([rows, SLOTS] flat).
+def add_warp_sum(grads: wp.array(dtype=float), row: int, s: float, lane: int, used: int):
+    """CUDA: after warp_slot_sum (lane l holds the warp's sum of slot (l >> 1) & 15), the even lanes add one slot
+    each to row ``row`` of ``grads`` ([rows, SLOTS] flat)."""
+    slot = (lane >> 1) & 15
+    if (lane & 1) == 0 and slot < used and s != 0.0:
+        wp.atomic_add(grads, row * SLOTS + slot, s)
 
-    On CUDA (all 32 lanes calling with the same row): one transposing warp reduction, then the even lanes add
-    one slot each. On the CPU every lane is its own warp and adds its own non-zero slots.
-    """
-    if warp_lanes() != 0:
-        s = warp_slot_sum(g, lane)
-        slot = (lane >> 1) & 15
-        if (lane & 1) == 0 and slot < used and s != 0.0:
-            wp.atomic_add(grads, row * SLOTS + slot, s)
-    else:
-        for slot in range(used):
-            if g[slot] != 0.0:
-                wp.atomic_add(grads, row * SLOTS + slot, g[slot])
+
+@wp.func
+def add_lane(grads: wp.array(dtype=float), row: int, g: vec16, used: int):
+    """CPU (every lane its own warp): add this lane's non-zero slots to row ``row`` of ``grads``."""
+    for slot in range(16):  # a constant trip count: unrolled, g is never indexed dynamically
+        if slot < used and g[slot] != 0.0:
+            wp.atomic_add(grads, row * SLOTS + slot, g[slot])
 
 
 @wp.kernel
@@ -215,11 +219,11 @@ def rasterize_forward_block(
                 T = next_T
         b += BLOCK
     if inside:
-        for d in range(D):
-            value = image_out[pix, d]
-            if d < 4:
-                value = acc[d]
-            image_out[pix, d] = value + T * raster.backgrounds[c, d]
+        for d in range(4):  # constant trip count: acc stays in registers
+            if d < D:
+                image_out[pix, d] = acc[d] + T * raster.backgrounds[c, d]
+        for d in range(4, D):
+            image_out[pix, d] = image_out[pix, d] + T * raster.backgrounds[c, d]
         if raster.with_depth != 0:
             image_out[pix, D] = depth_acc
         alpha_out[pix] = 1.0 - T
@@ -260,7 +264,8 @@ def rasterize_backward_block(
         my_last = last[pix]
         for d in range(D):
             bg_dot += raster.backgrounds[c, d] * v_image[pix, d]
-            if d < 4:
+        for d in range(4):  # constant trip count: v_rgb stays in registers (a dynamic index puts it in local memory)
+            if d < D:
                 v_rgb[d] = v_image[pix, d]
         if raster.with_depth != 0:
             v_dep = v_image[pix, D]
@@ -316,6 +321,11 @@ def rasterize_backward_block(
                     g[6] = 0.5 * vs * dx * dx
                     g[7] = vs * dx * dy
                     g[8] = 0.5 * vs * dy * dy
+            # the gradient slots never pass through a function call with g by value on CUDA: a call nvcc did not
+            # inline put g in local memory (ncu: ~14 local stores and ~35 local loads per pixel and Gaussian)
             if warp_any(valid) != 0:
-                add_gradient(v_slots, idx, g, lane, used)
+                if warp_lanes() != 0:
+                    add_warp_sum(v_slots, idx, warp_slot_sum(g, lane), lane, used)
+                else:
+                    add_lane(v_slots, idx, g, used)
         hi = lo
