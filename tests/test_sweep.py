@@ -149,6 +149,7 @@ def test_early_stopping_stops_trials_behind_the_first(tmp_path):
 
 def test_an_unreachable_cluster_is_refused_before_anything_is_written(tmp_path, monkeypatch):
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path / "ray"))  # where `auto` looks: no Ray started by anyone else
     path = write_sweep(tmp_path)
     refused(invoke(path, "--out", tmp_path / "out", "--address", "auto"), "--address: cannot reach a Ray cluster")
     assert not (tmp_path / "out").exists()

@@ -125,8 +125,8 @@ def _print(result, out) -> None:
     table.add_column("status", overflow="fold")
     for r in result.records:
         status = r["status"] + (" (earlier)" if r["session"] == "skipped" else "")
-        if r["error"]:
-            status += f": {r['error'][:200]}"
+        if r["error"]:  # whole in sweep.jsonl and sweep.csv
+            status += ": " + (r["error"] if len(r["error"]) <= 90 else r["error"][:87] + "...")
         valid = r["metrics"].get("physically_valid")
         cells = [str(r["rank"]), escape(r["trial"]), _number(r["value"]), _number(r["metrics"].get("loss")),
                  "" if valid is None else ("yes" if valid else "[bold red]NO[/]"),
