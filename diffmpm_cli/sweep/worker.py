@@ -71,7 +71,7 @@ def run_trial(config: dict, *, trials: dict[str, dict]) -> None:
     except DiffMPMError as exc:
         summary = read_summary(run_dir) if getattr(exc, "exit_code", 1) == 1 else None  # a NaN run writes one
         final = numeric(summary["final"]) if summary and summary.get("failed") else {}
-        tune.report({**final, "iteration": summary.get("iterations", 0) if final else 0, "trial_status": "failed",
+        tune.report({**final, "iteration": summary.get("iterations") if final else None, "trial_status": "failed",
                      "trial_error": " ".join(str(exc).split())})
         return
     tune.report({**numeric(summary["final"]), "iteration": summary["iterations"], "trial_status": "finished",
