@@ -22,7 +22,15 @@ from .sim.controls import control_matrices
 from .sim.model import MPMModel
 from .sim.op import RolloutResult, simulate
 from .sim.solver import Simulator
-from .splats import default_sigma0, embed_surface, rest_covariances, splat_gaussians, surface_gaussians
+from .splats import (
+    default_sigma0,
+    embed_surface,
+    embedding_deformation,
+    rest_covariances,
+    splat_gaussians,
+    surface_gaussians,
+    view_colors,
+)
 
 __all__ = ["GROUP_OF", "GROUPS", "Pipeline", "PipelineOutput"]
 
@@ -52,6 +60,11 @@ class Pipeline:
         if self.mode == "surface":
             self.embedding = embed_surface(source.surface_points.to(self.device), source.surface_normals.to(self.device),
                                            self.x0, neighbors=appearance.neighbors)
+        self.splats = source.splats  # a trained 3DGS source: its own shapes, colours, opacities and SH
+        if self.splats is not None:
+            self.embedding.rest_covars = torch.as_tensor(self.splats.covars, dtype=torch.float32, device=self.device)
+            self.sh_rest = torch.as_tensor(self.splats.sh_rest, dtype=torch.float32, device=self.device)
+            self.sh_frame = torch.as_tensor(self.splats.frame, dtype=torch.float32, device=self.device)
         cameras = build_cameras(scene.render, default_target=assets.grid.center)
         self.camera_names = cameras.names
         self.viewmats, self.Ks = cameras.to_torch(self.device)
@@ -65,6 +78,8 @@ class Pipeline:
         self.sigma0 = appearance.sigma0 if appearance.sigma0 is not None else default_sigma0(
             mode=self.mode, surface_area=float(source.mesh.area), samples=appearance.surface_samples,
             spacing=assets.spacing)
+        if self.splats is not None and appearance.sigma0 is None:
+            self.sigma0 = 1.0  # a factor on the trained Gaussians' sizes
         self.target_color = scene.target.color if scene.target.color is not None else appearance.color
 
     @property
@@ -86,6 +101,11 @@ class Pipeline:
                 g = torch.Generator().manual_seed(s.optimize.seed if seed is None else seed)
                 K = self.model.control_layers(self.steps)
                 out[group] = (s.learn.dFc.init_scale * torch.randn(K, n, 3, 3, generator=g)).to(self.device)
+            elif self.splats is not None and group in ("color", "opacity_logit"):  # the trained values
+                trained = self.splats.colors if group == "color" else self.splats.opacities
+                value = torch.as_tensor(trained, dtype=torch.float32)
+                out[group] = (value.clamp(0, 1) if group == "color" else torch.logit(value.clamp(1e-6, 1 - 1e-6)))\
+                    .to(self.device)
             else:
                 out[group] = BY_GROUP[group].initial(self)
         return out
@@ -116,13 +136,18 @@ class Pipeline:
         c = self.scene.learn.dFc
         return control_matrices(dFc, max_strain=c.max_strain, max_volume_strain=c.max_volume_strain)
 
-    def gaussians(self, x: torch.Tensor, F: torch.Tensor, params: dict[str, torch.Tensor]):
-        """means [M, 3], covars [M, 3, 3], colors [M, 3], opacities [M] for one state."""
+    def gaussians(self, x: torch.Tensor, F: torch.Tensor, params: dict[str, torch.Tensor], *, viewmats=None):
+        """means [M, 3], covars [M, 3, 3], colors [M, 3], opacities [M] for one state; colors [C, M, 3] per camera
+        of ``viewmats`` [C, 4, 4] when the source is a trained 3DGS scene with view-dependent (SH degree >= 1)
+        colours (without viewmats: their degree-0 colours)."""
         p = self._with_defaults(params, ("color", "opacity_logit", "log_sigma0"))
         means, covars = splat_gaussians(x, F, self.embedding, sigma0=natural("log_sigma0", p["log_sigma0"]),
                                         thickness=self.thickness)
         m = means.shape[0]
         colors = p["color"].expand(m, 3)
+        if viewmats is not None and self.splats is not None and self.splats.degree > 0:
+            colors = view_colors(colors, self.sh_rest, means=means, Fbar=embedding_deformation(F, self.embedding),
+                                 viewmats=viewmats, frame=self.sh_frame)
         opacities = natural("opacity_logit", p["opacity_logit"]).expand(m)
         return means, covars, colors, opacities
 
@@ -167,7 +192,8 @@ class Pipeline:
         result = self.simulate(params, start=start, frames=frames)
         images, alphas, depths = [], [], []
         for row in range(len(result.frames)):
-            image, alpha, depth = self.render(*self.gaussians(result.x[row], result.F[row], params), cutoffs=cutoffs)
+            image, alpha, depth = self.render(*self.gaussians(result.x[row], result.F[row], params,
+                                                              viewmats=self.viewmats), cutoffs=cutoffs)
             images.append(image)
             alphas.append(alpha)
             depths.append(depth)

@@ -22,12 +22,15 @@ NEIGHBOR_CHUNK = 4096  # surface samples per distance block when searching neigh
 @dataclass
 class SurfaceEmbedding:
     """Rest-state binding of M surface Gaussians to particles: indices [M, k], weights [M, k] (rows sum to 1),
-    offsets X_j - X_p [M, k, 3] (m) and rest normals [M, 3]."""
+    offsets X_j - X_p [M, k, 3] (m) and rest normals [M, 3]. ``rest_covars`` [M, 3, 3] m^2: the rest covariances of
+    Gaussians read from a trained 3DGS scene (then sigma0 is a dimensionless factor on their sizes, 1 = as trained),
+    None for surface discs."""
 
     indices: torch.Tensor
     weights: torch.Tensor
     offsets: torch.Tensor
     normals: torch.Tensor
+    rest_covars: torch.Tensor | None = None
 
     @property
     def gaussian_count(self) -> int:
@@ -35,7 +38,8 @@ class SurfaceEmbedding:
 
     def to(self, dtype: torch.dtype) -> SurfaceEmbedding:
         return SurfaceEmbedding(indices=self.indices, weights=self.weights.to(dtype), offsets=self.offsets.to(dtype),
-                                normals=self.normals.to(dtype))
+                                normals=self.normals.to(dtype),
+                                rest_covars=None if self.rest_covars is None else self.rest_covars.to(dtype))
 
 
 def embed_surface(samples: torch.Tensor, normals: torch.Tensor, particles: torch.Tensor, *, neighbors: int,
@@ -66,8 +70,61 @@ def surface_gaussians(x: torch.Tensor, F: torch.Tensor, embedding: SurfaceEmbedd
     Fn = F[embedding.indices]  # [M, k, 3, 3]
     means = (w * (x[embedding.indices] + (Fn @ embedding.offsets[..., None])[..., 0])).sum(dim=1)
     Fbar = (embedding.weights[..., None, None] * Fn).sum(dim=1)
-    rest = rest_covariances(embedding.normals, sigma0=sigma0, thickness=thickness)
+    if embedding.rest_covars is not None:  # trained Gaussians: their own shapes, sigma0 a factor on their sizes
+        rest = sigma0**2 * embedding.rest_covars
+    else:
+        rest = rest_covariances(embedding.normals, sigma0=sigma0, thickness=thickness)
     return means, Fbar @ rest @ Fbar.transpose(1, 2)
+
+
+def embedding_deformation(F: torch.Tensor, embedding: SurfaceEmbedding) -> torch.Tensor:
+    """Fbar_j = sum_p w_jp F_p [M, 3, 3]: the local deformation each Gaussian follows."""
+    return (embedding.weights[..., None, None] * F[embedding.indices]).sum(dim=1)
+
+
+# real spherical harmonics of degrees 1..3 as the 3DGS code evaluates them (utils/sh_utils.py eval_sh)
+SH_C0 = 0.28209479177387814
+SH_C1 = 0.4886025119029199
+SH_C2 = (1.0925484305920792, -1.0925484305920792, 0.31539156525252005, -1.0925484305920792, 0.5462742152960396)
+SH_C3 = (-0.5900435899266435, 2.890611442640554, -0.4570457994644658, 0.3731763325901154, -0.4570457994644658,
+         1.445305721320277, -0.5900435899266435)
+
+
+def sh_basis(dirs: torch.Tensor, degree: int) -> torch.Tensor:
+    """The 3DGS real SH basis of unit directions [..., 3] for degrees 1..``degree``: [..., (degree + 1)^2 - 1]."""
+    x, y, z = dirs[..., 0], dirs[..., 1], dirs[..., 2]
+    out = []
+    if degree >= 1:
+        out += [-SH_C1 * y, SH_C1 * z, -SH_C1 * x]
+    if degree >= 2:
+        xx, yy, zz, xy, yz, xz = x * x, y * y, z * z, x * y, y * z, x * z
+        out += [SH_C2[0] * xy, SH_C2[1] * yz, SH_C2[2] * (2 * zz - xx - yy), SH_C2[3] * xz, SH_C2[4] * (xx - yy)]
+    if degree >= 3:
+        out += [SH_C3[0] * y * (3 * xx - yy), SH_C3[1] * xy * z, SH_C3[2] * y * (4 * zz - xx - yy),
+                SH_C3[3] * z * (2 * zz - 3 * xx - 3 * yy), SH_C3[4] * x * (4 * zz - xx - yy),
+                SH_C3[5] * z * (xx - yy), SH_C3[6] * x * (xx - 3 * yy)]
+    return torch.stack(out, dim=-1)
+
+
+def view_colors(colors: torch.Tensor, sh_rest: torch.Tensor, *, means: torch.Tensor, Fbar: torch.Tensor,
+                viewmats: torch.Tensor, frame: torch.Tensor | None = None, eps: float = 1e-12) -> torch.Tensor:
+    """Per-camera colours [C, M, 3] of Gaussians with view-dependent SH: colors [M, 3] (the degree-0 term, RGB) plus
+    sum_k sh_rest[:, k] Y_k(d), clamped at 0 as 3DGS does. d is the viewing direction (camera centre -> mean) pulled
+    back to the rest configuration by Fbar^-1 [M, 3, 3] and turned into the trained scene's frame by
+    ``frame``^T [3, 3] (the rotation that placed it; None = identity), so that an undeformed, unplaced Gaussian
+    looks exactly as trained."""
+    degree = {0: 0, 3: 1, 8: 2, 15: 3}[sh_rest.shape[1]]
+    if degree == 0:
+        return colors.expand(viewmats.shape[0], *colors.shape)
+    R, t = viewmats[:, :3, :3], viewmats[:, :3, 3]
+    centres = -(R.transpose(1, 2) @ t[..., None])[..., 0]  # [C, 3]
+    d = means[None] - centres[:, None]  # [C, M, 3]
+    d = torch.linalg.solve(Fbar[None].expand(d.shape[0], -1, -1, -1), d[..., None])[..., 0]
+    if frame is not None:
+        d = d @ frame  # frame^T d for row vectors
+    d = d / torch.sqrt((d * d).sum(-1, keepdim=True) + eps)
+    basis = sh_basis(d, degree)  # [C, M, K]
+    return (colors[None] + torch.einsum("cmk,mkd->cmd", basis, sh_rest)).clamp_min(0.0)
 
 
 def rest_covariances(normals: torch.Tensor, *, sigma0, thickness: float) -> torch.Tensor:

@@ -21,6 +21,7 @@ import yaml
 from conftest import BASE_SCENE, REPO, SCENES
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from PIL import Image
 from test_hardening import ALIAS_BOMB, bomb_png, corrupt_png
 from typer.testing import CliRunner
 
@@ -129,7 +130,8 @@ def corpus(tmp_path_factory) -> Path:
     bomb_png(d / "bomb.png")
     bomb_png(d / "big.png", side=9000)
     (d / "garbage.png").write_bytes(b"\x89PNG\r\n\x1a\n" + os.urandom(200))
-    (d / "wrong_size.png").write_bytes((REPO / "scenes" / "images" / "torus_view0.png").read_bytes())
+    with Image.open(REPO / "scenes" / "images" / "torus_view0.png") as img:  # another aspect than the 32x32 render
+        img.crop((0, 0, img.width, img.height * 5 // 8)).save(d / "wrong_size.png")
     (d / "text.png").write_text("not a picture")
     for picture in ("corrupt", "bomb", "big", "garbage", "wrong_size", "text"):
         data = copy.deepcopy(BASE_SCENE)

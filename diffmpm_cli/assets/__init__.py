@@ -15,12 +15,13 @@ import torch
 import trimesh
 
 from ..errors import AssetError, ConfigError
-from ..render.camera import CameraSet, build_cameras, check_view
+from ..render.camera import CameraSet, build_cameras, check_view, similarity
 from ..sim.grid import GridSpec
 from .images import load_picture
 from .lattice import lattice_box_count, lattice_particles
 from .sequences import sequence_pictures
 from .shapes import build_mesh
+from .splat_source import SplatCloud, place_splats, read_splat_ply, select_splats, splat_particles
 
 __all__ = ["Body", "SceneAssets", "build_assets", "build_mesh", "make_body", "check_inside", "check_above_floor",
            "MAX_PARTICLES"]
@@ -43,6 +44,8 @@ class Body:
     masses: torch.Tensor
     surface_points: torch.Tensor
     surface_normals: torch.Tensor
+    splats: SplatCloud | None = None  # a trained 3DGS source: its Gaussians (surface_points are their means)
+    filled: tuple[int, int] | None = None  # a 3DGS source: (particles the Gaussians cover, particles filled inside)
 
     @property
     def particle_count(self) -> int:
@@ -89,6 +92,45 @@ def make_body(mesh: trimesh.Trimesh, *, key: str, grid: GridSpec, particles_per_
         surface_points=as_tensor(surface),
         surface_normals=as_tensor(normals),
     )
+
+
+def make_splat_body(scene, *, key: str, grid: GridSpec, density: float) -> Body:
+    """The body of a ``gaussians`` source (assets/splat_source.py): its Gaussians read, selected and placed, and
+    particles on the grid's lattice where they cover and enclose the object; the mesh is the particles' convex hull
+    (bounds, floor and view checks). Raises AssetError / ConfigError naming ``key`` or the conflicting setting."""
+    src = scene.source
+    if scene.appearance.gaussians != "surface":
+        raise ConfigError("appearance.gaussians", "a gaussians source renders its own trained Gaussians: use surface")
+    for name in ("color", "opacity"):
+        section = getattr(scene.learn, name)
+        if section.enabled and not section.per_gaussian:
+            raise ConfigError(f"learn.{name}.per_gaussian", f"a gaussians source has one {name} per trained Gaussian: "
+                                                            "set per_gaussian: true")
+        if section.enabled and section.init is not None:
+            raise ConfigError(f"learn.{name}.init", f"a gaussians source starts from its trained {name}s: leave null")
+    cloud = read_splat_ply(src.path, key=f"{key}.path")
+    crop_sphere = None if src.crop_sphere is None else (src.crop_sphere.center, src.crop_sphere.radius)
+    cloud = select_splats(cloud, crop_box=src.crop_box, crop_sphere=crop_sphere, min_opacity=src.min_opacity, key=key)
+    if src.world_from_capture is not None:
+        scale, rotation, shift = similarity(src.world_from_capture, f"{key}.world_from_capture")
+        cloud = place_splats(cloud, scale=scale, rotation=rotation, shift=shift)
+    spacing = grid.dx / scene.sim.particles_per_cell
+    points, shell, filled = splat_particles(cloud, origin=grid.lower, spacing=spacing, sigmas=src.occupancy_sigmas,
+                                            fill=src.fill, key=key, max_points=MAX_LATTICE)
+    if len(points) < 4:
+        raise AssetError(key, f"the Gaussians cover {len(points)} particle-lattice points at spacing {spacing:.4g} m: "
+                              "raise sim.grid_resolution or sim.particles_per_cell, or occupancy_sigmas")
+    if len(points) > MAX_PARTICLES:
+        raise AssetError(key, f"{len(points):,} particles exceed the limit of {MAX_PARTICLES:,}; lower the resolution")
+    try:
+        hull = trimesh.convex.convex_hull(points)
+    except Exception as exc:  # noqa: BLE001 - qhull refuses flat point sets with its own error types
+        raise AssetError(key, f"the particles span no volume (all in one plane?): {exc}") from None
+    as_tensor = lambda a: torch.as_tensor(np.asarray(a), dtype=torch.float32)  # noqa: E731
+    volume = spacing**3
+    return Body(mesh=hull, positions=as_tensor(points), volumes=torch.full((len(points),), volume),
+                masses=torch.full((len(points),), density * volume), surface_points=as_tensor(cloud.means),
+                surface_normals=as_tensor(cloud.normals()), splats=cloud, filled=(shell, filled))
 
 
 def check_inside(bounds, grid: GridSpec, key: str) -> None:
@@ -141,7 +183,12 @@ def build_assets(scene, *, device: str = "cpu") -> SceneAssets:
     common = dict(grid=grid, particles_per_cell=scene.sim.particles_per_cell, density=scene.material.density,
                   jitter=scene.sim.jitter)
     # every shape first (cheap refusals before any particles are made)
-    source_mesh = build_mesh(scene.source, key="source", default_center=grid.center)
+    splat_body = None
+    if scene.source.shape == "gaussians":  # a trained 3DGS scene: its particles come from its Gaussians
+        splat_body = make_splat_body(scene, key="source", grid=grid, density=scene.material.density)
+        source_mesh = splat_body.mesh
+    else:
+        source_mesh = build_mesh(scene.source, key="source", default_center=grid.center)
     check_inside(source_mesh.bounds, grid, "source")
     check_above_floor(source_mesh, scene.sim.floor, "source")
     target_mesh = None
@@ -163,7 +210,8 @@ def build_assets(scene, *, device: str = "cpu") -> SceneAssets:
             raise ConfigError(f"target.sequences[{i}].camera", f"no camera named '{sequence.camera}' (cameras: {shown})")
         for _ in sequence_pictures(scene, i):
             pass
-    source = make_body(source_mesh, key="source", rng=rng, surface_samples=scene.appearance.surface_samples, **common)
+    source = splat_body or make_body(source_mesh, key="source", rng=rng,
+                                     surface_samples=scene.appearance.surface_samples, **common)
     target = target_mass = None
     if target_mesh is not None:
         target = make_body(target_mesh, key="target.mesh", rng=rng, surface_samples=target_surface_samples(scene),

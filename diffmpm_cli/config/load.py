@@ -20,7 +20,7 @@ import yaml
 from pydantic import ValidationError
 
 from ..errors import ConfigError, clip
-from .schema import SHAPE_TYPES, MeshFile, Scene
+from .schema import SHAPE_TYPES, GaussianSource, MeshFile, Scene
 from .sequences import is_video
 
 SCENE_KEYS = tuple(Scene.model_fields)
@@ -430,7 +430,7 @@ def _describe(err: dict) -> tuple[list, str]:
 
 def _expected_tags(discriminator: str) -> str:
     if discriminator == "shape":
-        tags = [t.model_fields["shape"].annotation.__args__[0] for t in SHAPE_TYPES]
+        tags = [t.model_fields["shape"].annotation.__args__[0] for t in (*SHAPE_TYPES, GaussianSource)]
     else:
         tags = ["orbit", "pinhole", "capture"]
     return ", ".join(f"'{t}'" for t in tags)
@@ -501,7 +501,7 @@ def _resolve_paths(scene: Scene, base_dir: Path) -> None:
     roots = [("source", scene.source)] + ([("target.mesh", scene.target.mesh)] if scene.target.mesh else [])
     for root_key, root in roots:
         for key, shape in iter_shapes(root, root_key):
-            if isinstance(shape, MeshFile):
+            if isinstance(shape, (MeshFile, GaussianSource)):
                 shape.path = str(_existing_file(base_dir, shape.path, f"{key}.path"))
     for i, image in enumerate(scene.target.images):
         image.path = str(_existing_file(base_dir, image.path, f"target.images[{i}].path"))

@@ -178,6 +178,40 @@ COMPOSITE_TYPES = (Union_, Difference, Intersection)
 for _model in COMPOSITE_TYPES:
     _model.model_rebuild()
 
+class SphereCrop(Section):
+    center: Vec3 = Field(description="centre [m, the PLY's coordinates]")
+    radius: Positive = Field(description="radius [m, the PLY's coordinates]")
+
+
+class GaussianSource(Section):
+    """A trained 3D Gaussian Splatting scene as the body (docs/CAPTURES.md): the INRIA PLY layout (SH degree 0..3,
+    opacity logits, log scales, w x y z quaternions). The object is selected by a crop and an opacity threshold,
+    filled with particles (the lattice points its Gaussians cover and those they enclose), and every Gaussian
+    follows the particles around it (mean by the local deformation, covariance F S F^T, view-dependent colour
+    evaluated in the rest frame)."""
+
+    shape: Literal["gaussians"]
+    path: str = Field(description="3DGS PLY file, relative to the scene file (resolved to an absolute path on load)")
+    world_from_capture: Mat4 | None = Field(
+        None, description="4x4 similarity (uniform scale x rotation, translation) taking the PLY's coordinates to the "
+        "scene's [m] (the same matrix as the capture rig's); null = the PLY's coordinates are the scene's")
+    crop_box: Annotated[list[Vec3], _exactly(2)] | None = Field(
+        None, description="keep the Gaussians whose means lie in [lower, upper] (the PLY's coordinates); null = all")
+    crop_sphere: SphereCrop | None = Field(None, description="keep the Gaussians within this sphere; null = all")
+    min_opacity: Annotated[float, Field(ge=0.0, lt=1.0)] = Field(
+        0.1, description="keep the Gaussians at least this opaque (floaters and faint fog are dropped)")
+    occupancy_sigmas: Annotated[float, Field(gt=0.0, le=5.0)] = Field(
+        2.0, description="a particle-lattice point is inside the object when it lies within this many standard "
+        "deviations (Mahalanobis distance) of a kept Gaussian")
+    fill: bool = Field(True, description="also fill the lattice points the Gaussians enclose (a trained scene is a "
+                       "shell of surface Gaussians; the interior is reported as filled)")
+
+
+Source = Annotated[
+    Union[Sphere, Box, Torus, Capsule, Cylinder, MeshFile, Union_, Difference, Intersection, GaussianSource],
+    Field(discriminator="shape"),
+]
+
 # ----------------------------------------------------------------------------------------------------------------
 # target
 
@@ -607,7 +641,6 @@ class OutputConfig(Section):
                              "frame (an animated splat sequence)")
 
 
-
 # ----------------------------------------------------------------------------------------------------------------
 # the scene
 
@@ -616,7 +649,7 @@ class Scene(Section):
     """A whole scene file."""
 
     name: str | None = Field(None, description="scene name; null = the file's stem")
-    source: Shape = Field(description="the object that is simulated")
+    source: Source = Field(description="the object that is simulated: a shape, or a trained 3DGS scene (gaussians)")
     target: TargetConfig = Field(description="what the result is compared with: a mesh, images and/or truth")
     material: MaterialConfig = Field(default_factory=MaterialConfig, description="constitutive model and parameters")
     sim: SimConfig = Field(default_factory=SimConfig, description="MPM grid, particles, time stepping, walls")

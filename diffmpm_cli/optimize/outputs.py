@@ -37,8 +37,8 @@ def render_turntable(pipeline, params, x, F, *, count: int, size: tuple[int, int
     viewmats, Ks = cams.to_torch(pipeline.device)
     frames = []
     with torch.no_grad():
-        gaussians = pipeline.gaussians(x, F, params)
-        for start in range(0, count, 8):
+        for start in range(0, count, 8):  # view-dependent colours (a trained 3DGS source) per chunk of views
+            gaussians = pipeline.gaussians(x, F, params, viewmats=viewmats[start:start + 8])
             images, _, _ = pipeline.render(*gaussians, with_depth=False, viewmats=viewmats[start:start + 8],
                                            Ks=Ks[start:start + 8], size=size)
             frames.extend(to_uint8(img.cpu()) for img in images)
@@ -68,6 +68,8 @@ def splat_recipe(pipeline, params) -> dict[str, np.ndarray]:
             e = pipeline.embedding
             recipe.update(embedding_indices=e.indices.cpu().numpy(), embedding_weights=e.weights.cpu().numpy(),
                           embedding_offsets=e.offsets.cpu().numpy(), embedding_normals=e.normals.cpu().numpy())
+            if e.rest_covars is not None:  # a trained 3DGS source's own rest shapes
+                recipe["embedding_rest_covars"] = e.rest_covars.cpu().numpy()
     return recipe
 
 
@@ -84,7 +86,8 @@ def rebuild_gaussians(path, *, row: int = -1, up_axis: str | None = None) -> dic
         sigma0 = torch.tensor(float(data["sigma0"]), dtype=torch.float64)
         if str(data["gaussian_mode"]) == "surface":
             embedding = SurfaceEmbedding(**{k: torch.from_numpy(data[f"embedding_{k}"]) for k in
-                                            ("indices", "weights", "offsets", "normals")}).to(torch.float64)
+                                            ("indices", "weights", "offsets", "normals", "rest_covars")
+                                            if f"embedding_{k}" in data}).to(torch.float64)
             means, covars = surface_gaussians(x, F, embedding, sigma0=sigma0, thickness=float(data["thickness"]))
         else:
             means, covars = particle_gaussians(x, F, sigma0=sigma0)
@@ -92,6 +95,17 @@ def rebuild_gaussians(path, *, row: int = -1, up_axis: str | None = None) -> dic
         means, covars = to_up_axis(up, means=means, covars=covars)
         return {"means": means, "covars": covars, "colors": data["colors"].astype(np.float64),
                 "opacities": data["opacities"].astype(np.float64), "step": int(data["steps"][row])}
+
+
+def source_report(body) -> dict:
+    """For a trained 3DGS source: how many Gaussians were read and kept, how many particles they cover and how
+    many were filled inside them (the interior a surface-only scene leaves empty); empty for other sources."""
+    if body.splats is None:
+        return {}
+    covered, filled = body.filled
+    return {"source_gaussians": {"read": body.splats.read, "kept": body.splats.kept, "sh_degree": body.splats.degree,
+                                 "particles_covered": covered, "particles_filled": filled,
+                                 "filled_share": filled / max(covered + filled, 1)}}
 
 
 def write_final_outputs(run, out_dir: Path, *, history: list[dict], wall_s: float, device: str) -> dict:
@@ -178,6 +192,7 @@ def write_final_outputs(run, out_dir: Path, *, history: list[dict], wall_s: floa
         "final": {"loss": float(total), **terms, **final_metrics},
         "learned": reported(run.params),
         "physically_valid": bool(final_metrics.get("physically_valid", True)),
+        **source_report(pipeline.assets.source),
         **representation,
         "wall_s": wall_s,
         "mean_step_s": float(np.mean([r["step_s"] for r in history])) if history else None,

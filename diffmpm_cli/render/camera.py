@@ -114,7 +114,7 @@ def _checked_viewmat(matrix, where: str) -> np.ndarray:
     return view
 
 
-def _similarity(matrix, key: str) -> tuple[float, np.ndarray, np.ndarray]:
+def similarity(matrix, key: str) -> tuple[float, np.ndarray, np.ndarray]:
     """(scale s, rotation R, translation t) of a 4x4 similarity [[s R, t], [0, 1]]; ConfigError naming ``key``."""
     m = np.asarray(matrix, dtype=np.float64)
     if not np.allclose(m[3], [0.0, 0.0, 0.0, 1.0], atol=1e-9):
@@ -143,7 +143,7 @@ def capture_cameras(cam, *, where: str, size: tuple[int, int]) -> list[tuple[str
         cameras = [by_name[name] for name in cam.select]
     scale, rot, shift = 1.0, np.eye(3), np.zeros(3)
     if cam.world_from_capture is not None:
-        scale, rot, shift = _similarity(cam.world_from_capture, f"{where}.world_from_capture")
+        scale, rot, shift = similarity(cam.world_from_capture, f"{where}.world_from_capture")
     width, height = size
     out = []
     for c in cameras:
