@@ -256,6 +256,27 @@ def test_several_scenes_are_a_grid_dimension(tmp_path):
     assert all(t.params["scene"] == t.name.split("__")[0] for t in trials)
 
 
+def test_random_draws_come_back_with_the_same_seed(tmp_path):
+    """Draws are Tune's, seeded: the same sweep file gives the same trials (so a rerun finds their folders), another
+    seed other ones; a grid point with two draws gets two trials."""
+    from diffmpm_cli.sweep import prepare
+
+    sweep = {"scene": "tiny.yaml", "params": {"learn.dFc.lr": {"loguniform": [1e-3, 1e-1]},
+                                              "loss.silhouette": [0.5, 1.0]}, "samples": 2}
+    path = write_sweep(tmp_path, sweep)
+
+    def drawn(seed=None):
+        spec, base = load_sweep(path, options={"seed": seed})
+        trials, _, _ = prepare(spec=spec, scenes=[tmp_path / "tiny.yaml"], out=tmp_path / "out")
+        return [(t.name, t.params["learn.dFc.lr"]) for t in trials]
+
+    first = drawn()
+    assert first == drawn() and len(first) == 4 and len({name for name, _ in first}) == 4
+    assert all(1e-3 <= lr <= 1e-1 for _, lr in first) and len({lr for _, lr in first}) == 4
+    assert sum(name.endswith("__sample=1") for name, _ in first) == 2
+    assert {lr for _, lr in drawn(seed=1)}.isdisjoint({lr for _, lr in first})
+
+
 def test_param_shortcuts_and_names():
     assert parse_param_option("learn.E.init=1e4,3e4") == ("learn.E.init", {"grid": [1e4, 3e4]})
     assert parse_param_option("source.center=[0.5,0.5,0.5],[0.4,0.5,0.5]") == (

@@ -3,6 +3,7 @@ Exit 0 done, 1 no trial finished or some ended in an error / unfinished, 2 bad i
 
 from __future__ import annotations
 
+from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
@@ -29,6 +30,13 @@ EPILOG = """[bold]Examples[/]
 RUN_ROOT = Path("runs")
 
 
+class Mode(str, Enum):
+    """Which end of the metric is best."""
+
+    min = "min"
+    max = "max"
+
+
 @handle_errors
 @interruptible
 def sweep(
@@ -42,7 +50,8 @@ def sweep(
     set_: Annotated[list[str], typer.Option("--set", help="Override a scene key in every trial, KEY=VALUE "
                                                           "(repeatable).")] = [],  # noqa: B006
     metric: Annotated[str | None, typer.Option(help="Final metric to rank by (default: the main metric).")] = None,
-    mode: Annotated[str | None, typer.Option(help="min or max (default: max for IoU/PSNR, else min).")] = None,
+    mode: Annotated[Mode | None, typer.Option(help="Rank by the smallest or the largest value (default: max for "
+                                                   "IoU/PSNR, else min).")] = None,
     samples: Annotated[int | None, typer.Option(help="Draws of the distributions per grid point.")] = None,
     seed: Annotated[int | None, typer.Option(help="Seed of the draws.")] = None,
     iters: Annotated[int | None, typer.Option("--iters", help="optimize.iterations of every trial.")] = None,
@@ -73,8 +82,8 @@ def sweep(
             gpu_value = None if gpus == "auto" else float(gpus)
         except ValueError:
             raise ConfigError("--gpus-per-trial", f"must be a number or auto, got '{gpus}'") from None
-    options = {"metric": metric, "mode": mode, "samples": samples, "seed": seed, "iterations": iters,
-               "concurrent": concurrent, "cpus": cpus, "gpus": gpu_value, "retries": retries,
+    options = {"metric": metric, "mode": mode.value if mode is not None else None, "samples": samples, "seed": seed,
+               "iterations": iters, "concurrent": concurrent, "cpus": cpus, "gpus": gpu_value, "retries": retries,
                "early_stop": {} if early_stop else None}
     spec, base = load_sweep(sweep_file, scenes=scene, params=param, sets=set_, options=options)
     scenes = [_scene_path(s, Path.cwd() if scene else base) for s in spec.scenes]
