@@ -11,6 +11,11 @@ from .params import BY_KEY, PARAMS
 
 MAX_HALVINGS = 6  # of a finite-difference step whose central differences at h and 2h disagree
 RICHARDSON_NOISE = (16 + 0.25) ** 0.5 / 3  # noise of (4 D(h) - D(2h)) / 3 relative to that of D(h)
+# a D(h) + b D(1.5h) + c D(2h) with a + b + c = 0 and a + 2.25 b + 4 c = 0: zero on D(s) = g + k s^2, so what it leaves
+# of three central differences is their noise; with independent noise of each D(s) ~ 1/s its standard deviation is
+# FIT_RESIDUAL_NOISE times that of D(h)
+FIT_RESIDUAL = (-7 / 12, 1.0, -5 / 12)
+FIT_RESIDUAL_NOISE = (FIT_RESIDUAL[0] ** 2 + (FIT_RESIDUAL[1] / 1.5) ** 2 + (FIT_RESIDUAL[2] / 2) ** 2) ** 0.5
 
 
 @dataclass(frozen=True)
@@ -38,7 +43,7 @@ def directional_probes(loss_fn: Callable[[dict[str, torch.Tensor]], torch.Tensor
                        coordinate_eps: dict[str, float] | None = None, noise_samples: int = 3) -> list[Probe]:
     """Compare d loss / d param along ``probes`` random unit directions (and ``coordinates`` single entries).
 
-    ``loss_fn`` maps a dict of parameter tensors to a scalar. It is evaluated once with autograd and four times
+    ``loss_fn`` maps a dict of parameter tensors to a scalar. It is evaluated once with autograd and six times
     per probe without (two more per halving of a step over which the loss is far from quadratic); ``eps[name]``
     is the step along a random unit direction, ``coordinate_eps[name]`` (default: the same) along a single
     coordinate.
@@ -68,6 +73,7 @@ def directional_probes(loss_fn: Callable[[dict[str, torch.Tensor]], torch.Tensor
             u = torch.zeros(value.numel(), dtype=value.dtype)
             u[i] = 1.0
             directions.append((f"coordinate {i}", u.reshape(value.shape)))
+        mine = []
         for label, u in directions:
             u = u.to(value.device)
             h = eps[name] if label == "random" else (coordinate_eps or eps).get(name, eps[name])
@@ -81,9 +87,13 @@ def directional_probes(loss_fn: Callable[[dict[str, torch.Tensor]], torch.Tensor
                 # D(h) and D(2h) disagree by more than their noise and 0.5 %, the loss is far from quadratic over the
                 # step (a stiff rollout with impacts): halve the step until the extrapolated value settles (its
                 # change below 0.2 % and its noise), up to MAX_HALVINGS times.
-                d1, d2 = central(h), central(2 * h)
-                fd = (4 * d1 - d2) / 3
+                d1, d15, d2 = central(h), central(1.5 * h), central(2 * h)
+                # D(h), D(1.5h), D(2h) of a loss smooth over the step lie on g + k s^2; what this combination (zero
+                # on any such line) leaves is the noise of central differences at the probe's own step
+                misfit = FIT_RESIDUAL[0] * d1 + FIT_RESIDUAL[1] * d15 + FIT_RESIDUAL[2] * d2
+                fd, halved = (4 * d1 - d2) / 3, False
                 if abs(d1 - d2) > 0.005 * max(abs(d1), abs(d2)) + 6 * noise / (2**0.5 * h):
+                    halved = True
                     for _ in range(MAX_HALVINGS):
                         h, d2 = h / 2, d1
                         d1 = central(h)
@@ -92,7 +102,18 @@ def directional_probes(loss_fn: Callable[[dict[str, torch.Tensor]], torch.Tensor
                         fd = settled
                         if done:
                             break
-            noise_fd = noise / (2**0.5 * h) * RICHARDSON_NOISE
+            # the misfit in loss units (noise of one evaluation), comparable across steps; none from a halved probe
+            # (there the loss is not smooth over the first step, and the misfit is its curvature, not noise)
+            mine.append((label, u, fd, h, None if halved else abs(misfit) * 2**0.5 * h / FIT_RESIDUAL_NOISE))
+        # The noise at the probes' own steps: the float32 loss's rounding is not white noise. Measured at tiny steps
+        # (_loss_noise) it can be several times smaller than at the finite-difference step (peanut_to_sphere's
+        # sim/dFc: 1e-3 against an error of the loss that wanders by a few 1e-3 over steps of 0.03-0.5 along a
+        # probe, from the final C's ~1e-4 relative float32 error; a float64 twin of the rollout gave AD = FD to
+        # 1e-6 there). The larger of the two estimates counts, the misfits pooled over the parameter's probes.
+        misfits = [m for *_, m in mine if m is not None]
+        pooled = (sum(m * m for m in misfits) / len(misfits)) ** 0.5 if misfits else 0.0
+        for label, u, fd, h, _ in mine:
+            noise_fd = max(noise, pooled) / (2**0.5 * h) * RICHARDSON_NOISE
             results.append(Probe(parameter=name, direction=label, ad=float((grad * u).sum()), fd=fd, eps=h,
                                  noise=noise_fd))
     return results
