@@ -577,3 +577,44 @@ def test_a_video_target_gives_its_frames_at_their_steps(tmp_path, true_motion):
             assert np.abs(rgb - over_white[k, 1] / 255).mean() < np.abs(rgb - over_white[k - 1, 1] / 255).mean()
     data["target"]["sequences"][0]["path"] = "missing.mp4"
     refused(invoke("validate", write(tmp_path, data)), "target.sequences[0].path", "file not found")
+
+
+def test_a_phone_sized_photo_with_a_mask_from_a_capture_camera_is_fitted(tmp_path):
+    """A 4032x3024 JPEG and its mask, seen by a camera of a transforms.json at that size, is the target of a 64x48
+    run: the object's colour is learned from the downscaled photo."""
+    import torch
+
+    from diffmpm_cli.assets import build_assets
+    from diffmpm_cli.optimize.run import optimize
+    from diffmpm_cli.pipeline import Pipeline
+
+    views, K = true_cameras()
+    K = K.copy()
+    K[:2] *= 4032 / 640  # the capture's camera at the phone's size (4032 / 640 = 3024 / 480)
+    write_transforms(tmp_path / "transforms.json", views=views[:1], K=K, size=(4032, 3024))
+    data = copy.deepcopy(BASE_SCENE)
+    data["render"] = {"width": 64, "height": 48, "cameras": [{"type": "capture", "path": "transforms.json"}]}
+    data["sim"] = {"grid_resolution": 16, "dt": 1.0e-3, "steps": 2, "control_stride": 2, "gravity": [0, 0, 0]}
+    data["appearance"] = {"surface_samples": 800, "color": [0.2, 0.6, 0.3]}
+    data["target"] = {"truth": {"v0": [0, 0, 0]}}
+    data["loss"] = {"grid_mass": 0.0, "silhouette": 1.0}
+    scene = load_scene(write(tmp_path, data, "truth.yaml"))
+    pipe = Pipeline(scene, build_assets(scene))
+    with torch.no_grad():
+        out = pipe.forward({})
+    picture = (out.images[-1, 0].numpy() * 255).round().astype(np.uint8)
+    mask = (out.alphas[-1, 0, ..., 0].numpy() * 255).round().astype(np.uint8)
+    Image.fromarray(picture.repeat(63, 0).repeat(63, 1)).save(tmp_path / "view_0.jpg", quality=90)
+    Image.fromarray(mask.repeat(63, 0).repeat(63, 1), mode="L").save(tmp_path / "view_0_mask.png")
+    data["appearance"]["color"] = [0.8, 0.8, 0.8]  # the run starts from grey
+    data["target"] = {"images": [{"path": "view_0.jpg", "mask": "view_0_mask.png", "camera": "view_0"}]}
+    data["loss"] = {"grid_mass": 0.0, "silhouette": 1.0, "rgb_l1": 1.0}
+    data["learn"] = {"color": {"enabled": True, "lr": 0.1}}
+    data["optimize"] = {"iterations": 16, "render_every": 0, "schedule": {"kind": "cosine", "final_factor": 0.05},
+                        "line_search": {"enabled": True}}
+    data["evaluate"] = {"size": 16}
+    data["output"] = {"turntable_frames": 0, "frame_plys": False}
+    scene = load_scene(write(tmp_path, data))
+    summary = optimize(scene=scene, assets=build_assets(scene), out_dir=tmp_path / "out")
+    # measured: (0.199, 0.609, 0.297) from (0.8, 0.8, 0.8) in 16 iterations
+    assert np.abs(np.asarray(summary["learned"]["color"]) - [0.2, 0.6, 0.3]).max() < 0.03, summary["learned"]
