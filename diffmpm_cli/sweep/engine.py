@@ -241,7 +241,7 @@ def _ray(address: str | None):
         warnings.simplefilter("ignore", FutureWarning)  # Ray's note on CUDA_VISIBLE_DEVICES for CPU-only tasks
         try:
             if address is None:
-                ray.init(num_cpus=os.cpu_count() or 1, **options)
+                ray.init(**options)  # Ray counts the cores (and GPUs) this process may use (cgroups, affinity)
             else:
                 options.pop("include_dashboard")
                 ray.init(address=address, **options)
