@@ -277,6 +277,41 @@ def test_random_draws_come_back_with_the_same_seed(tmp_path):
     assert {lr for _, lr in drawn(seed=1)}.isdisjoint({lr for _, lr in first})
 
 
+def test_a_trial_reports_failures_runs_and_finished_folders(tmp_path, monkeypatch):
+    """The worker's function without Ray (Tune's report captured): a time step the trial's E makes unstable is a
+    failed trial with the run's own error line and no folder; a run reports every iteration, then its final
+    metrics; a finished folder is reported from its summary without running again."""
+    import ray.tune
+
+    from diffmpm_cli.config import dump_scene
+    from diffmpm_cli.sweep.worker import run_trial
+
+    reports: list[dict] = []
+    monkeypatch.setattr(ray.tune, "report", lambda metrics: reports.append(dict(metrics)))
+    write_sweep(tmp_path)
+
+    def job(name, *overrides):
+        scene = load_scene(tmp_path / "tiny.yaml", list(overrides))
+        return {name: {"scene": dump_scene(scene), "base_dir": str(tmp_path), "run_dir": str(tmp_path / name),
+                       "device": "cpu"}}
+
+    stiff = job("stiff", "learn.E.enabled=true", "learn.E.init=1e9")
+    run_trial({"trial": "stiff"}, trials=stiff)
+    assert reports[-1]["trial_status"] == "failed" and "unstable time step" in reports[-1]["trial_error"]
+    assert not (tmp_path / "stiff").exists()
+    reports.clear()
+    ok = job("ok")
+    run_trial({"trial": "ok"}, trials=ok)
+    assert [r["iteration"] for r in reports] == [1, 2, 2] and reports[-1]["trial_status"] == "finished"
+    final = json.loads((tmp_path / "ok" / "summary.json").read_text())["final"]
+    assert reports[-1]["silhouette_iou_mean"] == final["silhouette_iou_mean"]
+    reports.clear()
+    before = (tmp_path / "ok" / "summary.json").stat().st_mtime_ns
+    run_trial({"trial": "ok"}, trials=ok)
+    assert len(reports) == 1 and reports[0]["trial_status"] == "finished"
+    assert (tmp_path / "ok" / "summary.json").stat().st_mtime_ns == before
+
+
 def test_param_shortcuts_and_names():
     assert parse_param_option("learn.E.init=1e4,3e4") == ("learn.E.init", {"grid": [1e4, 3e4]})
     assert parse_param_option("source.center=[0.5,0.5,0.5],[0.4,0.5,0.5]") == (
