@@ -618,3 +618,19 @@ def test_a_phone_sized_photo_with_a_mask_from_a_capture_camera_is_fitted(tmp_pat
     summary = optimize(scene=scene, assets=build_assets(scene), out_dir=tmp_path / "out")
     # measured: (0.199, 0.609, 0.297) from (0.8, 0.8, 0.8) in 16 iterations
     assert np.abs(np.asarray(summary["learned"]["color"]) - [0.2, 0.6, 0.3]).max() < 0.03, summary["learned"]
+
+
+def test_a_masked_photo_is_composited_over_the_render_background(tmp_path):
+    from diffmpm_cli.optimize.targets import target_picture
+
+    rgb, inside = disc_picture((96, 96), center=(40, 50), radius=20, color=(20, 200, 40), background=(180, 30, 30))
+    Image.fromarray(rgb).save(tmp_path / "photo.png")  # an object in front of a red wall
+    Image.fromarray((inside * 255).astype(np.uint8), mode="L").save(tmp_path / "photo_mask.png")
+    data = copy.deepcopy(BASE_SCENE)
+    data["target"]["images"] = [{"path": "photo.png", "mask": "photo_mask.png", "camera": "front"}]
+    data["render"]["background"] = [1.0, 1.0, 1.0]
+    got_rgb, alpha = target_picture(load_scene(write(tmp_path, data)), 0)
+    coverage = inside.reshape(32, 3, 32, 3).mean(axis=(1, 3))[..., None]
+    expected = coverage * np.array([20, 200, 40]) / 255 + (1 - coverage) * 1.0  # the wall is replaced by white
+    np.testing.assert_allclose(alpha, coverage, atol=1e-6)
+    np.testing.assert_allclose(got_rgb, expected, atol=1e-5)

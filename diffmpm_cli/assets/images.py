@@ -72,22 +72,24 @@ def read_mask(path: str, *, key: str, size: tuple[int, int]) -> np.ndarray:
 
 
 def load_picture(path: str, *, key: str, size: tuple[int, int] | None, mask: str | None = None, mask_key: str = "",
-                 background=None, tolerance: float = 2.0 / 255.0) -> tuple[np.ndarray, np.ndarray]:
+                 background=None, tolerance: float = 2.0 / 255.0, backdrop=None) -> tuple[np.ndarray, np.ndarray]:
     """(rgb [H, W, 3], alpha [H, W, 1]) in [0, 1] of a target picture at the render ``size`` = (W, H).
 
     The silhouette comes from ``mask`` (a separate greyscale image of the picture's size), else the picture's alpha,
     else pixels within ``tolerance`` (per channel) of ``background`` are background, else the picture is all object.
     It is found at the picture's own resolution, then picture and silhouette are area-averaged to ``size`` (the
     aspect ratios must agree within a pixel; None = the picture's own size). AssetError naming ``key`` (or
-    ``mask_key``) otherwise."""
+    ``mask_key``) otherwise. ``backdrop`` (RGB in [0, 1], the render's background): a picture with a ``mask`` is
+    composited over it (alpha x picture + (1 - alpha) x backdrop), so that what lies outside the mask (a room, a
+    table) is compared with the render's background, not with the object."""
     rgb, alpha = read_image(path, key=key)
     return fit_picture(rgb, alpha, key=key, size=size, mask=mask, mask_key=mask_key, background=background,
-                       tolerance=tolerance)
+                       tolerance=tolerance, backdrop=backdrop)
 
 
 def fit_picture(rgb: np.ndarray, alpha: np.ndarray | None, *, key: str, size: tuple[int, int] | None,
                 mask: str | None = None, mask_key: str = "", background=None,
-                tolerance: float = 2.0 / 255.0) -> tuple[np.ndarray, np.ndarray]:
+                tolerance: float = 2.0 / 255.0, backdrop=None) -> tuple[np.ndarray, np.ndarray]:
     """``load_picture`` for a decoded picture: rgb [H0, W0, 3] and alpha [H0, W0, 1] or None, in [0, 1]."""
     height0, width0 = rgb.shape[:2]
     size = (width0, height0) if size is None else size
@@ -100,6 +102,8 @@ def fit_picture(rgb: np.ndarray, alpha: np.ndarray | None, *, key: str, size: tu
             raise AssetError(mask_key, "the image has an alpha channel too: give the silhouette once (drop the mask "
                                        "or the image's alpha)")
         alpha = read_mask(mask, key=mask_key, size=(width0, height0))
+        if backdrop is not None:
+            rgb = alpha * rgb + (1.0 - alpha) * np.asarray(backdrop, dtype=np.float32)
     elif alpha is None and background is not None:
         alpha = (np.abs(rgb - np.asarray(background, dtype=np.float32)).max(-1, keepdims=True) > tolerance)
         alpha = alpha.astype(np.float32)

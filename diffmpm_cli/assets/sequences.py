@@ -65,7 +65,8 @@ def sequence_pictures(scene, index: int) -> Iterator[tuple[int, np.ndarray, np.n
                 raise AssetError(f"{key}.masks", f"has {len(masks)} pictures, fewer than the sequence's")
             mask = masks[count - 1]
         rgb, alpha = fit_picture(rgb, alpha, key=where, size=size, mask=mask, mask_key=f"{key}.masks",
-                                 background=target.image_background, tolerance=target.image_background_tolerance)
+                                 background=target.image_background, tolerance=target.image_background_tolerance,
+                                 backdrop=scene.render.background)
         yield steps[count - 1], rgb, alpha
     else:
         if count < len(steps):

@@ -123,7 +123,7 @@ def target_picture(scene, index: int) -> tuple[np.ndarray, np.ndarray]:
     spec, target = scene.target.images[index], scene.target
     return load_picture(spec.path, key=f"target.images[{index}].path", size=(scene.render.width, scene.render.height),
                         mask=spec.mask, mask_key=f"target.images[{index}].mask", background=target.image_background,
-                        tolerance=target.image_background_tolerance)
+                        tolerance=target.image_background_tolerance, backdrop=scene.render.background)
 
 
 def _image_targets(pipeline, frames) -> Targets:
