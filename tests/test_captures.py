@@ -602,8 +602,11 @@ def test_a_phone_sized_photo_with_a_mask_from_a_capture_camera_is_fitted(tmp_pat
     pipe = Pipeline(scene, build_assets(scene))
     with torch.no_grad():
         out = pipe.forward({})
-    picture = (out.images[-1, 0].numpy() * 255).round().astype(np.uint8)
-    mask = (out.alphas[-1, 0, ..., 0].numpy() * 255).round().astype(np.uint8)
+    # the photo: the object's own colour where the mask has any (3DGS's convention for masked pictures: the loader
+    # composites alpha x picture + (1 - alpha) x background), a red wall elsewhere
+    rgba = rgba_pictures(out.images[-1, 0].numpy(), out.alphas[-1, 0].numpy())
+    mask = rgba[..., 3]
+    picture = np.where(mask[..., None] > 0, rgba[..., :3], np.array([180, 30, 30], np.uint8))
     Image.fromarray(picture.repeat(63, 0).repeat(63, 1)).save(tmp_path / "view_0.jpg", quality=90)
     Image.fromarray(mask.repeat(63, 0).repeat(63, 1), mode="L").save(tmp_path / "view_0_mask.png")
     data["appearance"]["color"] = [0.8, 0.8, 0.8]  # the run starts from grey
@@ -616,7 +619,7 @@ def test_a_phone_sized_photo_with_a_mask_from_a_capture_camera_is_fitted(tmp_pat
     data["output"] = {"turntable_frames": 0, "frame_plys": False}
     scene = load_scene(write(tmp_path, data))
     summary = optimize(scene=scene, assets=build_assets(scene), out_dir=tmp_path / "out")
-    # measured: (0.199, 0.609, 0.297) from (0.8, 0.8, 0.8) in 16 iterations
+    # measured: (0.199, 0.579, 0.297) from (0.8, 0.8, 0.8) in 16 iterations (JPEG chroma bleeds green into red)
     assert np.abs(np.asarray(summary["learned"]["color"]) - [0.2, 0.6, 0.3]).max() < 0.03, summary["learned"]
 
 
