@@ -93,9 +93,12 @@ class Pipeline:
         return self.embedding.gaussian_count if self.embedding is not None else int(self.x0.shape[0])
 
     def initial_parameters(self, groups=GROUPS, *, seed: int | None = None) -> dict[str, torch.Tensor]:
-        """Starting values of the parameter groups, from the scene (learn.*.init where given; params.py)."""
+        """Starting values of the parameter groups, from the scene (learn.*.init where given; params.py). Another
+        material model's parameter (yield_stress, friction_angle, viscosity) is not this scene's: it is left out."""
         out = {}
         for group in groups:
+            if not BY_GROUP[group].applies_to(self.model.material):
+                continue
             if group == "dFc":  # random (learn.dFc.init_scale), built only when asked for: K x N x 9 numbers
                 s, n = self.scene, int(self.x0.shape[0])
                 g = torch.Generator().manual_seed(s.optimize.seed if seed is None else seed)
