@@ -401,7 +401,8 @@ def test_presets_route_their_parameter_into_the_rollout(preset, model, write_sce
     from diffmpm_cli.params import PARAMS
     from diffmpm_cli.pipeline import Pipeline
 
-    scene = {**BASE_SCENE, "material": {"preset": preset}, "sim": {**BASE_SCENE["sim"], "steps": 2, "control_stride": 2, "frames": []}}
+    sim = {**BASE_SCENE["sim"], "steps": 2, "control_stride": 2, "frames": []}
+    scene = {**BASE_SCENE, "material": {"preset": preset}, "sim": sim}
     cfg = load_scene(write_scene(scene))
     assert cfg.material.model == model
     pipeline = Pipeline(cfg, build_assets(cfg))
