@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 from conftest import DEVICES
-from test_mpm import FIELDS, make_model, make_particles, rel_error
+from test_mpm import FIELDS, GRID, make_model, make_particles, rel_error
 
 from diffmpm_cli.errors import SimulationError
 from diffmpm_cli.gradcheck import directional_probes
@@ -20,6 +20,7 @@ from diffmpm_cli.sim.op import drucker_prager_alpha, material_kappa, simulate
 from diffmpm_cli.sim.solver import Simulator
 
 PLASTIC = ("von_mises", "drucker_prager", "newtonian_fluid")
+GRID_NODES = GRID.node_count
 # each model's third parameter at a value where the random states of make_particles take every branch
 EXTRA = {"von_mises": ("yield_stress", 750.0), "drucker_prager": ("friction_angle", 30.0),
          "newtonian_fluid": ("viscosity", 20.0)}
@@ -415,3 +416,26 @@ def test_presets_route_their_parameter_into_the_rollout(preset, model, write_sce
     assert float(spec.natural(pipeline.initial_parameters([spec.group])[spec.group])) == pytest.approx(value, rel=1e-6)
     result = pipeline.simulate({})
     assert torch.isfinite(result.x).all()
+
+
+@pytest.mark.parametrize("material,codes", [("von_mises", {0, 1}), ("drucker_prager", {0, 1, 2})])
+def test_each_particles_branch_is_recorded_beside_the_grids(material, codes):
+    """A plastic model's forward records one byte per particle and step (elastic 0, yield 1, tension 2) beside the
+    grid's byte per node; the frozen record holds every branch the twin states take."""
+    model = make_model(material=material)
+    state, mass, volume = make_particles(count=120)
+    sim = Simulator(model, mass=mass.float(), volume=volume.float())
+    assert sim.plastic and sim.decision_bytes_per_step == GRID_NODES + 120
+    sim.record_decisions()
+    with torch.no_grad():
+        out = simulate(sim, x0=state["x"].float(), v0=state["v"].float(), F0=state["F"].float(),
+                       C0=state["C"].float(), E=torch.tensor(1.0e4), nu=torch.tensor(0.3), steps=4,
+                       **extra_kwargs(material, dtype=torch.float32))
+    assert out.stats.decision_bytes == 4 * (GRID_NODES + 120)
+    seen = set()
+    for t in range(4):
+        seen |= {int(c) for c in sim._decisions[t].particles.numpy()}
+    assert seen == codes, seen
+    sim.forget_decisions()
+    elastic = Simulator(make_model(), mass=mass.float(), volume=volume.float())
+    assert not elastic.plastic and elastic.decision_bytes_per_step == GRID_NODES
