@@ -381,4 +381,5 @@ MATERIALS = {
     Material.DRUCKER_PRAGER: (hencky_stress, drucker_prager_F, drucker_prager_branch),
     Material.NEWTONIAN_FLUID: (fluid_stress, fluid_F, no_branch),
 }
+ELASTIC_MODELS = (Material.FIXED_COROTATED, Material.NEO_HOOKEAN)  # G2P applies no return mapping (keep_F)
 PLASTIC_MODELS = (Material.VON_MISES, Material.DRUCKER_PRAGER)  # the models whose G2P records a branch per particle

@@ -19,7 +19,7 @@ import functools
 import warp as wp
 
 from ..enums import BSpline, DecisionMode, WallKind
-from .materials import MATERIALS, PLASTIC_MODELS, polar_rotation  # noqa: F401 (the host reads them from here)
+from .materials import ELASTIC_MODELS, MATERIALS, PLASTIC_MODELS, polar_rotation  # noqa: F401 (host reads them here)
 
 # ----------------------------------------------------------------------------------------------------------------
 # B-splines
@@ -465,6 +465,7 @@ def _g2p_kernel(order: str, material: str):
     width, inertia = BSPLINES[order][0], BSPLINES[order][3]
     stencil = _stencil_func(order)
     return_mapping, branch_of = MATERIALS[material][1], MATERIALS[material][2]
+    maps = material not in ELASTIC_MODELS
 
     @wp.kernel(module="unique")
     def g2p(
@@ -514,14 +515,16 @@ def _g2p_kernel(order: str, material: str):
                     B += w * wp.outer(vi, node - x)
         C = (wp.static(inertia) * inv_dx * inv_dx) * B
         F_trial = (wp.identity(3, dtype=float) + dt * C) * controlled_F(F_in[p], Fc, control, p)
-        branch = int(0)
-        if decision_mode == REPLAY:
-            branch = int(decisions[p])
-        else:
-            branch = branch_of(F_trial, mu[p], lam[p], kappa[p])
-        if decision_mode == RECORD:
-            decisions[p] = wp.uint8(branch)
-        F = return_mapping(F_trial, mu[p], lam[p], kappa[p], branch)
+        F = F_trial
+        if wp.static(maps):  # elastic models: no return mapping, no reads of mu, lam, kappa (nor their adjoints)
+            branch = int(0)
+            if decision_mode == REPLAY:
+                branch = int(decisions[p])
+            else:
+                branch = branch_of(F_trial, mu[p], lam[p], kappa[p])
+            if decision_mode == RECORD:
+                decisions[p] = wp.uint8(branch)
+            F = return_mapping(F_trial, mu[p], lam[p], kappa[p], branch)
         if f_blend < 1.0:  # seed extra: F <- a F + (1 - a) I
             F = f_blend * F + (1.0 - f_blend) * wp.identity(3, dtype=float)
         if min_J > 0.0:  # seed extra: det F >= min_J by uniform scaling
