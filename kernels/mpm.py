@@ -157,6 +157,7 @@ def _p2g_kernel(order: str, material: str):
     width = BSPLINES[order][0]
     stencil = _stencil_func(order)
     particle_affine = _affine_func(order, material)
+    stressed_by_kappa = material not in ELASTIC_MODELS
 
     @wp.kernel(module="unique")
     def p2g(
@@ -188,7 +189,10 @@ def _p2g_kernel(order: str, material: str):
         bx, by, bz, wx, wy, wz = stencil(x, grid_lower, inv_dx, grid_mass_out.shape[0], grid_mass_out.shape[1],
                                          grid_mass_out.shape[2])
         m = particle_mass[p]
-        affine = particle_affine(controlled_F(F_in[p], Fc, control, p), C_in[p], mu[p], lam[p], kappa[p], m,
+        kappa_p = float(0.0)
+        if wp.static(stressed_by_kappa):  # elastic models never read kappa (nor add its zero adjoint)
+            kappa_p = kappa[p]
+        affine = particle_affine(controlled_F(F_in[p], Fc, control, p), C_in[p], mu[p], lam[p], kappa_p, m,
                                  particle_volume[p], dt, inv_dx, bulk_viscosity)
         mv = m * v_in[p]
         for i in range(wp.static(width)):
