@@ -1,5 +1,5 @@
-"""`python -m diffmpm_cli ...` is the `diffmpm` command."""
+"""`python -m diffmpm_cli ...` is the `diffmpm` command (the same entry: Ctrl-C while it loads is one line)."""
 
-from .cli import app
+from .entry import main
 
-app(prog_name="diffmpm")
+main()

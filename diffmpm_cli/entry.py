@@ -7,6 +7,9 @@ import sys
 
 
 def main() -> None:
+    from . import interrupts
+
+    interrupts.install()
     try:
         from .cli import app
     except KeyboardInterrupt:

@@ -136,7 +136,7 @@ def _optimize(*, scene, out_dir, resume, folder, overrides, device, quiet, as_js
     from ..optimize.evaluate import main_metric, validity_line
     from ..optimize.run import StopFlag
     from ..optimize.run import optimize as run_optimize
-    from ..optimize.runfolder import RunFolder
+    from ..optimize.runfolder import RunFolder, check_not_interrupted
 
     if resume is not None:
         cfg = _resume_config(resume, scene, overrides)
@@ -148,6 +148,7 @@ def _optimize(*, scene, out_dir, resume, folder, overrides, device, quiet, as_js
             folder = RunFolder(out_dir, resume=False, option="output.dir")
             folder.check()
     assets = build_assets(cfg, device=device)
+    check_not_interrupted()  # before the run's own handler: a Ctrl-C swallowed while the assets' libraries loaded
     log = console_for(as_json)
     stop = StopFlag()
 

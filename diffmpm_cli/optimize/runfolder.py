@@ -52,11 +52,21 @@ def interruptible(command: Callable) -> Callable:
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
         try:
-            return command(*args, **kwargs)
+            result = command(*args, **kwargs)
         except KeyboardInterrupt:
             raise Interrupted("interrupted (Ctrl-C)") from None
+        check_not_interrupted()  # a Ctrl-C some library swallowed (interrupts.py) still ends in exit 130
+        return result
 
     return wrapper
+
+
+def check_not_interrupted() -> None:
+    """Raise Interrupted if Ctrl-C was pressed though no KeyboardInterrupt reached us (a library swallowed it)."""
+    from ..interrupts import pressed
+
+    if pressed():
+        raise Interrupted("interrupted (Ctrl-C)")
 
 
 def write_error(exc: OSError, *, what: str = "", last_good: Path | None = None) -> DiffMPMError:
