@@ -20,7 +20,7 @@ RANK = {
     "optimize": 5,
     "bench": 6, "gradcheck": 6, "sweep": 6,
     "cli": 7,
-    "entry": 8, "__main__": 8,
+    "entry": 8, "__main__": 9,
 }
 ONLY = {  # layers that may import nothing from the package but these
     "enums": set(), "errors": set(), "warp_runtime": set(), "interrupts": set(),
