@@ -372,7 +372,9 @@ def test_ctrl_c_while_starting_says_so_and_exits_130(tmp_path, delay):
     time.sleep(delay)  # importing torch and Warp
     proc.send_signal(signal.SIGINT)
     stdout, stderr = proc.communicate(timeout=60)
-    assert proc.returncode == 130, (stdout, stderr)
+    # 130, or killed by the SIGINT itself after the line was written (seen once in CI on a fresh venv: the interpreter
+    # ended by the signal while finishing); a shell reports both as $? = 130
+    assert proc.returncode in (130, -signal.SIGINT), (proc.returncode, stdout, stderr)
     assert stderr.strip() == "error: interrupted (Ctrl-C)", stderr
     assert not (tmp_path / "r").exists()
 
