@@ -207,37 +207,39 @@ def yaml_problem(exc: yaml.YAMLError, source: str = "") -> str:
     return f"YAML syntax error at column {mark.column + 1}: {problem}"
 
 
-def read_yaml(path: Path) -> dict:
-    """The mapping in a YAML file; ConfigError for a missing/unreadable/special/oversized file, bad syntax, or a
-    non-mapping."""
+def read_yaml(path: Path, *, key: str = "", what: str = "scene file", max_bytes: int = MAX_SCENE_BYTES,
+              holds: str = "a mapping of sections") -> dict:
+    """The mapping in a YAML file (a scene file; a sweep file with ``key="SWEEP", what="sweep file"``): ConfigError at
+    ``key`` for a missing/unreadable/special/oversized/non-UTF-8 file, bad syntax (line and column), an empty file
+    or a non-mapping."""
     path = Path(path)
     try:
         info = os.stat(path)
     except FileNotFoundError as exc:
-        raise ConfigError("", f"scene file not found: {path}") from exc
+        raise ConfigError(key, f"{what} not found: {path}") from exc
     except (OSError, ValueError) as exc:
-        raise ConfigError("", f"cannot read scene file {path}: {getattr(exc, 'strerror', None) or exc}") from exc
+        raise ConfigError(key, f"cannot read {what} {path}: {getattr(exc, 'strerror', None) or exc}") from exc
     if not stat.S_ISREG(info.st_mode):
-        raise ConfigError("", f"scene file {path} is not a regular file")
+        raise ConfigError(key, f"{what} {path} is not a regular file")
     try:
         with open(path, "rb") as handle:
-            data = handle.read(MAX_SCENE_BYTES + 1)
+            data = handle.read(max_bytes + 1)
     except OSError as exc:
-        raise ConfigError("", f"cannot read scene file {path}: {exc.strerror or exc}") from exc
-    if len(data) > MAX_SCENE_BYTES:
-        raise ConfigError("", f"scene file {path} is larger than {MAX_SCENE_BYTES >> 20} MiB: not a scene")
+        raise ConfigError(key, f"cannot read {what} {path}: {exc.strerror or exc}") from exc
+    if len(data) > max_bytes:
+        raise ConfigError(key, f"{what} {path} is larger than {max_bytes >> 20} MiB: not a {what}")
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise ConfigError("", f"scene file {path} is not UTF-8 text (byte {exc.start})") from exc
+        raise ConfigError(key, f"{what} {path} is not UTF-8 text (byte {exc.start})") from exc
     try:
         data = parse_yaml(text)
     except yaml.YAMLError as exc:
-        raise ConfigError("", yaml_problem(exc, str(path))) from None
+        raise ConfigError(key, yaml_problem(exc, str(path))) from None
     if data is None:
-        raise ConfigError("", f"scene file {path} is empty")
+        raise ConfigError(key, f"{what} {path} is empty")
     if not isinstance(data, dict):
-        raise ConfigError("", f"scene file {path} must hold a mapping of sections, got {type(data).__name__}")
+        raise ConfigError(key, f"{what} {path} must hold {holds}, got {type(data).__name__}")
     return data
 
 

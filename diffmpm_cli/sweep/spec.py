@@ -22,8 +22,6 @@ Nothing here imports Ray: a sweep file is checked (and refused with exit 2) whet
 from __future__ import annotations
 
 import math
-import os
-import stat
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -31,7 +29,7 @@ import yaml
 from pydantic import BeforeValidator, Field, ValidationError, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
-from ..config.load import _config_error, parse_yaml, yaml_problem
+from ..config.load import _config_error, parse_yaml, read_yaml, yaml_problem
 from ..config.schema import Section
 from ..errors import ConfigError
 
@@ -143,36 +141,10 @@ class SweepSpec(Section):
 
 
 def read_sweep_file(path: Path) -> dict:
-    """The mapping in a sweep file; ConfigError (key path "SWEEP") for a missing, special, oversized, non-UTF-8 or
-    non-mapping file and for YAML syntax errors (with line and column)."""
-    path = Path(path)
-    try:
-        info = os.stat(path)
-    except FileNotFoundError:
-        raise ConfigError("SWEEP", f"sweep file not found: {path}") from None
-    except (OSError, ValueError) as exc:
-        raise ConfigError("SWEEP", f"cannot read {path}: {getattr(exc, 'strerror', None) or exc}") from None
-    if not stat.S_ISREG(info.st_mode):
-        raise ConfigError("SWEEP", f"{path} is not a regular file")
-    try:
-        with open(path, "rb") as handle:
-            data = handle.read(MAX_SWEEP_BYTES + 1)
-    except OSError as exc:
-        raise ConfigError("SWEEP", f"cannot read {path}: {exc.strerror or exc}") from None
-    if len(data) > MAX_SWEEP_BYTES:
-        raise ConfigError("SWEEP", f"{path} is larger than {MAX_SWEEP_BYTES >> 20} MiB: not a sweep file")
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise ConfigError("SWEEP", f"{path} is not UTF-8 text (byte {exc.start})") from None
-    try:
-        raw = parse_yaml(text)
-    except yaml.YAMLError as exc:
-        raise ConfigError("SWEEP", yaml_problem(exc, str(path))) from None
-    if not isinstance(raw, dict):
-        raise ConfigError("SWEEP", f"{path} must hold a mapping (scene:, params:, ...), got "
-                                   f"{'nothing' if raw is None else type(raw).__name__}")
-    return raw
+    """The mapping in a sweep file; ConfigError (key path "SWEEP") for a missing, special, oversized, non-UTF-8,
+    empty or non-mapping file and for YAML syntax errors (with line and column): the scene file's checks."""
+    return read_yaml(path, key="SWEEP", what="sweep file", max_bytes=MAX_SWEEP_BYTES,
+                     holds="a mapping (scene:, params:, ...)")
 
 
 def parse_param_option(text: str) -> tuple[str, dict]:
