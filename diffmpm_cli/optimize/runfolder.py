@@ -84,7 +84,8 @@ def writable(folder: Path) -> bool:
     return os.access(folder, os.W_OK | os.X_OK)
 
 
-def _first_existing(path: Path) -> Path:
+def first_existing(path: Path) -> Path:
+    """``path`` or its nearest existing ancestor (absolute)."""
     path = Path(os.path.abspath(path))
     while not path.exists() and path != path.parent:
         path = path.parent
@@ -101,7 +102,7 @@ def check_output_file(path: Path | None, option: str) -> None:
         raise ConfigError(option, f"{path} is a folder; give a file name")
     if path.exists() and not path.is_file():
         raise ConfigError(option, f"{path} is not a regular file")
-    parent = _first_existing(path.parent)
+    parent = first_existing(path.parent)
     if not parent.is_dir():
         raise ConfigError(option, f"{parent} is not a folder")
     if not writable(parent):
@@ -166,7 +167,7 @@ class RunFolder:
                 # never write summary.json, final/ or checkpoints/ over files that are not this tool's
                 raise ConfigError(option, f"{path} is not empty and holds no diffmpm run: choose a new or empty "
                                           "folder")
-        parent = _first_existing(path)
+        parent = first_existing(path)
         if not parent.is_dir():
             raise ConfigError(option, f"{parent} is not a folder")
         if not writable(parent):
@@ -182,22 +183,8 @@ class RunFolder:
                 self.path.mkdir(parents=True, exist_ok=True)
             except OSError as exc:
                 raise write_error(exc, what=str(self.path)) from exc
-        import fcntl
-
-        try:
-            fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY)
-        except OSError as exc:
-            raise ConfigError(self.option, f"{self.path}: cannot open ({exc.strerror})") from exc
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            os.close(fd)
-            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise ConfigError(self.option, f"{self.path} is in use by another diffmpm process (a run or a render "
-                                               "is writing into it); wait for it to finish or choose another "
-                                               "folder") from None
-            raise ConfigError(self.option, f"{self.path}: cannot lock ({exc.strerror})") from exc
-        self._fd = fd
+        self._fd = lock_folder(self.path, option=self.option,
+                               holder="another diffmpm process (a run or a render is writing into it)")
         try:
             self.check()  # again: another process may have filled the folder between our first check and the lock
         except BaseException:
@@ -214,6 +201,27 @@ class RunFolder:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+def lock_folder(path: Path, *, option: str, holder: str) -> int:
+    """Open an existing folder and take an exclusive flock on it (dropped when the descriptor closes or the process
+    dies); the descriptor. ConfigError at ``option`` when ``holder`` (who else would hold it, for the message) has it
+    or it cannot be opened or locked."""
+    import fcntl
+
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError as exc:
+        raise ConfigError(option, f"{path}: cannot open ({exc.strerror})") from exc
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        os.close(fd)
+        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            raise ConfigError(option, f"{path} is in use by {holder}; wait for it to finish or choose another "
+                                      "folder") from None
+        raise ConfigError(option, f"{path}: cannot lock ({exc.strerror})") from exc
+    return fd
 
 
 def lock_for_writing(folder: Path, *, option: str) -> RunFolder:

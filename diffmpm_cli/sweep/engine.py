@@ -10,7 +10,6 @@ usage statistics off and its workers' output kept in its logs, not on the termin
 from __future__ import annotations
 
 import contextlib
-import errno
 import logging
 import os
 import shutil
@@ -24,7 +23,7 @@ from pathlib import Path
 
 from ..config import dump_scene
 from ..errors import ConfigError, DiffMPMError
-from ..optimize.runfolder import Interrupted, write_error
+from ..optimize.runfolder import Interrupted, first_existing, lock_folder, writable, write_error
 from ..outputs.files import write_text
 from .report import (
     best_record,
@@ -94,31 +93,18 @@ class SweepFolder:
         if path.is_dir() and not (path / "sweep.yaml").is_file() and any(path.iterdir()):
             raise ConfigError(self.option, f"{path} is not empty and holds no diffmpm sweep: choose a new or empty "
                                            "folder (or rerun a sweep into its own folder)")
-        parent = path
-        while not parent.exists() and parent != parent.parent:
-            parent = parent.parent
+        parent = first_existing(path)
         if not parent.is_dir():
             raise ConfigError(self.option, f"{parent} is not a folder")
-        if not os.access(parent, os.W_OK | os.X_OK):
+        if not writable(parent):
             raise ConfigError(self.option, f"cannot write in {parent}: permission denied")
 
     def acquire(self) -> None:
-        import fcntl
-
         try:
             self.path.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise write_error(exc, what=str(self.path)) from exc
-        fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            os.close(fd)
-            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise ConfigError(self.option, f"{self.path} is in use by another diffmpm sweep; wait for it to "
-                                               "finish or choose another folder") from None
-            raise ConfigError(self.option, f"{self.path}: cannot lock ({exc.strerror})") from None
-        self._fd = fd
+        self._fd = lock_folder(self.path, option=self.option, holder="another diffmpm sweep")
 
     def release(self) -> None:
         if self._fd is not None:
