@@ -177,15 +177,24 @@ def adj_hencky_P(F: wp.mat33, mu: float, lam: float, adj_ret: wp.mat33):
 
 
 @wp.func
-def deviatoric_log_strain(F: wp.mat33):
-    """(tr eps, |e|) of the Hencky strain eps = log s of F, e = eps - tr eps / 3."""
+def hencky_spectrum(F: wp.mat33):
+    """(U, s, V, tr eps, e, |e|) of F = U diag(s) V^T (wp.svd3) and its Hencky strain eps = log s: the trace and the
+    deviatoric part e = eps - tr eps / 3, what every return mapping, its branch and its adjoint start from."""
     U = wp.mat33()
     s = wp.vec3()
     V = wp.mat33()
     wp.svd3(F, U, s, V)
     eps = clamped_log(s)
     tr = eps[0] + eps[1] + eps[2]
-    return tr, wp.length(eps - wp.vec3(tr / 3.0))
+    e = eps - wp.vec3(tr / 3.0)
+    return U, s, V, tr, e, wp.length(e)
+
+
+@wp.func
+def deviatoric_log_strain(F: wp.mat33):
+    """(tr eps, |e|) of the Hencky strain eps = log s of F, e = eps - tr eps / 3."""
+    U, s, V, tr, e, n = hencky_spectrum(F)
+    return tr, n
 
 
 @wp.func
@@ -203,14 +212,8 @@ def von_mises_F(F: wp.mat33, mu: float, lam: float, kappa: float, branch: int):
     """Return mapping of von Mises plasticity in Hencky strain (kappa = yield stress tau_Y [Pa]) along ``branch``
     (von_mises_branch, or a recorded one): YIELD -> F <- U exp(mean(eps) + r e / |e|) V^T with r = tau_Y / (2 mu)
     (the deviatoric log strain e brought back to the yield surface); ELASTIC -> F."""
-    U = wp.mat33()
-    s = wp.vec3()
-    V = wp.mat33()
-    wp.svd3(F, U, s, V)
-    eps = clamped_log(s)
-    m = (eps[0] + eps[1] + eps[2]) / 3.0
-    e = eps - wp.vec3(m)
-    n = wp.length(e)
+    U, s, V, tr, e, n = hencky_spectrum(F)
+    m = tr / 3.0
     r = kappa / (2.0 * mu)
     out = F
     if branch == YIELD:
@@ -224,14 +227,8 @@ def adj_von_mises_F(F: wp.mat33, mu: float, lam: float, kappa: float, branch: in
     """Along the branch the forward takes: the identity without yield; with yield, h = mean(eps) 1 + r e_hat gives
     dh/deps = 11^T / 3 + (r / n)(I - 11^T / 3 - e_hat e_hat^T), dg/ds = diag(g) dh/deps diag(1 / s), and
     dg/dr = g * e_hat with dr/dtau_Y = 1 / (2 mu), dr/dmu = -r / mu."""
-    U = wp.mat33()
-    s = wp.vec3()
-    V = wp.mat33()
-    wp.svd3(F, U, s, V)
-    eps = clamped_log(s)
-    m = (eps[0] + eps[1] + eps[2]) / 3.0
-    e = eps - wp.vec3(m)
-    n = wp.length(e)
+    U, s, V, tr, e, n = hencky_spectrum(F)
+    m = tr / 3.0
     r = kappa / (2.0 * mu)
     if branch == YIELD:
         n = wp.max(n, NORM_MIN)
@@ -270,14 +267,7 @@ def drucker_prager_F(F: wp.mat33, mu: float, lam: float, kappa: float, branch: i
     """Return mapping of Drucker-Prager sand in Hencky strain (Klar et al. 2016, no hardening; kappa = alpha) along
     ``branch`` (drucker_prager_branch, or a recorded one): TENSION -> U V^T (stress-free); YIELD ->
     U exp(tr eps / 3 - beta alpha tr eps e / |e|) V^T (onto the cone); ELASTIC -> F."""
-    U = wp.mat33()
-    s = wp.vec3()
-    V = wp.mat33()
-    wp.svd3(F, U, s, V)
-    eps = clamped_log(s)
-    tr = eps[0] + eps[1] + eps[2]
-    e = eps - wp.vec3(tr / 3.0)
-    n = wp.length(e)
+    U, s, V, tr, e, n = hencky_spectrum(F)
     beta = 1.0 + 1.5 * lam / mu
     out = F
     if branch == TENSION:
@@ -294,14 +284,7 @@ def adj_drucker_prager_F(F: wp.mat33, mu: float, lam: float, kappa: float, branc
     h = tr / 3 1 + c e_hat, dh/deps = 11^T / 3 - beta alpha e_hat 1^T + (c / n)(I - 11^T / 3 - e_hat e_hat^T),
     dg/dc = g * e_hat, dc/dalpha = -beta tr, dc/dlam = -1.5 alpha tr / mu, dc/dmu = 1.5 alpha tr lam / mu^2;
     elastic -> the identity."""
-    U = wp.mat33()
-    s = wp.vec3()
-    V = wp.mat33()
-    wp.svd3(F, U, s, V)
-    eps = clamped_log(s)
-    tr = eps[0] + eps[1] + eps[2]
-    e = eps - wp.vec3(tr / 3.0)
-    n = wp.length(e)
+    U, s, V, tr, e, n = hencky_spectrum(F)
     beta = 1.0 + 1.5 * lam / mu
     if branch == TENSION:
         F_bar, b = spectral_adjoint(U, s, V, wp.vec3(1.0), wp.mat33(0.0), adj_ret)
