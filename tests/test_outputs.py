@@ -122,6 +122,57 @@ def test_read_gaussians_from_other_tools(tmp_path):
     assert read_vertex_ply(tmp_path / "other.ply")["red"].tolist() == [200] * 5
 
 
+def test_view_dependent_coefficients_are_written_channel_major_between_f_dc_and_opacity(tmp_path):
+    """f_rest_* as the 3DGS trainer's save_ply writes them, read back with plyfile (an independent reader)."""
+    plyfile = pytest.importorskip("plyfile")
+    rng = np.random.default_rng(5)
+    g = random_gaussians(rng, 6)
+    for K in (3, 8, 15):
+        rest = rng.normal(size=(6, K, 3))
+        path = write_gaussians_ply(tmp_path / f"sh{K}.ply", **g, sh_rest=rest)
+        vertex = plyfile.PlyData.read(str(path))["vertex"]
+        names = [p.name for p in vertex.properties]
+        assert names == [*GAUSSIAN_PROPERTIES[:9], *(f"f_rest_{i}" for i in range(3 * K)), *GAUSSIAN_PROPERTIES[9:]]
+        for c in range(3):
+            for k in range(K):
+                np.testing.assert_allclose(vertex[f"f_rest_{c * K + k}"], rest[:, k, c], rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(read_gaussians_ply(path)["colors"], g["colors"], atol=1e-6)  # f_rest skipped
+    with pytest.raises(ValueError, match="sh_rest has shape"):
+        write_gaussians_ply(tmp_path / "bad.ply", **g, sh_rest=np.zeros((6, 4, 3)))
+
+
+def test_sh_rotations_turn_every_degree_as_3dgs_evaluates_it():
+    """Degrees 1..3 in 3DGS's order and signs (its own eval_sh, the float64 twin): the turned coefficients give at d
+    what the original ones give at R^T d, for proper rotations and reflections; blocks per degree; orthogonal."""
+    torch = pytest.importorskip("torch")
+    from diffmpm_cli.optimize.outputs import rotate_sh, sh_rotations
+    from diffmpm_cli.reference.splats import eval_sh_ref
+
+    g = torch.Generator().manual_seed(11)
+    d = torch.float64
+    R = torch.linalg.qr(torch.randn(6, 3, 3, generator=g, dtype=d))[0]  # three of them reflections
+    R[:3] *= torch.sign(torch.det(R[:3]))[:, None, None]
+    R[3:] *= -torch.sign(torch.det(R[3:]))[:, None, None]
+    sh = torch.randn(6, 15, 3, generator=g, dtype=d)
+    turned = rotate_sh(sh, R)
+    dirs = torch.nn.functional.normalize(torch.randn(40, 3, generator=g, dtype=d), dim=1)
+    zero = torch.zeros(1, 3, dtype=d)
+    for m in range(6):
+        for u in dirs:
+            got = eval_sh_ref(3, torch.cat([zero, turned[m]]), u)
+            want = eval_sh_ref(3, torch.cat([zero, sh[m]]), R[m].T @ u)
+            np.testing.assert_allclose(got, want, atol=1e-12)
+    M = sh_rotations(R, 3)
+    mask = torch.block_diag(torch.ones(3, 3), torch.ones(5, 5), torch.ones(7, 7)).bool()
+    assert float(M[:, ~mask].abs().max()) == 0.0
+    np.testing.assert_allclose(M @ M.transpose(1, 2), torch.eye(15, dtype=d).expand(6, 15, 15), atol=1e-12)
+    np.testing.assert_allclose(rotate_sh(sh[:, :3], R), turned[:, :3], atol=1e-12)  # degree 1 alone: same block
+    # degree 1 is the 3x3 rotation itself in the basis order (y, z, x) with 3DGS's signs (-y, z, -x)
+    P = torch.tensor([[0.0, -1, 0], [0, 0, 1], [-1, 0, 0]], dtype=d)  # a vector (x, y, z) -> its coefficients
+    np.testing.assert_allclose(M[:, :3, :3], P @ R @ P.T, atol=1e-12)
+    assert float(rotate_sh(sh[:, :0], R).abs().sum()) == 0.0
+
+
 def test_read_rejects_non_gaussian_ply(tmp_path):
     write_particles_ply(tmp_path / "p.ply", positions=np.zeros((3, 3)))
     with pytest.raises(ValueError, match="lacks Gaussian properties"):

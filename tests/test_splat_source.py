@@ -367,5 +367,137 @@ def test_a_run_from_a_trained_source_reports_the_fill_and_writes_its_frames(tmp_
     rebuilt = rebuild_gaussians(final / "trajectory.npz", row=1)
     ply_back = plyfile.PlyData.read(str(final / "frames" / "frame_000008.ply"))["vertex"]
     np.testing.assert_allclose(np.stack([ply_back[k] for k in "xyz"], 1), rebuilt["means"], atol=1e-6)
+    # the view-dependent degree is written, turned by each Gaussian's local rotation and the up axis
+    assert rebuilt["sh_rest"].shape == (300, 3, 3)
+    np.testing.assert_allclose(ply_f_rest(ply_back, 3), rebuilt["sh_rest"], atol=1e-6)
     assert rebuilt["means"][:, 1].mean() == pytest.approx(-np.load(final / "trajectory.npz")["x"][1][:, 1].mean(),
                                                           abs=0.02)  # -y up: the simulation's +y is -y
+
+
+def ply_f_rest(vertex, K):
+    """f_rest_* of a plyfile vertex element as [N, K, 3] (the trainer's channel-major order undone)."""
+    return np.stack([np.asarray(vertex[f"f_rest_{i}"], np.float64) for i in range(3 * K)], 1).reshape(-1, 3, K)\
+        .transpose(0, 2, 1)
+
+
+def random_rotations(g, count):
+    q = torch.linalg.qr(torch.randn(count, 3, 3, generator=g, dtype=torch.float64))[0]
+    return q * torch.sign(torch.det(q))[:, None, None]
+
+
+def random_views(g, count):
+    views = torch.eye(4, dtype=torch.float64).repeat(count, 1, 1)
+    views[:, :3, :3] = random_rotations(g, count)
+    views[:, :3, 3] = torch.randn(count, 3, generator=g, dtype=torch.float64) + torch.tensor([0, 0, 3.0])
+    return views
+
+
+def exported_colors(colors, sh_file, means, views, up):
+    """What a 3DGS viewer shows: eval_sh (the trainer's, float64 twin) of the file's coefficients at the direction
+    from each camera centre to each mean, both turned to the file's up axis by ``up``, + 0.5, clamped at 0."""
+    from diffmpm_cli.splats import SH_C0
+
+    out = torch.zeros(views.shape[0], len(means), 3, dtype=torch.float64)
+    for c in range(views.shape[0]):
+        centre = -(views[c, :3, :3].T @ views[c, :3, 3])
+        for m in range(len(means)):
+            d = up @ (means[m] - centre)
+            sh = torch.cat([((colors[m] - 0.5) / SH_C0)[None], sh_file[m]])
+            out[c, m] = torch.clamp_min(eval_sh_ref(3, sh, d / torch.linalg.norm(d)) + 0.5, 0.0)
+    return out
+
+
+@pytest.mark.parametrize("up_axis", ["y", "z", "-y"])
+def test_exported_sh_gives_the_renderers_colours_from_every_view(up_axis):
+    """A rigid local motion (Fbar a rotation R) of Gaussians placed by a rotation ``frame``: the renderer evaluates
+    their degree-3 SH at frame^T R^T d; a frame PLY's coefficients, turned by U R frame (U: the up axis's
+    rotation), evaluated as a 3DGS viewer does at the file's direction U d, give the same colours from every view
+    (float64; the test allows 1e-5)."""
+    from diffmpm_cli.optimize.outputs import polar_rotations, rotate_sh
+    from diffmpm_cli.outputs.ply import UP_ROTATIONS
+
+    g = torch.Generator().manual_seed(12)
+    count = 6
+    R, frame = random_rotations(g, count), random_rotations(g, 1)[0]
+    colors = torch.rand(count, 3, generator=g, dtype=torch.float64)
+    sh = 0.3 * torch.randn(count, 15, 3, generator=g, dtype=torch.float64)
+    means = 0.2 * torch.randn(count, 3, generator=g, dtype=torch.float64)
+    views = random_views(g, 7)
+    rendered = view_colors(colors, sh, means=means, Fbar=R, viewmats=views, frame=frame)
+    U = torch.as_tensor(UP_ROTATIONS[up_axis])
+    exported = exported_colors(colors, rotate_sh(sh, U @ polar_rotations(R) @ frame), means, views, U)
+    np.testing.assert_allclose(exported, rendered, atol=1e-5)
+    assert float((exported - rendered).abs().max()) < 1e-12  # float64: to rounding
+    unturned = exported_colors(colors, sh, means, views, U)  # the rotation matters here
+    assert float((unturned - rendered).abs().max()) > 0.05
+
+
+def test_frame_sh_turn_with_the_polar_rotation_of_a_sheared_stretched_deformation():
+    """float64, random F = Q S with shear and non-uniform stretch (S symmetric positive definite, not diagonal): the
+    rotation each Gaussian's SH is turned by (splat_rotations: polar rotation of Fbar = sum_p w_p F_p, times the
+    placement frame) is Q frame; for random particle F it is a rotation with R^T Fbar symmetric positive definite.
+    The exported colours are the renderer's with the local deformation's stretch taken out (Fbar -> its rotation);
+    the renderer's own colours under the stretch differ (a 3DGS file holds only rotated coefficients)."""
+    from diffmpm_cli.optimize.outputs import polar_rotations, rotate_sh, splat_rotations
+    from diffmpm_cli.splats import SurfaceEmbedding
+
+    t = twin_inputs(seed=13, count=6, particles=9, cameras=5)
+    g = torch.Generator().manual_seed(14)
+    e = SurfaceEmbedding(indices=t["indices"], weights=t["weights"],
+                         offsets=t["samples"][:, None] - t["Xp"][t["indices"]], normals=torch.zeros_like(t["samples"]),
+                         rest_covars=t["rest"])
+    # a homogeneous F = Q S: every Gaussian's Fbar is F, its polar rotation Q
+    Q = random_rotations(g, 1)[0]
+    S = torch.tensor([[1.4, 0.25, -0.1], [0.25, 0.7, 0.15], [-0.1, 0.15, 1.1]], dtype=torch.float64)
+    assert float(torch.linalg.eigvalsh(S).min()) > 0.3
+    F = (Q @ S).expand(9, 3, 3)
+    np.testing.assert_allclose(splat_rotations(F, e, t["frame"]), (Q @ t["frame"]).expand(6, 3, 3), atol=1e-12)
+    # random particle F (t["F"] = I + 0.2 N(0, 1)): a proper rotation whose R^T Fbar is symmetric positive definite
+    Fbar = embedding_deformation(t["F"], e)
+    R = polar_rotations(Fbar)
+    np.testing.assert_allclose(R.transpose(1, 2) @ R, torch.eye(3, dtype=torch.float64).expand(6, 3, 3), atol=1e-12)
+    np.testing.assert_allclose(torch.det(R), torch.ones(6, dtype=torch.float64), atol=1e-12)
+    sym = R.transpose(1, 2) @ Fbar
+    np.testing.assert_allclose(sym, sym.transpose(1, 2), atol=1e-12)
+    assert float(torch.linalg.eigvalsh(sym).min()) > 0
+    np.testing.assert_allclose(splat_rotations(t["F"], e, t["frame"]), R @ t["frame"], atol=1e-12)
+    # the colours the file holds
+    means, _ = surface_gaussians(t["x"], t["F"], e, sigma0=torch.tensor(1.0, dtype=torch.float64), thickness=0.1)
+    eye = torch.eye(3, dtype=torch.float64)
+    exported = exported_colors(t["colors"], rotate_sh(t["sh_rest"], splat_rotations(t["F"], e, t["frame"])), means,
+                               t["views"], eye)
+    rigid = view_colors(t["colors"], t["sh_rest"], means=means, Fbar=R, viewmats=t["views"], frame=t["frame"])
+    np.testing.assert_allclose(exported, rigid, atol=1e-5)
+    stretched = view_colors(t["colors"], t["sh_rest"], means=means, Fbar=Fbar, viewmats=t["views"], frame=t["frame"])
+    assert float((exported - stretched).abs().max()) > 1e-3
+
+
+@pytest.mark.parametrize("placed", [False, True])
+def test_a_degree_3_ply_through_an_identity_simulation_exports_its_own_coefficients(tmp_path, placed):
+    """INRIA PLY (degree 3) -> identity simulation -> frame PLY: the same SH coefficients (float32 files; 1e-6).
+    ``placed``: put in the scene turned 180 degrees about x (a COLMAP-like capture) and exported with up_axis -y,
+    which turns it back: the file's coefficients are again the input's."""
+    from diffmpm_cli.assets import build_assets
+    from diffmpm_cli.optimize.outputs import state_splats, write_splats
+    from diffmpm_cli.pipeline import Pipeline
+
+    rng = np.random.default_rng(15)
+    cloud = trained_cloud(rng, count=200)
+    ply = write_inria_ply(tmp_path / "trained.ply", cloud)
+    data = splat_scene(ply)
+    if placed:
+        data["source"]["world_from_capture"] = [[1, 0, 0, 0], [0, -1, 0, 1], [0, 0, -1, 1], [0, 0, 0, 1]]
+        data["output"] = {"up_axis": "-y"}
+    scene = load_scene(write(tmp_path, data))
+    assets = build_assets(scene)
+    pipe = Pipeline(scene, assets)
+    assert assets.source.splats.kept == 200
+    with torch.no_grad():
+        out = pipe.forward({})  # no gravity, no velocity: F stays I
+        path = write_splats(tmp_path / "frame.ply", **state_splats(pipe, {}, out.result.x[-1], out.result.F[-1]),
+                            up_axis=scene.output.up_axis)
+    vertex = plyfile.PlyData.read(str(path))["vertex"]
+    np.testing.assert_allclose(ply_f_rest(vertex, 15), cloud["f_rest"], atol=1e-6)
+    np.testing.assert_allclose(np.stack([vertex[f"f_dc_{i}"] for i in range(3)], 1), cloud["f_dc"], atol=1e-6)
+    np.testing.assert_allclose(np.stack([vertex[k] for k in "xyz"], 1), cloud["means"] - np.array([0.0, 1.0, 1.0]) * placed,
+                               atol=1e-6)  # -y turns (x, 1 - y, 1 - z) to (x, y - 1, z - 1)

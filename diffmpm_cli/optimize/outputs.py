@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,7 @@ from ..outputs.pictures import comparison_grid, loss_curves, mp4_available, save
 from ..outputs.ply import UP_ROTATIONS, to_up_axis, write_gaussians_ply, write_particles_ply
 from ..params import natural, reported
 from ..provenance import device_name, versions
+from ..splats import embedding_deformation, sh_basis
 from .evaluate import ExactTarget, evaluate_metrics, exact_target_metrics
 
 PICTURE_HEIGHT = 192  # comparison and turntable pictures are upscaled (nearest) to at least this height
@@ -45,17 +47,104 @@ def render_turntable(pipeline, params, x, F, *, count: int, size: tuple[int, int
     return frames
 
 
-def write_splats(path: Path, means, covars, colors, opacities, *, up_axis: str) -> Path:
-    """One 3DGS PLY of Gaussians (torch tensors), turned to ``up_axis`` (outputs/ply.py UP_ROTATIONS)."""
+def _fibonacci_directions(count: int) -> torch.Tensor:
+    """``count`` unit vectors spread evenly over the sphere (a Fibonacci lattice), float64 [count, 3]."""
+    k = torch.arange(count, dtype=torch.float64) + 0.5
+    z = 1.0 - 2.0 * k / count
+    phi = math.pi * (3.0 - math.sqrt(5.0)) * k
+    r = torch.sqrt(1.0 - z * z)
+    return torch.stack([r * torch.cos(phi), r * torch.sin(phi), z], dim=1)
+
+
+SH_FIT_DIRECTIONS = _fibonacci_directions(32)  # >= 2l + 1 = 7 well-spread directions per degree l <= 3
+SH_CHUNK = 65536  # Gaussians per batch of rotation matrices (32 directions x 15 coefficients each, float64)
+
+
+def sh_rotations(R: torch.Tensor, degree: int) -> torch.Tensor:
+    """[M, K, K] (K = (degree + 1)^2 - 1, float64): the matrices that turn the degree 1..``degree`` SH coefficients
+    of one colour channel (the 3DGS order and signs, splats.sh_basis) of Gaussians turned by the orthogonal
+    R [M, 3, 3], so that the turned coefficients M s give at direction d what s gives at R^T d:
+    sum_j (M s)_j Y_j(d) = sum_k s_k Y_k(R^T d) for every unit d.
+
+    Block diagonal, one (2l+1)^2 block per degree l (each degree's functions turn among themselves); each block is
+    solved by least squares from the basis at SH_FIT_DIRECTIONS and at their images R^T d, which the block maps
+    exactly, so the fit is exact to rounding."""
+    R = R.to(torch.float64)
+    K = (degree + 1) ** 2 - 1
+    out = torch.zeros(R.shape[0], K, K, dtype=torch.float64, device=R.device)
+    if degree == 0:
+        return out
+    dirs = SH_FIT_DIRECTIONS.to(R.device)
+    basis = sh_basis(dirs, degree)  # [P, K]
+    turned = sh_basis(dirs @ R, degree)  # [M, P, K]: Y(R^T d); row vectors d @ R = (R^T d)^T
+    for band in range(1, degree + 1):
+        cols = slice(band * band - 1, (band + 1) ** 2 - 1)
+        # Y_l(R^T d) = D_l Y_l(d) at every direction: basis D_l^T = turned, and M_l = D_l^T
+        out[:, cols, cols] = torch.linalg.pinv(basis[:, cols]) @ turned[:, :, cols]
+    return out
+
+
+def rotate_sh(sh_rest: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
+    """SH coefficients of degrees 1..3 [M, K, 3] (K = 3, 8 or 15; channels last) of Gaussians turned by the
+    orthogonal R [M, 3, 3] (float64): what a 3DGS viewer must hold so that a Gaussian looks from d as the unturned
+    one looks from R^T d (``sh_rotations``)."""
+    degree = {0: 0, 3: 1, 8: 2, 15: 3}[sh_rest.shape[1]]
+    sh_rest, R = sh_rest.to(torch.float64), R.to(torch.float64)
+    return torch.cat([torch.einsum("mij,mjc->mic", sh_rotations(R[start:start + SH_CHUNK], degree),
+                                   sh_rest[start:start + SH_CHUNK]) for start in range(0, len(R), SH_CHUNK)]) \
+        if len(R) else sh_rest.clone()
+
+
+def polar_rotations(F: torch.Tensor) -> torch.Tensor:
+    """The rotation R [M, 3, 3] (float64) of the polar decomposition F = R S (S symmetric positive definite) of
+    deformation gradients F [M, 3, 3]: U V^T of the SVD F = U diag(s) V^T. For det F <= 0 (not physical) it is the
+    rotation nearest F, U diag(1, 1, -1) V^T."""
+    U, _, Vh = torch.linalg.svd(F.to(torch.float64))
+    sign = torch.sign(torch.det(U @ Vh))
+    U = torch.cat([U[..., :2], U[..., 2:] * torch.where(sign == 0, 1.0, sign)[:, None, None]], dim=-1)
+    return U @ Vh
+
+
+def splat_rotations(F: torch.Tensor, embedding, frame) -> torch.Tensor:
+    """The rotation [M, 3, 3] (float64) each trained Gaussian's SH is turned by in a state with particle F [N, 3, 3]:
+    the polar rotation of its local deformation Fbar = sum_p w_p F_p times the placement's rotation ``frame`` [3, 3]
+    (trained frame -> scene). For a rigid motion (Fbar a rotation) this is what the renderer evaluates, whose SH
+    direction is frame^T Fbar^-1 d; under stretch or shear the renderer's Fbar^-1 d leans where R^T d does not, and a
+    3DGS file can only hold the rotated coefficients."""
+    Fbar = embedding_deformation(F.to(torch.float64), embedding.to(torch.float64))
+    return polar_rotations(Fbar) @ torch.as_tensor(np.asarray(frame), dtype=torch.float64, device=Fbar.device)
+
+
+def write_splats(path: Path, means, covars, colors, opacities, *, up_axis: str, sh_rest=None,
+                 rotations=None) -> Path:
+    """One 3DGS PLY of Gaussians (torch tensors), turned to ``up_axis`` (outputs/ply.py UP_ROTATIONS). ``sh_rest``
+    [M, K, 3]: the degree 1..3 coefficients in the trained scene's frame, written turned by ``rotations``
+    [M, 3, 3] (trained frame -> simulation world, ``splat_rotations``) and then by the up axis's rotation."""
     means, covars = to_up_axis(up_axis, means=means.detach().cpu(), covars=covars.detach().cpu())
+    if sh_rest is not None and sh_rest.shape[1] > 0:
+        up = torch.as_tensor(UP_ROTATIONS[up_axis], dtype=torch.float64)
+        sh_rest = rotate_sh(torch.as_tensor(sh_rest).detach().cpu(), up @ rotations.detach().cpu().double())
     return write_gaussians_ply(path, means=means, covars=covars, colors=colors.detach().cpu(),
-                               opacities=opacities.detach().cpu())
+                               opacities=opacities.detach().cpu(), sh_rest=sh_rest)
+
+
+def state_splats(pipeline, params, x, F) -> dict:
+    """What write_splats takes for one state: means, covars, colors, opacities (degree-0 colours) and, for a trained
+    3DGS source with SH degree >= 1, its coefficients and their rotations (``splat_rotations``)."""
+    means, covars, colors, opacities = pipeline.gaussians(x, F, params)
+    out = {"means": means, "covars": covars, "colors": colors, "opacities": opacities}
+    splats = pipeline.splats
+    if splats is not None and splats.degree > 0:
+        out.update(sh_rest=torch.as_tensor(splats.sh_rest, dtype=torch.float64),
+                   rotations=splat_rotations(F.detach(), pipeline.embedding, splats.frame).cpu())
+    return out
 
 
 def splat_recipe(pipeline, params) -> dict[str, np.ndarray]:
     """What trajectory.npz keeps besides x and F so that ``rebuild_gaussians`` gives every frame's splats: the
     Gaussian mode, the surface embedding (indices [M, k], weights [M, k], offsets [M, k, 3] m, rest normals [M, 3]),
-    sigma0 [m], the disc thickness ratio, colours [M, 3], opacities [M] and the export's up axis."""
+    sigma0 [m], the disc thickness ratio, colours [M, 3], opacities [M] and the export's up axis; for a trained 3DGS
+    source with SH degree >= 1 also its coefficients ``sh_rest`` [M, K, 3] and placement rotation ``sh_frame``."""
     with torch.no_grad():
         p = pipeline._with_defaults(params, ("color", "opacity_logit", "log_sigma0"))
         count = pipeline.gaussian_count
@@ -70,13 +159,16 @@ def splat_recipe(pipeline, params) -> dict[str, np.ndarray]:
                           embedding_offsets=e.offsets.cpu().numpy(), embedding_normals=e.normals.cpu().numpy())
             if e.rest_covars is not None:  # a trained 3DGS source's own rest shapes
                 recipe["embedding_rest_covars"] = e.rest_covars.cpu().numpy()
+        if pipeline.splats is not None and pipeline.splats.degree > 0:  # and its view-dependent colours
+            recipe.update(sh_rest=pipeline.splats.sh_rest, sh_frame=pipeline.splats.frame)
     return recipe
 
 
 def rebuild_gaussians(path, *, row: int = -1, up_axis: str | None = None) -> dict[str, np.ndarray]:
     """The splats of kept frame ``row`` of a run's final/trajectory.npz (the Gaussians final/frames/ holds), turned to
     ``up_axis`` (default: the run's output.up_axis): means [M, 3] m, covars [M, 3, 3] m^2, colors [M, 3],
-    opacities [M] (float64 numpy), and the frame's ``step``."""
+    opacities [M] (float64 numpy), the frame's ``step`` and, for a trained source with SH degree >= 1, ``sh_rest``
+    [M, K, 3] turned as the frame PLYs hold them (write_splats)."""
     from ..splats import SurfaceEmbedding, particle_gaussians, surface_gaussians
 
     with np.load(path) as data:
@@ -92,9 +184,13 @@ def rebuild_gaussians(path, *, row: int = -1, up_axis: str | None = None) -> dic
         else:
             means, covars = particle_gaussians(x, F, sigma0=sigma0)
         up = str(data["up_axis"]) if up_axis is None else up_axis
+        out = {"colors": data["colors"].astype(np.float64), "opacities": data["opacities"].astype(np.float64),
+               "step": int(data["steps"][row])}
+        if "sh_rest" in data:
+            R = torch.as_tensor(UP_ROTATIONS[up]) @ splat_rotations(F, embedding, data["sh_frame"])
+            out["sh_rest"] = rotate_sh(torch.from_numpy(data["sh_rest"]), R).numpy()
         means, covars = to_up_axis(up, means=means, covars=covars)
-        return {"means": means, "covars": covars, "colors": data["colors"].astype(np.float64),
-                "opacities": data["opacities"].astype(np.float64), "step": int(data["steps"][row])}
+        return {"means": means, "covars": covars, **out}
 
 
 def source_report(body) -> dict:
@@ -145,16 +241,14 @@ def write_final_outputs(run, out_dir: Path, *, history: list[dict], wall_s: floa
         written.append(final / "comparison.png")
     up = scene.output.up_axis
     with torch.no_grad():
-        means, covars, colors, opacities = pipeline.gaussians(x, F, run.params)
-    written.append(write_splats(final / "gaussians.ply", means, covars, colors, opacities, up_axis=up))
+        written.append(write_splats(final / "gaussians.ply", **state_splats(pipeline, run.params, x, F), up_axis=up))
     written.append(write_particles_ply(final / "particles.ply", positions=x.cpu().double() @ torch.from_numpy(
         UP_ROTATIONS[up]).T, extra={"J": torch.linalg.det(F).cpu()}))
     if scene.output.frame_plys:  # the animated splat sequence: every kept frame
         with torch.no_grad():
             for row, step in enumerate(out.result.frames):
-                written.append(write_splats(final / "frames" / f"frame_{step:06d}.ply",
-                                            *pipeline.gaussians(out.result.x[row], out.result.F[row], run.params),
-                                            up_axis=up))
+                written.append(write_splats(final / "frames" / f"frame_{step:06d}.ply", up_axis=up,
+                                            **state_splats(pipeline, run.params, out.result.x[row], out.result.F[row])))
     written.append(write_inria_cameras(final / "cameras.json", names=pipeline.camera_names,
                                        viewmats=pipeline.viewmats.detach().cpu().double().numpy(),
                                        Ks=pipeline.Ks.detach().cpu().double().numpy(), width=pipeline.width,

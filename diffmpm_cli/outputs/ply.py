@@ -3,9 +3,12 @@
 Gaussians are written as one ``vertex`` element of float32 properties, in the order used by the Inria 3DGS code and the
 viewers that read its output::
 
-    x y z nx ny nz f_dc_0 f_dc_1 f_dc_2 opacity scale_0 scale_1 scale_2 rot_0 rot_1 rot_2 rot_3
+    x y z nx ny nz f_dc_0 f_dc_1 f_dc_2 [f_rest_0 .. f_rest_{3K-1}] opacity scale_0 scale_1 scale_2 rot_0 .. rot_3
 
 * ``f_dc`` are degree-0 spherical-harmonic coefficients, ``rgb = C0 * f_dc + 0.5``;
+* ``f_rest`` (only when view-dependent colours are written) are the K = 3, 8 or 15 coefficients of SH degrees
+  1..3 per colour channel, channel-major as the 3DGS trainer's ``save_ply`` writes them:
+  ``f_rest_{c K + k}`` is channel c, coefficient k (3DGS's ``eval_sh`` order and signs);
 * ``opacity`` is stored as a logit, ``alpha = sigmoid(opacity)``;
 * ``scale_i`` are log standard deviations (log m) along the principal axes;
 * ``rot`` is a unit quaternion ``(w, x, y, z)`` of the rotation R whose columns are those axes, so that
@@ -16,6 +19,8 @@ All files are binary little-endian and are written atomically (temporary file in
 Exported splats can be turned to another up axis (``output.up_axis``, ``UP_ROTATIONS``): the simulation's world is
 y-up (gravity along -y); ``z`` turns it so +y becomes +z (Blender, z-up, shows the object standing), ``-y`` so +y
 becomes -y (the COLMAP/OpenCV convention of trained 3DGS scenes, which SuperSplat and the INRIA viewer show upright).
+The rotation turns the positions and covariances here (``to_up_axis``) and the SH coefficients of degrees 1..3 in
+``optimize/outputs.py`` (``write_splats``), which also turns them with each Gaussian's local rotation.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from .files import atomic_write
 
 C0 = 0.28209479177387814  # degree-0 real spherical harmonic, 1 / (2 sqrt(pi))
 MIN_OPACITY = 1e-6  # opacities are clamped to [MIN_OPACITY, 1 - MIN_OPACITY] before the logit
+SH_REST_DEGREE = {0: 0, 3: 1, 8: 2, 15: 3}  # degree 1..3 coefficients per channel -> SH degree
 MIN_VARIANCE = 1e-30  # m^2; eigenvalues below this (flat or degenerate Gaussians) are raised to it before the log
 
 GAUSSIAN_PROPERTIES = (
@@ -133,10 +139,11 @@ def scale_rotation_to_covariance(scales, quats) -> np.ndarray:
     return (R * variances[:, None, :]) @ np.swapaxes(R, 1, 2)
 
 
-def write_gaussians_ply(path, *, means, covars, colors, opacities) -> Path:
+def write_gaussians_ply(path, *, means, covars, colors, opacities, sh_rest=None) -> Path:
     """Write Gaussians to a 3DGS-layout PLY.
 
     means [M,3] (m), covars [M,3,3] symmetric PSD (m^2), colors [M,3] RGB in [0,1], opacities [M] in (0,1);
+    sh_rest [M,K,3] (K = 3, 8 or 15: SH degrees 1..3, channels last, in the file's frame) or None (degree 0 only);
     torch tensors or numpy arrays. Returns ``path``.
     """
     means, colors, opacities = _numpy(means, "means"), _numpy(colors, "colors"), _numpy(opacities, "opacities")
@@ -147,11 +154,21 @@ def write_gaussians_ply(path, *, means, covars, colors, opacities) -> Path:
     for name, (array, shape) in expected.items():
         if array.shape != shape:
             raise ValueError(f"{name} has shape {array.shape}, expected {shape}")
+    rest = np.zeros((count, 0, 3)) if sh_rest is None else _numpy(sh_rest, "sh_rest")
+    if rest.ndim != 3 or rest.shape[0] != count or rest.shape[1] not in SH_REST_DEGREE or rest.shape[2] != 3:
+        raise ValueError(f"sh_rest has shape {rest.shape}, expected ({count}, K, 3) with K in 0, 3, 8, 15")
     scales, quats = covariance_to_scale_rotation(covars)
     alpha = np.clip(opacities, MIN_OPACITY, 1 - MIN_OPACITY)
     f_dc = (colors - 0.5) / C0
     values = [*means.T, *np.zeros((3, count)), *f_dc.T, np.log(alpha) - np.log1p(-alpha), *scales.T, *quats.T]
-    return _write_vertex_ply(path, dict(zip(GAUSSIAN_PROPERTIES, values)), "3D Gaussian splats written by diffmpm")
+    columns = dict(zip(GAUSSIAN_PROPERTIES, values))
+    if rest.shape[1]:  # f_rest_* between f_dc_2 and opacity, channel-major
+        names = list(columns)
+        at = names.index("opacity")
+        flat = rest.transpose(0, 2, 1).reshape(count, -1)
+        extra = {f"f_rest_{i}": flat[:, i] for i in range(flat.shape[1])}
+        columns = {**{n: columns[n] for n in names[:at]}, **extra, **{n: columns[n] for n in names[at:]}}
+    return _write_vertex_ply(path, columns, "3D Gaussian splats written by diffmpm")
 
 
 def read_vertex_ply(path) -> dict[str, np.ndarray]:
