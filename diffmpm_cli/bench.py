@@ -10,6 +10,7 @@ from datetime import datetime, timezone
 import torch
 
 from .enums import Material, P2GMode, WallKind
+from .heap import frozen_heap
 from .provenance import device_name, versions
 from .sim.grid import GridSpec, stable_dt
 from .sim.model import MPMModel
@@ -66,6 +67,7 @@ def _timed(fn, device: str, repeats: int) -> list[float]:
     return times
 
 
+@frozen_heap()
 def bench_mpm(*, particles: int = 4096, grid: int = 32, steps: int = 50, shuffle: bool = False, device: str = "cpu",
               backward_steps: int | None = None, material: str = "fixed_corotated", bspline: str = "quadratic",
               repeats: int = 5, p2g: P2GMode | str | None = None, sort_every: int = 0) -> dict:
@@ -135,7 +137,7 @@ def bench_mpm(*, particles: int = 4096, grid: int = 32, steps: int = 50, shuffle
         return out.stats
 
     stats = forward_backward()  # warm-up
-    fwd_bwd = statistics.median(_timed(forward_backward, device, max(1, repeats // 2)))
+    fwd_bwd = statistics.median(_timed(forward_backward, device, repeats))
     return {
         **_header("mpm", device),
         "particles": n,
@@ -298,6 +300,7 @@ def _fwd_bwd_times(render, inputs, width, height, repeats):
     return statistics.median(fwd), statistics.median(bwd)
 
 
+@frozen_heap()
 def bench_render(*, gaussians: int = 3000, width: int = 128, height: int = 128, device: str = "cpu",
                  compare_gsplat: bool = False, repeats: int = 5) -> dict:
     """Forward and backward time of the rasteriser (RGB, one camera); with gsplat timed on the same tensors."""
@@ -355,6 +358,7 @@ def compare_with_gsplat(*, gaussians: int = 100_000, width: int = 1024, height: 
 # one optimisation iteration, split by stage
 
 
+@frozen_heap()
 def bench_optimize(*, scene, assets, device: str = "cpu", repeats: int = 5) -> dict:
     """Median seconds per stage of one optimisation iteration of ``scene`` (its learned groups, its loss).
 

@@ -434,3 +434,22 @@ def test_cfl_message_prints_enough_digits(tmp_path):
     assert "CFL number 0.5000001 exceeds sim.cfl_limit 0.5" in line
     stable = float(line.split("dt <= ")[1].split(" s")[0])
     assert stable <= dt / (1 + 1e-7)  # the dt it names is stable (rounded down, not to nearest)
+
+
+def test_frozen_heap_hands_objects_back():
+    """A run freezes what exists at its start out of full collections and hands it back when it ends."""
+    import gc
+
+    from diffmpm_cli.heap import frozen_heap
+    from diffmpm_cli.optimize.run import process_state
+
+    before = gc.get_freeze_count()
+    with process_state(device="cpu", seed=0):
+        assert gc.get_freeze_count() > before
+    assert gc.get_freeze_count() == before
+    with frozen_heap():
+        frozen = gc.get_freeze_count()
+        with frozen_heap():  # nested: the outer block still holds its objects frozen after the inner one ends
+            pass
+        assert gc.get_freeze_count() >= frozen
+    assert gc.get_freeze_count() == before

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from ..errors import CheckpointError, ConfigError, DiffMPMError, SimulationError
+from ..heap import frozen_heap
 from ..losses import scene_loss
 from ..outputs.files import json_line, write_json, write_text
 from ..params import BY_GROUP, GROUP_OF, learned_rates
@@ -333,7 +334,8 @@ def optimize(*, scene, assets, out_dir: Path, device: str = "cpu", iterations: i
 @contextlib.contextmanager
 def process_state(*, device: str, seed: int):
     """What a run sets for the whole process, set back afterwards: the torch, numpy and Python RNGs (seeded with
-    optimize.seed, restored from checkpoints on resume) and, on the CPU, torch's thread count.
+    optimize.seed, restored from checkpoints on resume), on the CPU torch's thread count, and the objects that
+    exist at the start frozen out of the cycle collector's full collections (``heap.frozen_heap``).
 
     torch's multithreaded CPU reductions sum in a varying order (dFc gradients differ at ~1e-11 between identical
     runs); one thread makes a CPU run, and its resume, bitwise reproducible for ~7 % of its time. Warp's CPU
@@ -343,7 +345,8 @@ def process_state(*, device: str, seed: int):
         torch.set_num_threads(1)
     torch.manual_seed(seed)
     try:
-        yield
+        with frozen_heap():
+            yield
     finally:
         torch.set_num_threads(threads)
         set_rng_state(saved_rng)
