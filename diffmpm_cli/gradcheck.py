@@ -184,6 +184,7 @@ def stage_problem(pipeline, stage: str, groups, *, seed: int, cutoffs=None):
     Everything is rendered with ``cutoffs`` (check_stages: RasterCutoffs.smooth())."""
     from .losses import frozen_l1_signs, scene_loss
     from .optimize.targets import build_targets
+    from .sim.solver import FrozenDecisions
     from .splats import splat_gaussians
 
     g = torch.Generator().manual_seed(seed)
@@ -202,15 +203,14 @@ def stage_problem(pipeline, stage: str, groups, *, seed: int, cutoffs=None):
         rest = pipeline.forward(pipeline.initial_parameters(["dFc"]) if stage != "sim" else {},
                                 cutoffs=cutoffs).result
     x, F = rest.x[-1], rest.F[-1]
+    frozen = FrozenDecisions()  # contact and yield branches of the base rollout, replayed by every other one
     if stage == "sim":
         with torch.no_grad():
-            pipeline.sim.record_decisions()  # contact branches of the base rollout, replayed by every other one
-            out = pipeline.simulate(params)
-            pipeline.sim.replay_decisions()
+            out = pipeline.simulate(params, frozen=frozen)
         weights = _random_weights([out.x, out.v, out.F, out.C], g)
 
         def loss(p):
-            r = pipeline.simulate(p)
+            r = pipeline.simulate(p, frozen=frozen)
             return _weighted([r.x, r.v, r.F, r.C], weights)
     elif stage == "splats":
         # pure torch: checked in float64, where central differences resolve what float32 rounding would hide
@@ -249,12 +249,11 @@ def stage_problem(pipeline, stage: str, groups, *, seed: int, cutoffs=None):
         # those kinks errs in proportion to its step. The signs are frozen at theta: the same loss value and
         # gradient there, the kinks' choice taken as autodiff takes it.
         with torch.no_grad():
-            pipeline.sim.record_decisions()
-            signs = frozen_l1_signs(pipeline, pipeline.forward(params, cutoffs=cutoffs), targets)
-            pipeline.sim.replay_decisions()
+            signs = frozen_l1_signs(pipeline, pipeline.forward(params, cutoffs=cutoffs, frozen=frozen), targets)
 
         def loss(p):
-            return scene_loss(pipeline, pipeline.forward(p, cutoffs=cutoffs), p, targets=targets, l1_signs=signs)[0]
+            return scene_loss(pipeline, pipeline.forward(p, cutoffs=cutoffs, frozen=frozen), p, targets=targets,
+                              l1_signs=signs)[0]
     else:
         raise ValueError(f"unknown stage {stage!r}")
     for name, factor in RELATIVE_EPS.items():
@@ -285,16 +284,12 @@ def check_stages(pipeline, *, stages, groups, probes: int = 8, coordinates: int 
     smooth = RasterCutoffs.smooth()
     rows = []
     for stage in stages:
-        try:
-            loss, params, eps, coordinate_eps = stage_problem(pipeline, stage, groups, seed=seed, cutoffs=smooth)
-            if not params:
-                continue
-            single = {k: None if v is None else v * eps_scale for k, v in coordinate_eps.items()}
-            results = directional_probes(loss, params, eps={k: v * eps_scale for k, v in eps.items()},
-                                         coordinate_eps=single,
-                                         probes=probes, coordinates=coordinates, seed=seed)
-        finally:
-            pipeline.sim.forget_decisions()
+        loss, params, eps, coordinate_eps = stage_problem(pipeline, stage, groups, seed=seed, cutoffs=smooth)
+        if not params:
+            continue
+        single = {k: None if v is None else v * eps_scale for k, v in coordinate_eps.items()}
+        results = directional_probes(loss, params, eps={k: v * eps_scale for k, v in eps.items()},
+                                     coordinate_eps=single, probes=probes, coordinates=coordinates, seed=seed)
         for name in params:
             mine = [p for p in results if p.parameter == name]
             # a probe nearly orthogonal to the gradient (its derivative far below this parameter's typical one)

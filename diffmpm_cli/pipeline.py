@@ -117,10 +117,11 @@ class Pipeline:
         return {**self.initial_parameters([k for k in groups if k not in params]), **params}
 
     def simulate(self, params: dict[str, torch.Tensor], *, start: dict[str, torch.Tensor] | None = None,
-                 frames=None) -> RolloutResult:
+                 frames=None, frozen=None) -> RolloutResult:
         """The rollout from the rest state, or from ``start`` (x, v, F, C of the particles: a later optimisation
         episode's start); a v0 in ``params`` replaces the carried velocity. ``frames``: the steps to keep (default
-        sim.frames; the final step always)."""
+        sim.frames; the final step always). ``frozen``: branch decisions kept across rollouts
+        (``sim.solver.FrozenDecisions``)."""
         extra = self.material_parameter
         p = self._with_defaults(params, ("log_E", "nu", "v0", *((GROUP_OF[extra],) if extra else ())))
         start = start or {}
@@ -130,7 +131,7 @@ class Pipeline:
                         **material,
                         steps=self.steps, Fc=self.control_matrices(p.get("dFc")), F0=start.get("F"), C0=start.get("C"),
                         frames=self.frames if frames is None else frames,
-                        segment_length=self.scene.sim.segment_length)
+                        segment_length=self.scene.sim.segment_length, frozen=frozen)
 
     def control_matrices(self, dFc: torch.Tensor | None) -> torch.Tensor | None:
         """The multiplicative controls Fc [K, N, 3, 3] (det > 0) of the learned log strains dFc (sim/controls.py)."""
@@ -190,9 +191,10 @@ class Pipeline:
         return images, alphas, None
 
     def forward(self, params: dict[str, torch.Tensor], *, start: dict[str, torch.Tensor] | None = None,
-                frames=None, cutoffs: RasterCutoffs | None = None) -> PipelineOutput:
-        """Simulate (from ``start``, keeping ``frames``; see ``simulate``), splat and render (with ``cutoffs``)."""
-        result = self.simulate(params, start=start, frames=frames)
+                frames=None, cutoffs: RasterCutoffs | None = None, frozen=None) -> PipelineOutput:
+        """Simulate (from ``start``, keeping ``frames``, with ``frozen`` decisions; see ``simulate``), splat and
+        render (with ``cutoffs``)."""
+        result = self.simulate(params, start=start, frames=frames, frozen=frozen)
         images, alphas, depths = [], [], []
         for row in range(len(result.frames)):
             image, alpha, depth = self.render(*self.gaussians(result.x[row], result.F[row], params,

@@ -12,6 +12,7 @@ from diffmpm_cli.config import load_scene
 from diffmpm_cli.gradcheck import check_stages
 from diffmpm_cli.pipeline import Pipeline
 from diffmpm_cli.sim import solver
+from diffmpm_cli.sim.solver import FrozenDecisions
 
 
 @pytest.fixture(scope="module")
@@ -103,15 +104,12 @@ def test_contact_decisions_record_and_replay():
 
     scene = load_scene(REPO / "scenes" / "elastic_drop.yaml")
     drop = Pipeline(scene, build_assets(scene))
+    frozen = FrozenDecisions()
     with torch.no_grad():
         deciding = drop.simulate({})
-        drop.sim.record_decisions()
-        recorded = drop.simulate({})
-        drop.sim.replay_decisions()
-        replayed = drop.simulate({})
-        drop.sim.forget_decisions()
-    contact_steps = [t for t, a in drop.sim._decisions.items()] if drop.sim._decisions else []
-    assert contact_steps == []  # forgotten
+        recorded = drop.simulate({}, frozen=frozen)
+        replayed = drop.simulate({}, frozen=frozen)
+    assert sorted(frozen.steps) == list(range(drop.steps))
     for a, b, c in zip((deciding.x, deciding.F), (recorded.x, recorded.F), (replayed.x, replayed.F), strict=True):
         assert torch.equal(a, b) and torch.equal(b, c)
     assert float(deciding.x[-1][:, 1].min()) < scene.sim.floor.height + 0.02  # it did reach the floor

@@ -17,7 +17,7 @@ from diffmpm_cli.reference.mpm import energy_density_ref, hencky_strain_ref, ret
 from diffmpm_cli.sim.grid import GridSpec, lame_parameters
 from diffmpm_cli.sim.model import MPMModel
 from diffmpm_cli.sim.op import drucker_prager_alpha, material_kappa, simulate
-from diffmpm_cli.sim.solver import Simulator
+from diffmpm_cli.sim.solver import FrozenDecisions, Simulator
 
 PLASTIC = ("von_mises", "drucker_prager", "newtonian_fluid")
 GRID_NODES = GRID.node_count
@@ -197,7 +197,7 @@ def test_finite_differences_through_the_kernels(material):
         extra = torch.exp(p["extra"]) if logged else p["extra"]
         out = simulate(sim, x0=state["x"].float(), v0=state["v"].float(), F0=state["F"].float(),
                        C0=state["C"].float(), E=torch.exp(p["log_E"]), nu=p["nu"], steps=24, frames=[12],
-                       **{name: extra})
+                       frozen=frozen, **{name: extra})
         return sum((getattr(out, n).double() * weights[n]).sum() for n in FIELDS)
 
     params = {"log_E": torch.tensor(math.log(1.0e4)), "nu": torch.tensor(0.3),
@@ -205,12 +205,10 @@ def test_finite_differences_through_the_kernels(material):
     eps = {"log_E": 1e-2, "nu": 4e-3, "extra": 5e-2 if logged else 1.0}
     # the base rollout's branches (grid update; plastic models: each particle's return mapping), replayed by every
     # perturbed one, as check-grad does: the rollout as the smooth piece it lies on
-    sim.record_decisions()
+    frozen = FrozenDecisions()
     with torch.no_grad():
         loss(params)
-    sim.replay_decisions()
     probes = directional_probes(loss, params, eps=eps, probes=1, seed=3)
-    sim.forget_decisions()
     assert len(probes) == 3
     for probe in probes:  # check-grad's rule: within 1 % plus 3 standard deviations of the FD's measured noise
         assert abs(probe.ad - probe.fd) <= 1e-2 * max(abs(probe.ad), abs(probe.fd)) + 3 * probe.noise, probe
@@ -426,16 +424,15 @@ def test_each_particles_branch_is_recorded_beside_the_grids(material, codes):
     state, mass, volume = make_particles(count=120)
     sim = Simulator(model, mass=mass.float(), volume=volume.float())
     assert sim.plastic and sim.decision_bytes_per_step == GRID_NODES + 120
-    sim.record_decisions()
+    frozen = FrozenDecisions()
     with torch.no_grad():
         out = simulate(sim, x0=state["x"].float(), v0=state["v"].float(), F0=state["F"].float(),
                        C0=state["C"].float(), E=torch.tensor(1.0e4), nu=torch.tensor(0.3), steps=4,
-                       **extra_kwargs(material, dtype=torch.float32))
+                       frozen=frozen, **extra_kwargs(material, dtype=torch.float32))
     assert out.stats.decision_bytes == 4 * (GRID_NODES + 120)
     seen = set()
     for t in range(4):
-        seen |= {int(c) for c in sim._decisions[t].particles.numpy()}
+        seen |= {int(c) for c in frozen.steps[t].particles.numpy()}
     assert seen == codes, seen
-    sim.forget_decisions()
     elastic = Simulator(make_model(), mass=mass.float(), volume=volume.float())
     assert not elastic.plastic and elastic.decision_bytes_per_step == GRID_NODES

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
 from conftest import DEVICES
@@ -17,7 +18,7 @@ from diffmpm_cli.sim.controls import bounded_log_strain, control_matrices
 from diffmpm_cli.sim.grid import GridSpec, lame_parameters
 from diffmpm_cli.sim.model import MPMModel
 from diffmpm_cli.sim.op import grid_mass, simulate
-from diffmpm_cli.sim.solver import Simulator, segment_bounds
+from diffmpm_cli.sim.solver import FrozenDecisions, Simulator, segment_bounds
 
 GRID = GridSpec(lower=(0.0, 0.0, 0.0), dx=1.0 / 12, shape=(12, 12, 12), boundary_cells=3)
 FIELDS = ("x", "v", "F", "C")
@@ -381,16 +382,14 @@ def contact_case():
     return model, state, mass, volume
 
 
-def contact_gradients(sim, state, *, budget=None, between=None):
-    """Gradients (Fc, E, v0) of a weighted 12-step rollout; ``between`` runs after the forward, before the backward."""
+def contact_gradients(sim, state, *, budget=None, frozen=None):
+    """Gradients (Fc, E, v0) of a weighted 12-step rollout (with ``frozen`` decisions if given)."""
     Fc = torch.eye(3).repeat(3, 80, 1, 1).requires_grad_(True)
     E = torch.tensor(1.0e4, requires_grad=True)
     v0 = state["v"].float().clone().requires_grad_(True)
     kw = {} if budget is None else {"decision_budget": budget}
     out = simulate(sim, x0=state["x"].float(), v0=v0, F0=state["F"].float(), C0=state["C"].float(), E=E,
-                   nu=torch.tensor(0.3), Fc=Fc, steps=12, frames=[5], segment_length=4, **kw)
-    if between is not None:
-        between()
+                   nu=torch.tensor(0.3), Fc=Fc, steps=12, frames=[5], segment_length=4, frozen=frozen, **kw)
     (out.x.sum() + 0.1 * (out.F**2).sum() + out.v.sum()).backward()
     return out.stats, [Fc.grad, E.grad, v0.grad]
 
@@ -410,24 +409,27 @@ def test_backward_replays_the_forwards_decisions_within_and_beyond_the_budget():
         assert torch.equal(a, b) and torch.equal(a, c)
 
 
-def test_frozen_decisions_are_taken_when_the_forward_starts():
-    """A rollout's backward replays what its forward took, whatever the simulator's mode is by then."""
+def test_frozen_decisions_are_recorded_once_and_replayed_by_later_rollouts():
+    """A caller's FrozenDecisions: the first rollout records every step into it (no budget), a perturbed rollout
+    replays them in its forward and backward; the simulator keeps no rollout state (its own rollouts still decide)."""
     model, state, mass, volume = contact_case()
     sim = Simulator(model, mass=mass.float(), volume=volume.float())
+    frozen = FrozenDecisions()
     with torch.no_grad():
-        sim.record_decisions()
         simulate(sim, x0=state["x"].float(), v0=state["v"].float(), F0=state["F"].float(), C0=state["C"].float(),
-                 E=torch.tensor(1.0e4), nu=torch.tensor(0.3), steps=12)
-    assert sorted(sim._decisions) == list(range(12))
-    codes = [sim._decisions[t].grid.numpy() for t in range(12)]
+                 E=torch.tensor(1.0e4), nu=torch.tensor(0.3), steps=12, frozen=frozen, decision_budget=0)
+    assert sorted(frozen.steps) == list(range(12))
+    codes = [frozen.steps[t].grid.numpy().copy() for t in range(12)]
     assert any((c & 2).any() for c in codes) and any((c & 56).any() for c in codes)  # floor contact, a wall stop
-    sim.replay_decisions()
-    state = {**state, "v": state["v"] + 0.05}  # perturbed: the frozen decisions are not this rollout's own
-    _, steady = contact_gradients(sim, state)
-    _, forgotten = contact_gradients(sim, state, between=sim.forget_decisions)
-    assert not sim._decisions
-    for a, b in zip(steady, forgotten, strict=True):
-        assert torch.equal(a, b)
+    perturbed = {**state, "v": state["v"] + 0.05}  # the frozen decisions are not this rollout's own
+    _, own = contact_gradients(sim, perturbed)
+    _, replayed = contact_gradients(sim, perturbed, frozen=frozen)
+    _, again = contact_gradients(sim, perturbed, frozen=frozen)
+    assert all(torch.equal(a, b) for a, b in zip(replayed, again, strict=True))
+    assert any(not torch.equal(a, b) for a, b in zip(own, replayed, strict=True))  # the frozen branches differ
+    for t in range(12):  # replaying never rewrites the record
+        assert np.array_equal(frozen.steps[t].grid.numpy(), codes[t])
+    assert not hasattr(sim, "_decisions")
 
 
 def test_simulator_allocates_sort_buffers_only_for_the_tiled_p2g():

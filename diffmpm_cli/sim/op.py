@@ -10,7 +10,7 @@ from ..enums import Material
 from ..errors import SimulationError
 from ..warp_runtime import torch_stream, warp, warp_device
 from .grid import GridSpec, check_cfl_number, lame_parameters
-from .solver import DECISION_BUDGET_BYTES, Rollout, RolloutStats, Simulator
+from .solver import DECISION_BUDGET_BYTES, FrozenDecisions, Rollout, RolloutStats, Simulator
 
 
 class _RolloutFunction(torch.autograd.Function):
@@ -74,7 +74,8 @@ def material_kappa(material: Material, *, count: int, device, yield_stress: torc
 def simulate(sim: Simulator, *, x0: torch.Tensor, v0: torch.Tensor, E: torch.Tensor, nu: torch.Tensor,
              steps: int, Fc: torch.Tensor | None = None, F0: torch.Tensor | None = None,
              C0: torch.Tensor | None = None, frames=(), segment_length: int | None = None,
-             decision_budget: int = DECISION_BUDGET_BYTES, yield_stress: torch.Tensor | None = None,
+             decision_budget: int = DECISION_BUDGET_BYTES, frozen: FrozenDecisions | None = None,
+             yield_stress: torch.Tensor | None = None,
              friction_angle: torch.Tensor | None = None, viscosity: torch.Tensor | None = None) -> RolloutResult:
     """Differentiable rollout of ``steps`` steps.
 
@@ -84,6 +85,7 @@ def simulate(sim: Simulator, *, x0: torch.Tensor, v0: torch.Tensor, E: torch.Ten
     (F~ = Fc[k] F at step k stride) with K = ceil(steps / stride) (None: no controls); F0, C0 [N, 3, 3] (default I
     and 0). Gradients reach every tensor input that requires them, through one backward sweep over checkpointed
     segments that takes the forward's grid-update branches (recorded up to ``decision_budget`` bytes, see Rollout).
+    ``frozen``: decisions kept across rollouts (``FrozenDecisions``: replayed where held, recorded where not).
     """
     n = x0.shape[0]
     device = x0.device
@@ -95,7 +97,8 @@ def simulate(sim: Simulator, *, x0: torch.Tensor, v0: torch.Tensor, E: torch.Ten
     kappa = material_kappa(sim.model.material, count=n, device=device, yield_stress=yield_stress,
                            friction_angle=friction_angle, viscosity=viscosity)
     _check_stability(sim, mu, lam, kappa)
-    rollout = Rollout(sim, steps=steps, frames=frames, segment_length=segment_length, decision_budget=decision_budget)
+    rollout = Rollout(sim, steps=steps, frames=frames, segment_length=segment_length, decision_budget=decision_budget,
+                      frozen=frozen)
     x, v, F, C = _RolloutFunction.apply(rollout, x0, v0, F0, C0, Fc, mu, lam, kappa)
     return RolloutResult(x=x, v=v, F=F, C=C, frames=rollout.frames, stats=rollout.stats)
 

@@ -57,6 +57,19 @@ class DecisionBlock:
         return StepDecisions(self.grid[row], self.particles[row] if self.particles is not None else None)
 
 
+class FrozenDecisions:
+    """Branch decisions kept across rollouts, owned by the caller and passed to each rollout (``simulate(...,
+    frozen=...)``): a rollout records every step this does not hold yet (no budget) and replays every step it holds.
+    The gradient checker's view of rollouts with contact and yield as the smooth piece the first one lies on: its
+    base rollout records, every probe replays."""
+
+    def __init__(self):
+        self.steps: dict[int, StepDecisions] = {}
+
+    def __contains__(self, step: int) -> bool:
+        return step in self.steps
+
+
 class Simulator:
     """One model and one set of particles (mass [N] kg, rest volume [N] m^3): what every step of a rollout needs.
 
@@ -66,9 +79,7 @@ class Simulator:
 
     Branch decisions (the grid update's; for a plastic model also each particle's return-mapping branch: elastic,
     yield, tension): every differentiable rollout records them in its forward and replays them in its backward
-    (``Rollout``). ``freeze_decisions()`` additionally keeps the next rollout's decisions and replays them in every
-    later rollout until ``forget_decisions()``: the gradient checker's view of a rollout with contact as the smooth
-    piece it lies on.
+    (``Rollout``); a caller's ``FrozenDecisions`` keeps them across rollouts. The Simulator holds no rollout state.
     """
 
     def __init__(self, model: MPMModel, *, mass: torch.Tensor, volume: torch.Tensor,
@@ -87,30 +98,10 @@ class Simulator:
         # grid nodes lighter than this are empty: 1e-8 of a mean particle, far below any node a particle reaches
         # with a real weight, and far enough above 0 that the adjoint of p / m stays finite in float32
         self.node_mass_eps = NODE_MASS_EPS * float(mass.detach().float().mean()) if self.particle_count else 0.0
-        self._freeze: str | None = None  # None, "record" (the next rollout's decisions are kept) or "replay"
-        self._decisions: dict[int, object] = {}  # step -> frozen decisions (uint8 per node)
 
     @property
     def sort_every(self) -> int:
         return self.tiled.sort_every if self.tiled is not None else 0
-
-    # -- frozen decisions (the gradient checker) ----------------------------------------------------------------
-    def record_decisions(self) -> None:
-        """Keep the decisions of the steps the next rollouts take (each step's first recording), and replay them in
-        every rollout after ``replay_decisions()``, until ``forget_decisions()``."""
-        self._freeze, self._decisions = "record", {}
-
-    def replay_decisions(self) -> None:
-        if self._freeze is None:
-            raise RuntimeError("no decisions were recorded")
-        self._freeze = "replay"
-
-    def forget_decisions(self) -> None:
-        self._freeze, self._decisions = None, {}
-
-    def frozen_decisions(self) -> tuple[str | None, dict]:
-        """(mode, step -> array) as a rollout starting now sees it: it keeps these, whatever changes later."""
-        return self._freeze, self._decisions
 
     # -- factories and one step ---------------------------------------------------------------------------------
     def new_state(self, requires_grad: bool = False) -> MPMState:
@@ -212,12 +203,12 @@ class Rollout:
     return-mapping branch (one byte per particle), and the backward's taped replay replays them. The
     record is bounded by ``decision_budget`` bytes: steps beyond it are not kept, and the backward re-records each
     such segment with an untaped replay from its checkpoint before taping it (one more forward pass over those
-    steps; on the CPU bit-identical to the first, on CUDA equal up to the order of float atomics). The decisions
-    of the frozen mode (``Simulator.record_decisions``) are taken when the forward starts.
+    steps; on the CPU bit-identical to the first, on CUDA equal up to the order of float atomics). ``frozen``: a
+    ``FrozenDecisions`` whose steps this rollout replays, and into which it records the steps it does not hold.
     """
 
     def __init__(self, sim: Simulator, *, steps: int, frames=(), segment_length: int | None = None,
-                 decision_budget: int = DECISION_BUDGET_BYTES):
+                 decision_budget: int = DECISION_BUDGET_BYTES, frozen: FrozenDecisions | None = None):
         if any(f < 0 or f > steps for f in frames):
             raise SimulationError(f"frames must lie in 0..{steps}, got {sorted(frames)}")
         self.sim = sim
@@ -226,6 +217,7 @@ class Rollout:
         self.segments = segment_bounds(steps, self.frames, segment_length)
         self.stats = RolloutStats(steps=steps, segments=len(self.segments), frames=list(self.frames))
         self.decision_budget = decision_budget
+        self.frozen = frozen
         self._checkpoints: list[list[torch.Tensor]] = []
         self._params = None
         self._decisions: dict[int, object] = {}  # step -> uint8 decisions the backward replays
@@ -253,7 +245,7 @@ class Rollout:
             wp.copy(sim.J_min, wp.from_torch(torch.linalg.det(F0.detach().float()).contiguous()))
         outputs = {0: _state_to_torch(current)} if 0 in self.frames else {}
         self._checkpoints = []
-        self._decisions = self._record_decisions_for(sim.frozen_decisions())
+        self._decisions = self._plan_decisions()
         for start, end in self.segments:
             self._checkpoints.append(_state_to_torch(current))
             for t in range(start, end):
@@ -275,24 +267,24 @@ class Rollout:
         self._account_memory()
         return [torch.stack([outputs[f][i] for f in self.frames]) for i in range(4)]
 
-    def _record_decisions_for(self, frozen: tuple[str | None, dict]) -> dict:
-        """step -> (mode, array) for the forward: replay frozen decisions, record (into rows of one block) the steps
-        the budget holds, decide the rest (the backward re-records those)."""
-        mode, kept = frozen
-        nodes = self.sim.decision_bytes_per_step
+    def _plan_decisions(self) -> dict:
+        """step -> (mode, decisions) for the forward: replay what ``frozen`` holds, record (into rows of one block)
+        the steps the budget holds, or all of them into ``frozen``; decide the rest (the backward re-records those)."""
+        frozen = self.frozen
+        per_step = self.sim.decision_bytes_per_step
         plan, fresh = {}, []
         for t in range(self.steps):
-            if mode is not None and t in kept:
-                plan[t] = (DecisionMode.REPLAY, kept[t])
-            elif mode == "record" or (len(fresh) + 1) * nodes <= self.decision_budget:
+            if frozen is not None and t in frozen:
+                plan[t] = (DecisionMode.REPLAY, frozen.steps[t])
+            elif frozen is not None or (len(fresh) + 1) * per_step <= self.decision_budget:
                 fresh.append(t)
         if fresh:
             block = self.sim.new_decisions(len(fresh))
             for row, t in enumerate(fresh):
                 plan[t] = (DecisionMode.RECORD, block[row])
-                if mode == "record":
-                    kept[t] = block[row]
-        self.stats.decision_bytes = len(fresh) * nodes
+                if frozen is not None:
+                    frozen.steps[t] = block[row]
+        self.stats.decision_bytes = len(fresh) * per_step
         return plan
 
     def _decision_args(self, step: int) -> dict:
