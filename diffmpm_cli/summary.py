@@ -50,7 +50,10 @@ def summarize_scene(*, scene, assets, camera_count: int) -> SceneSummary:
     memory = rollout_memory(particle_count=particles, node_count=assets.grid.node_count, steps=sim.steps,
                             control_layers=layers if scene.learn.dFc.enabled else 0,
                             segment_length=sim.segment_length or default_segment_length(sim.steps))
-    gaussians = scene.appearance.surface_samples if scene.appearance.gaussians == "surface" else particles
+    if assets.source.splats is not None:  # a trained 3DGS source renders its own (selected) Gaussians
+        gaussians = int(assets.source.surface_points.shape[0])
+    else:
+        gaussians = scene.appearance.surface_samples if scene.appearance.gaussians == "surface" else particles
     frames = len(kept_frames(sim.steps, sim.frames))
     render = frames * raster_memory(gaussians=gaussians, cameras=camera_count, width=scene.render.width,
                                     height=scene.render.height)

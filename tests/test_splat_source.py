@@ -155,6 +155,9 @@ def test_selection_fill_and_its_report(tmp_path):
     _, faint, _ = built(tmp_path, cloud, min_opacity=0.05)
     assert faint.source.splats.kept == 1500
     assert pipe.gaussian_count == 1500 and pipe.sigma0 == 1.0
+    from diffmpm_cli.summary import summarize_scene  # validate reports the Gaussians it renders, not surface samples
+
+    assert summarize_scene(scene=scene, assets=assets, camera_count=1).surface_gaussians == 1500
 
 
 def render_trained_directly(pipe, cloud):
