@@ -115,11 +115,13 @@ def cpu_blocks(wdev: str):
         wp.config.enable_cpu_blocks = saved
 
 
-def _wrap(t: torch.Tensor, dtype=None):
-    """A Warp view of a contiguous torch tensor (no gradient buffer: adjoints are passed explicitly)."""
+def _wrap(t: torch.Tensor, dtype=None, *, ctype: bool = True):
+    """A Warp view of a contiguous torch tensor (no gradient buffer: adjoints are passed explicitly). ``ctype``:
+    Warp's bare array descriptor, which kernel launches take as they take an array at a fraction of the host cost
+    of building a ``wp.array`` (a struct field or a Warp utility needs the array: ``ctype=False``)."""
     wp = warp()
     t = t.detach()
-    return wp.from_torch(t, dtype=dtype) if dtype is not None else wp.from_torch(t)
+    return wp.from_torch(t, dtype=dtype, requires_grad=False, return_ctype=ctype)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -222,7 +224,7 @@ def intersect(means2d, radii, depths, settings: RasterSettings) -> Intersections
         total = torch.zeros(1, device=device, dtype=torch.int32)
         starts = torch.zeros(tile_count, device=device, dtype=torch.int32)
         ends = torch.zeros(tile_count, device=device, dtype=torch.int32)
-        w_counts, w_offsets, w_total = _wrap(counts), _wrap(offsets), _wrap(total)
+        w_counts, w_offsets, w_total = _wrap(counts, ctype=False), _wrap(offsets, ctype=False), _wrap(total)
         if N:
             launch(splat.count_tiles, dim=(C, N), device=wdev, means2d=w_means2d, radii=w_radii, tiles_x=tiles_x,
                    tiles_y=tiles_y, counts_out=w_counts)
@@ -233,7 +235,7 @@ def intersect(means2d, radii, depths, settings: RasterSettings) -> Intersections
         keys = torch.empty(2 * max(sorted_count, 1), device=device, dtype=torch.int64)
         ids = torch.empty(2 * max(sorted_count, 1), device=device, dtype=torch.int32)
         if N and sorted_count:
-            w_keys, w_ids = _wrap(keys), _wrap(ids)
+            w_keys, w_ids = _wrap(keys, ctype=False), _wrap(ids, ctype=False)
             if capacity is not None:
                 launch(splat.pad_intersections, dim=capacity, device=wdev, total=w_total,
                        sentinel=wp.int64(tile_count << 32), keys_out=w_keys, values_out=w_ids)
@@ -361,10 +363,10 @@ def _projected(means2d, colors, opacities, depths):
     from ..kernels import splat
 
     proj = splat.Projected()
-    proj.means2d = _wrap(means2d, wp.vec2)
-    proj.colors = _wrap(colors)
-    proj.opacities = _wrap(opacities)
-    proj.depths = _wrap(depths)
+    proj.means2d = _wrap(means2d, wp.vec2, ctype=False)
+    proj.colors = _wrap(colors, ctype=False)
+    proj.opacities = _wrap(opacities, ctype=False)
+    proj.depths = _wrap(depths, ctype=False)
     return proj
 
 
@@ -374,15 +376,15 @@ def _raster(s: RasterSettings, backgrounds, gaussian_ids, tile_starts, tile_ends
     from ..kernels import splat
 
     raster = splat.Raster()
-    raster.gaussian_ids = _wrap(gaussian_ids)
-    raster.tile_starts = _wrap(tile_starts)
-    raster.tile_ends = _wrap(tile_ends)
+    raster.gaussian_ids = _wrap(gaussian_ids, ctype=False)
+    raster.tile_starts = _wrap(tile_starts, ctype=False)
+    raster.tile_ends = _wrap(tile_ends, ctype=False)
     raster.tiles_x, raster.tiles_y = s.tiles
     raster.width = s.width
     raster.height = s.height
     raster.color_channels = color_channels
     raster.with_depth = int(s.with_depth)
-    raster.backgrounds = _wrap(backgrounds)
+    raster.backgrounds = _wrap(backgrounds, ctype=False)
     raster.alpha_min = s.alpha_min
     raster.t_stop = s.t_stop
     return raster
