@@ -97,7 +97,7 @@ def bench_mpm(*, particles: int = 4096, grid: int = 32, steps: int = 50, shuffle
     extra_name = Material(material).extra_parameter
     extra = {extra_name: torch.tensor(BENCH_EXTRA[extra_name], device=torch_device)} if extra_name else {}
     kappa = material_kappa(material, count=n, device=torch_device, **extra)
-    wmu, wlam, wkappa = wp.from_torch(mu), wp.from_torch(lam), wp.from_torch(kappa.contiguous())
+    wmu, wlam, wkappa = wp.from_torch(mu), wp.from_torch(lam), wp.from_torch(kappa.contiguous(), dtype=wp.vec3)
     fc = wp.zeros((1, n), dtype=wp.mat33, device=sim.device)  # unused: control -1
     states = [sim.new_state(), sim.new_state()]
     grid_arrays = sim.new_grid()

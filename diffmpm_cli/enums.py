@@ -39,12 +39,37 @@ class Material(StrEnum):
     VON_MISES = "von_mises"  # plasticine / metal: Hencky (StVK log-strain) elasticity, von Mises return mapping
     DRUCKER_PRAGER = "drucker_prager"  # sand: Hencky elasticity, Drucker-Prager return mapping (Klar et al. 2016)
     NEWTONIAN_FLUID = "newtonian_fluid"  # weakly compressible fluid: J-based pressure, Newtonian viscosity
+    SNOW = "snow"  # Stomakhin et al. 2013: fixed-corotated F_E, singular values clamped, J_P hardening
+    BINGHAM = "bingham"  # viscoplastic (Bingham): Hencky elasticity, von Mises yield with viscous (Perzyna) flow
+
+    @property
+    def parameters(self) -> tuple[str, ...]:
+        """The model's material parameters beside E and nu (material.<name>), in the order of the kernels'
+        per-particle parameter vector (sim/op.py material_kappa); () for the elastic models."""
+        return MODEL_PARAMETERS.get(self.value, ())
+
+    @property
+    def learnable_parameters(self) -> tuple[str, ...]:
+        """Those of ``parameters`` that are learnable (learn.<key>, target.truth.<key>); snow's critical
+        compression and stretch are scene constants."""
+        return tuple(name for name in self.parameters if name in LEARNABLE_MODEL_PARAMETERS)
 
     @property
     def extra_parameter(self) -> str | None:
-        """The model's material parameter beside E and nu (its learn.<key>), or None for the elastic models."""
-        return {"von_mises": "yield_stress", "drucker_prager": "friction_angle",
-                "newtonian_fluid": "viscosity"}.get(self.value)
+        """The model's first learnable parameter beside E and nu, or None for the elastic models."""
+        learnable = self.learnable_parameters
+        return learnable[0] if learnable else None
+
+
+# per model: its parameters beside E and nu, in the order of the kernels' parameter vector (kappa[0], [1], [2])
+MODEL_PARAMETERS = {
+    "von_mises": ("yield_stress",),
+    "drucker_prager": ("friction_angle",),
+    "newtonian_fluid": ("viscosity",),
+    "snow": ("hardening", "critical_compression", "critical_stretch"),
+    "bingham": ("yield_stress", "viscosity"),
+}
+LEARNABLE_MODEL_PARAMETERS = ("yield_stress", "friction_angle", "viscosity", "hardening")
 
 
 class P2GMode(StrEnum):

@@ -23,6 +23,7 @@ E_MIN = 1.0  # Pa: the softest Young's modulus a learned E may reach
 YIELD_STRESS_MIN = 1.0  # Pa
 FRICTION_ANGLE_RANGE = (1.0, 80.0)  # degrees: a learned friction angle stays inside
 VISCOSITY_MIN = 1.0e-6  # Pa s
+HARDENING_MIN = 1.0e-3  # snow's xi
 
 
 @dataclass(frozen=True)
@@ -33,11 +34,12 @@ class Transform:
     name: str  # "log", "logit" or "identity"
     forward: Callable[[torch.Tensor], torch.Tensor]
     inverse: Callable[[float], float]
+    inverse_tensor: Callable[[torch.Tensor], torch.Tensor]  # ``inverse`` of a tensor (per-region values)
 
 
-IDENTITY = Transform("identity", lambda t: t, lambda v: v)
-LOG = Transform("log", torch.exp, math.log)
-LOGIT = Transform("logit", torch.sigmoid, lambda p: math.log(p / (1 - p)))
+IDENTITY = Transform("identity", lambda t: t, lambda v: v, lambda t: t)
+LOG = Transform("log", torch.exp, math.log, torch.log)
+LOGIT = Transform("logit", torch.sigmoid, lambda p: math.log(p / (1 - p)), torch.logit)
 
 
 @dataclass(frozen=True)
@@ -56,12 +58,12 @@ class ParamSpec:
     fd_eps_all: float | None = None  # the same for the whole-pipeline stage ("all"); None: fd_eps
     fd_eps_coordinate: float | None = None  # the same along a single coordinate; None: as along a direction
     coordinate_probes_all: bool = True  # check-grad's scene-loss stage also probes single coordinates of it
-    model: str | None = None  # the material.model whose parameter it is (None: every model's)
+    model: tuple[str, ...] | None = None  # the material.models that have this parameter (None: every model)
 
     def applies_to(self, model) -> bool:
         """Whether a scene of material.model ``model`` has this group (a plastic or fluid model's own parameter
-        belongs to that model only)."""
-        return self.model is None or self.model == model
+        belongs to the models that have it only)."""
+        return self.model is None or model in self.model
 
     def natural(self, value: torch.Tensor) -> torch.Tensor:
         """The group's value in natural units (Pa, opacity in (0, 1), m, ...)."""
@@ -87,7 +89,11 @@ class ParamSpec:
         return None
 
     def initial(self, pipeline) -> torch.Tensor:
-        """The starting tensor on the pipeline's device: [count, *width] or [*width], float32."""
+        """The starting tensor on the pipeline's device: [count, *width] or [*width], float32; [N] where
+        material.regions set the value per region (``pipeline.region_values``) and learn.<key>.init does not."""
+        regional = getattr(pipeline, "region_values", {}).get(self.key)
+        if regional is not None and getattr(getattr(pipeline.scene.learn, self.key), "init", None) is None:
+            return self.transform.inverse_tensor(regional.double()).float().to(pipeline.device)
         t = torch.as_tensor(self.parameterised(self.default(pipeline.scene, pipeline)), dtype=torch.float32)
         per = self.count(pipeline)
         return (t.expand(per, *self.width) if per else t.reshape(self.width)).clone().to(pipeline.device)
@@ -128,13 +134,16 @@ PARAMS: tuple[ParamSpec, ...] = (
     # each plastic or fluid model's own parameter (sim/op.py material_kappa); steps as for log E (degrees for phi)
     ParamSpec("yield_stress", "log_yield_stress", LOG, "sim", per="particle", bounds=(YIELD_STRESS_MIN, None),
               scene_default=lambda scene, _: scene.material.yield_stress, fd_eps=1e-2, fd_eps_all=1e-1,
-              model="von_mises"),
+              model=("von_mises", "bingham")),
     ParamSpec("friction_angle", "friction_angle", IDENTITY, "sim", per="particle", bounds=FRICTION_ANGLE_RANGE,
               scene_default=lambda scene, _: scene.material.friction_angle, fd_eps=0.5, fd_eps_all=2.0,
-              model="drucker_prager"),
+              model=("drucker_prager",)),
     ParamSpec("viscosity", "log_viscosity", LOG, "sim", per="particle", bounds=(VISCOSITY_MIN, None),
               scene_default=lambda scene, _: scene.material.viscosity, fd_eps=1e-2, fd_eps_all=1e-1,
-              model="newtonian_fluid"),
+              model=("newtonian_fluid", "bingham")),
+    ParamSpec("hardening", "log_hardening", LOG, "sim", per="particle", bounds=(HARDENING_MIN, None),
+              scene_default=lambda scene, _: scene.material.hardening, fd_eps=1e-2, fd_eps_all=1e-1,
+              model=("snow",)),
     ParamSpec("color", "color", IDENTITY, "render", width=(3,), per="gaussian", bounds=(0.0, 1.0),
               scene_default=_appearance("color"), fd_eps=1e-2),
     ParamSpec("opacity", "opacity_logit", LOGIT, "render", per="gaussian", scene_default=_appearance("opacity"),

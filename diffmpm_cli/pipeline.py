@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .assets import region_values
 from .config.sequences import rollout_steps
 from .params import BY_GROUP, GROUP_OF, GROUPS, natural
 from .render.camera import build_cameras
@@ -54,6 +55,9 @@ class Pipeline:
         self.model = MPMModel.from_scene(scene, assets.grid)
         self.sim = Simulator(self.model, mass=source.masses.to(self.device), volume=source.volumes.to(self.device))
         self.x0 = source.positions.to(self.device)
+        # material.regions: key -> [N] natural values of E, nu and the model's parameters that regions set
+        self.region_values = {key: value.to(self.device) for key, value in region_values(
+            scene, source.region, ("E", "nu", *self.model.material.parameters)).items()}
         appearance = scene.appearance
         self.mode = appearance.gaussians
         self.embedding = None
@@ -84,9 +88,16 @@ class Pipeline:
 
     @property
     def material_parameter(self) -> str | None:
-        """The learn.<key> of the material model's own parameter (yield_stress, friction_angle, viscosity) or None
-        (elastic models): it joins E and nu in every rollout."""
+        """The learn.<key> of the material model's first learnable parameter (yield_stress, friction_angle,
+        viscosity, hardening) or None (elastic models)."""
         return self.model.material.extra_parameter
+
+    @property
+    def material_parameters(self) -> tuple[str, ...]:
+        """The learn.<key>s of the material model's learnable parameters (bingham has two: yield_stress and
+        viscosity); they join E and nu in every rollout. The model's other parameters (snow's critical compression
+        and stretch) are the scene's constants."""
+        return self.model.material.learnable_parameters
 
     @property
     def gaussian_count(self) -> int:
@@ -122,14 +133,18 @@ class Pipeline:
         episode's start); a v0 in ``params`` replaces the carried velocity. ``frames``: the steps to keep (default
         sim.frames; the final step always). ``frozen``: branch decisions kept across rollouts
         (``sim.solver.FrozenDecisions``)."""
-        extra = self.material_parameter
-        p = self._with_defaults(params, ("log_E", "nu", "v0", *((GROUP_OF[extra],) if extra else ())))
+        learnable = self.material_parameters
+        p = self._with_defaults(params, ("log_E", "nu", "v0", *(GROUP_OF[key] for key in learnable)))
         start = start or {}
         v0 = start["v"] if start and "v0" not in params else p["v0"]
-        material = {extra: natural(GROUP_OF[extra], p[GROUP_OF[extra]])} if extra else {}
+        material = {key: natural(GROUP_OF[key], p[GROUP_OF[key]]) for key in learnable}
+        material.update({key: self.region_values[key] if key in self.region_values
+                         else torch.tensor(float(getattr(self.scene.material, key)), device=self.device)
+                         for key in self.model.material.parameters if key not in learnable})
         return simulate(self.sim, x0=start.get("x", self.x0), v0=v0, E=natural("log_E", p["log_E"]), nu=p["nu"],
                         **material,
                         steps=self.steps, Fc=self.control_matrices(p.get("dFc")), F0=start.get("F"), C0=start.get("C"),
+                        Jp0=start.get("Jp"),
                         frames=self.frames if frames is None else frames,
                         segment_length=self.scene.sim.segment_length, frozen=frozen)
 

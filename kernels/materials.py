@@ -356,7 +356,172 @@ def fluid_stress(F: wp.mat33, C: wp.mat33, mu: float, lam: float, kappa: float):
     return wp.identity(3, dtype=float) * ((lam + 2.0 / 3.0 * mu) * (J - 1.0) * J) + (kappa * J) * (C + wp.transpose(C))
 
 
-# per model: (Kirchhoff stress, return mapping applied to F+ after G2P, the mapping's branch decision)
+# ---- snow (Stomakhin et al. 2013) ---------------------------------------------------------------------------------
+# F holds the elastic part F_E; the plastic volume ratio J_P = det F_P is a particle state of its own (MPMState.Jp).
+# Parameters (the kernels' vector k): k[0] = hardening xi, k[1] = critical compression theta_c, k[2] = critical
+# stretch theta_s. Stress: fixed-corotated on F_E with mu, lam scaled by exp(xi (1 - J_P)). Return mapping: each
+# singular value of F_E clamped to [1 - theta_c, 1 + theta_s], J_P <- J_P det F_trial / det F_E (in the G2P kernel).
+# Its branch records, per singular value (svd3's order), 2 bits: SNOW_LOW (clamped at 1 - theta_c), SNOW_HIGH
+# (clamped at 1 + theta_s) or 0 (inside), bits 2 i .. 2 i + 1 for singular value i.
+SNOW_LOW = wp.constant(1)
+SNOW_HIGH = wp.constant(2)
+
+
+@wp.func
+def snow_branch(F: wp.mat33, mu: float, lam: float, k: wp.vec3):
+    """Per singular value of F: 1 below 1 - theta_c, 2 above 1 + theta_s, else 0; two bits each (sum b_i 4^i)."""
+    U = wp.mat33()
+    s = wp.vec3()
+    V = wp.mat33()
+    wp.svd3(F, U, s, V)
+    code = int(0)
+    base = int(1)
+    for i in range(3):
+        if s[i] < 1.0 - k[1]:
+            code = code + SNOW_LOW * base
+        elif s[i] > 1.0 + k[2]:
+            code = code + SNOW_HIGH * base
+        base = base * 4
+    return code
+
+
+@wp.func
+def snow_bits(branch: int, i: int):
+    """Singular value i's two bits of a snow branch code."""
+    return (branch >> (2 * i)) & 3
+
+
+@wp.func
+def snow_clamped(s: float, bits: int, k: wp.vec3):
+    out = s
+    if bits == SNOW_LOW:
+        out = 1.0 - k[1]
+    elif bits == SNOW_HIGH:
+        out = 1.0 + k[2]
+    return out
+
+
+@wp.func
+def snow_F(F: wp.mat33, mu: float, lam: float, k: wp.vec3, dt: float, branch: int):
+    """Snow's return mapping along ``branch`` (snow_branch, or a recorded one): F_E <- U diag(clamp(s)) V^T with
+    each clamped singular value set to its bound (1 - theta_c or 1 + theta_s); F unchanged when none is."""
+    out = F
+    if branch != 0:
+        U = wp.mat33()
+        s = wp.vec3()
+        V = wp.mat33()
+        wp.svd3(F, U, s, V)
+        g = wp.vec3(snow_clamped(s[0], snow_bits(branch, 0), k), snow_clamped(s[1], snow_bits(branch, 1), k),
+                    snow_clamped(s[2], snow_bits(branch, 2), k))
+        out = spectral_compose(U, g, V)
+    return out
+
+
+@wp.func_grad(snow_F)
+def adj_snow_F(F: wp.mat33, mu: float, lam: float, k: wp.vec3, dt: float, branch: int, adj_ret: wp.mat33):
+    """Along the forward's branch: dg_i/ds_i = 1 where singular value i is inside, 0 where clamped; dg_i/dtheta_c = -1
+    where clamped low, dg_i/dtheta_s = 1 where clamped high (the spectral adjoint); the identity without a clamp."""
+    if branch != 0:
+        U = wp.mat33()
+        s = wp.vec3()
+        V = wp.mat33()
+        wp.svd3(F, U, s, V)
+        g = wp.vec3(snow_clamped(s[0], snow_bits(branch, 0), k), snow_clamped(s[1], snow_bits(branch, 1), k),
+                    snow_clamped(s[2], snow_bits(branch, 2), k))
+        inside = wp.vec3(float(snow_bits(branch, 0) == 0), float(snow_bits(branch, 1) == 0),
+                         float(snow_bits(branch, 2) == 0))
+        F_bar, b = spectral_adjoint(U, s, V, g, wp.diag(inside), adj_ret)
+        wp.adjoint[F] += F_bar
+        low = wp.vec3(float(snow_bits(branch, 0) == SNOW_LOW), float(snow_bits(branch, 1) == SNOW_LOW),
+                      float(snow_bits(branch, 2) == SNOW_LOW))
+        high = wp.vec3(float(snow_bits(branch, 0) == SNOW_HIGH), float(snow_bits(branch, 1) == SNOW_HIGH),
+                       float(snow_bits(branch, 2) == SNOW_HIGH))
+        wp.adjoint[k] += wp.vec3(0.0, -wp.dot(b, low), wp.dot(b, high))
+    else:
+        wp.adjoint[F] += adj_ret
+
+
+@wp.func
+def snow_hardening(k: wp.vec3, Jp: float):
+    """exp(xi (1 - J_P)): the factor on mu and lam (hardening under plastic compression, J_P < 1)."""
+    return wp.exp(k[0] * (1.0 - Jp))
+
+
+@wp.func
+def snow_stress(F: wp.mat33, C: wp.mat33, mu: float, lam: float, k: wp.vec3, Jp: float):
+    """Fixed-corotated tau of F_E with mu, lam scaled by exp(xi (1 - J_P))."""
+    h = snow_hardening(k, Jp)
+    return fixed_corotated_tau(F, mu * h, lam * h)
+
+
+# ---- Bingham viscoplastic fluid ----------------------------------------------------------------------------------
+# k[0] = yield stress tau_Y [Pa], k[1] = viscosity eta [Pa s]. StVK on Hencky strain of F_E (as von Mises); above
+# yield (|e| > r = tau_Y / (2 mu)) the deviatoric Hencky strain relaxes towards the yield surface at the Perzyna rate
+# d|e|/dt = -(2 mu |e| - tau_Y) / eta, integrated implicitly over the step: |e| <- (|e| + c r) / (1 + c) with
+# c = 2 mu dt / eta. The deviatoric stress above yield is then tau_Y + eta gamma_dot (gamma_dot = the plastic rate of
+# |e|): Bingham's law. eta -> 0 gives von Mises, eta -> inf elasticity; unconditionally stable in eta (implicit).
+
+
+@wp.func
+def bingham_F(F: wp.mat33, mu: float, lam: float, k: wp.vec3, dt: float, branch: int):
+    """Bingham's viscoplastic return mapping along ``branch`` (von_mises_branch of tau_Y, or a recorded one):
+    YIELD -> U exp(mean(eps) + rho e / |e|) V^T with rho = (|e| + c r) / (1 + c); ELASTIC -> F."""
+    U, s, V, tr, e, n = hencky_spectrum(F)
+    r = k[0] / (2.0 * mu)
+    c = 2.0 * mu * dt / k[1]
+    out = F
+    if branch == YIELD:
+        n = wp.max(n, NORM_MIN)
+        rho = (n + c * r) / (1.0 + c)
+        h = wp.vec3(tr / 3.0) + (rho / n) * e
+        out = spectral_compose(U, wp.vec3(wp.exp(h[0]), wp.exp(h[1]), wp.exp(h[2])), V)
+    return out
+
+
+@wp.func_grad(bingham_F)
+def adj_bingham_F(F: wp.mat33, mu: float, lam: float, k: wp.vec3, dt: float, branch: int, adj_ret: wp.mat33):
+    """Along the forward's branch: with yield, h = mean(eps) 1 + rho e_hat, dh/deps = 11^T / 3 + e_hat e_hat^T / (1 + c)
+    + (rho / n)(I - 11^T / 3 - e_hat e_hat^T); drho/dr = c / (1 + c), drho/dc = (r - n) / (1 + c)^2, dr/dtau_Y =
+    1 / (2 mu), dr/dmu = -r / mu, dc/deta = -c / eta, dc/dmu = c / mu; dg/drho = g * e_hat. Without: the identity."""
+    U, s, V, tr, e, n = hencky_spectrum(F)
+    r = k[0] / (2.0 * mu)
+    c = 2.0 * mu * dt / k[1]
+    if branch == YIELD:
+        n = wp.max(n, NORM_MIN)
+        eh = e / n
+        rho = (n + c * r) / (1.0 + c)
+        h = wp.vec3(tr / 3.0) + rho * eh
+        g = wp.vec3(wp.exp(h[0]), wp.exp(h[1]), wp.exp(h[2]))
+        ds = inv_clamped(s)
+        third = wp.mat33(1.0 / 3.0, 1.0 / 3.0, 1.0 / 3.0, 1.0 / 3.0, 1.0 / 3.0, 1.0 / 3.0, 1.0 / 3.0, 1.0 / 3.0,
+                         1.0 / 3.0)
+        dh = third + (1.0 / (1.0 + c)) * wp.outer(eh, eh) + (rho / n) * (
+            wp.identity(3, dtype=float) - third - wp.outer(eh, eh))
+        Jg = wp.diag(g) * dh * wp.diag(ds)
+        F_bar, b = spectral_adjoint(U, s, V, g, Jg, adj_ret)
+        wp.adjoint[F] += F_bar
+        dg_drho = wp.dot(b, wp.cw_mul(g, eh))
+        drho_dr = c / (1.0 + c)
+        drho_dc = (r - n) / ((1.0 + c) * (1.0 + c))
+        wp.adjoint[k] += wp.vec3(dg_drho * drho_dr / (2.0 * mu), -dg_drho * drho_dc * c / k[1], 0.0)
+        wp.adjoint[mu] += dg_drho * (-drho_dr * r / mu + drho_dc * c / mu)
+    else:
+        wp.adjoint[F] += adj_ret
+
+
+@wp.func
+def bingham_branch(F: wp.mat33, mu: float, lam: float, k: wp.vec3):
+    """YIELD where the deviatoric Hencky strain exceeds tau_Y / (2 mu) (von Mises' yield surface), else ELASTIC."""
+    return von_mises_branch(F, mu, lam, k[0])
+
+
+@wp.func
+def bingham_stress(F: wp.mat33, C: wp.mat33, mu: float, lam: float, k: wp.vec3, Jp: float):
+    return hencky_P(F, mu, lam) * wp.transpose(F)
+
+
+# per model: (Kirchhoff stress, return mapping applied to F+ after G2P, the mapping's branch decision), each with one
+# scalar material parameter kappa (the models of the first materials round, whose functions the tests call directly)
 MATERIALS = {
     Material.FIXED_COROTATED: (fixed_corotated_stress, keep_F, no_branch),
     Material.NEO_HOOKEAN: (neo_hookean_stress, keep_F, no_branch),
@@ -365,4 +530,34 @@ MATERIALS = {
     Material.NEWTONIAN_FLUID: (fluid_stress, fluid_F, no_branch),
 }
 ELASTIC_MODELS = (Material.FIXED_COROTATED, Material.NEO_HOOKEAN)  # G2P applies no return mapping (keep_F)
-PLASTIC_MODELS = (Material.VON_MISES, Material.DRUCKER_PRAGER)  # the models whose G2P records a branch per particle
+# the models whose G2P records a branch per particle
+PLASTIC_MODELS = (Material.VON_MISES, Material.DRUCKER_PRAGER, Material.SNOW, Material.BINGHAM)
+PLASTIC_VOLUME_MODELS = (Material.SNOW,)  # the models that read and update J_P (MPMState.Jp)
+
+
+def _vector_model(stress, mapping, branch):
+    """A scalar-parameter model's functions in the kernels' signature: the per-particle parameter vector k (vec3;
+    the scalar is k[0]), J_P for the stress, dt for the return mapping (both unused here)."""
+
+    @wp.func
+    def stress_k(F: wp.mat33, C: wp.mat33, mu: float, lam: float, k: wp.vec3, Jp: float):
+        return stress(F, C, mu, lam, k[0])
+
+    @wp.func
+    def mapping_k(F: wp.mat33, mu: float, lam: float, k: wp.vec3, dt: float, branch: int):
+        return mapping(F, mu, lam, k[0], branch)
+
+    @wp.func
+    def branch_k(F: wp.mat33, mu: float, lam: float, k: wp.vec3):
+        return branch(F, mu, lam, k[0])
+
+    return stress_k, mapping_k, branch_k
+
+
+# per model, in the kernels' signature (stress(F, C, mu, lam, k, J_P), mapping(F, mu, lam, k, dt, branch),
+# branch(F, mu, lam, k); k: the particle's parameter vector, sim/op.py material_kappa)
+KERNEL_MODELS = {
+    **{material: _vector_model(*funcs) for material, funcs in MATERIALS.items()},
+    Material.SNOW: (snow_stress, snow_F, snow_branch),
+    Material.BINGHAM: (bingham_stress, bingham_F, bingham_branch),
+}

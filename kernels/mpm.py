@@ -9,7 +9,8 @@ One step, for control index ``control`` (-1 off control steps):
   P2G   m_i += w m_p;  p_i += w (m_p v_p + (m_p C_p - dt V_p D^-1 tau_p)(x_i - x_p))
   grid  v_i = p_i / m_i + dt g (0 where m_i <= mass_eps), then floor contact, then walls
   G2P   v_p = sum w v_i;  C_p = D^-1 sum w v_i (x_i - x_p)^T;  F+ = Z((I + dt C) F~) with Z the material's return
-        mapping (the identity for elastic models);  x+ = x + dt v  (held inside);
+        mapping (the identity for elastic models);  J_P+ = J_P det F_trial / det F+ (snow; others carry J_P);
+        x+ = x + dt v  (held inside);
         each particle's lowest det F+ so far is kept (not differentiated: a validity record)
 Kernels are built per B-spline order (and material) by factories using ``wp.static`` closures.
 """
@@ -19,7 +20,14 @@ import functools
 import warp as wp
 
 from ..enums import BSpline, DecisionMode, WallKind
-from .materials import ELASTIC_MODELS, MATERIALS, PLASTIC_MODELS, polar_rotation  # noqa: F401 (host reads them here)
+from .materials import (  # noqa: F401 (host reads them here)
+    ELASTIC_MODELS,
+    KERNEL_MODELS,
+    MATERIALS,
+    PLASTIC_MODELS,
+    PLASTIC_VOLUME_MODELS,
+    polar_rotation,
+)
 
 # ----------------------------------------------------------------------------------------------------------------
 # B-splines
@@ -108,13 +116,14 @@ def _stencil_func(order: str):
 @functools.cache
 def _affine_func(order: str, material: str):
     inertia = BSPLINES[order][3]
-    stress = MATERIALS[material][0]
+    stress = KERNEL_MODELS[material][0]
 
     @wp.func
-    def particle_affine(F: wp.mat33, C: wp.mat33, mu: float, lam: float, kappa: float, m: float, volume: float,
-                        dt: float, inv_dx: float, bulk_viscosity: float):
-        """MLS/APIC affine momentum m C - dt V D^-1 tau(F) (+ bulk viscosity zeta tr(C) I in tau)."""
-        tau = stress(F, C, mu, lam, kappa)
+    def particle_affine(F: wp.mat33, C: wp.mat33, mu: float, lam: float, kappa: wp.vec3, Jp: float, m: float,
+                        volume: float, dt: float, inv_dx: float, bulk_viscosity: float):
+        """MLS/APIC affine momentum m C - dt V D^-1 tau(F) (+ bulk viscosity zeta tr(C) I in tau); kappa: the
+        particle's parameter vector, Jp: its plastic volume ratio (snow)."""
+        tau = stress(F, C, mu, lam, kappa, Jp)
         if bulk_viscosity > 0.0:
             tau = tau + wp.identity(3, dtype=float) * (bulk_viscosity * wp.trace(C))
         return m * C - (dt * volume * wp.static(inertia) * inv_dx * inv_dx) * tau
@@ -158,6 +167,7 @@ def _p2g_kernel(order: str, material: str):
     stencil = _stencil_func(order)
     particle_affine = _affine_func(order, material)
     stressed_by_kappa = material not in ELASTIC_MODELS
+    hardens = material in PLASTIC_VOLUME_MODELS
 
     @wp.kernel(module="unique")
     def p2g(
@@ -169,7 +179,7 @@ def _p2g_kernel(order: str, material: str):
         particle_mass: wp.array(dtype=float),
         mu: wp.array(dtype=float),
         lam: wp.array(dtype=float),
-        kappa: wp.array(dtype=float),
+        kappa: wp.array(dtype=wp.vec3),
         bulk_viscosity: float,
         # controls
         Fc: wp.array2d(dtype=wp.mat33),
@@ -179,6 +189,7 @@ def _p2g_kernel(order: str, material: str):
         v_in: wp.array(dtype=wp.vec3),
         F_in: wp.array(dtype=wp.mat33),
         C_in: wp.array(dtype=wp.mat33),
+        Jp_in: wp.array(dtype=float),
         # grid out
         grid_mass_out: wp.array3d(dtype=float),
         grid_momentum_out: wp.array3d(dtype=wp.vec3),
@@ -189,10 +200,13 @@ def _p2g_kernel(order: str, material: str):
         bx, by, bz, wx, wy, wz = stencil(x, grid_lower, inv_dx, grid_mass_out.shape[0], grid_mass_out.shape[1],
                                          grid_mass_out.shape[2])
         m = particle_mass[p]
-        kappa_p = float(0.0)
+        kappa_p = wp.vec3(0.0)
         if wp.static(stressed_by_kappa):  # elastic models never read kappa (nor add its zero adjoint)
             kappa_p = kappa[p]
-        affine = particle_affine(controlled_F(F_in[p], Fc, control, p), C_in[p], mu[p], lam[p], kappa_p, m,
+        Jp = float(1.0)
+        if wp.static(hardens):  # only snow reads J_P
+            Jp = Jp_in[p]
+        affine = particle_affine(controlled_F(F_in[p], Fc, control, p), C_in[p], mu[p], lam[p], kappa_p, Jp, m,
                                  particle_volume[p], dt, inv_dx, bulk_viscosity)
         mv = m * v_in[p]
         for i in range(wp.static(width)):
@@ -241,6 +255,7 @@ def _p2g_tiled_kernel(order: str, material: str, block_dim: int):
     width = BSPLINES[order][0]
     stencil = _stencil_func(order)
     particle_affine = _affine_func(order, material)
+    hardens = material in PLASTIC_VOLUME_MODELS
 
     @wp.kernel(module="unique")
     def p2g_tiled(
@@ -252,7 +267,7 @@ def _p2g_tiled_kernel(order: str, material: str, block_dim: int):
         particle_mass: wp.array(dtype=float),
         mu: wp.array(dtype=float),
         lam: wp.array(dtype=float),
-        kappa: wp.array(dtype=float),
+        kappa: wp.array(dtype=wp.vec3),
         bulk_viscosity: float,
         # controls
         Fc: wp.array2d(dtype=wp.mat33),
@@ -264,6 +279,7 @@ def _p2g_tiled_kernel(order: str, material: str, block_dim: int):
         v_in: wp.array(dtype=wp.vec3),
         F_in: wp.array(dtype=wp.mat33),
         C_in: wp.array(dtype=wp.mat33),
+        Jp_in: wp.array(dtype=float),
         # grid out
         grid_mass_out: wp.array3d(dtype=float),
         grid_momentum_out: wp.array3d(dtype=wp.vec3),
@@ -278,7 +294,10 @@ def _p2g_tiled_kernel(order: str, material: str, block_dim: int):
         bx, by, bz, wx, wy, wz = stencil(x, grid_lower, inv_dx, grid_mass_out.shape[0], grid_mass_out.shape[1],
                                          grid_mass_out.shape[2])
         m = particle_mass[p]
-        affine = particle_affine(controlled_F(F_in[p], Fc, control, p), C_in[p], mu[p], lam[p], kappa[p], m,
+        Jp = float(1.0)
+        if wp.static(hardens):
+            Jp = Jp_in[p]
+        affine = particle_affine(controlled_F(F_in[p], Fc, control, p), C_in[p], mu[p], lam[p], kappa[p], Jp, m,
                                  particle_volume[p], dt, inv_dx, bulk_viscosity)
         mv = m * v_in[p]
         # the block's box of stencil nodes
@@ -468,8 +487,9 @@ def grid_update(
 def _g2p_kernel(order: str, material: str):
     width, inertia = BSPLINES[order][0], BSPLINES[order][3]
     stencil = _stencil_func(order)
-    return_mapping, branch_of = MATERIALS[material][1], MATERIALS[material][2]
+    return_mapping, branch_of = KERNEL_MODELS[material][1], KERNEL_MODELS[material][2]
     maps = material not in ELASTIC_MODELS
+    hardens = material in PLASTIC_VOLUME_MODELS
 
     @wp.kernel(module="unique")
     def g2p(
@@ -483,13 +503,14 @@ def _g2p_kernel(order: str, material: str):
         min_J: float,
         mu: wp.array(dtype=float),
         lam: wp.array(dtype=float),
-        kappa: wp.array(dtype=float),
+        kappa: wp.array(dtype=wp.vec3),
         # controls
         Fc: wp.array2d(dtype=wp.mat33),
         control: int,
         # state in
         x_in: wp.array(dtype=wp.vec3),
         F_in: wp.array(dtype=wp.mat33),
+        Jp_in: wp.array(dtype=float),
         grid_velocity_in: wp.array3d(dtype=wp.vec3),
         # return-mapping decisions (DecisionMode, as grid_update's; plastic models only)
         decision_mode: int,
@@ -499,6 +520,7 @@ def _g2p_kernel(order: str, material: str):
         v_out: wp.array(dtype=wp.vec3),
         F_out: wp.array(dtype=wp.mat33),
         C_out: wp.array(dtype=wp.mat33),
+        Jp_out: wp.array(dtype=float),
         clamped_out: wp.array(dtype=int),
         J_min_out: wp.array(dtype=float),
     ):
@@ -520,6 +542,7 @@ def _g2p_kernel(order: str, material: str):
         C = (wp.static(inertia) * inv_dx * inv_dx) * B
         F_trial = (wp.identity(3, dtype=float) + dt * C) * controlled_F(F_in[p], Fc, control, p)
         F = F_trial
+        Jp = Jp_in[p]
         if wp.static(maps):  # elastic models: no return mapping, no reads of mu, lam, kappa (nor their adjoints)
             branch = int(0)
             if decision_mode == REPLAY:
@@ -528,7 +551,9 @@ def _g2p_kernel(order: str, material: str):
                 branch = branch_of(F_trial, mu[p], lam[p], kappa[p])
             if decision_mode == RECORD:
                 decisions[p] = wp.uint8(branch)
-            F = return_mapping(F_trial, mu[p], lam[p], kappa[p], branch)
+            F = return_mapping(F_trial, mu[p], lam[p], kappa[p], dt, branch)
+            if wp.static(hardens):  # snow: what the clamp took from F_E goes to F_P, J_P <- J_P det F_trial / det F_E
+                Jp = Jp * wp.determinant(F_trial) / wp.determinant(F)
         if f_blend < 1.0:  # seed extra: F <- a F + (1 - a) I
             F = f_blend * F + (1.0 - f_blend) * wp.identity(3, dtype=float)
         if min_J > 0.0:  # seed extra: det F >= min_J by uniform scaling
@@ -547,6 +572,7 @@ def _g2p_kernel(order: str, material: str):
         v_out[p] = v
         F_out[p] = F
         C_out[p] = C
+        Jp_out[p] = Jp  # carried unchanged by every model but snow
         J_min_out[p] = wp.min(J_min_out[p], wp.determinant(F))  # validity record: each particle's lowest det F
 
     return g2p
@@ -563,5 +589,5 @@ def p2g_tiled(order: str, material: str, block_dim: int = P2G_BLOCK):
 
 
 p2g_mass = {order: _p2g_mass_kernel(order) for order in BSPLINES}
-p2g = {(order, material): _p2g_kernel(order, material) for order in BSPLINES for material in MATERIALS}
-g2p = {(order, material): _g2p_kernel(order, material) for order in BSPLINES for material in MATERIALS}
+p2g = {(order, material): _p2g_kernel(order, material) for order in BSPLINES for material in KERNEL_MODELS}
+g2p = {(order, material): _g2p_kernel(order, material) for order in BSPLINES for material in KERNEL_MODELS}

@@ -436,3 +436,340 @@ def test_each_particles_branch_is_recorded_beside_the_grids(material, codes):
     assert seen == codes, seen
     elastic = Simulator(make_model(), mass=mass.float(), volume=volume.float())
     assert not elastic.plastic and elastic.decision_bytes_per_step == GRID_NODES
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# snow (a plastic state J_P beside F_E) and the Bingham viscoplastic fluid: models with a parameter vector
+
+# parameters where the twin states of make_particles take every branch (snow: theta_c, theta_s near the spread of
+# their singular values, ~0.05-0.15; Bingham: yields as von Mises at 750 Pa, visibly viscous at dt = 2 ms)
+VECTOR = {"snow": {"hardening": 10.0, "critical_compression": 0.08, "critical_stretch": 0.06},
+          "bingham": {"yield_stress": 750.0, "viscosity": 5.0}}
+LEARNED = {"snow": ("hardening",), "bingham": ("yield_stress", "viscosity")}  # learnable: optimised as logs
+
+
+def vector_kwargs(material, dtype=torch.float64, count=None):
+    return {k: torch.full((count,), v, dtype=dtype) if count else torch.tensor(v, dtype=dtype)
+            for k, v in VECTOR[material].items()}
+
+
+def test_snow_twin_states_take_every_clamp():
+    """The twin states clamp some singular values low, some high and leave others inside (snow), and yield in part
+    (Bingham, as von Mises)."""
+    state, _, _ = make_particles()
+    s = torch.linalg.svdvals(state["F"])
+    low, high = s < 1 - VECTOR["snow"]["critical_compression"], s > 1 + VECTOR["snow"]["critical_stretch"]
+    inside = ~(low | high)
+    for branch in (low, high, inside):
+        assert int(branch.sum()) >= 20, int(branch.sum())
+    assert 20 <= int(inside.all(-1).sum()) <= 100  # particles with no clamp at all take the identity
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("material", ["snow", "bingham"])
+def test_vector_models_step_matches_the_twin(material, device):
+    """Forward against the float64 twin after 1 and 20 steps (floor, walls, per-particle E), J_P included."""
+    model = make_model(material=material, floor_enabled=True, floor_normal=(0.0, 1.0, 0.0), floor_height=0.3,
+                       friction=0.4)
+    state, mass, volume = make_particles()
+    E, nu = torch.full((120,), 1.0e4, dtype=torch.float64), torch.full((120,), 0.3, dtype=torch.float64)
+    E[:60] = 2.0e4
+    extra = vector_kwargs(material)
+    sim, result = run(model, state, mass, volume, E=E, nu=nu, steps=20, extra=extra, frames=[1], device=device)
+    result.Jp = result.Jp.cpu()
+    mu, lam = lame_parameters(E, nu)
+    ref = rollout_ref(state, model=model, steps=20, mass=mass, volume=volume, mu=mu, lam=lam,
+                      kappa=twin_kappa(material, extra, 120), node_mass_eps=sim.node_mass_eps, frames=[1])
+    for row, (step, tolerance) in enumerate([(1, 1e-4), (20, 2e-3)]):
+        for name in (*FIELDS, "Jp"):
+            err = rel_error(getattr(result, name)[row], ref[row][name])
+            assert err <= tolerance, f"{name} after {step} steps: rel error {err:.2e}"
+    if material == "snow":  # J_P moved both ways (compression and stretch went to F_P)
+        assert float(result.Jp[-1].min()) < 0.9 and float(result.Jp[-1].max()) > 1.1
+    else:
+        assert torch.equal(result.Jp, torch.ones_like(result.Jp))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("material", ["snow", "bingham"])
+def test_vector_models_backward_matches_the_twin(material, device):
+    """VJP with random cotangents on x, v, F, C and J_P over 6 steps in 3 checkpointed segments: the gradients of
+    the start (J_P0 included), the controls, E, nu and every model parameter (snow's theta_c and theta_s too)."""
+    model = make_model(material=material, control_stride=2)
+    state, mass, volume = make_particles(count=60, seed=2)
+    g = torch.Generator().manual_seed(5)
+    inputs = {
+        "x0": state["x"], "v0": state["v"], "F0": state["F"], "C0": state["C"],
+        "Jp0": 1.0 + 0.1 * torch.rand(60, generator=g, dtype=torch.float64) - 0.05,
+        "Fc": torch.eye(3, dtype=torch.float64) + 0.02 * torch.randn(3, 60, 3, 3, generator=g, dtype=torch.float64),
+        "E": torch.full((60,), 1.0e4, dtype=torch.float64), "nu": torch.full((60,), 0.3, dtype=torch.float64),
+        **vector_kwargs(material, count=60),
+    }
+    cotangents = {n: torch.randn_like(state[n]) for n in FIELDS}
+    cotangents["Jp"] = torch.randn(60, generator=g, dtype=torch.float64)
+    names = list(VECTOR[material])
+    steps = 6
+
+    def vjp(use_warp: bool):
+        leaves = {k: v.clone().requires_grad_(True) for k, v in inputs.items()}
+        if use_warp:
+            f32 = {k: v.float().to(device) for k, v in leaves.items()}
+            sim = Simulator(model, mass=mass.float().to(device), volume=volume.float().to(device))
+            out = simulate(sim, x0=f32["x0"], v0=f32["v0"], F0=f32["F0"], C0=f32["C0"], Jp0=f32["Jp0"],
+                           E=f32["E"], nu=f32["nu"], Fc=f32["Fc"], steps=steps, segment_length=2,
+                           **{n: f32[n] for n in names})
+            assert out.stats.segments == 3
+            final = {n: getattr(out, n)[-1].cpu() for n in (*FIELDS, "Jp")}
+        else:
+            mu, lam = lame_parameters(leaves["E"], leaves["nu"])
+            start = {"x": leaves["x0"], "v": leaves["v0"], "F": leaves["F0"], "C": leaves["C0"], "Jp": leaves["Jp0"]}
+            kappa = material_kappa(material, count=60, device="cpu", **{n: leaves[n] for n in names})
+            final = rollout_ref(start, model=model, steps=steps, mass=mass, volume=volume, mu=mu, lam=lam,
+                                Fc=leaves["Fc"], kappa=kappa, node_mass_eps=1e-8 * float(mass.mean()))[-1]
+        total = sum((final[n].double() * cotangents[n]).sum() for n in (*FIELDS, "Jp"))
+        return {k: g.cpu() for k, g in zip(leaves, torch.autograd.grad(total, list(leaves.values())), strict=True)}
+
+    v_warp, v_ref = vjp(True), vjp(False)
+    for key in inputs:
+        if material == "bingham" and key == "Jp0":  # carried, never read: gradient = the cotangent
+            assert torch.allclose(v_warp[key].double(), cotangents["Jp"], atol=1e-6)
+            continue
+        err = float((v_warp[key].double() - v_ref[key]).norm() / v_ref[key].norm())
+        assert err <= 2e-3, f"d/d{key}: relative L2 error {err:.2e}"
+
+
+@pytest.mark.parametrize("material", ["snow", "bingham"])
+def test_vector_models_adjoint_at_rest_and_repeated_singular_values(material):
+    """The hand-written adjoints (snow's clamp, Bingham's viscoplastic map) at F = a rotation times diag(s, s, t):
+    finite, and equal to central differences of the float64 twin along random directions, with every branch."""
+    import warp as wp
+    from diffmpm_cli.kernels import mpm
+
+    _, func, branch_of = mpm.KERNEL_MODELS[material]
+    dt = 2e-3
+
+    @wp.kernel(module="unique")
+    def project(F: wp.array(dtype=wp.mat33), mu: float, lam: float, kappa: wp.array(dtype=wp.vec3),
+                out: wp.array(dtype=wp.mat33)):
+        i = wp.tid()
+        out[i] = func(F[i], mu, lam, kappa[i], dt, branch_of(F[i], mu, lam, kappa[i]))
+
+    mu, lam = 3846.0, 5769.0
+    k = material_kappa(material, count=1, device="cpu", **vector_kwargs(material))[0]
+    angle = 0.6
+    c, s = math.cos(angle), math.sin(angle)
+    R = torch.tensor([[c, -s, 0.0], [s, c, 0.0], [0.0, 0.0, 1.0]], dtype=torch.float64)
+    diagonals = [(1.0, 1.0, 1.0), (1.2, 1.2, 0.8), (0.9, 0.9, 0.7), (1.03, 1.03, 0.8)]
+    Fs = torch.stack([R @ torch.diag(torch.tensor(d, dtype=torch.float64)) for d in diagonals])
+    count = len(diagonals)
+    g = torch.Generator().manual_seed(0)
+    cot = torch.randn(count, 3, 3, generator=g, dtype=torch.float64)
+    F = wp.array(Fs.float().numpy(), dtype=wp.mat33, requires_grad=True)
+    kap = wp.array(k.expand(count, 3).float().numpy(), dtype=wp.vec3, requires_grad=True)
+    out = wp.zeros(count, dtype=wp.mat33, requires_grad=True)
+    tape = wp.Tape()
+    with tape:
+        wp.launch(project, dim=count, inputs=[F, mu, lam, kap], outputs=[out])
+    tape.backward(grads={out: wp.array(cot.float().numpy(), dtype=wp.mat33)})
+    grad_F = torch.from_numpy(F.grad.numpy()).double()
+    grad_k = torch.from_numpy(kap.grad.numpy()).double()
+    assert torch.isfinite(grad_F).all() and torch.isfinite(grad_k).all()
+    mus, lams = torch.tensor([mu]).double(), torch.tensor([lam]).double()
+
+    def ref(F_, k_):
+        return return_mapping_ref(F_[None], mus, lams, k_[None], material, dt=dt)[0]
+
+    for i in range(count):
+        for _ in range(3):
+            u = torch.randn(3, 3, generator=g, dtype=torch.float64)
+            u /= u.norm()
+            h = 1e-5
+            fd = float(((ref(Fs[i] + h * u, k) - ref(Fs[i] - h * u, k)) / (2 * h) * cot[i]).sum())
+            ad = float((grad_F[i] * u).sum())
+            assert abs(ad - fd) <= 2e-3 * max(1.0, abs(fd)), (i, ad, fd)
+        for j in range(3):  # each parameter (a relative step)
+            step = 1e-4 * max(abs(float(k[j])), 1e-3)
+            e = torch.zeros(3, dtype=torch.float64)
+            e[j] = step
+            fd = float(((ref(Fs[i], k + e) - ref(Fs[i], k - e)) / (2 * step) * cot[i]).sum())
+            assert abs(float(grad_k[i, j]) - fd) <= 2e-3 * max(1.0, abs(fd)), (i, j, float(grad_k[i, j]), fd)
+
+
+@pytest.mark.parametrize("material", ["snow", "bingham"])
+def test_vector_models_finite_differences_through_the_kernels(material):
+    """log E, nu and the learnable parameters as logs (snow: hardening; Bingham: yield stress and viscosity) over 24
+    steps with gravity, a wall band and a frame, frozen branches: autodiff against central differences."""
+    model = make_model(material=material, dt=2e-3)
+    state, mass, volume = make_particles(count=80, seed=4)
+    sim = Simulator(model, mass=mass.float(), volume=volume.float())
+    weights = {n: torch.randn(2, 80, *((3,) if n in "xv" else (3, 3)), generator=torch.Generator().manual_seed(9),
+                              dtype=torch.float64) for n in FIELDS}
+    weights["Jp"] = torch.randn(2, 80, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
+    learned = LEARNED[material]
+    fixed = {k: torch.tensor(v) for k, v in VECTOR[material].items() if k not in learned}
+
+    def loss(p):
+        out = simulate(sim, x0=state["x"].float(), v0=state["v"].float(), F0=state["F"].float(),
+                       C0=state["C"].float(), E=torch.exp(p["log_E"]), nu=p["nu"], steps=24, frames=[12],
+                       frozen=frozen, **fixed, **{k: torch.exp(p[k]) for k in learned})
+        return sum((getattr(out, n).double() * weights[n]).sum() for n in (*FIELDS, "Jp"))
+
+    params = {"log_E": torch.tensor(math.log(1.0e4)), "nu": torch.tensor(0.3),
+              **{k: torch.tensor(math.log(VECTOR[material][k])) for k in learned}}
+    eps = {"log_E": 1e-2, "nu": 4e-3, **{k: 2e-1 for k in learned}}  # weak levers: larger steps (linear there)
+    frozen = FrozenDecisions()
+    with torch.no_grad():
+        loss(params)
+    probes = directional_probes(loss, params, eps=eps, probes=1, seed=3)
+    assert len(probes) == len(params)
+    for probe in probes:
+        assert abs(probe.ad - probe.fd) <= 1e-2 * max(abs(probe.ad), abs(probe.fd)) + 3 * probe.noise, probe
+        assert probe.noise <= 0.05 * abs(probe.fd), probe
+
+
+def snow_impact(x0, *, Jp0=None, F0=None, steps=300):
+    """A quasi-2D snow layer (0.2 m deep, wall to wall) hitting the floor at 2 m/s under gravity (E 2e4 Pa, nu 0.2,
+    400 kg/m^3, theta_c 0.025, theta_s 0.0075, xi 10); returns (rollout, floor height)."""
+    grid = slab(16, height_cells=16)
+    volume = torch.full((len(x0),), (grid.dx / 2) ** 3, dtype=torch.float64)
+    model = MPMModel(grid=grid, bspline="quadratic", material="snow", dt=5e-4, gravity=(0.0, -9.81, 0.0),
+                     walls_min=("slip",) * 3, walls_max=("slip",) * 3)
+    sim = Simulator(model, mass=(400.0 * volume).float(), volume=volume.float())
+    out = simulate(sim, x0=x0.float(), v0=torch.tensor([0.0, -2.0, 0.0]), F0=F0, Jp0=Jp0, E=torch.tensor(2.0e4),
+                   nu=torch.tensor(0.2), steps=steps, frames=list(range(0, steps + 1, 30)),
+                   hardening=torch.tensor(10.0), critical_compression=torch.tensor(0.025),
+                   critical_stretch=torch.tensor(0.0075))
+    return out, grid.interior_lower[1]
+
+
+def test_snow_compacts_for_good_and_hardens():
+    """Measured (480 particles): the impact compacts the layer to J_P ~0.82 and it stays there at rest. A second,
+    identical impact on the compacted layer barely compacts it further when it remembers its J_P (mean J_P x0.995,
+    depth 0.83 of its start), while the same layer with J_P reset to 1 (same F_E, no hardening) compacts again like
+    fresh snow (J_P x0.79, depth 0.41): compressed snow is stiffer."""
+    grid = slab(16, height_cells=16)
+    lo, hi = grid.interior_lower, grid.interior_upper
+    x = lattice((lo[0], lo[1], lo[2]), (hi[0], lo[1] + 0.2, hi[2]), grid.dx / 2)
+    first, floor = snow_impact(x)
+    Jp = [float(first.Jp[r].mean()) for r in range(first.Jp.shape[0])]
+    assert max(Jp[-4:]) < 0.88 and max(Jp[-4:]) - min(Jp[-4:]) < 0.01, Jp  # compacted, and it stays
+    assert float(first.v[-1].norm(dim=1).max()) < 0.2  # at rest
+    depth = lambda out, r: float(out.x[r][:, 1].mean()) - floor  # noqa: E731
+    second = {}
+    for label, Jp0 in (("remembered", first.Jp[-1]), ("reset", torch.ones_like(first.Jp[-1]))):
+        out, _ = snow_impact(first.x[-1].double(), Jp0=Jp0, F0=first.F[-1])
+        second[label] = (float(out.Jp[-1].mean() / out.Jp[0].mean()), depth(out, -1) / depth(out, 0))
+    assert second["remembered"][0] > 0.97 and second["reset"][0] < 0.88, second
+    assert second["remembered"][1] > second["reset"][1] + 0.2, second
+
+
+@pytest.mark.parametrize("preset,model,learnable", [("snow", "snow", ("hardening",)),
+                                                    ("toothpaste", "bingham", ("yield_stress", "viscosity"))])
+def test_vector_presets_reach_the_rollout(preset, model, learnable, write_scene):
+    """The snow and toothpaste presets load, their learnable parameters are the scene's groups and a rollout runs (snow's
+    J_P leaves 1 somewhere: the floor compacts it)."""
+    from conftest import BASE_SCENE
+
+    from diffmpm_cli.assets import build_assets
+    from diffmpm_cli.config import load_scene
+    from diffmpm_cli.params import PARAMS
+    from diffmpm_cli.pipeline import Pipeline
+
+    sim = {**BASE_SCENE["sim"], "steps": 2, "control_stride": 2, "frames": [], "dt": 1e-4}
+    cfg = load_scene(write_scene({**BASE_SCENE, "material": {"preset": preset}, "sim": sim}))
+    assert cfg.material.model == model
+    pipeline = Pipeline(cfg, build_assets(cfg))
+    assert pipeline.material_parameters == learnable
+    assert [s.key for s in PARAMS if s.model is not None and s.applies_to(model)] == list(learnable)
+    result = pipeline.simulate({})
+    assert torch.isfinite(result.x).all() and torch.isfinite(result.Jp).all()
+
+
+def test_snow_and_bingham_parameters_are_checked_with_one_error_line():
+    from conftest import REPO
+    from typer.testing import CliRunner
+
+    from diffmpm_cli.cli import app
+
+    scene = str(REPO / "scenes" / "plasticine_drop.yaml")
+    snow = ["--set", "material.preset=snow", "--set", "material.yield_stress=null", "--set", "material.E=1.0e4",
+            "--set", "learn.yield_stress.enabled=false", "--set", "target.truth.yield_stress=null"]
+    cases = [
+        (["--set", "material.hardening=5"], "error: material.hardening: is not a parameter of material.model von_mises"),
+        (["--set", "learn.hardening.enabled=true"], "error: learn.hardening.enabled: material.model von_mises has"),
+        ([*snow, "--set", "material.critical_stretch=null"],
+         "error: material.critical_stretch: material.model snow needs it"),
+        ([*snow, "--set", "material.critical_compression=1.5"], "error: material.critical_compression:"),
+        (["--set", "material.model=bingham"], "error: material.viscosity: material.model bingham needs it"),
+    ]
+    for overrides, message in cases:
+        result = CliRunner().invoke(app, ["validate", scene, *overrides])
+        assert result.exit_code == 2, (overrides, result.output)
+        lines = [line for line in result.output.strip().splitlines() if line]
+        assert len(lines) == 1 and lines[0].startswith(message), (overrides, result.output)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# several materials in one scene: material.regions
+
+
+def region_scene(material=None, **extra):
+    from conftest import BASE_SCENE
+
+    sim = {**BASE_SCENE["sim"], "steps": 40, "control_stride": 40, "frames": [], "initial_velocity": [0.0, -3.0, 0.0],
+           "floor": {"enabled": True, "height": 0.33, "friction": 0.5}}
+    base = {"model": "von_mises", "E": 2.0e4, "nu": 0.3, "density": 1000.0, "yield_stress": 500.0,
+            "regions": [{"shape": {"shape": "box", "size": [0.4, 0.15, 0.4], "center": [0.5, 0.425, 0.5]},
+                         "E": 1.0e5, "yield_stress": 5.0e3, "density": 2000.0}]}
+    return {**BASE_SCENE, "material": {**base, **(material or {})}, "sim": sim, **extra}
+
+
+def test_regions_give_particles_their_own_material(write_scene):
+    """The particles inside a region's shape take its E, density and yield stress, the others the material's; the
+    rollout sees them (a ball hitting the floor: its stiff, strong bottom deforms less than without regions)."""
+    from diffmpm_cli.assets import build_assets
+    from diffmpm_cli.config import load_scene
+    from diffmpm_cli.params import natural
+    from diffmpm_cli.pipeline import Pipeline
+
+    cfg = load_scene(write_scene(region_scene()))
+    assets = build_assets(cfg)
+    pipeline = Pipeline(cfg, assets)
+    region = assets.source.region
+    inside = region == 0
+    assert 0.1 < float(inside.double().mean()) < 0.6  # the box takes the ball's bottom
+    assert bool((pipeline.x0[inside, 1] < 0.5 + 1e-6).all()) and bool((pipeline.x0[~inside, 1] > 0.35 - 1e-6).all())
+    params = pipeline.initial_parameters(["log_E", "log_yield_stress"])
+    E, tau = natural("log_E", params["log_E"]), natural("log_yield_stress", params["log_yield_stress"])
+    assert torch.allclose(E[inside], torch.tensor(1.0e5)) and torch.allclose(E[~inside], torch.tensor(2.0e4))
+    assert torch.allclose(tau[inside], torch.tensor(5.0e3)) and torch.allclose(tau[~inside], torch.tensor(500.0))
+    masses = assets.source.masses
+    assert torch.allclose(masses[inside], 2 * masses[~inside][0])
+    result = pipeline.simulate({})
+    plain = load_scene(write_scene(region_scene({"regions": []})))
+    reference = Pipeline(plain, build_assets(plain)).simulate({})
+    strain = lambda F: (F - torch.eye(3)).norm(dim=(-2, -1))  # noqa: E731
+    assert float(strain(result.F[-1][inside]).mean()) < 0.5 * float(strain(reference.F[-1][inside]).mean())
+
+
+def test_regions_are_checked_with_one_error_line(write_scene):
+    from typer.testing import CliRunner
+
+    from diffmpm_cli.cli import app
+
+    region = {"shape": {"shape": "box", "size": [0.4, 0.15, 0.4], "center": [0.5, 0.425, 0.5]}}
+    cases = [
+        (region_scene({"regions": [{**region, "model": "drucker_prager"}]}),
+         "error: material.regions[0].model: drucker_prager differs from material.model von_mises"),
+        (region_scene({"regions": [{**region, "viscosity": 3.0}]}),
+         "error: material.regions[0].viscosity: is not a parameter of material.model von_mises"),
+        (region_scene(learn={"E": {"enabled": True}}), "error: learn.E.per_particle: material.regions set E"),
+        (region_scene({"regions": [{"shape": {"shape": "sphere", "radius": 0.05, "center": [0.1, 0.1, 0.1]}}]}),
+         "error: material.regions[0].shape: holds no particle of the source"),
+        (region_scene({"regions": [{**region, "E": -1.0}]}), "error: material.regions[0].E: must be > 0"),
+    ]
+    for scene, message in cases:
+        result = CliRunner().invoke(app, ["validate", str(write_scene(scene))])
+        assert result.exit_code == 2, (message, result.output)
+        lines = [line for line in result.output.strip().splitlines() if line]
+        assert len(lines) == 1 and lines[0].startswith(message), (message, result.output)

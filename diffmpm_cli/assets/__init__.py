@@ -18,7 +18,7 @@ from ..errors import AssetError, ConfigError
 from ..render.camera import CameraSet, build_cameras, check_view, similarity
 from ..sim.grid import GridSpec
 from .images import load_picture
-from .lattice import lattice_box_count, lattice_particles
+from .lattice import WINDING_INSIDE, lattice_box_count, lattice_particles, winding_numbers
 from .sequences import sequence_pictures
 from .shapes import build_mesh
 from .splat_source import SplatCloud, place_splats, read_splat_ply, select_splats, splat_particles
@@ -45,6 +45,7 @@ class Body:
     surface_points: torch.Tensor
     surface_normals: torch.Tensor
     splats: SplatCloud | None = None  # a trained 3DGS source: its Gaussians (surface_points are their means)
+    region: torch.Tensor | None = None  # [N] int64: the material.regions entry each particle lies in (-1: none)
     filled: tuple[int, int] | None = None  # a 3DGS source: (particles the Gaussians cover, particles filled inside)
 
     @property
@@ -133,6 +134,44 @@ def make_splat_body(scene, *, key: str, grid: GridSpec, density: float) -> Body:
                 surface_normals=as_tensor(cloud.normals()), splats=cloud, filled=(shell, filled))
 
 
+def assign_regions(scene, body: Body, grid: GridSpec) -> None:
+    """Each particle's material.regions entry (the last whose shape holds its rest position; generalised winding
+    number > 1/2) into ``body.region``, and its region's density into ``body.masses``. A region that holds no
+    particle is refused (its values would silently do nothing)."""
+    points = body.positions.double().numpy()
+    index = np.full(len(points), -1, dtype=np.int64)
+    for i, region in enumerate(scene.material.regions):
+        key = f"material.regions[{i}].shape"
+        mesh = build_mesh(region.shape, key=key, default_center=grid.center)
+        inside = winding_numbers(mesh, points, key=key) > WINDING_INSIDE
+        if not inside.any():
+            raise AssetError(key, "holds no particle of the source")
+        index[inside] = i
+    body.region = torch.as_tensor(index)
+    density = torch.full((len(points),), float(scene.material.density))
+    for i, region in enumerate(scene.material.regions):
+        if region.density is not None:
+            density[body.region == i] = region.density
+    body.masses = (density * body.volumes.double()).float()
+
+
+def region_values(scene, region: torch.Tensor | None, keys) -> dict[str, torch.Tensor]:
+    """key -> [N] float32 natural values (material.<key>, replaced where a region gives its own) for the ``keys``
+    that some region sets; {} without regions."""
+    out = {}
+    if region is None:
+        return out
+    for key in keys:
+        given = [(i, getattr(r, key)) for i, r in enumerate(scene.material.regions) if getattr(r, key) is not None]
+        if not given:
+            continue
+        values = torch.full((len(region),), float(getattr(scene.material, key)))
+        for i, value in given:
+            values[region == i] = value
+        out[key] = values
+    return out
+
+
 def check_inside(bounds, grid: GridSpec, key: str) -> None:
     lo, hi = np.asarray(bounds[0]), np.asarray(bounds[1])
     ilo, ihi = np.asarray(grid.interior_lower), np.asarray(grid.interior_upper)
@@ -212,6 +251,8 @@ def build_assets(scene, *, device: str = "cpu") -> SceneAssets:
             pass
     source = splat_body or make_body(source_mesh, key="source", rng=rng,
                                      surface_samples=scene.appearance.surface_samples, **common)
+    if scene.material.regions:
+        assign_regions(scene, source, grid)
     target = target_mass = None
     if target_mesh is not None:
         target = make_body(target_mesh, key="target.mesh", rng=rng, surface_samples=target_surface_samples(scene),

@@ -98,11 +98,13 @@ def camera_names(render) -> tuple[str, ...]:
 
 
 def stiffest_material(scene: Scene) -> tuple[float, float]:
-    """The stiffest (E [Pa], nu) a run of ``scene`` starts from: material, learn.*.init and target.truth values
-    (what the CFL check before a run must hold for)."""
+    """The stiffest (E [Pa], nu) a run of ``scene`` starts from: material, material.regions, learn.*.init and
+    target.truth values (what the CFL check before a run must hold for; a region's lower density is held by the
+    rollout's own check, sim/op.py, which sees every particle's values)."""
     truth = scene.target.truth
-    Es = [scene.material.E, scene.learn.E.init, truth.E if truth else None]
-    nus = [scene.material.nu, scene.learn.nu.init, truth.nu if truth else None]
+    regions = scene.material.regions
+    Es = [scene.material.E, scene.learn.E.init, truth.E if truth else None, *(r.E for r in regions)]
+    nus = [scene.material.nu, scene.learn.nu.init, truth.nu if truth else None, *(r.nu for r in regions)]
     return max(e for e in Es if e is not None), max(n for n in nus if n is not None)
 
 
@@ -122,26 +124,64 @@ def _check_grid_numbers(scene: Scene) -> None:
                                         "longest axis (the grid may hold at most 512^3 nodes)")
 
 
-EXTRA_MATERIAL_PARAMETERS = ("yield_stress", "friction_angle", "viscosity")  # Material.extra_parameter's values
+# every model's parameters beside E and nu (enums.MODEL_PARAMETERS); the learnable ones have learn.<key> and truths
+EXTRA_MATERIAL_PARAMETERS = ("yield_stress", "friction_angle", "viscosity", "hardening", "critical_compression",
+                             "critical_stretch")
+LEARNABLE_MATERIAL_PARAMETERS = ("yield_stress", "friction_angle", "viscosity", "hardening")
 
 
 def _check_material(scene: Scene) -> None:
-    """A plastic or fluid model needs its own parameter (material.<name>); no other model's may be given, learned or
-    be a truth (it would silently do nothing)."""
+    """A plastic or fluid model needs its own parameters (material.<name>); no other model's may be given, learned
+    or be a truth (it would silently do nothing)."""
     material, truth = scene.material, scene.target.truth
-    needed = material.model.extra_parameter
+    needed = material.model.parameters
+    model = f"material.model {material.model.value}"
     for name in EXTRA_MATERIAL_PARAMETERS:
-        if name == needed:
+        if name in needed:
             continue
-        model = f"material.model {material.model.value}"
         if getattr(material, name) is not None:
             raise ConfigError(f"material.{name}", f"is not a parameter of {model}")
+        if name not in LEARNABLE_MATERIAL_PARAMETERS:
+            continue
         if getattr(scene.learn, name).enabled:
             raise ConfigError(f"learn.{name}.enabled", f"{model} has no {name} to learn")
         if truth is not None and getattr(truth, name) is not None:
             raise ConfigError(f"target.truth.{name}", f"is not a parameter of {model}")
-    if needed is not None and getattr(material, needed) is None:
-        raise ConfigError(f"material.{needed}", f"material.model {material.model.value} needs it")
+    for name in needed:
+        if getattr(material, name) is None:
+            raise ConfigError(f"material.{name}", f"{model} needs it")
+    _check_regions(scene)
+
+
+REGION_KEYS = ("E", "nu", "density", *EXTRA_MATERIAL_PARAMETERS)
+
+
+def _check_regions(scene: Scene) -> None:
+    """material.regions: the scene's model only (its kernels are built per model), its parameters only, and no
+    global learned value or truth of a key that regions set (it would replace the regions' values)."""
+    material, truth = scene.material, scene.target.truth
+    model = f"material.model {material.model.value}"
+    for i, region in enumerate(material.regions):
+        key = f"material.regions[{i}]"
+        if region.model is not None and region.model != material.model:
+            raise ConfigError(f"{key}.model", f"{region.model.value} differs from {model}: one constitutive model per "
+                                              "scene (regions may differ in E, nu, density and the model's parameters)")
+        for name in EXTRA_MATERIAL_PARAMETERS:
+            if getattr(region, name) is not None and name not in material.model.parameters:
+                raise ConfigError(f"{key}.{name}", f"is not a parameter of {model}")
+    for name in REGION_KEYS:
+        if not any(getattr(region, name) is not None for region in material.regions) or name == "density":
+            continue
+        section = getattr(scene.learn, name, None)
+        if section is not None and section.enabled and not section.per_particle:
+            raise ConfigError(f"learn.{name}.per_particle", f"material.regions set {name} per region: learn it per "
+                                                            "particle (one global value would replace the regions')")
+        if section is not None and section.enabled and section.init is not None:
+            raise ConfigError(f"learn.{name}.init", f"material.regions set {name} per region: leave init null (it "
+                                                    "would replace the regions' values)")
+        if truth is not None and getattr(truth, name, None) is not None:
+            raise ConfigError(f"target.truth.{name}", f"material.regions set {name} per region: a global truth would "
+                                                      "replace the regions' values")
 
 
 def _check_particle_mass(scene: Scene, dx: float) -> None:

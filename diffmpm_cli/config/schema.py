@@ -246,10 +246,13 @@ class Truth(Section):
     E: Positive | None = Field(None, description="true Young's modulus [Pa]")
     nu: Annotated[float, Field(gt=-1.0, lt=0.5)] | None = Field(None, description="true Poisson ratio")
     v0: Vec3 | None = Field(None, description="true initial velocity [m/s]")
-    yield_stress: Positive | None = Field(None, description="true yield stress [Pa] (material.model von_mises)")
+    yield_stress: Positive | None = Field(None, description="true yield stress [Pa] (material.model von_mises or "
+                                          "bingham)")
     friction_angle: FrictionAngle | None = Field(
         None, description="true friction angle [degrees] (material.model drucker_prager)")
-    viscosity: Positive | None = Field(None, description="true dynamic viscosity [Pa s] (material.model newtonian_fluid)")
+    viscosity: Positive | None = Field(
+        None, description="true dynamic viscosity [Pa s] (material.model newtonian_fluid or bingham)")
+    hardening: Positive | None = Field(None, description="true hardening coefficient xi (material.model snow)")
 
 
 class TargetConfig(Section):
@@ -278,6 +281,27 @@ class TargetConfig(Section):
 # material
 
 
+class MaterialRegion(Section):
+    """A part of the source with its own material values: the particles whose rest positions lie inside ``shape``
+    take the values given here (null: material.<key>); a later region wins where regions overlap. One constitutive
+    model per scene: a region's model, if given, must be material.model."""
+
+    shape: Shape = Field(description="where the region is (any source shape, in world coordinates [m]; center null = "
+                         "the domain's centre)")
+    model: MaterialName | None = Field(None, description="must equal material.model (or null): one model per scene")
+    E: Positive | None = Field(None, description="Young's modulus [Pa]; null = material.E")
+    nu: Annotated[float, Field(gt=-1.0, lt=0.5)] | None = Field(None, description="Poisson ratio; null = material.nu")
+    density: Positive | None = Field(None, description="rest density [kg/m^3]; null = material.density")
+    yield_stress: Positive | None = Field(None, description="von_mises, bingham [Pa]; null = material.yield_stress")
+    friction_angle: FrictionAngle | None = Field(
+        None, description="drucker_prager [degrees]; null = material.friction_angle")
+    viscosity: Positive | None = Field(None, description="newtonian_fluid, bingham [Pa s]; null = material.viscosity")
+    hardening: Positive | None = Field(None, description="snow; null = material.hardening")
+    critical_compression: Annotated[float, Field(gt=0.0, lt=1.0)] | None = Field(
+        None, description="snow; null = material.critical_compression")
+    critical_stretch: Positive | None = Field(None, description="snow; null = material.critical_stretch")
+
+
 class MaterialConfig(Section):
     preset: str | None = Field(
         None, description="named preset from configs/materials.yaml; keys given here override the preset's"
@@ -296,14 +320,26 @@ class MaterialConfig(Section):
         None, description="seed extra, off when null: clamp det F from below (the seed used 0.6)"
     )
     yield_stress: Positive | None = Field(
-        None, description="von_mises: yield stress [Pa] (Hencky strain beyond yield_stress / (2 mu) flows)"
+        None, description="von_mises, bingham: yield stress [Pa] (Hencky strain beyond yield_stress / (2 mu) flows)"
     )
     friction_angle: FrictionAngle | None = Field(
         None, description="drucker_prager: friction angle [degrees], in (0, 90)"
     )
     viscosity: Positive | None = Field(
-        None, description="newtonian_fluid: dynamic viscosity [Pa s]; E and nu set its bulk modulus E / (3 (1 - 2 nu))"
+        None, description="newtonian_fluid: dynamic viscosity [Pa s]; E and nu set its bulk modulus E / (3 (1 - 2 nu)); "
+        "bingham: the plastic viscosity [Pa s] of its flow above yield (deviatoric stress tau_Y + eta gamma_dot)"
     )
+    hardening: Positive | None = Field(
+        None, description="snow: hardening coefficient xi; mu and lambda scale by exp(xi (1 - J_P)) (Stomakhin: 10)")
+    critical_compression: Annotated[float, Field(gt=0.0, lt=1.0)] | None = Field(
+        None, description="snow: critical compression theta_c; singular values of F_E below 1 - theta_c go plastic "
+        "(Stomakhin: 2.5e-2)")
+    critical_stretch: Positive | None = Field(
+        None, description="snow: critical stretch theta_s; singular values of F_E above 1 + theta_s go plastic "
+        "(Stomakhin: 7.5e-3)")
+    regions: list[MaterialRegion] = Field(
+        [], description="parts of the source with their own E, nu, density and model parameters (the same model); "
+        "particles in no region keep the values above")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -415,7 +451,7 @@ class LearnV0(Section):
 
 
 class LearnYieldStress(Section):
-    enabled: bool = Field(False, description="learn the yield stress (von_mises; optimised as log)")
+    enabled: bool = Field(False, description="learn the yield stress (von_mises, bingham; optimised as log)")
     lr: Positive = Field(5.0e-2, description="learning rate on log yield stress")
     init: Positive | None = Field(None, description="starting value [Pa]; null = material.yield_stress")
     per_particle: bool = Field(False, description="one value per particle instead of one global value")
@@ -428,8 +464,16 @@ class LearnFrictionAngle(Section):
     per_particle: bool = Field(False, description="one value per particle instead of one global value")
 
 
+class LearnHardening(Section):
+    enabled: bool = Field(False, description="learn snow's hardening coefficient xi (snow; optimised as log)")
+    lr: Positive = Field(5.0e-2, description="learning rate on log xi")
+    init: Positive | None = Field(None, description="starting value; null = material.hardening")
+    per_particle: bool = Field(False, description="one value per particle instead of one global value")
+
+
 class LearnViscosity(Section):
-    enabled: bool = Field(False, description="learn the dynamic viscosity (newtonian_fluid; optimised as log)")
+    enabled: bool = Field(False, description="learn the dynamic viscosity (newtonian_fluid, bingham; optimised as "
+                          "log)")
     lr: Positive = Field(5.0e-2, description="learning rate on log viscosity")
     init: Positive | None = Field(None, description="starting value [Pa s]; null = material.viscosity")
     per_particle: bool = Field(False, description="one value per particle instead of one global value")
@@ -460,10 +504,13 @@ class LearnConfig(Section):
     E: LearnE = Field(default_factory=LearnE, description="Young's modulus")
     nu: LearnNu = Field(default_factory=LearnNu, description="Poisson ratio")
     v0: LearnV0 = Field(default_factory=LearnV0, description="initial velocity")
-    yield_stress: LearnYieldStress = Field(default_factory=LearnYieldStress, description="yield stress (von_mises)")
+    yield_stress: LearnYieldStress = Field(default_factory=LearnYieldStress,
+                                           description="yield stress (von_mises, bingham)")
     friction_angle: LearnFrictionAngle = Field(default_factory=LearnFrictionAngle,
                                                description="friction angle (drucker_prager)")
-    viscosity: LearnViscosity = Field(default_factory=LearnViscosity, description="viscosity (newtonian_fluid)")
+    viscosity: LearnViscosity = Field(default_factory=LearnViscosity,
+                                      description="viscosity (newtonian_fluid, bingham)")
+    hardening: LearnHardening = Field(default_factory=LearnHardening, description="hardening coefficient (snow)")
     color: LearnColor = Field(default_factory=LearnColor, description="colour")
     opacity: LearnOpacity = Field(default_factory=LearnOpacity, description="opacity")
     sigma0: LearnSigma0 = Field(default_factory=LearnSigma0, description="Gaussian rest size")

@@ -73,8 +73,9 @@ def evaluate_metrics(pipeline, output, targets, params: dict[str, torch.Tensor])
         p = {**pipeline.initial_parameters(["log_E", "nu"]), **params}
         E, nu = float(natural("log_E", p["log_E"]).mean()), float(natural("nu", p["nu"]).mean())
         out.update(E=E, nu=nu, **metrics.material_errors(E=E, nu=nu, truth_E=truth.E, truth_nu=truth.nu))
-        extra = pipeline.material_parameter  # the plastic or fluid model's own parameter against its truth
-        if extra is not None and getattr(truth, extra) is not None:
+        for extra in pipeline.material_parameters:  # the plastic or fluid model's own parameters against truths
+            if getattr(truth, extra) is None:
+                continue
             spec = BY_KEY[extra]
             value = float(spec.natural({**pipeline.initial_parameters([spec.group]), **params}[spec.group]).mean())
             true = getattr(truth, extra)
@@ -165,7 +166,7 @@ def exact_target_metrics(pipeline, exact: ExactTarget, x: torch.Tensor, F: torch
 
 def main_metric(values: dict) -> tuple[str, float]:
     """The one number a progress bar shows: material error when identifying, else silhouette IoU."""
-    for name in ("yield_stress_rel_error", "friction_angle_abs_error", "viscosity_rel_error"):
+    for name in ("yield_stress_rel_error", "friction_angle_abs_error", "viscosity_rel_error", "hardening_rel_error"):
         if name in values:
             return name, values[name]
     if "E_rel_error" in values:

@@ -186,7 +186,7 @@ class Optimization:
         """The current parameters' final state becomes the start; fresh (zero) controls and optimiser moments."""
         with torch.no_grad():
             result = self.pipeline.simulate(self.params, start=self.start)
-            self.start = {k: getattr(result, k)[-1].clone() for k in ("x", "v", "F", "C")}
+            self.start = {k: getattr(result, k)[-1].clone() for k in ("x", "v", "F", "C", "Jp")}
             if "dFc" in self.params:
                 self.params["dFc"].zero_()
         self.optimizer.state.clear()

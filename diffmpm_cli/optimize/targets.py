@@ -90,7 +90,7 @@ def exact_mesh_pictures(pipeline) -> tuple[torch.Tensor, torch.Tensor]:
 def truth_parameters(pipeline) -> dict[str, torch.Tensor]:
     """The scene's material / velocity with target.truth's values put in (the others as in the scene)."""
     truth = pipeline.scene.target.truth
-    keys = ("E", "nu", "v0", *((pipeline.material_parameter,) if pipeline.material_parameter else ()))
+    keys = ("E", "nu", "v0", *pipeline.material_parameters)
     params = pipeline.initial_parameters([BY_KEY[key].group for key in keys])
     for key in keys:
         value, spec = getattr(truth, key), BY_KEY[key]

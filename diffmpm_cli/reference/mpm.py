@@ -40,6 +40,15 @@ def polar_rotation_ref(F: torch.Tensor) -> torch.Tensor:
     return U @ D @ Vh
 
 
+def polar_newton_ref(F: torch.Tensor, iterations: int = 20) -> torch.Tensor:
+    """R of F = R S by Newton's iteration R <- (R + R^-T) / 2 from R = F (det F > 0): matmuls and inverses only, so
+    its autograd is defined at repeated singular values, where the SVD's is not."""
+    R = F
+    for _ in range(iterations):
+        R = 0.5 * (R + torch.linalg.inv(R).transpose(-1, -2))
+    return R
+
+
 SIGMA_MIN = 1.0e-4  # kernels/mpm.py: singular values are clamped here before the log
 
 
@@ -73,19 +82,29 @@ def spectral_ref(U: torch.Tensor, g: torch.Tensor, Vh: torch.Tensor) -> torch.Te
     return U @ torch.diag_embed(g) @ Vh
 
 
+def kappa_column(kappa: torch.Tensor, i: int) -> torch.Tensor:
+    """Parameter i of the per-particle parameter vectors kappa [N, 3] (a scalar-parameter model's [N]: column 0)."""
+    return kappa if kappa.dim() == 1 else kappa[:, i]
+
+
 def kirchhoff_ref(F: torch.Tensor, mu: torch.Tensor, lam: torch.Tensor, model: str, *, C: torch.Tensor | None = None,
-                  kappa: torch.Tensor | None = None) -> torch.Tensor:
-    """tau = P(F) F^T, [N, 3, 3]: fixed-corotated, neo-Hookean, StVK on Hencky strain (von_mises, drucker_prager:
-    U diag(2 mu eps + lam tr eps) U^T) or the Newtonian fluid (K (J - 1) J I + eta J (C + C^T), K = lam + 2 mu / 3,
-    eta = kappa; needs C)."""
+                  kappa: torch.Tensor | None = None, Jp: torch.Tensor | None = None) -> torch.Tensor:
+    """tau = P(F) F^T, [N, 3, 3]: fixed-corotated, neo-Hookean, StVK on Hencky strain (von_mises, drucker_prager,
+    bingham: U diag(2 mu eps + lam tr eps) U^T), the Newtonian fluid (K (J - 1) J I + eta J (C + C^T),
+    K = lam + 2 mu / 3, eta = kappa; needs C) or snow (fixed-corotated with mu, lam times exp(xi (1 - J_P)),
+    xi = kappa[:, 0]; needs Jp)."""
     eye = torch.eye(3, dtype=F.dtype, device=F.device).expand_as(F)
     J = torch.linalg.det(F)
-    if model in ("von_mises", "drucker_prager"):  # 2 mu log V + lam tr(log V) I with log V = log(F F^T) / 2
+    if model == "snow":  # F_E often has repeated singular values (two clamped to one bound): Newton's polar rotation
+        h = torch.exp(kappa_column(kappa, 0) * (1 - Jp))
+        R = polar_newton_ref(F)
+        return 2 * (mu * h)[:, None, None] * (F - R) @ F.transpose(1, 2) + (lam * h * (J - 1) * J)[:, None, None] * eye
+    if model in ("von_mises", "drucker_prager", "bingham"):  # 2 mu log V + lam tr(log V) I with log V = log(F F^T) / 2
         log_v = 0.5 * spd_log_ref(F @ F.transpose(1, 2))
         return 2 * mu[:, None, None] * log_v + (lam * torch.einsum("pii->p", log_v))[:, None, None] * eye
     if model == "newtonian_fluid":
         return (((lam + 2.0 / 3.0 * mu) * (J - 1) * J)[:, None, None] * eye
-                + (kappa * J)[:, None, None] * (C + C.transpose(1, 2)))
+                + (kappa_column(kappa, 0) * J)[:, None, None] * (C + C.transpose(1, 2)))
     if model == "fixed_corotated":
         R = polar_rotation_ref(F)
         return 2 * mu[:, None, None] * (F - R) @ F.transpose(1, 2) + (lam * (J - 1) * J)[:, None, None] * eye
@@ -95,15 +114,15 @@ def kirchhoff_ref(F: torch.Tensor, mu: torch.Tensor, lam: torch.Tensor, model: s
 
 
 def energy_density_ref(F: torch.Tensor, mu: torch.Tensor, lam: torch.Tensor, model: str) -> torch.Tensor:
-    """Elastic energy per rest volume psi(F) [Pa], [N]."""
+    """Elastic energy per rest volume psi(F) [Pa], [N] (snow: of F_E without its hardening factor)."""
     J = torch.linalg.det(F)
-    if model == "fixed_corotated":
+    if model in ("fixed_corotated", "snow"):
         R = polar_rotation_ref(F)
         return mu * ((F - R) ** 2).sum(dim=(1, 2)) + 0.5 * lam * (J - 1) ** 2
     if model == "neo_hookean":
         logJ = torch.log(J)
         return 0.5 * mu * ((F**2).sum(dim=(1, 2)) - 3) - mu * logJ + 0.5 * lam * logJ**2
-    if model in ("von_mises", "drucker_prager"):
+    if model in ("von_mises", "drucker_prager", "bingham"):
         eps = torch.log(torch.linalg.svdvals(F).clamp_min(SIGMA_MIN))
         return mu * (eps**2).sum(-1) + 0.5 * lam * eps.sum(-1) ** 2
     if model == "newtonian_fluid":  # the pressure's potential: tau = K (J - 1) J I = J dpsi/dJ I
@@ -111,12 +130,25 @@ def energy_density_ref(F: torch.Tensor, mu: torch.Tensor, lam: torch.Tensor, mod
     raise ValueError(model)
 
 
+def snow_ref(F: torch.Tensor, kappa: torch.Tensor) -> torch.Tensor:
+    """Snow's clamp: U diag(clamp(s, 1 - theta_c, 1 + theta_s)) Vh where any singular value lies outside, else F
+    (kappa [N, 3] = xi, theta_c, theta_s)."""
+    U, S, Vh = torch.linalg.svd(F)
+    low, high = 1 - kappa[:, 1:2], 1 + kappa[:, 2:3]
+    clamped = torch.minimum(torch.maximum(S, low), high)
+    outside = ((S < low) | (S > high)).any(-1)
+    return torch.where(outside[:, None, None], spectral_ref(U, clamped, Vh), F)
+
+
 def return_mapping_ref(F: torch.Tensor, mu: torch.Tensor, lam: torch.Tensor, kappa: torch.Tensor,
-                       model: str) -> torch.Tensor:
+                       model: str, *, dt: float | None = None) -> torch.Tensor:
     """The projection kernels/mpm.py applies to F+ after G2P (elastic models: none). von_mises (kappa = yield
-    stress), drucker_prager (kappa = alpha), newtonian_fluid (F <- J^(1/3) I); branches by torch.where."""
+    stress), drucker_prager (kappa = alpha), newtonian_fluid (F <- J^(1/3) I), snow (snow_ref), bingham (kappa =
+    yield stress, viscosity; needs dt); branches by torch.where. kappa: [N] or the parameter vectors [N, 3]."""
     if model in ("fixed_corotated", "neo_hookean"):
         return F
+    if model == "snow":
+        return snow_ref(F, kappa)
     if model == "newtonian_fluid":
         J = torch.linalg.det(F)
         return J.pow(1.0 / 3.0)[:, None, None] * torch.eye(3, dtype=F.dtype).expand_as(F)
@@ -126,13 +158,20 @@ def return_mapping_ref(F: torch.Tensor, mu: torch.Tensor, lam: torch.Tensor, kap
     n = e.norm(dim=-1)
     safe_n = torch.where(n > 0, n, torch.ones_like(n))[:, None]
     if model == "von_mises":
-        r = kappa / (2 * mu)
+        r = kappa_column(kappa, 0) / (2 * mu)
         h = (tr / 3)[:, None] + r[:, None] * e / safe_n
+        return torch.where((n > r)[:, None, None], spectral_ref(U, torch.exp(h), Vh), F)
+    if model == "bingham":  # Perzyna: |e| <- (|e| + c r) / (1 + c), c = 2 mu dt / eta
+        r = kappa_column(kappa, 0) / (2 * mu)
+        c = 2 * mu * dt / kappa_column(kappa, 1)
+        rho = (n + c * r) / (1 + c)
+        h = (tr / 3)[:, None] + rho[:, None] * e / safe_n
         return torch.where((n > r)[:, None, None], spectral_ref(U, torch.exp(h), Vh), F)
     if model == "drucker_prager":
         beta = 1 + 1.5 * lam / mu
-        h = (tr / 3)[:, None] - (beta * kappa * tr)[:, None] * e / safe_n
-        yielded = torch.where((n + beta * kappa * tr > 0)[:, None, None], spectral_ref(U, torch.exp(h), Vh), F)
+        alpha = kappa_column(kappa, 0)
+        h = (tr / 3)[:, None] - (beta * alpha * tr)[:, None] * e / safe_n
+        yielded = torch.where((n + beta * alpha * tr > 0)[:, None, None], spectral_ref(U, torch.exp(h), Vh), F)
         return torch.where((tr >= 0)[:, None, None], U @ Vh, yielded)
     raise ValueError(model)
 
@@ -154,11 +193,13 @@ def _apply_wall(v: torch.Tensor, axis: int, kind: WallKind, outward: float, wher
 
 def step_ref(state: dict, *, model, mass: torch.Tensor, volume: torch.Tensor, mu: torch.Tensor, lam: torch.Tensor,
              Fc_t: torch.Tensor | None, node_mass_eps: float, kappa: torch.Tensor | None = None) -> dict:
-    """One step of ``kernels/mpm.py`` in float64 torch, every particle against every node. ``state``: x, v, F, C;
-    kappa [N]: the model's third material parameter (sim/op.py material_kappa; None: zeros)."""
+    """One step of ``kernels/mpm.py`` in float64 torch, every particle against every node. ``state``: x, v, F, C and
+    optionally Jp (snow's plastic volume ratio, default 1); kappa [N, 3]: the model's parameter vector (sim/op.py
+    material_kappa; None: zeros)."""
     g = model.grid
     dt = model.dt
     x, v, F, C = (state[k] for k in ("x", "v", "F", "C"))
+    Jp = state.get("Jp", torch.ones(len(x), dtype=x.dtype))
     dtype = x.dtype
     lower = torch.as_tensor(g.lower, dtype=dtype)
     eye = torch.eye(3, dtype=dtype)
@@ -173,8 +214,8 @@ def step_ref(state: dict, *, model, mass: torch.Tensor, volume: torch.Tensor, mu
     inv_d = INERTIA[model.bspline] / g.dx**2
     # stress and P2G
     Ft = Fc_t @ F if Fc_t is not None else F
-    kappa = torch.zeros_like(mu) if kappa is None else kappa
-    tau = kirchhoff_ref(Ft, mu, lam, model.material, C=C, kappa=kappa)
+    kappa = torch.zeros(len(x), 3, dtype=dtype) if kappa is None else kappa
+    tau = kirchhoff_ref(Ft, mu, lam, model.material, C=C, kappa=kappa, Jp=Jp)
     if model.bulk_viscosity > 0:
         tau = tau + model.bulk_viscosity * torch.einsum("pii->p", C)[:, None, None] * eye
     affine = mass[:, None, None] * C - (dt * volume * inv_d)[:, None, None] * tau
@@ -203,7 +244,10 @@ def step_ref(state: dict, *, model, mass: torch.Tensor, volume: torch.Tensor, mu
     # G2P
     v_new = (w[:, :, None] * vg[None]).sum(1)
     C_new = inv_d * torch.einsum("pg,pgi,pgj->pij", w, vg.expand(len(x), -1, -1), dpos)
-    F_new = return_mapping_ref((eye + dt * C_new) @ Ft, mu, lam, kappa, model.material)
+    F_trial = (eye + dt * C_new) @ Ft
+    F_new = return_mapping_ref(F_trial, mu, lam, kappa, model.material, dt=dt)
+    if model.material == "snow":  # what the clamp took from F_E goes to F_P
+        Jp = Jp * torch.linalg.det(F_trial) / torch.linalg.det(F_new)
     if model.f_blend < 1.0:
         F_new = model.f_blend * F_new + (1 - model.f_blend) * eye
     if model.min_J > 0:
@@ -213,7 +257,7 @@ def step_ref(state: dict, *, model, mass: torch.Tensor, volume: torch.Tensor, mu
         F_new = F_new * scale[:, None, None]
     lo, hi = (torch.as_tensor(b, dtype=dtype) for b in (g.interior_lower, g.interior_upper))
     x_new = torch.minimum(torch.maximum(x + dt * v_new, lo), hi)
-    return {"x": x_new, "v": v_new, "F": F_new, "C": C_new}
+    return {"x": x_new, "v": v_new, "F": F_new, "C": C_new, "Jp": Jp}
 
 
 def rollout_ref(state: dict, *, model, steps: int, mass, volume, mu, lam, Fc=None, node_mass_eps: float,

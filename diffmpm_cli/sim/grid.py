@@ -98,8 +98,8 @@ def control_layers(steps: int, stride: int) -> int:
 
 
 def state_bytes(particle_count: int) -> int:
-    """float32 bytes of one particle state: x, v (3 each), F, C (9 each) = 24 floats a particle."""
-    return particle_count * 24 * FLOAT32_BYTES
+    """float32 bytes of one particle state: x, v (3 each), F, C (9 each), J_P (1) = 25 floats a particle."""
+    return particle_count * 25 * FLOAT32_BYTES
 
 
 def grid_bytes(node_count: int) -> int:
@@ -123,7 +123,7 @@ def rollout_memory(*, particle_count: int, node_count: int, steps: int, control_
                    segment_length: int | None) -> RolloutMemory:
     """Memory estimate of a differentiable rollout in float32.
 
-    Per step the tape keeps one particle state (x, v: 3 each; F, C: 9 each = 24 floats) and one grid (mass,
+    Per step the tape keeps one particle state (x, v: 3 each; F, C: 9 each; J_P: 1 = 25 floats) and one grid (mass,
     momentum, velocity = 7 floats per node); the backward needs an adjoint of each, so twice that. The controls
     dFc are [K, N, 3, 3] plus their gradient. Checkpointing keeps one state per segment and tapes one segment at a time.
     The forward records one byte of grid-update decisions per node and step, up to DECISION_BUDGET_BYTES (the

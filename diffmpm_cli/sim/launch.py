@@ -47,9 +47,8 @@ def p2g(model: MPMModel, particles: Particles, state_in: MPMState, grid: MPMGrid
         control: int) -> None:
     """Scatter mass and APIC/MLS momentum (with the stress of F~ = Fc[control] F) into ``grid`` (which must be 0).
 
-    mu, lam: [N] float arrays (Pa); kappa: [N] float array, the model's third material parameter (yield stress [Pa],
-    Drucker-Prager alpha or viscosity [Pa s]; unused by elastic models); Fc: [K, N] mat33 controls; control: the
-    layer applied this step, or -1."""
+    mu, lam: [N] float arrays (Pa); kappa: [N] vec3 array, the model's parameter vector (sim/op.py material_kappa;
+    unused by elastic models); Fc: [K, N] mat33 controls; control: the layer applied this step, or -1."""
     wp = warp()
     from ..kernels import mpm
 
@@ -57,7 +56,7 @@ def p2g(model: MPMModel, particles: Particles, state_in: MPMState, grid: MPMGrid
     wp.launch(mpm.p2g[(model.bspline, model.material)], dim=particles.count, device=particles.device, inputs=[
         k.lower, g.dx, model.dt, particles.volume, particles.mass, mu, lam, kappa, model.bulk_viscosity,
         Fc, control,
-        state_in.x, state_in.v, state_in.F, state_in.C,
+        state_in.x, state_in.v, state_in.F, state_in.C, state_in.Jp,
     ], outputs=[grid.mass, grid.momentum])
 
 
@@ -85,7 +84,7 @@ def g2p(model: MPMModel, state_in: MPMState, grid: MPMGrid, state_out: MPMState,
         control: int, clamped, J_min, device: str, mode: DecisionMode = DecisionMode.DECIDE,
         decisions=None) -> None:
     """Gather v and C from the grid, update F (then the material's return mapping, which reads mu, lam, kappa as
-    ``p2g`` does) and x into ``state_out``; count wall clamps into ``clamped`` [1] and lower each particle's lowest
+    ``p2g`` does), J_P (snow; the others copy it) and x into ``state_out``; count wall clamps into ``clamped`` [1] and lower each particle's lowest
     det F in ``J_min`` [N] (validity records, not differentiated). ``mode`` RECORD writes each particle's
     return-mapping branch into ``decisions`` (uint8 [N]), REPLAY takes it from there (plastic models)."""
     wp = warp()
@@ -98,6 +97,6 @@ def g2p(model: MPMModel, state_in: MPMState, grid: MPMGrid, state_out: MPMState,
         k.lower, g.dx, model.dt, k.interior_lower, k.interior_upper, model.f_blend,
         model.min_J, mu, lam, kappa,
         Fc, control,
-        state_in.x, state_in.F, grid.velocity,
+        state_in.x, state_in.F, state_in.Jp, grid.velocity,
         int(mode), decisions if decisions is not None else _no_decisions(device, 1),
-    ], outputs=[state_out.x, state_out.v, state_out.F, state_out.C, clamped, J_min])
+    ], outputs=[state_out.x, state_out.v, state_out.F, state_out.C, state_out.Jp, clamped, J_min])

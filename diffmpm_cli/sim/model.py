@@ -98,21 +98,24 @@ class MPMModel:
 
 @dataclass
 class MPMState:
-    """Particle state: x [N] vec3 (m), v [N] vec3 (m/s), F [N] mat33, C [N] mat33 (1/s)."""
+    """Particle state: x [N] vec3 (m), v [N] vec3 (m/s), F [N] mat33, C [N] mat33 (1/s), Jp [N] float (the plastic
+    volume ratio det F_P: snow's hardening state; 1 at rest, carried unchanged by the other models)."""
 
     x: object
     v: object
     F: object
     C: object
+    Jp: object
 
-    FIELDS = ("x", "v", "F", "C")
+    FIELDS = ("x", "v", "F", "C", "Jp")
 
     @classmethod
     def zeros(cls, count: int, *, device: str, requires_grad: bool) -> MPMState:
         wp = warp()
         vec = dict(shape=count, device=device, requires_grad=requires_grad)
         return cls(x=wp.zeros(dtype=wp.vec3, **vec), v=wp.zeros(dtype=wp.vec3, **vec),
-                   F=wp.zeros(dtype=wp.mat33, **vec), C=wp.zeros(dtype=wp.mat33, **vec))
+                   F=wp.zeros(dtype=wp.mat33, **vec), C=wp.zeros(dtype=wp.mat33, **vec),
+                   Jp=wp.zeros(dtype=float, **vec))
 
     def arrays(self):
         return [getattr(self, name) for name in self.FIELDS]

@@ -15,23 +15,24 @@ from .solver import DECISION_BUDGET_BYTES, FrozenDecisions, Rollout, RolloutStat
 
 class _RolloutFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, rollout: Rollout, x0, v0, F0, C0, Fc, mu, lam, kappa):
+    def forward(ctx, rollout: Rollout, x0, v0, F0, C0, Fc, mu, lam, kappa, Jp0):
         with torch_stream(x0.device):
-            outputs = rollout.forward(x0, v0, F0, C0, Fc, mu, lam, kappa)
+            outputs = rollout.forward(x0, v0, F0, C0, Fc, mu, lam, kappa, Jp0)
         ctx.rollout = rollout
         return tuple(outputs)
 
     @staticmethod
-    def backward(ctx, gx, gv, gF, gC):
+    def backward(ctx, gx, gv, gF, gC, gJp):
         rollout, ctx.rollout = ctx.rollout, None
         with torch_stream(gx.device):
-            grads = rollout.backward([gx, gv, gF, gC])
+            grads = rollout.backward([gx, gv, gF, gC, gJp])
         return (None, *grads)
 
 
 @dataclass
 class RolloutResult:
-    """States at ``frames`` (steps): x [R, N, 3] m, v [R, N, 3] m/s, F [R, N, 3, 3], C [R, N, 3, 3] 1/s."""
+    """States at ``frames`` (steps): x [R, N, 3] m, v [R, N, 3] m/s, F [R, N, 3, 3], C [R, N, 3, 3] 1/s and the
+    plastic volume ratio Jp [R, N] (snow's J_P; the start's value, 1 by default, for every other model)."""
 
     x: torch.Tensor
     v: torch.Tensor
@@ -39,10 +40,14 @@ class RolloutResult:
     C: torch.Tensor
     frames: list[int]
     stats: RolloutStats
+    Jp: torch.Tensor | None = None
 
     def at(self, step: int) -> dict[str, torch.Tensor]:
         row = self.frames.index(step)
-        return {"x": self.x[row], "v": self.v[row], "F": self.F[row], "C": self.C[row]}
+        out = {"x": self.x[row], "v": self.v[row], "F": self.F[row], "C": self.C[row]}
+        if self.Jp is not None:
+            out["Jp"] = self.Jp[row]
+        return out
 
 
 def drucker_prager_alpha(friction_angle: torch.Tensor) -> torch.Tensor:
@@ -51,40 +56,52 @@ def drucker_prager_alpha(friction_angle: torch.Tensor) -> torch.Tensor:
     return (2.0 / 3.0) ** 0.5 * 2.0 * s / (3.0 - s)
 
 
-def material_kappa(material: Material, *, count: int, device, yield_stress: torch.Tensor | None = None,
-                   friction_angle: torch.Tensor | None = None, viscosity: torch.Tensor | None = None) -> torch.Tensor:
-    """The kernels' third material parameter [N] (differentiable): the yield stress [Pa] (von_mises), alpha of the
-    friction angle [degrees] (drucker_prager), the dynamic viscosity [Pa s] (newtonian_fluid), zeros otherwise. The
-    model's own parameter is required; another model's is refused (it would silently do nothing)."""
-    given = {"yield_stress": yield_stress, "friction_angle": friction_angle, "viscosity": viscosity}
-    needed = Material(material).extra_parameter
-    stray = [name for name, value in given.items() if value is not None and name != needed]
+MATERIAL_PARAMETERS = ("yield_stress", "friction_angle", "viscosity", "hardening", "critical_compression",
+                       "critical_stretch")  # every model's parameters beside E and nu (enums.MODEL_PARAMETERS)
+KAPPA_WIDTH = 3  # the kernels' per-particle parameter vector (vec3)
+
+
+def material_kappa(material: Material, *, count: int, device, **given: torch.Tensor | None) -> torch.Tensor:
+    """The kernels' per-particle parameter vector [N, 3] (differentiable), the model's parameters in the order of
+    ``Material.parameters`` (zeros after them): yield stress [Pa] (von_mises), alpha of the friction angle [degrees]
+    (drucker_prager), dynamic viscosity [Pa s] (newtonian_fluid), (hardening xi, critical compression theta_c,
+    critical stretch theta_s) (snow), (yield stress [Pa], viscosity [Pa s]) (bingham); zeros for elastic models.
+    Each may be [] or [N]. The model's own parameters are required; another model's are refused (they would silently
+    do nothing)."""
+    material = Material(material)
+    unknown = [name for name in given if name not in MATERIAL_PARAMETERS]
+    if unknown:
+        raise TypeError(f"material_kappa() got an unexpected keyword argument {unknown[0]!r}")
+    needed = material.parameters
+    stray = [name for name, value in given.items() if value is not None and name not in needed]
     if stray:
-        raise SimulationError(f"material model {Material(material).value} has no parameter {stray[0]}")
-    if needed is None:
-        return torch.zeros(count, device=device)
-    value = given[needed]
-    if value is None:
-        raise SimulationError(f"material model {Material(material).value} needs {needed}")
-    if needed == "friction_angle":
-        value = drucker_prager_alpha(value)
-    return value.expand(count)
+        raise SimulationError(f"material model {material.value} has no parameter {stray[0]}")
+    columns = []
+    for name in needed:
+        value = given.get(name)
+        if value is None:
+            raise SimulationError(f"material model {material.value} needs {name}")
+        if name == "friction_angle":
+            value = drucker_prager_alpha(value)
+        columns.append(value.to(device).expand(count))
+    dtype = columns[0].dtype if columns else torch.float32
+    columns += [torch.zeros(count, device=device, dtype=dtype)] * (KAPPA_WIDTH - len(columns))
+    return torch.stack(columns, dim=-1)
 
 
 def simulate(sim: Simulator, *, x0: torch.Tensor, v0: torch.Tensor, E: torch.Tensor, nu: torch.Tensor,
              steps: int, Fc: torch.Tensor | None = None, F0: torch.Tensor | None = None,
-             C0: torch.Tensor | None = None, frames=(), segment_length: int | None = None,
-             decision_budget: int = DECISION_BUDGET_BYTES, frozen: FrozenDecisions | None = None,
-             yield_stress: torch.Tensor | None = None,
-             friction_angle: torch.Tensor | None = None, viscosity: torch.Tensor | None = None) -> RolloutResult:
+             C0: torch.Tensor | None = None, Jp0: torch.Tensor | None = None, frames=(),
+             segment_length: int | None = None, decision_budget: int = DECISION_BUDGET_BYTES,
+             frozen: FrozenDecisions | None = None, **material: torch.Tensor | None) -> RolloutResult:
     """Differentiable rollout of ``steps`` steps.
 
-    x0 [N, 3] m; v0 [3] or [N, 3] m/s; E [] or [N] Pa; nu [] or [N]; the model's own third parameter, [] or [N]:
-    yield_stress [Pa] (von_mises), friction_angle [degrees] (drucker_prager) or viscosity [Pa s]
-    (newtonian_fluid); Fc [K, N, 3, 3] multiplicative controls
-    (F~ = Fc[k] F at step k stride) with K = ceil(steps / stride) (None: no controls); F0, C0 [N, 3, 3] (default I
-    and 0). Gradients reach every tensor input that requires them, through one backward sweep over checkpointed
-    segments that takes the forward's grid-update branches (recorded up to ``decision_budget`` bytes, see Rollout).
+    x0 [N, 3] m; v0 [3] or [N, 3] m/s; E [] or [N] Pa; nu [] or [N]; the model's own parameters (``material``,
+    each [] or [N]): yield_stress [Pa] (von_mises, bingham), friction_angle [degrees] (drucker_prager), viscosity
+    [Pa s] (newtonian_fluid, bingham), hardening, critical_compression, critical_stretch (snow); Fc [K, N, 3, 3]
+    multiplicative controls (F~ = Fc[k] F at step k stride) with K = ceil(steps / stride) (None: no controls); F0, C0
+    [N, 3, 3] (default I and 0); Jp0 [N] the plastic volume ratio (snow; default 1). Gradients reach every tensor
+    input that requires them, through one backward sweep over checkpointed segments that takes the forward's branches (recorded up to ``decision_budget`` bytes, see Rollout).
     ``frozen``: decisions kept across rollouts (``FrozenDecisions``: replayed where held, recorded where not).
     """
     n = x0.shape[0]
@@ -92,15 +109,15 @@ def simulate(sim: Simulator, *, x0: torch.Tensor, v0: torch.Tensor, E: torch.Ten
     v0 = v0.expand(n, 3)
     F0 = F0 if F0 is not None else torch.eye(3, device=device).expand(n, 3, 3)
     C0 = C0 if C0 is not None else torch.zeros(n, 3, 3, device=device)
+    Jp0 = Jp0 if Jp0 is not None else torch.ones(n, device=device)
     mu, lam = lame_parameters(E, nu)
     mu, lam = mu.expand(n), lam.expand(n)
-    kappa = material_kappa(sim.model.material, count=n, device=device, yield_stress=yield_stress,
-                           friction_angle=friction_angle, viscosity=viscosity)
+    kappa = material_kappa(sim.model.material, count=n, device=device, **material)
     _check_stability(sim, mu, lam, kappa)
     rollout = Rollout(sim, steps=steps, frames=frames, segment_length=segment_length, decision_budget=decision_budget,
                       frozen=frozen)
-    x, v, F, C = _RolloutFunction.apply(rollout, x0, v0, F0, C0, Fc, mu, lam, kappa)
-    return RolloutResult(x=x, v=v, F=F, C=C, frames=rollout.frames, stats=rollout.stats)
+    x, v, F, C, Jp = _RolloutFunction.apply(rollout, x0, v0, F0, C0, Fc, mu, lam, kappa, Jp0)
+    return RolloutResult(x=x, v=v, F=F, C=C, frames=rollout.frames, stats=rollout.stats, Jp=Jp)
 
 
 def _check_stability(sim: Simulator, mu: torch.Tensor, lam: torch.Tensor, kappa: torch.Tensor) -> None:
@@ -110,7 +127,7 @@ def _check_stability(sim: Simulator, mu: torch.Tensor, lam: torch.Tensor, kappa:
     check_cfl_number(dt=sim.model.dt, dx=sim.model.grid.dx, speed=speed, limit=sim.model.cfl_limit,
                      detail=f"largest wave speed {speed:.4g} m/s")
     if sim.model.material == Material.NEWTONIAN_FLUID and sim.particle_count:
-        number = float((kappa.detach() / sim.density).max()) * sim.model.dt / sim.model.grid.dx**2
+        number = float((kappa[:, 0].detach() / sim.density).max()) * sim.model.dt / sim.model.grid.dx**2
         if number > VISCOUS_LIMIT:
             raise SimulationError(f"unstable time step: viscous number dt eta / (rho dx^2) = {number:.3g} exceeds "
                                   f"{VISCOUS_LIMIT}; lower sim.dt below {sim.model.dt * VISCOUS_LIMIT / number:.3g} s "

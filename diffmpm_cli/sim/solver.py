@@ -22,7 +22,7 @@ from .launch import Particles
 from .model import MPMGrid, MPMModel, MPMState
 from .tiled import TiledP2G
 
-STATE_DTYPES = ("vec3", "vec3", "mat33", "mat33")
+STATE_DTYPES = ("vec3", "vec3", "mat33", "mat33", "float32")
 NODE_MASS_EPS = 1.0e-8  # relative to the mean particle mass
 
 
@@ -138,7 +138,7 @@ class Simulator:
              decisions=None) -> None:
         """One MLS-MPM step from ``state_in`` into ``state_out`` through ``grid`` (which must be zero).
 
-        mu, lam, kappa: [N] float arrays, the material (``launch.p2g``).
+        mu, lam: [N] float arrays, kappa: [N] vec3 array, the material (``launch.p2g``).
 
         ``taped=False`` (no tape recording) allows the tiled P2G. ``clamped`` / ``J_min``: where the step counts
         wall clamps and lowers each particle's lowest det F (default: the simulator's own records).
@@ -223,10 +223,10 @@ class Rollout:
         self._decisions: dict[int, object] = {}  # step -> uint8 decisions the backward replays
 
     # -- forward ------------------------------------------------------------------------------------------------
-    def forward(self, x0, v0, F0, C0, Fc, mu, lam, kappa) -> list[torch.Tensor]:
-        """States at the frames, stacked: x [R, N, 3], v [R, N, 3], F [R, N, 3, 3], C [R, N, 3, 3].
+    def forward(self, x0, v0, F0, C0, Fc, mu, lam, kappa, Jp0) -> list[torch.Tensor]:
+        """States at the frames, stacked: x [R, N, 3], v [R, N, 3], F [R, N, 3, 3], C [R, N, 3, 3], Jp [R, N].
 
-        mu, lam, kappa: [N] (Pa, Pa, the model's third parameter: see ``launch.p2g``)."""
+        mu, lam: [N] (Pa); kappa: [N, 3], the model's parameter vector (sim/op.py material_kappa)."""
         wp = warp()
         sim = self.sim
         controlled = Fc is not None
@@ -235,10 +235,10 @@ class Rollout:
             raise SimulationError(f"Fc must have shape [{K}, {sim.particle_count}, 3, 3], got {list(Fc.shape)}")
         fc = Fc if controlled else torch.eye(3, device=sim.torch_device).expand(1, sim.particle_count, 3, 3)
         self._params = dict(Fc=_to_warp(fc, "mat33", controlled), mu=_to_warp(mu, "float32", True),
-                            lam=_to_warp(lam, "float32", True), kappa=_to_warp(kappa, "float32", True),
+                            lam=_to_warp(lam, "float32", True), kappa=_to_warp(kappa, "vec3", True),
                             controlled=controlled)
         current, spare = sim.new_state(), sim.new_state()
-        _state_from_torch(current, (x0, v0, F0, C0))
+        _state_from_torch(current, (x0, v0, F0, C0, Jp0))
         grid = sim.new_grid()
         sim.clamped.zero_()
         if sim.particle_count:
@@ -265,7 +265,7 @@ class Rollout:
         self.stats.clamped_particle_steps = int(sim.clamped.numpy()[0])
         self.stats.det_F_min = wp.to_torch(sim.J_min).clone()[:sim.particle_count]
         self._account_memory()
-        return [torch.stack([outputs[f][i] for f in self.frames]) for i in range(4)]
+        return [torch.stack([outputs[f][i] for f in self.frames]) for i in range(len(MPMState.FIELDS))]
 
     def _plan_decisions(self) -> dict:
         """step -> (mode, decisions) for the forward: replay what ``frozen`` holds, record (into rows of one block)
@@ -330,7 +330,8 @@ class Rollout:
         return {t: self._decisions[t][1] if t in self._decisions else block[t - start] for t in range(start, end)}
 
     def backward(self, grads) -> tuple:
-        """Gradients (x0, v0, F0, C0, Fc or None, mu, lam, kappa) from gradients of the stacked frame outputs.
+        """Gradients (x0, v0, F0, C0, Fc or None, mu, lam, kappa, Jp0) from gradients of the stacked frame outputs
+        (x, v, F, C, Jp).
 
         The taped states and grids (one per step of the longest segment) are allocated once and reused by every
         segment, their values and gradients zeroed in between: a segment's tape has run its backward before the
@@ -381,7 +382,7 @@ class Rollout:
         g_fc = wp.to_torch(p["Fc"].grad).clone() if p["controlled"] else None
         g_mu, g_lam, g_kappa = (wp.to_torch(p[name].grad).clone() for name in ("mu", "lam", "kappa"))
         self._params, self._checkpoints, self._decisions = None, [], {}  # release Warp arrays (Warp issue #675)
-        out = (*carry, g_fc, g_mu, g_lam, g_kappa)
+        out = (*carry[:4], g_fc, g_mu, g_lam, g_kappa, carry[4])
         if not all(torch.isfinite(t).all() for t in out if t is not None):
             raise SimulationError("non-finite gradient in the MPM backward pass")
         return out

@@ -63,5 +63,5 @@ class TiledP2G:
                             m.kernel_constants.lower, g.dx, m.dt, p.volume, p.mass, mu, lam, kappa, m.bulk_viscosity,
                             Fc, control,
                             self.order,
-                            state_in.x, state_in.v, state_in.F, state_in.C,
+                            state_in.x, state_in.v, state_in.F, state_in.C, state_in.Jp,
                         ], outputs=[grid.mass, grid.momentum])
