@@ -2,8 +2,9 @@
 
 Per model: the Kirchhoff stress tau(F, C; mu, lam, kappa) that P2G scatters, the return mapping Z that G2P applies to
 F+ = (I + dt C) F~ (the identity for elastic models), and the function deciding Z's branch (recorded per particle and
-replayed in the backward, sim/solver.py). ``kappa`` is the model's third material parameter (sim/op.py
-material_kappa). Hand-written adjoints (``wp.func_grad``) where Warp's generated ones fail: the polar rotation and the
+replayed in the backward, sim/solver.py). The kernels pass each particle's model parameters as one vec3 (sim/op.py
+material_kappa); the scalar models' functions (``MATERIALS``) take its first component as ``kappa``, snow's and
+Bingham's the vector (``KERNEL_MODELS`` holds every model in the kernels' signature). Hand-written adjoints (``wp.func_grad``) where Warp's generated ones fail: the polar rotation and the
 spectral maps, whose wp.svd3 adjoint divides by s_i^2 - s_j^2.
 """
 
