@@ -79,8 +79,12 @@ def chamfer_distance(points: torch.Tensor, target_points: torch.Tensor, *, norma
 
         CD = 0.5 * (mean_{p in P} min_{q in Q} |p - q| + mean_{q in Q} min_{p in P} |p - q|)
 
-    Nearest neighbours are exact, found by k-d trees (scipy) in float64 on the host: O((N + M) log(N + M)), so a
-    metric evaluated every iteration costs milliseconds where a distance matrix cost a second.
+    Nearest neighbours are exact, in float64. On the CPU by k-d trees (scipy): O((N + M) log(N + M)) where the clouds
+    lie close. A k-d tree degrades where one cloud lies far inside the other (a sphere starting a morph inside its
+    target: many surface points are nearly equidistant to each query, and the search visits them all): 120k points
+    against a 480k-point surface took 17.5 s per call on the H100 host and 33 s here. CUDA tensors are compared by
+    brute force on the GPU instead (``nearest_distances``: chunked float64 distances, cost independent of the
+    geometry).
 
     Args:
         points: [N,3] (any [...,3] is flattened), same length unit as ``target_points``.
@@ -91,18 +95,41 @@ def chamfer_distance(points: torch.Tensor, target_points: torch.Tensor, *, norma
     Returns:
         The Chamfer distance in input length units (or relative to ``normalize_by``).
     """
-    from scipy.spatial import cKDTree
-
-    p = _as_points(points, "points").detach().cpu().double().numpy()
-    q = _as_points(target_points, "target_points").detach().cpu().double().numpy()
+    p = _as_points(points, "points").detach()
+    q = _as_points(target_points, "target_points").detach().to(p.device)
     if p.shape[0] == 0 or q.shape[0] == 0:
         raise ValueError("chamfer_distance needs non-empty point sets")
-    p_min = cKDTree(q).query(p, k=1)[0]
-    q_min = cKDTree(p).query(q, k=1)[0]
-    cd = 0.5 * (float(p_min.mean()) + float(q_min.mean()))
+    if p.is_cuda:
+        p_mean = float(nearest_distances(p, q).mean())
+        q_mean = float(nearest_distances(q, p).mean())
+    else:
+        from scipy.spatial import cKDTree
+
+        p64, q64 = p.cpu().double().numpy(), q.cpu().double().numpy()
+        p_mean = float(cKDTree(q64).query(p64, k=1)[0].mean())
+        q_mean = float(cKDTree(p64).query(q64, k=1)[0].mean())
+    cd = 0.5 * (p_mean + q_mean)
     if normalize_by is not None:
         cd /= float(normalize_by)
     return cd
+
+
+@torch.no_grad()
+def nearest_distances(points: torch.Tensor, others: torch.Tensor, *, chunk_bytes: int = 1 << 28) -> torch.Tensor:
+    """[N] float64: each point's Euclidean distance to its nearest neighbour among ``others`` [M, 3], by brute force
+    in float64 on the points' device, ``chunk_bytes`` of distances at a time (|a|^2 + |b|^2 - 2 a.b, exact to
+    ~1e-16 of the squared coordinates: far below any distance a metric reports)."""
+    a = points.reshape(-1, 3).double()
+    b = others.reshape(-1, 3).to(a.device).double()
+    b2 = (b * b).sum(dim=1)
+    rows = max(1, chunk_bytes // (8 * max(b.shape[0], 1)))
+    out = torch.empty(a.shape[0], dtype=torch.float64, device=a.device)
+    for start in range(0, a.shape[0], rows):
+        part = a[start:start + rows]
+        d2 = torch.addmm(b2.unsqueeze(0), part, b.T, alpha=-2.0)
+        d2 += (part * part).sum(dim=1, keepdim=True)
+        out[start:start + rows] = d2.min(dim=1).values.clamp_min(0.0).sqrt()
+    return out
 
 
 @torch.no_grad()
