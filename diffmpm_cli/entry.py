@@ -12,7 +12,10 @@ def main() -> None:
     interrupts.install()
     try:
         from .cli import app
+
+        # Typer builds the command from the functions' signatures before any command runs: a Ctrl-C there is
+        # still "while starting" (seen in CI at 0.3 s after start)
+        app(prog_name="diffmpm")
     except KeyboardInterrupt:
         sys.stderr.write("error: interrupted (Ctrl-C)\n")
         raise SystemExit(130) from None
-    app(prog_name="diffmpm")
