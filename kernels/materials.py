@@ -403,17 +403,25 @@ def snow_clamped(s: float, bits: int, k: wp.vec3):
 
 
 @wp.func
+def snow_spectrum(F: wp.mat33, k: wp.vec3, branch: int):
+    """(U, s, V, g) of F = U diag(s) V^T (wp.svd3) with g the singular values clamped as ``branch`` says: what snow's
+    return mapping and its adjoint both start from."""
+    U = wp.mat33()
+    s = wp.vec3()
+    V = wp.mat33()
+    wp.svd3(F, U, s, V)
+    g = wp.vec3(snow_clamped(s[0], snow_bits(branch, 0), k), snow_clamped(s[1], snow_bits(branch, 1), k),
+                snow_clamped(s[2], snow_bits(branch, 2), k))
+    return U, s, V, g
+
+
+@wp.func
 def snow_F(F: wp.mat33, mu: float, lam: float, k: wp.vec3, dt: float, branch: int):
     """Snow's return mapping along ``branch`` (snow_branch, or a recorded one): F_E <- U diag(clamp(s)) V^T with
     each clamped singular value set to its bound (1 - theta_c or 1 + theta_s); F unchanged when none is."""
     out = F
     if branch != 0:
-        U = wp.mat33()
-        s = wp.vec3()
-        V = wp.mat33()
-        wp.svd3(F, U, s, V)
-        g = wp.vec3(snow_clamped(s[0], snow_bits(branch, 0), k), snow_clamped(s[1], snow_bits(branch, 1), k),
-                    snow_clamped(s[2], snow_bits(branch, 2), k))
+        U, s, V, g = snow_spectrum(F, k, branch)
         out = spectral_compose(U, g, V)
     return out
 
@@ -423,12 +431,7 @@ def adj_snow_F(F: wp.mat33, mu: float, lam: float, k: wp.vec3, dt: float, branch
     """Along the forward's branch: dg_i/ds_i = 1 where singular value i is inside, 0 where clamped; dg_i/dtheta_c = -1
     where clamped low, dg_i/dtheta_s = 1 where clamped high (the spectral adjoint); the identity without a clamp."""
     if branch != 0:
-        U = wp.mat33()
-        s = wp.vec3()
-        V = wp.mat33()
-        wp.svd3(F, U, s, V)
-        g = wp.vec3(snow_clamped(s[0], snow_bits(branch, 0), k), snow_clamped(s[1], snow_bits(branch, 1), k),
-                    snow_clamped(s[2], snow_bits(branch, 2), k))
+        U, s, V, g = snow_spectrum(F, k, branch)
         inside = wp.vec3(float(snow_bits(branch, 0) == 0), float(snow_bits(branch, 1) == 0),
                          float(snow_bits(branch, 2) == 0))
         F_bar, b = spectral_adjoint(U, s, V, g, wp.diag(inside), adj_ret)
