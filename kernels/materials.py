@@ -4,8 +4,9 @@ Per model: the Kirchhoff stress tau(F, C; mu, lam, kappa) that P2G scatters, the
 F+ = (I + dt C) F~ (the identity for elastic models), and the function deciding Z's branch (recorded per particle and
 replayed in the backward, sim/solver.py). The kernels pass each particle's model parameters as one vec3 (sim/op.py
 material_kappa); the scalar models' functions (``MATERIALS``) take its first component as ``kappa``, snow's and
-Bingham's the vector (``KERNEL_MODELS`` holds every model in the kernels' signature). Hand-written adjoints (``wp.func_grad``) where Warp's generated ones fail: the polar rotation and the
-spectral maps, whose wp.svd3 adjoint divides by s_i^2 - s_j^2.
+Bingham's the vector (``KERNEL_MODELS`` holds every model in the kernels' signature). Hand-written adjoints
+(``wp.func_grad``) where Warp's generated ones fail: the polar rotation and the spectral maps, whose wp.svd3 adjoint
+divides by s_i^2 - s_j^2.
 """
 
 import warp as wp
@@ -137,9 +138,9 @@ def spectral_adjoint(U: wp.mat33, s: wp.vec3, V: wp.mat33, g: wp.vec3, Jg: wp.ma
 
 
 @wp.func
-def hencky_P(F: wp.mat33, mu: float, lam: float):
-    """First Piola-Kirchhoff stress of StVK on Hencky strain, psi = mu |log s|^2 + lam / 2 (sum log s)^2:
-    P = U diag((2 mu eps_i + lam tr eps) / s_i) V^T with eps = log s (s clamped at SIGMA_MIN)."""
+def hencky_P_spectrum(F: wp.mat33, mu: float, lam: float):
+    """(U, s, V, eps, tr eps, clamped s, p) of F = U diag(s) V^T (wp.svd3): the Hencky strain eps = log s (s clamped
+    at SIGMA_MIN) and the singular values p of hencky_P, what the stress and its adjoint both start from."""
     U = wp.mat33()
     s = wp.vec3()
     V = wp.mat33()
@@ -148,20 +149,20 @@ def hencky_P(F: wp.mat33, mu: float, lam: float):
     tr = eps[0] + eps[1] + eps[2]
     sc = wp.vec3(wp.max(s[0], SIGMA_MIN), wp.max(s[1], SIGMA_MIN), wp.max(s[2], SIGMA_MIN))
     p = wp.cw_div(2.0 * mu * eps + wp.vec3(lam * tr), sc)
+    return U, s, V, eps, tr, sc, p
+
+
+@wp.func
+def hencky_P(F: wp.mat33, mu: float, lam: float):
+    """First Piola-Kirchhoff stress of StVK on Hencky strain, psi = mu |log s|^2 + lam / 2 (sum log s)^2:
+    P = U diag((2 mu eps_i + lam tr eps) / s_i) V^T with eps = log s (s clamped at SIGMA_MIN)."""
+    U, s, V, eps, tr, sc, p = hencky_P_spectrum(F, mu, lam)
     return spectral_compose(U, p, V)
 
 
 @wp.func_grad(hencky_P)
 def adj_hencky_P(F: wp.mat33, mu: float, lam: float, adj_ret: wp.mat33):
-    U = wp.mat33()
-    s = wp.vec3()
-    V = wp.mat33()
-    wp.svd3(F, U, s, V)
-    eps = clamped_log(s)
-    tr = eps[0] + eps[1] + eps[2]
-    sc = wp.vec3(wp.max(s[0], SIGMA_MIN), wp.max(s[1], SIGMA_MIN), wp.max(s[2], SIGMA_MIN))
-    t = 2.0 * mu * eps + wp.vec3(lam * tr)
-    p = wp.cw_div(t, sc)
+    U, s, V, eps, tr, sc, p = hencky_P_spectrum(F, mu, lam)
     ds = inv_clamped(s)  # d eps_j / d s_j
     Jp = wp.mat33(0.0)
     for i in range(3):

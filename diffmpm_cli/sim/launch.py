@@ -84,9 +84,10 @@ def g2p(model: MPMModel, state_in: MPMState, grid: MPMGrid, state_out: MPMState,
         control: int, clamped, J_min, device: str, mode: DecisionMode = DecisionMode.DECIDE,
         decisions=None) -> None:
     """Gather v and C from the grid, update F (then the material's return mapping, which reads mu, lam, kappa as
-    ``p2g`` does), J_P (snow; the others copy it) and x into ``state_out``; count wall clamps into ``clamped`` [1] and lower each particle's lowest
-    det F in ``J_min`` [N] (validity records, not differentiated). ``mode`` RECORD writes each particle's
-    return-mapping branch into ``decisions`` (uint8 [N]), REPLAY takes it from there (plastic models)."""
+    ``p2g`` does), J_P (snow; the others copy it) and x into ``state_out``; count wall clamps into ``clamped`` [1]
+    and lower each particle's lowest det F in ``J_min`` [N] (validity records, not differentiated). ``mode`` RECORD
+    writes each particle's return-mapping branch into ``decisions`` (uint8 [N]), REPLAY takes it from there (plastic
+    models)."""
     wp = warp()
     from ..kernels import mpm
 

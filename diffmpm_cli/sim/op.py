@@ -101,7 +101,8 @@ def simulate(sim: Simulator, *, x0: torch.Tensor, v0: torch.Tensor, E: torch.Ten
     [Pa s] (newtonian_fluid, bingham), hardening, critical_compression, critical_stretch (snow); Fc [K, N, 3, 3]
     multiplicative controls (F~ = Fc[k] F at step k stride) with K = ceil(steps / stride) (None: no controls); F0, C0
     [N, 3, 3] (default I and 0); Jp0 [N] the plastic volume ratio (snow; default 1). Gradients reach every tensor
-    input that requires them, through one backward sweep over checkpointed segments that takes the forward's branches (recorded up to ``decision_budget`` bytes, see Rollout).
+    input that requires them, through one backward sweep over checkpointed segments that takes the forward's
+    branches (recorded up to ``decision_budget`` bytes, see Rollout).
     ``frozen``: decisions kept across rollouts (``FrozenDecisions``: replayed where held, recorded where not).
     """
     n = x0.shape[0]
