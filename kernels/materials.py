@@ -117,6 +117,15 @@ def spectral_adjoint(U: wp.mat33, s: wp.vec3, V: wp.mat33, g: wp.vec3, Jg: wp.ma
     singular value the first quotient takes its limit 1/2 (Jg_ii - Jg_ij + Jg_jj - Jg_ji); the second's denominator
     is held at POLAR_EPS as in adj_polar_rotation. Returns (F_bar, diag(B)); diag(B) . dg/dtheta is the adjoint of
     any parameter theta that g depends on."""
+    return spectral_adjoint_gap(U, s, V, g, Jg, adj_G, SPECTRAL_GAP)
+
+
+@wp.func
+def spectral_adjoint_gap(U: wp.mat33, s: wp.vec3, V: wp.mat33, g: wp.vec3, Jg: wp.mat33, adj_G: wp.mat33,
+                         gap_tol: float):
+    """spectral_adjoint with the quotient's limit taken only where |s_i - s_j| <= gap_tol (|s_i| + |s_j|). The limit
+    holds for a g smooth between s_i and s_j; a g with a kink there (snow's clamp: s_i inside, s_j beyond its bound)
+    needs the quotient itself down to float32's resolution of s (snow_F's adjoint passes SNOW_GAP)."""
     B = wp.transpose(U) * adj_G * V
     b = wp.vec3(B[0, 0], B[1, 1], B[2, 2])
     d = wp.transpose(Jg) * b
@@ -128,7 +137,7 @@ def spectral_adjoint(U: wp.mat33, s: wp.vec3, V: wp.mat33, g: wp.vec3, Jg: wp.ma
             else:
                 gap = s[i] - s[j]
                 a = float(0.0)
-                if wp.abs(gap) > SPECTRAL_GAP * (wp.abs(s[i]) + wp.abs(s[j])):
+                if wp.abs(gap) > gap_tol * (wp.abs(s[i]) + wp.abs(s[j])):
                     a = (g[i] - g[j]) / gap
                 else:
                     a = 0.5 * (Jg[i, i] - Jg[i, j] + Jg[j, j] - Jg[j, i])
@@ -367,6 +376,11 @@ def fluid_stress(F: wp.mat33, C: wp.mat33, mu: float, lam: float, kappa: float):
 # (clamped at 1 + theta_s) or 0 (inside), bits 2 i .. 2 i + 1 for singular value i.
 SNOW_LOW = wp.constant(1)
 SNOW_HIGH = wp.constant(2)
+# The clamp's divided differences (g_i - g_j) / (s_i - s_j) are taken as they are down to this relative gap: the
+# clamp leaves singular values on its bounds, so the next step's s_i, s_j often straddle a bound 1e-5..1e-3 apart,
+# where SPECTRAL_GAP's limit (1/2 for one inside, one clamped) is not the quotient (anything in [0, 1]). Equal
+# branches give exactly 1 (both inside) or 0 (both on one bound) at any gap; 1e-6 is svd3's float32 resolution.
+SNOW_GAP = wp.constant(1.0e-6)
 
 
 @wp.func
@@ -430,12 +444,13 @@ def snow_F(F: wp.mat33, mu: float, lam: float, k: wp.vec3, dt: float, branch: in
 @wp.func_grad(snow_F)
 def adj_snow_F(F: wp.mat33, mu: float, lam: float, k: wp.vec3, dt: float, branch: int, adj_ret: wp.mat33):
     """Along the forward's branch: dg_i/ds_i = 1 where singular value i is inside, 0 where clamped; dg_i/dtheta_c = -1
-    where clamped low, dg_i/dtheta_s = 1 where clamped high (the spectral adjoint); the identity without a clamp."""
+    where clamped low, dg_i/dtheta_s = 1 where clamped high (the spectral adjoint, its divided differences exact to
+    SNOW_GAP); the identity without a clamp."""
     if branch != 0:
         U, s, V, g = snow_spectrum(F, k, branch)
         inside = wp.vec3(float(snow_bits(branch, 0) == 0), float(snow_bits(branch, 1) == 0),
                          float(snow_bits(branch, 2) == 0))
-        F_bar, b = spectral_adjoint(U, s, V, g, wp.diag(inside), adj_ret)
+        F_bar, b = spectral_adjoint_gap(U, s, V, g, wp.diag(inside), adj_ret, SNOW_GAP)
         wp.adjoint[F] += F_bar
         low = wp.vec3(float(snow_bits(branch, 0) == SNOW_LOW), float(snow_bits(branch, 1) == SNOW_LOW),
                       float(snow_bits(branch, 2) == SNOW_LOW))

@@ -1,0 +1,95 @@
+"""Snow (Stomakhin 2013) beyond the shared material tests: the clamp's adjoint where an inside and a clamped singular
+value nearly meet, check-grad's probe base for snow's controls, the stability check at compacted snow and the
+validity metrics of snow's total volume ratio det F_E J_P."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from diffmpm_cli.reference.mpm import snow_ref
+
+THETA_C, THETA_S = 0.025, 0.0075  # the snow preset's
+
+
+def rotation(axis: int, angle: float) -> torch.Tensor:
+    c, s = math.cos(angle), math.sin(angle)
+    i, j = [a for a in range(3) if a != axis]
+    R = torch.eye(3, dtype=torch.float64)
+    R[i, i], R[i, j], R[j, i], R[j, j] = c, -s, s, c
+    return R
+
+
+def test_clamp_adjoint_where_an_inside_and_a_clamped_singular_value_nearly_meet():
+    """F_trial with one singular value just beyond a bound and one just inside, 2e-4..8e-4 apart (what the step after
+    a clamp leaves: the clamp puts singular values on the bound, dt C splits them): the adjoint equals central
+    differences of the float64 twin. Its divided difference (g_i - g_j) / (s_i - s_j) is d1 / (d0 + d1) there, not
+    the 1/2 that spectral_adjoint's repeated-value limit gave below a gap of 2e-3 (AD 0.72 vs 0.80, -0.98 vs -1.01)."""
+    import warp as wp
+    from diffmpm_cli.kernels import mpm
+
+    _, func, branch_of = mpm.KERNEL_MODELS["snow"]
+
+    @wp.kernel(module="unique")
+    def project(F: wp.array(dtype=wp.mat33), kappa: wp.array(dtype=wp.vec3), out: wp.array(dtype=wp.mat33)):
+        i = wp.tid()
+        out[i] = func(F[i], 1.0, 1.0, kappa[i], 5e-4, branch_of(F[i], 1.0, 1.0, kappa[i]))
+
+    high, low = 1 + THETA_S, 1 - THETA_C
+    diagonals = [(high + 2e-4, high - 6e-4, 0.99), (high + 6e-4, high - 2e-4, 0.99), (high + 1e-4, high - 1e-4, 1.0),
+                 (1.0, low + 3e-4, low - 5e-4), (high + 4e-4, 1.0, low - 1e-4)]
+    g = torch.Generator().manual_seed(0)
+    # U, V turned about two axes each: wp.svd3 resolves their singular vectors to ~1e-4 there (for some random
+    # rotations its float32 Jacobi sweeps leave a near-repeated pair's vectors 1e-2 off, which no adjoint can undo)
+    left, right = rotation(2, 0.6) @ rotation(0, 0.3), rotation(1, -0.4) @ rotation(2, 0.2)
+    Fs = torch.stack([left @ torch.diag(torch.tensor(d, dtype=torch.float64)) @ right for d in diagonals])
+    Fs = Fs.float().double()  # the twin at the very matrices the kernel sees
+    count = len(diagonals)
+    k = torch.tensor([10.0, THETA_C, THETA_S], dtype=torch.float64)
+    cot = torch.randn(count, 3, 3, generator=g, dtype=torch.float64)
+    F = wp.array(Fs.float().numpy(), dtype=wp.mat33, requires_grad=True)
+    kap = wp.array(k.expand(count, 3).float().numpy(), dtype=wp.vec3, requires_grad=True)
+    out = wp.zeros(count, dtype=wp.mat33, requires_grad=True)
+    tape = wp.Tape()
+    with tape:
+        wp.launch(project, dim=count, inputs=[F, kap], outputs=[out])
+    tape.backward(grads={out: wp.array(cot.float().numpy(), dtype=wp.mat33)})
+    grad_F = torch.from_numpy(F.grad.numpy()).double()
+    grad_k = torch.from_numpy(kap.grad.numpy()).double()
+
+    def ref(F_, k_):
+        return snow_ref(F_[None], k_[None])[0]
+
+    h = 1e-7  # far below the gaps: the twin's central difference is its derivative
+    for i in range(count):
+        for _ in range(4):
+            u = torch.randn(3, 3, generator=g, dtype=torch.float64)
+            u /= u.norm()
+            fd = float(((ref(Fs[i] + h * u, k) - ref(Fs[i] - h * u, k)) / (2 * h) * cot[i]).sum())
+            ad = float((grad_F[i] * u).sum())
+            assert abs(ad - fd) <= 2e-3 * max(1.0, abs(fd)), (diagonals[i], ad, fd)
+        for j in (1, 2):  # theta_c, theta_s
+            e = torch.zeros(3, dtype=torch.float64)
+            e[j] = 1e-7
+            fd = float(((ref(Fs[i], k + e) - ref(Fs[i], k - e)) / 2e-7 * cot[i]).sum())
+            assert abs(float(grad_k[i, j]) - fd) <= 2e-3 * max(1.0, abs(fd)), (diagonals[i], j, float(grad_k[i, j]), fd)
+
+
+def test_a_central_difference_across_the_gap_measures_a_chord():
+    """Why check-grad's controls must not start snow on its clamp: at s = (1.0077, 1.0069) (one beyond 1 + theta_s,
+    one inside) the clamp's derivative along a shear is 3/4 (the divided difference), and central differences of the
+    float64 twin itself (no freezing, no float32) give 0.62 over a step of 1e-3 and 0.51 over 1e-2: they approach it
+    only below the gap."""
+    F = torch.diag(torch.tensor([1 + THETA_S + 2e-4, 1 + THETA_S - 6e-4, 0.99], dtype=torch.float64))
+    k = torch.tensor([[10.0, THETA_C, THETA_S]], dtype=torch.float64)
+    u = torch.zeros(3, 3, dtype=torch.float64)
+    u[0, 1] = u[1, 0] = 2**-0.5
+
+    def central(h):
+        return float(((snow_ref((F + h * u)[None], k) - snow_ref((F - h * u)[None], k))[0] * u).sum() / (2 * h))
+
+    assert central(1e-7) == pytest.approx(0.75, abs=1e-6)
+    assert central(1e-3) < 0.65 and central(1e-2) < 0.55
+    assert math.isclose(central(1e-5), 0.75, rel_tol=1e-3)
