@@ -70,11 +70,13 @@ def _timed(fn, device: str, repeats: int) -> list[float]:
 @frozen_heap()
 def bench_mpm(*, particles: int = 4096, grid: int = 32, steps: int = 50, shuffle: bool = False, device: str = "cpu",
               backward_steps: int | None = None, material: str = "fixed_corotated", bspline: str = "quadratic",
-              repeats: int = 5, p2g: P2GMode | str | None = None, sort_every: int = 0) -> dict:
+              repeats: int = 5, p2g: P2GMode | str | None = None, sort_every: int = 0, graphs: bool = True) -> dict:
     """Particle-steps per second of the forward step and of a checkpointed forward+backward rollout.
 
     Forward: ``steps`` steps without a tape, reusing one grid (the median of ``repeats`` runs). Forward+backward:
-    a differentiable rollout of ``backward_steps`` steps (default ``steps``) with gradients for the controls Fc and E.
+    a differentiable rollout of ``backward_steps`` steps (default ``steps``) with gradients for the controls Fc and E,
+    replayed from captured graphs (``graphs``, sim/graphs.py; two untimed rollouts first: eager, then the capture) or
+    launched eagerly.
     Also the median time of each kernel (P2G with stress, grid update, G2P) over ``steps`` launches.
     """
     wp = warp()
@@ -87,7 +89,8 @@ def bench_mpm(*, particles: int = 4096, grid: int = 32, steps: int = 50, shuffle
     model = MPMModel(grid=spec, bspline=bspline, material=material, dt=dt, gravity=(0.0, -9.81, 0.0),
                      walls_min=(WallKind.STICKY,) * 3, walls_max=(WallKind.SEPARATE,) * 3, control_stride=10)
     volume = torch.full((n,), (spec.dx / 2) ** 3, device=torch_device)
-    sim = Simulator(model, mass=density * volume, volume=volume, p2g=p2g or P2GMode.PLAIN, sort_every=sort_every)
+    sim = Simulator(model, mass=density * volume, volume=volume, p2g=p2g or P2GMode.PLAIN, sort_every=sort_every,
+                    graphs=graphs)
     g = torch.Generator().manual_seed(1)
     v0 = (0.5 * torch.randn(n, 3, generator=g)).to(torch_device)
     eye = torch.eye(3, device=torch_device).expand(n, 3, 3).contiguous()
@@ -136,7 +139,8 @@ def bench_mpm(*, particles: int = 4096, grid: int = 32, steps: int = 50, shuffle
         out.x[-1].sum().backward()
         return out.stats
 
-    stats = forward_backward()  # warm-up
+    stats = forward_backward()  # warm-up: kernels load (and with graphs, the programs run eagerly)
+    forward_backward()  # with graphs: the capture
     fwd_bwd = statistics.median(_timed(forward_backward, device, repeats))
     return {
         **_header("mpm", device),
@@ -148,6 +152,7 @@ def bench_mpm(*, particles: int = 4096, grid: int = 32, steps: int = 50, shuffle
         "bspline": bspline,
         "p2g": sim.p2g_mode,
         "sort_every": sim.sort_every,
+        "graphs": graphs,
         "forward_s_per_step": fwd / steps,
         "forward_particle_steps_per_s": n * steps / fwd,
         "kernel_s_per_step": split,  # median of single launches
@@ -359,8 +364,11 @@ def compare_with_gsplat(*, gaussians: int = 100_000, width: int = 1024, height: 
 
 
 @frozen_heap()
-def bench_optimize(*, scene, assets, device: str = "cpu", repeats: int = 5) -> dict:
+def bench_optimize(*, scene, assets, device: str = "cpu", repeats: int = 5, graphs: bool = True) -> dict:
     """Median seconds per stage of one optimisation iteration of ``scene`` (its learned groups, its loss).
+
+    ``graphs``: rollouts replay captured graphs (sim/graphs.py), as in ``diffmpm optimize``, or launch eagerly. The
+    first two iterations are not timed (warm-up; with graphs, the eager run and the capture).
 
     The iteration is cut at every stage boundary (states -> Gaussians -> images -> loss) by detached leaves, and
     each backward is run on its own from the gradients the next stage handed back, so the split is exact:
@@ -371,6 +379,7 @@ def bench_optimize(*, scene, assets, device: str = "cpu", repeats: int = 5) -> d
 
     run = Optimization(scene, assets, device=device)
     pipe, params = run.pipeline, run.params
+    pipe.sim.graphs = graphs
     wp = warp()
     sync = lambda: wp.synchronize_device(warp_device(device))  # noqa: E731
     stages = ("sim_forward", "splats_forward", "render_forward", "loss_forward", "loss_backward", "render_backward",
@@ -426,16 +435,16 @@ def bench_optimize(*, scene, assets, device: str = "cpu", repeats: int = 5) -> d
 
         return result
 
-    for repeat in range(repeats + 1):  # the first round compiles and warms up
+    for repeat in range(repeats + 2):  # the first rounds compile, warm up and capture
         result = iteration()
         samples["iteration"].append(sum(samples[k][-1] for k in stages))
-        if repeat == 0:
+        if repeat < 2:
             for k in samples:
                 samples[k].clear()
     return {
         **_header("optimize", device), "scene": scene.name, "particles": int(pipe.x0.shape[0]),
         "gaussians": pipe.gaussian_count, "grid": list(assets.grid.shape), "steps": scene.sim.steps,
         "cameras": int(pipe.viewmats.shape[0]), "size": [pipe.width, pipe.height], "frames": len(result.frames),
-        "repeats": repeats, "seconds": {k: statistics.median(v) for k, v in samples.items()},
+        "repeats": repeats, "graphs": graphs, "seconds": {k: statistics.median(v) for k, v in samples.items()},
         "peak_bytes": _peak_bytes(device),
     }

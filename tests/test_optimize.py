@@ -284,17 +284,21 @@ def test_a_nonfinite_gradient_steps_back_with_the_line_search(tmp_path, monkeypa
     the run goes back to the parameters before the last accepted step, with smaller steps and fresh moments, says so
     in metrics.jsonl, and goes on; without it, or when it happens again and again, the run fails (exit 1)."""
     from diffmpm_cli.errors import SimulationError
+    from diffmpm_cli.sim.graphs import GraphedRollout
     from diffmpm_cli.sim.solver import Rollout
 
-    real, calls = Rollout.backward, []
+    calls = []
 
-    def flaky(self, grads):
-        calls.append(1)
-        if len(calls) == 2:
-            raise SimulationError("non-finite gradient in the MPM backward pass")
-        return real(self, grads)
+    def flaky(real):
+        def backward(self, grads):
+            calls.append(1)
+            if len(calls) == 2:
+                raise SimulationError("non-finite gradient in the MPM backward pass")
+            return real(self, grads)
+        return backward
 
-    monkeypatch.setattr(Rollout, "backward", flaky)
+    for cls in (Rollout, GraphedRollout):  # eager and graphed rollouts
+        monkeypatch.setattr(cls, "backward", flaky(cls.backward))
     scene = small_scene("optimize.line_search.enabled=true", "optimize.iterations=3")
     optimize(scene=scene, assets=build_assets(scene), out_dir=tmp_path / "run")
     lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
@@ -305,8 +309,9 @@ def test_a_nonfinite_gradient_steps_back_with_the_line_search(tmp_path, monkeypa
     assert all(lines[2]["lr"][k] < lines[0]["lr"][k] for k in lines[0]["lr"])
 
     calls.clear()
-    monkeypatch.setattr(Rollout, "backward", lambda self, grads: (_ for _ in ()).throw(
-        SimulationError("non-finite gradient in the MPM backward pass")))
+    for cls in (Rollout, GraphedRollout):
+        monkeypatch.setattr(cls, "backward", lambda self, grads: (_ for _ in ()).throw(
+            SimulationError("non-finite gradient in the MPM backward pass")))
     args = ["optimize", str(SCENE), "--out", str(tmp_path / "fails"), *sum((["--set", s] for s in SMALL), []),
             "--set", "optimize.line_search.enabled=true"]
     result = runner.invoke(app, args)

@@ -11,6 +11,9 @@ from ..enums import BSpline, Material, P2GMode
 from ..optimize.runfolder import interruptible
 from .common import DeviceOpt, JsonFlag, SceneArg, SetOpt, check_device, console_for, handle_errors, parse_size, print_json
 
+GraphsOpt = Annotated[bool, typer.Option("--graphs/--no-graphs", help="Differentiable rollouts replay captured graphs "
+                                         "(as `diffmpm optimize` does) or launch every kernel from the host.")]
+
 RENDER_EPILOG = """[bold]Examples[/]
 
   diffmpm bench render --gaussians 3000 --size 128x128
@@ -62,6 +65,7 @@ def mpm(
                                               "untaped forward steps only).")] = P2GMode.PLAIN,
     sort_every: Annotated[int, typer.Option(min=0, help="Tiled P2G: re-sort particles by cell every N steps (0 = "
                                                         "never).")] = 0,
+    graphs: GraphsOpt = True,
     as_json: JsonFlag = False,
 ) -> None:
     """MPM throughput: particle-steps per second forward and forward+backward, kernel split, peak memory."""
@@ -72,7 +76,7 @@ def mpm(
     try:
         result = bench_mpm(particles=particles, grid=grid, steps=steps, shuffle=shuffle, device=device,
                            backward_steps=backward_steps, material=material, bspline=bspline, repeats=repeats,
-                           p2g=p2g, sort_every=sort_every)
+                           p2g=p2g, sort_every=sort_every, graphs=graphs)
     except ValueError as exc:
         raise ConfigError("--particles", str(exc)) from exc
     table = Table(title=f"MPM on {result['device_name']}", show_header=False, title_justify="left")
@@ -86,7 +90,8 @@ def mpm(
                     f"{_rate(result['forward_particle_steps_per_s'])} particle-steps/s"),
         ("kernels (ms/step)", split),
         ("forward+backward", f"{result['forward_backward_s']:.3f} s for {result['backward_steps']} steps = "
-                             f"{_rate(result['forward_backward_particle_steps_per_s'])} particle-steps/s"),
+                             f"{_rate(result['forward_backward_particle_steps_per_s'])} particle-steps/s"
+                             f" ({'graphed' if graphs else 'eager'})"),
         ("taped per step", f"{result['taped_bytes_per_step'] / 2**20:.1f} MiB ({result['segments']} segments)"),
         ("peak memory", f"{result['peak_bytes'] / 2**20:.0f} MiB"),
     ]:
@@ -158,6 +163,7 @@ def optimize(
     device: DeviceOpt = "cpu",
     repeats: Annotated[int, typer.Option(min=1, help="Timed iterations (the median of each stage is "
                                                      "reported).")] = 5,
+    graphs: GraphsOpt = True,
     set_: SetOpt = [],  # noqa: B006 (Typer copies it)
     as_json: JsonFlag = False,
 ) -> None:
@@ -169,7 +175,8 @@ def optimize(
 
     check_device(device)
     cfg = load_scene(resolve_scene(scene), set_)
-    result = bench_optimize(scene=cfg, assets=build_assets(cfg, device=device), device=device, repeats=repeats)
+    result = bench_optimize(scene=cfg, assets=build_assets(cfg, device=device), device=device, repeats=repeats,
+                            graphs=graphs)
     sec = result["seconds"]
     table = Table(title=f"one iteration of '{cfg.name}' on {result['device_name']}", title_justify="left")
     for name in ("stage", "forward ms", "backward ms"):

@@ -9,6 +9,7 @@ import torch
 from ..enums import Material
 from ..errors import SimulationError
 from ..warp_runtime import torch_stream, warp, warp_device
+from .graphs import make_rollout
 from .grid import GridSpec, check_cfl_number, lame_parameters
 from .solver import DECISION_BUDGET_BYTES, FrozenDecisions, Rollout, RolloutStats, Simulator
 
@@ -115,9 +116,11 @@ def simulate(sim: Simulator, *, x0: torch.Tensor, v0: torch.Tensor, E: torch.Ten
     mu, lam = mu.expand(n), lam.expand(n)
     kappa = material_kappa(sim.model.material, count=n, device=device, **material)
     _check_stability(sim, mu, lam, kappa)
-    rollout = Rollout(sim, steps=steps, frames=frames, segment_length=segment_length, decision_budget=decision_budget,
-                      frozen=frozen)
+    rollout = make_rollout(sim, steps=steps, frames=frames, segment_length=segment_length,
+                           decision_budget=decision_budget, frozen=frozen, controlled=Fc is not None)
     x, v, F, C, Jp = _RolloutFunction.apply(rollout, x0, v0, F0, C0, Fc, mu, lam, kappa, Jp0)
+    if not x.requires_grad:
+        rollout.release()
     return RolloutResult(x=x, v=v, F=F, C=C, frames=rollout.frames, stats=rollout.stats, Jp=Jp)
 
 

@@ -77,15 +77,20 @@ class Simulator:
     forward steps through the shared-memory speed path of ``sim/tiled.py``, re-sorting particles by cell every
     ``sort_every`` steps; used by ``diffmpm bench``).
 
+    ``graphs``: whether differentiable rollouts may replay captured graphs over arrays kept across rollouts
+    (``sim/graphs.py``; the same results, without the host's per-launch work) instead of launching eagerly.
+
     Branch decisions (the grid update's; for a plastic model also each particle's return-mapping branch: elastic,
     yield, tension): every differentiable rollout records them in its forward and replays them in its backward
     (``Rollout``); a caller's ``FrozenDecisions`` keeps them across rollouts. The Simulator holds no rollout state.
     """
 
     def __init__(self, model: MPMModel, *, mass: torch.Tensor, volume: torch.Tensor,
-                 p2g: P2GMode | str = P2GMode.PLAIN, sort_every: int = 0):
+                 p2g: P2GMode | str = P2GMode.PLAIN, sort_every: int = 0, graphs: bool = True):
         wp = warp()
         self.model = model
+        self.graphs = graphs
+        self.rollout_cache = None  # sim/graphs.py: arrays and captured programs kept across rollouts
         self.particles = Particles.from_torch(mass, volume)
         self.device = self.particles.device
         self.torch_device = mass.device
@@ -266,6 +271,9 @@ class Rollout:
         self.stats.det_F_min = wp.to_torch(sim.J_min).clone()[:sim.particle_count]
         self._account_memory()
         return [torch.stack([outputs[f][i] for f in self.frames]) for i in range(len(MPMState.FIELDS))]
+
+    def release(self) -> None:
+        """No backward will follow (the outputs need no gradient); nothing to hand back here (``GraphedRollout``)."""
 
     def _plan_decisions(self) -> dict:
         """step -> (mode, decisions) for the forward: replay what ``frozen`` holds, record (into rows of one block)

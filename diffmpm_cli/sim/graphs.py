@@ -1,0 +1,279 @@
+"""Rollouts replayed from captured graphs: the steps of ``Rollout`` over arrays kept from one rollout to the next.
+
+A rollout of a given shape (steps, segments, control layers) always issues the same launches; only the values in
+its arrays change between optimisation iterations. ``RolloutBuffers`` holds those arrays for one shape (parameters,
+the checkpoint of every segment start, the decisions of every step, the backward's taped states and grids, the
+gradient carried between segments) and two kinds of ``Program``: the whole forward, and one per segment for the
+backward (its taped replay and the tape's adjoints). A program runs eagerly once (which loads its kernels), is
+captured into a graph on its second run and replayed from then on: a CUDA graph on a GPU, Warp's API capture on
+the CPU. Either way the host packs no kernel arguments per step any more.
+
+The values a rollout differs by are written into the buffers before a replay and read out after it; nothing a
+program reads is reallocated while the buffers live. One rollout at a time holds a set of buffers
+(``RolloutBuffers.lease``): a second rollout of the same shape while the first still awaits its backward runs
+eagerly (``Rollout``), as do rollouts with a caller's ``FrozenDecisions``, rollouts whose decisions exceed the
+decision budget, the tiled P2G and empty bodies.
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+import weakref
+
+import torch
+
+from ..enums import DecisionMode
+from ..errors import SimulationError
+from ..warp_runtime import warp
+from .model import MPMState
+from .solver import FrozenDecisions, Rollout, Simulator
+
+
+class Program:
+    """A fixed sequence of Warp operations over fixed arrays (``fn``): eager on its first run, captured on its
+    second, replayed from the graph after that."""
+
+    def __init__(self, fn, device: str):
+        self.fn = fn
+        self.device = device
+        self.runs = 0
+        self.graph = None
+
+    def __call__(self) -> None:
+        wp = warp()
+        if self.graph is None and self.runs > 0:
+            self.graph = _capture(self.fn, self.device)
+        if self.graph is not None:
+            wp.capture_launch(self.graph)
+        else:
+            self.fn()
+        self.runs += 1
+
+
+def _capture(fn, device: str):
+    """``fn``'s operations as a graph. A CUDA capture runs on a stream of its own (the legacy default stream that
+    torch uses cannot capture) that first waits for the current one; replays go to the current stream."""
+    wp = warp()
+    if device == "cpu":
+        with wp.ScopedCapture(device="cpu") as capture:
+            fn()
+        return capture.graph
+    with wp.ScopedStream(_capture_stream(device), sync_enter=True):
+        with wp.ScopedCapture(device=device) as capture:
+            fn()
+    return capture.graph
+
+
+@functools.cache
+def _capture_stream(device: str):
+    return warp().Stream(device)
+
+
+def _views(state: MPMState) -> list[torch.Tensor]:
+    wp = warp()
+    return [wp.to_torch(a) for a in state.arrays()]
+
+
+class RolloutBuffers:
+    """The arrays and programs of one rollout shape on one simulator (see the module's docstring)."""
+
+    def __init__(self, sim: Simulator, *, steps: int, segments: list[tuple[int, int]], layers: int,
+                 controlled: bool):
+        wp = warp()
+        n, device = sim.particle_count, sim.device
+        self.sim, self.steps, self.segments, self.controlled = sim, steps, segments, controlled
+        self.params = dict(Fc=wp.zeros((layers, n), dtype=wp.mat33, device=device, requires_grad=controlled),
+                           mu=wp.zeros(n, dtype=float, device=device, requires_grad=True),
+                           lam=wp.zeros(n, dtype=float, device=device, requires_grad=True),
+                           kappa=wp.zeros(n, dtype=wp.vec3, device=device, requires_grad=True), controlled=controlled)
+        self.checkpoints = [sim.new_state() for _ in range(len(segments) + 1)]  # every segment start, and the end
+        self.spares = (sim.new_state(), sim.new_state())
+        self.grid = sim.new_grid()
+        self.decisions = sim.new_decisions(steps)
+        longest = max(end - start for start, end in segments)
+        self.states = [sim.new_state(requires_grad=True) for _ in range(longest + 1)]
+        self.grids = [sim.new_grid(requires_grad=True) for _ in range(longest)]
+        self.carry = sim.new_state()  # the gradient of a segment's end state, then of its start
+        self.counter = wp.zeros(1, dtype=int, device=device)
+        self.J_min = wp.zeros(max(n, 1), dtype=float, device=device)
+        self.checkpoint_views = [_views(s) for s in self.checkpoints]
+        self.carry_views = _views(self.carry)
+        self.forward = Program(self._forward, device)
+        self.backward = [Program(functools.partial(self._backward, index), device) for index in range(len(segments))]
+        self._owner = None
+
+    # -- who holds them -----------------------------------------------------------------------------------------
+    def lease(self, rollout) -> bool:
+        """Hand the buffers to ``rollout`` unless another live rollout still holds them."""
+        owner = self._owner() if self._owner is not None else None
+        if owner is not None and owner is not rollout:
+            return False
+        self._owner = weakref.ref(rollout)
+        return True
+
+    def release(self, rollout) -> None:
+        if self._owner is not None and self._owner() is rollout:
+            self._owner = None
+
+    # -- the programs -------------------------------------------------------------------------------------------
+    def _step(self, state_in, state_out, grid, t: int, **kw) -> None:
+        p = self.params
+        self.sim.step(state_in, state_out, grid, mu=p["mu"], lam=p["lam"], kappa=p["kappa"], Fc=p["Fc"],
+                      control=self.sim.model.control_index(t) if self.controlled else -1, **kw)
+
+    def _forward(self) -> None:
+        """Every segment from its checkpoint into the next one (two spare states in between), recording each step's
+        decisions; clamps and lowest det F into the simulator's own records."""
+        for index, (start, end) in enumerate(self.segments):
+            source = self.checkpoints[index]
+            for t in range(start, end):
+                target = self.checkpoints[index + 1] if t == end - 1 else self.spares[(t - start) % 2]
+                self.grid.zero_()
+                self._step(source, target, self.grid, t, taped=False, decision_mode=DecisionMode.RECORD,
+                           decisions=self.decisions[t])
+                source = target
+
+    def _backward(self, index: int) -> None:
+        """Segment ``index``: its taped replay from the checkpoint, seeded with ``carry`` at its end; leaves the
+        gradient of its start state in ``carry`` and adds to the parameters' gradients."""
+        wp = warp()
+        start, end = self.segments[index]
+        length = end - start
+        for target, source in zip(self.states[0].arrays(), self.checkpoints[index].arrays(), strict=True):
+            wp.copy(target, source)
+        for state in self.states[:length + 1]:
+            for array in state.arrays():
+                array.grad.zero_()
+        for grid in self.grids[:length]:
+            grid.zero_()
+            for array in (grid.mass, grid.momentum, grid.velocity):
+                array.grad.zero_()
+        tape = wp.Tape()
+        with tape:
+            for t in range(start, end):
+                row = t - start
+                self._step(self.states[row], self.states[row + 1], self.grids[row], t, clamped=self.counter,
+                           J_min=self.J_min, decision_mode=DecisionMode.REPLAY, decisions=self.decisions[t])
+        tape.backward(grads=dict(zip(self.states[length].arrays(), self.carry.arrays(), strict=True)))
+        for target, source in zip(self.carry.arrays(), self.states[0].arrays(), strict=True):
+            wp.copy(target, source.grad)
+
+
+class GraphedRollout(Rollout):
+    """``Rollout`` (same arguments, results and gradients) replayed from the programs of ``RolloutBuffers``."""
+
+    def __init__(self, sim: Simulator, buffers: RolloutBuffers, **kw):
+        super().__init__(sim, **kw)
+        self.buffers = buffers
+
+    def forward(self, x0, v0, F0, C0, Fc, mu, lam, kappa, Jp0) -> list[torch.Tensor]:
+        wp = warp()
+        sim, b = self.sim, self.buffers
+        controlled = Fc is not None
+        K = sim.model.control_layers(self.steps)
+        if controlled and tuple(Fc.shape) != (K, sim.particle_count, 3, 3):
+            raise SimulationError(f"Fc must have shape [{K}, {sim.particle_count}, 3, 3], got {list(Fc.shape)}")
+        p = b.params
+        with torch.no_grad():
+            wp.to_torch(p["Fc"]).copy_(Fc.detach() if controlled else torch.eye(3, device=sim.torch_device))
+            for name, value in (("mu", mu), ("lam", lam), ("kappa", kappa)):
+                wp.to_torch(p[name]).copy_(value.detach())
+            for view, value in zip(b.checkpoint_views[0], (x0, v0, F0, C0, Jp0), strict=True):
+                view.copy_(value.detach())
+            wp.to_torch(sim.J_min)[:sim.particle_count].copy_(torch.linalg.det(F0.detach().float()))
+        sim.clamped.zero_()
+        self._params = p
+        b.forward()
+        ends = [0] + [end for _, end in self.segments]
+        finite = torch.stack([torch.stack([torch.isfinite(v).all() for v in views])
+                              for views in b.checkpoint_views]).cpu()
+        for row, flags in enumerate(finite):
+            if not flags.all():
+                bad = [name for name, ok in zip(MPMState.FIELDS, flags.tolist(), strict=True) if not ok]
+                start = self.segments[row - 1][0] if row else 0
+                raise SimulationError(
+                    f"non-finite particle state ({', '.join(bad)}) after step {ends[row]} (segment {start}.."
+                    f"{ends[row]}); lower sim.dt, soften the material or check the controls")
+        self.stats.clamped_particle_steps = int(sim.clamped.numpy()[0])
+        self.stats.det_F_min = wp.to_torch(sim.J_min).clone()[:sim.particle_count]
+        self.stats.decision_bytes = self.steps * sim.decision_bytes_per_step
+        self._account_memory()
+        rows = [ends.index(f) for f in self.frames]
+        return [torch.stack([b.checkpoint_views[r][i] for r in rows]).clone() for i in range(len(MPMState.FIELDS))]
+
+    def backward(self, grads) -> tuple:
+        wp = warp()
+        b = self.buffers
+        p = b.params
+        frame_row = {f: i for i, f in enumerate(self.frames)}
+        with torch.no_grad():
+            for view in b.carry_views:
+                view.zero_()
+            for name in ("Fc", "mu", "lam", "kappa"):
+                if p[name].grad is not None:
+                    p[name].grad.zero_()
+            for index in range(len(self.segments) - 1, -1, -1):
+                end = self.segments[index][1]
+                if end in frame_row:
+                    self._add_frame_gradient(grads, frame_row[end])
+                b.backward[index]()
+            if 0 in frame_row:
+                self._add_frame_gradient(grads, frame_row[0])
+            carry = [v.clone() for v in b.carry_views]
+            g_fc = wp.to_torch(p["Fc"].grad).clone() if b.controlled else None
+            g_mu, g_lam, g_kappa = (wp.to_torch(p[name].grad).clone() for name in ("mu", "lam", "kappa"))
+        self._params = None
+        b.release(self)
+        out = (*carry[:4], g_fc, g_mu, g_lam, g_kappa, carry[4])
+        if not all(torch.isfinite(t).all() for t in out if t is not None):
+            raise SimulationError("non-finite gradient in the MPM backward pass")
+        return out
+
+    def _add_frame_gradient(self, grads, row: int) -> None:
+        for view, g in zip(self.buffers.carry_views, grads, strict=True):
+            if g is not None:
+                view += g[row].to(view.dtype)
+
+    def release(self) -> None:
+        """No backward will follow (the outputs need no gradient): the buffers are free for the next rollout."""
+        self.buffers.release(self)
+
+
+class RolloutCache:
+    """A simulator's ``RolloutBuffers`` by rollout shape, the most recently used ``size`` of them."""
+
+    def __init__(self, size: int = 2):
+        self.size = size
+        self._entries: collections.OrderedDict = collections.OrderedDict()
+
+    def get(self, sim: Simulator, *, steps: int, segments, layers: int, controlled: bool) -> RolloutBuffers:
+        key = (steps, tuple(segments), layers, controlled)
+        if key in self._entries:
+            self._entries.move_to_end(key)
+            return self._entries[key]
+        buffers = RolloutBuffers(sim, steps=steps, segments=list(segments), layers=layers, controlled=controlled)
+        self._entries[key] = buffers
+        while len(self._entries) > self.size:
+            self._entries.popitem(last=False)
+        return buffers
+
+
+
+def make_rollout(sim: Simulator, *, steps: int, frames, segment_length: int | None, decision_budget: int,
+                 frozen: FrozenDecisions | None, controlled: bool) -> Rollout:
+    """The rollout ``simulate`` runs: a ``GraphedRollout`` over the simulator's buffers of this shape where it can,
+    else an eager ``Rollout`` (see the module's docstring for when)."""
+    rollout = Rollout(sim, steps=steps, frames=frames, segment_length=segment_length,
+                      decision_budget=decision_budget, frozen=frozen)
+    eligible = (sim.graphs and frozen is None and sim.tiled is None and sim.particle_count > 0 and steps > 0
+                and steps * sim.decision_bytes_per_step <= decision_budget)
+    if not eligible:
+        return rollout
+    if sim.rollout_cache is None:
+        sim.rollout_cache = RolloutCache()
+    buffers = sim.rollout_cache.get(sim, steps=steps, segments=rollout.segments,
+                                    layers=sim.model.control_layers(steps) if controlled else 1, controlled=controlled)
+    graphed = GraphedRollout(sim, buffers, steps=steps, frames=frames, segment_length=segment_length,
+                             decision_budget=decision_budget)
+    return graphed if buffers.lease(graphed) else rollout

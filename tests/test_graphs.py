@@ -1,0 +1,98 @@
+"""Graphed rollouts (sim/graphs.py) against eager ones: the same states and gradients over rollouts that run eagerly,
+capture and replay, for elastic, plastic and snow models; when a rollout falls back to the eager path."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import DEVICES
+from test_mpm import make_model, make_particles
+
+from diffmpm_cli.sim.graphs import GraphedRollout, make_rollout
+from diffmpm_cli.sim.op import simulate
+from diffmpm_cli.sim.solver import FrozenDecisions, Rollout, Simulator
+
+N = 60
+EXTRA = {"fixed_corotated": {}, "von_mises": {"yield_stress": 750.0}, "snow": {
+    "hardening": 10.0, "critical_compression": 0.025, "critical_stretch": 0.0075}}
+
+
+def rollouts(device: str, *, graphs: bool, material: str = "fixed_corotated", controlled: bool = True,
+             frames=(0, 6), repeats: int = 4):
+    """``repeats`` rollouts of one simulator with different controls, E and v0; each one's frames, gradients (Fc,
+    E, v0) and validity records, on the CPU."""
+    model = make_model(control_stride=4, material=material)
+    state, mass, volume = make_particles(count=N, seed=6)
+    sim = Simulator(model, mass=mass.float().to(device), volume=volume.float().to(device), graphs=graphs)
+    results = []
+    for r in range(repeats):
+        g = torch.Generator().manual_seed(r)
+        Fc = ((torch.eye(3) + 0.01 * r * torch.randn(4, N, 3, 3, generator=g)).to(device).requires_grad_(True)
+              if controlled else None)
+        E = torch.tensor(1.0e4 * (1 + 0.1 * r), device=device, requires_grad=True)
+        v0 = state["v"].float().to(device).requires_grad_(True)
+        extra = {k: torch.tensor(v, device=device) for k, v in EXTRA[material].items()}
+        out = simulate(sim, x0=state["x"].float().to(device), v0=v0, F0=state["F"].float().to(device), E=E,
+                       nu=torch.tensor(0.3, device=device), Fc=Fc, steps=16, frames=frames, **extra)
+        loss = out.x.sum() + (out.F**2).sum() + out.v[0].sum() + out.Jp.sum()
+        loss.backward()
+        results.append(dict(x=out.x, F=out.F, Jp=out.Jp, dFc=Fc.grad if controlled else torch.zeros(()),
+                            dE=E.grad, dv0=v0.grad, det_F_min=out.stats.det_F_min,
+                            clamped=torch.tensor(out.stats.clamped_particle_steps)))
+    return [{k: v.detach().cpu() for k, v in r.items()} for r in results], sim
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("material,controlled", [("fixed_corotated", True), ("von_mises", False), ("snow", True)])
+def test_graphed_rollouts_equal_eager_ones(device, material, controlled):
+    """Rollout 1 runs the programs eagerly, 2 captures them, 3 and 4 replay: every one equals an eager rollout (on
+    the CPU to the bit; on CUDA up to the order of float atomics)."""
+    eager, _ = rollouts(device, graphs=False, material=material, controlled=controlled)
+    graphed, sim = rollouts(device, graphs=True, material=material, controlled=controlled)
+    (buffers,) = sim.rollout_cache._entries.values()
+    assert buffers.forward.graph is not None and all(p.graph is not None for p in buffers.backward)
+    assert buffers.forward.runs == 4
+    tol = 0.0 if device == "cpu" else 1e-4
+    for a, b in zip(eager, graphed, strict=True):
+        assert a.keys() == b.keys()
+        for key in a:
+            scale = max(float(a[key].abs().max()), 1e-12)
+            assert float((a[key] - b[key]).abs().max()) <= tol * scale, key
+    assert not torch.equal(graphed[0]["dFc" if controlled else "dE"], graphed[-1]["dFc" if controlled else "dE"])
+
+
+def test_a_second_rollout_while_the_first_awaits_its_backward_runs_eagerly():
+    model = make_model(control_stride=4)
+    state, mass, volume = make_particles(count=N, seed=6)
+    sim = Simulator(model, mass=mass.float(), volume=volume.float())
+    kw = dict(steps=16, frames=(), segment_length=None, decision_budget=1 << 30, frozen=None, controlled=False)
+    first = make_rollout(sim, **kw)
+    second = make_rollout(sim, **kw)
+    assert isinstance(first, GraphedRollout) and type(second) is Rollout
+    first.release()
+    assert isinstance(make_rollout(sim, **kw), GraphedRollout)
+
+    def gradient(requires_grad=True):
+        E = torch.tensor(1.0e4, requires_grad=requires_grad)
+        out = simulate(sim, x0=state["x"].float(), v0=state["v"].float(), E=E, nu=torch.tensor(0.3), steps=16)
+        return out, E
+
+    (a, Ea), (b, Eb) = gradient(), gradient()  # a holds the buffers until its backward: b runs eagerly
+    b.x.sum().backward()
+    a.x.sum().backward()
+    assert torch.equal(Ea.grad, Eb.grad)
+    with torch.no_grad():
+        gradient(requires_grad=False)  # a rollout without a backward hands the buffers straight back
+    (buffers,) = sim.rollout_cache._entries.values()
+    assert buffers.lease(object.__new__(Rollout))
+
+
+def test_frozen_decisions_over_budget_decisions_and_the_tiled_p2g_run_eagerly():
+    model = make_model(control_stride=4)
+    _, mass, volume = make_particles(count=N, seed=6)
+    sim = Simulator(model, mass=mass.float(), volume=volume.float())
+    kw = dict(steps=16, frames=(), segment_length=None, controlled=False)
+    assert type(make_rollout(sim, **kw, decision_budget=1 << 30, frozen=FrozenDecisions())) is Rollout
+    assert type(make_rollout(sim, **kw, decision_budget=sim.decision_bytes_per_step * 15, frozen=None)) is Rollout
+    eager = Simulator(model, mass=mass.float(), volume=volume.float(), graphs=False)
+    assert type(make_rollout(eager, **kw, decision_budget=1 << 30, frozen=None)) is Rollout
