@@ -245,13 +245,17 @@ def psnr(images: torch.Tensor, target_images: torch.Tensor, mask: torch.Tensor |
 
 
 @torch.no_grad()
-def deformation_validity(F: torch.Tensor) -> dict[str, float]:
+def deformation_validity(F: torch.Tensor, Jp: torch.Tensor | None = None) -> dict[str, float]:
     """Inversion statistics of deformation gradients: J = det F (computed in float64) of every particle.
 
     A physical state has J > 0 everywhere (J <= 0 means a particle turned inside out or collapsed to zero volume).
 
     Args:
         F: [N,3,3] deformation gradients (any [...,3,3] is flattened; dimensionless).
+        Jp: [N] plastic volume ratios J_P = det F_P of a model that stores only the elastic part F_E in F (snow):
+            J = det F_E J_P, the volume ratio of the whole deformation gradient F = F_E F_P. Snow's clamp keeps
+            det F_E within [(1 - theta_c)^3, (1 + theta_s)^3] > 0, even for an inverted F (its negative singular
+            value is clamped up to 1 - theta_c), so compaction and inversion show only in J_P.
 
     Returns:
         ``inverted_share``: fraction of particles with J <= 0; ``nonfinite_share``: fraction whose J is NaN or
@@ -265,6 +269,10 @@ def deformation_validity(F: torch.Tensor) -> dict[str, float]:
     if f.shape[0] == 0:
         raise ValueError("deformation_validity needs at least one particle")
     J = torch.linalg.det(f.to(torch.float64))
+    if Jp is not None:
+        if Jp.numel() != J.numel():
+            raise ValueError(f"Jp must hold one value per deformation gradient ({J.numel()}), got {Jp.numel()}")
+        J = J * Jp.detach().reshape(-1).to(device=J.device, dtype=torch.float64)
     finite = torch.isfinite(J)
     n = J.shape[0]
     Jf = J[finite].sort().values

@@ -11,7 +11,7 @@ One step, for control index ``control`` (-1 off control steps):
   G2P   v_p = sum w v_i;  C_p = D^-1 sum w v_i (x_i - x_p)^T;  F+ = Z((I + dt C) F~) with Z the material's return
         mapping (the identity for elastic models);  J_P+ = J_P det F_trial / det F+ (snow; others carry J_P);
         x+ = x + dt v  (held inside);
-        each particle's lowest det F+ so far is kept (not differentiated: a validity record)
+        each particle's lowest det F+ so far is kept (snow: det F_E J_P; not differentiated: a validity record)
 Kernels are built per B-spline order (and material) by factories using ``wp.static`` closures.
 """
 
@@ -573,7 +573,10 @@ def _g2p_kernel(order: str, material: str):
         F_out[p] = F
         C_out[p] = C
         Jp_out[p] = Jp  # carried unchanged by every model but snow
-        J_min_out[p] = wp.min(J_min_out[p], wp.determinant(F))  # validity record: each particle's lowest det F
+        J_now = wp.determinant(F)
+        if wp.static(hardens):  # snow's F holds F_E: the whole F = F_E F_P has det F_E J_P (its clamp keeps det F_E > 0)
+            J_now = J_now * Jp
+        J_min_out[p] = wp.min(J_min_out[p], J_now)  # validity record: each particle's lowest det F
 
     return g2p
 

@@ -93,3 +93,58 @@ def test_a_central_difference_across_the_gap_measures_a_chord():
     assert central(1e-7) == pytest.approx(0.75, abs=1e-6)
     assert central(1e-3) < 0.65 and central(1e-2) < 0.55
     assert math.isclose(central(1e-5), 0.75, rel_tol=1e-3)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# physical validity reads the whole deformation gradient's det F = det F_E J_P
+
+
+def test_deformation_validity_multiplies_the_plastic_volume_ratio():
+    from diffmpm_cli.metrics import deformation_validity
+
+    F = torch.diag(torch.tensor([1.0, 1.0, 0.98])).expand(4, 3, 3)  # clamped F_E: det 0.98 whatever happened
+    Jp = torch.tensor([1.0, 0.5, 0.2, -0.3])
+    plain, whole = deformation_validity(F), deformation_validity(F, Jp)
+    assert plain["inverted_share"] == 0 and plain["det_F_min"] == pytest.approx(0.98)
+    assert whole["inverted_share"] == 0.25 and whole["det_F_min"] == pytest.approx(-0.294)
+    assert whole["det_F_median"] == pytest.approx(0.98 * 0.35)
+    with pytest.raises(ValueError, match="one value per"):
+        deformation_validity(F, Jp[:3])
+
+
+@pytest.mark.parametrize("material", ["snow", "fixed_corotated"])
+def test_an_inverting_flow_is_reported_for_snow_as_for_an_elastic_body(material):
+    """A velocity field v = -k (x - c) with k dt = 2 turns every particle inside out in one step (F+ = -F). An elastic
+    body's det F says so; snow's clamp lifts the negative singular value of F_E to 1 - theta_c (det F_E = 0.975 > 0)
+    and the sign goes to J_P: validity must read det F_E J_P (it read det F_E: 'valid', inverted 0 %)."""
+    from types import SimpleNamespace
+
+    from test_mpm import GRID, make_model
+
+    from diffmpm_cli.optimize.evaluate import validity_metrics
+    from diffmpm_cli.sim.op import simulate
+    from diffmpm_cli.sim.solver import Simulator
+
+    dt, k = 2e-3, 1000.0
+    model = make_model(material=material, dt=dt, gravity=(0.0, 0.0, 0.0))
+    axis = torch.linspace(0.42, 0.58, 3)
+    x = torch.stack(torch.meshgrid(axis, axis, axis, indexing="ij"), dim=-1).reshape(-1, 3)
+    n = x.shape[0]
+    c = torch.full((3,), 0.5)
+    volume = torch.full((n,), (GRID.dx / 2) ** 3)
+    sim = Simulator(model, mass=400.0 * volume, volume=volume)
+    snow = ({"hardening": torch.tensor(10.0), "critical_compression": torch.tensor(THETA_C),
+             "critical_stretch": torch.tensor(THETA_S)} if material == "snow" else {})
+    result = simulate(sim, x0=x, v0=-k * (x - c), C0=-k * torch.eye(3).expand(n, 3, 3).contiguous(),
+                      E=torch.tensor(1.0e3), nu=torch.tensor(0.2), steps=1, **snow)
+    det_F = torch.linalg.det(result.F[-1].double())
+    if material == "snow":  # the clamp hid the inversion in F_E
+        assert bool((det_F > 0).all()) and bool((result.Jp[-1] < 0).all())
+    else:
+        assert bool((det_F < 0).all())
+    pipeline = SimpleNamespace(assets=SimpleNamespace(grid=GRID), model=model,
+                               scene=SimpleNamespace(sim=SimpleNamespace(particles_per_cell=2)))
+    validity = validity_metrics(pipeline, result)
+    assert validity["inverted_share"] == 1.0 and validity["det_F_min"] < 0
+    assert validity["inverted_share_any_step"] == 1.0 and validity["det_F_min_any_step"] < 0
+    assert not validity["physically_valid"]

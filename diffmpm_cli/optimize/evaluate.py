@@ -27,10 +27,14 @@ EXACT_SURFACE_SAMPLES = 20_000  # samples of the exact target surface for Chamfe
 
 @torch.no_grad()
 def validity_metrics(pipeline, result) -> dict:
-    """Physical validity of a rollout's final state (and of every step, from the rollout's det F record)."""
+    """Physical validity of a rollout's final state (and of every step, from the rollout's det F record). det F is
+    the whole deformation gradient's: for snow, whose F holds F_E, det F_E J_P (metrics.deformation_validity)."""
+    from ..kernels.materials import PLASTIC_VOLUME_MODELS
+
     x, F = result.x[-1], result.F[-1]
     grid = pipeline.assets.grid
-    deformation = metrics.deformation_validity(F)
+    Jp = result.Jp[-1] if pipeline.model.material in PLASTIC_VOLUME_MODELS and result.Jp is not None else None
+    deformation = metrics.deformation_validity(F, Jp)
     clump = metrics.clumping(x, lower=grid.lower, dx=grid.dx, shape=grid.shape,
                              rest_count=pipeline.scene.sim.particles_per_cell**3)
     out = {key: deformation[key] for key in ("inverted_share", "det_F_min", "det_F_median")}
