@@ -148,3 +148,43 @@ def test_an_inverting_flow_is_reported_for_snow_as_for_an_elastic_body(material)
     assert validity["inverted_share"] == 1.0 and validity["det_F_min"] < 0
     assert validity["inverted_share_any_step"] == 1.0 and validity["det_F_min_any_step"] < 0
     assert not validity["physically_valid"]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the stability check at compacted snow
+
+
+def test_the_stability_check_holds_snow_at_its_starting_compaction():
+    """A dt stable for fresh snow (J_P0 = 1, CFL 0.12) is refused for snow compacted to J_P0 = 0.5 at xi 10 (stiffer
+    by exp(5) = 148: CFL 1.46), with one line naming sim.dt, the hardening and a stable dt; the same compaction at
+    xi 0 (no hardening) runs."""
+    from test_mpm import GRID, make_model
+
+    from diffmpm_cli.errors import SimulationError
+    from diffmpm_cli.sim.grid import wave_speed
+    from diffmpm_cli.sim.op import simulate
+    from diffmpm_cli.sim.solver import Simulator
+
+    E, nu, density = 2.0e4, 0.2, 400.0
+    dt = 0.12 * GRID.dx / wave_speed(E, nu, density)
+    model = make_model(material="snow", dt=dt, gravity=(0.0, 0.0, 0.0))
+    x = 0.45 + 0.1 * torch.rand(20, 3, generator=torch.Generator().manual_seed(0))
+    volume = torch.full((20,), (GRID.dx / 2) ** 3)
+    sim = Simulator(model, mass=density * volume, volume=volume)
+
+    def run(Jp0, hardening):
+        return simulate(sim, x0=x, v0=torch.zeros(3), E=torch.tensor(E), nu=torch.tensor(nu), steps=2, Jp0=Jp0,
+                        hardening=torch.tensor(hardening), critical_compression=torch.tensor(THETA_C),
+                        critical_stretch=torch.tensor(THETA_S))
+
+    run(torch.ones(20), 10.0)
+    compacted = torch.ones(20)
+    compacted[7] = 0.5
+    run(compacted, 0.0)
+    with pytest.raises(SimulationError) as refused:
+        run(compacted, 10.0)
+    line = str(refused.value)
+    assert "\n" not in line and line.startswith("sim.dt: unstable time step: CFL number 1.4")
+    assert "snow hardened x148 by exp(xi (1 - J_P)) at its J_P 0.5" in line
+    stable = float(line.split("dt <= ")[1].split(" s")[0])
+    assert stable == pytest.approx(dt * 0.5 / 1.46, rel=2e-2)

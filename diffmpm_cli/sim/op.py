@@ -115,7 +115,7 @@ def simulate(sim: Simulator, *, x0: torch.Tensor, v0: torch.Tensor, E: torch.Ten
     mu, lam = lame_parameters(E, nu)
     mu, lam = mu.expand(n), lam.expand(n)
     kappa = material_kappa(sim.model.material, count=n, device=device, **material)
-    _check_stability(sim, mu, lam, kappa)
+    _check_stability(sim, mu, lam, kappa, Jp0)
     rollout = make_rollout(sim, steps=steps, frames=frames, segment_length=segment_length,
                            decision_budget=decision_budget, frozen=frozen, controlled=Fc is not None)
     x, v, F, C, Jp = _RolloutFunction.apply(rollout, x0, v0, F0, C0, Fc, mu, lam, kappa, Jp0)
@@ -124,12 +124,30 @@ def simulate(sim: Simulator, *, x0: torch.Tensor, v0: torch.Tensor, E: torch.Ten
     return RolloutResult(x=x, v=v, F=F, C=C, frames=rollout.frames, stats=rollout.stats, Jp=Jp)
 
 
-def _check_stability(sim: Simulator, mu: torch.Tensor, lam: torch.Tensor, kappa: torch.Tensor) -> None:
+def _check_stability(sim: Simulator, mu: torch.Tensor, lam: torch.Tensor, kappa: torch.Tensor,
+                     Jp0: torch.Tensor | None = None) -> None:
     """Refuse a rollout whose CFL number dt sqrt((lambda + 2 mu) / rho) / dx exceeds the model's limit; for a fluid
-    also one whose viscous number dt eta / (rho dx^2) (explicit viscosity, a diffusion of momentum) does."""
-    speed = float(torch.sqrt(torch.clamp((lam + 2 * mu).detach() / sim.density, min=0.0)).max())
-    check_cfl_number(dt=sim.model.dt, dx=sim.model.grid.dx, speed=speed, limit=sim.model.cfl_limit,
-                     detail=f"largest wave speed {speed:.4g} m/s")
+    also one whose viscous number dt eta / (rho dx^2) (explicit viscosity, a diffusion of momentum) does.
+
+    Snow's mu and lam are scaled by exp(xi (1 - J_P)): its wave speeds are those of each particle's J_P0, the state
+    the rollout starts from (1 for fresh snow; an optimisation episode's carried compaction). Compaction during the
+    rollout stiffens it further, and the model bounds that by nothing (J_P only shrinks while compressed: 0.12 in
+    snowball_impact at xi 3), so no check before a run can hold for the stiffest state (docs/MATERIALS.md)."""
+    from ..kernels.materials import PLASTIC_VOLUME_MODELS
+
+    modulus = (lam + 2 * mu).detach()
+    hardening = None
+    if sim.model.material in PLASTIC_VOLUME_MODELS and Jp0 is not None and sim.particle_count:
+        hardening = torch.exp(kappa[:, 0].detach() * (1 - Jp0.detach().to(modulus.device, modulus.dtype)))
+        modulus = modulus * hardening
+    speeds = torch.sqrt(torch.clamp(modulus / sim.density, min=0.0))
+    fastest = int(torch.argmax(torch.nan_to_num(speeds, nan=float("inf")))) if speeds.numel() else 0
+    speed = float(speeds.max()) if speeds.numel() else 0.0
+    detail = f"largest wave speed {speed:.4g} m/s"
+    if hardening is not None and float(hardening[fastest]) != 1.0:
+        detail += (f", snow hardened x{float(hardening[fastest]):.3g} by exp(xi (1 - J_P)) at its J_P "
+                   f"{float(Jp0[fastest]):.3g}")
+    check_cfl_number(dt=sim.model.dt, dx=sim.model.grid.dx, speed=speed, limit=sim.model.cfl_limit, detail=detail)
     if sim.model.material == Material.NEWTONIAN_FLUID and sim.particle_count:
         number = float((kappa[:, 0].detach() / sim.density).max()) * sim.model.dt / sim.model.grid.dx**2
         if number > VISCOUS_LIMIT:
