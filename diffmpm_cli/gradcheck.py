@@ -178,6 +178,29 @@ def _weighted(tensors, weights):
     return sum((t.double() * w).sum() for t, w in zip(tensors, weights, strict=True))
 
 
+CLAMP_WINDOW_SHARE = 0.25  # random control log strains of at most this share of snow's narrowest clamp bound
+
+
+def _control_scale_limit(pipeline) -> float:
+    """The largest standard deviation of the random control log strains that keeps a snow body's controlled F inside
+    its clamp window [1 - theta_c, 1 + theta_s] at the control step (inf for every other model).
+
+    Snow's clamp sets each singular value beyond a bound onto it, so the next steps' F_trial has singular values
+    within dt |C| of each other and of the bound (one above, one below): there its return mapping changes its
+    derivative by O(1) within a few 1e-4 of F (the divided difference (g_i - g_j) / (s_i - s_j) of the clamp runs from
+    0 to 1 across the gap), and a central difference over any larger step measures a chord, not the gradient
+    (docs/MATERIALS.md). Controls of 0.01 put nearly every particle of the preset's snow (theta_s = 7.5e-3) there."""
+    from .enums import Material
+
+    if pipeline.model.material != Material.SNOW:
+        return float("inf")
+    bounds = []
+    for key in ("critical_compression", "critical_stretch"):
+        value = pipeline.region_values.get(key)
+        bounds.append(float(value.min()) if value is not None else float(getattr(pipeline.scene.material, key)))
+    return CLAMP_WINDOW_SHARE * min(bounds)
+
+
 def stage_problem(pipeline, stage: str, groups, *, seed: int, cutoffs=None):
     """(loss_fn, params, eps, coordinate_eps) for one stage: a scalar made from random weights over the stage's
     outputs (``all``: the scene's own loss), as a function of the selected parameter groups and the stage's inputs.
@@ -194,7 +217,7 @@ def stage_problem(pipeline, stage: str, groups, *, seed: int, cutoffs=None):
     if "dFc" in params:  # probe around a deformed state, not the trivial zero control: random log strains of 0.01,
         # 0.1 for the scene loss (volume-preserving controls of 0.01 barely move the body, and the loss then hardly
         # depends on E or nu). Open: at 0.1 the sim stage's AD and FD differed by 4-5 % (snowman dFc, bunny log E).
-        scale = 0.1 if stage == "all" else 0.01
+        scale = min(0.1 if stage == "all" else 0.01, _control_scale_limit(pipeline))
         params["dFc"] = params["dFc"] + scale * torch.randn(params["dFc"].shape, generator=g).to(params["dFc"].device)
     eps = {spec.group: spec.fd_eps_all if stage == "all" and spec.fd_eps_all is not None else spec.fd_eps
            for spec in specs}

@@ -188,3 +188,31 @@ def test_the_stability_check_holds_snow_at_its_starting_compaction():
     assert "snow hardened x148 by exp(xi (1 - J_P)) at its J_P 0.5" in line
     stable = float(line.split("dt <= ")[1].split(" s")[0])
     assert stable == pytest.approx(dt * 0.5 / 1.46, rel=2e-2)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# check-grad's probe base for snow's controls
+
+
+def test_check_grad_starts_snow_controls_inside_the_clamp_window(monkeypatch):
+    """check-grad probes dFc around random control log strains. At 0.01 (the default) nearly every particle of the
+    preset's snow (theta_s 7.5e-3) is clamped at the control step, the next steps' singular values straddle the bound
+    1e-5..1e-3 apart, and central differences over check-grad's steps measure a chord there (AD -1.739 vs FD -1.687
+    on this 148-particle, 10-step free flight: 3.0 % against 0.5 % noise). Inside the window (0.25 theta_s) the same
+    check passes (7e-4)."""
+    from conftest import REPO
+
+    from diffmpm_cli import gradcheck
+    from diffmpm_cli.assets import build_assets
+    from diffmpm_cli.config import load_scene
+    from diffmpm_cli.pipeline import Pipeline
+
+    scene = load_scene(REPO / "scenes" / "snowball_impact.yaml",
+                       ["sim.grid_resolution=16", "sim.steps=10", "sim.control_stride=10", "sim.frames=[10]"])
+    pipeline = Pipeline(scene, build_assets(scene))
+    assert gradcheck._control_scale_limit(pipeline) == pytest.approx(0.25 * THETA_S)
+    (row,) = gradcheck.check_stages(pipeline, stages=["sim"], groups=["dFc"], probes=3, coordinates=1)
+    assert row.passed and row.worst_rel_error < 3e-3, row
+    monkeypatch.setattr(gradcheck, "CLAMP_WINDOW_SHARE", math.inf)  # the old base: log strains of 0.01
+    (row,) = gradcheck.check_stages(pipeline, stages=["sim"], groups=["dFc"], probes=3, coordinates=1)
+    assert not row.passed and row.worst_rel_error > 2e-2, row
