@@ -83,8 +83,7 @@ def chamfer_distance(points: torch.Tensor, target_points: torch.Tensor, *, norma
     lie close. A k-d tree degrades where one cloud lies far inside the other (a sphere starting a morph inside its
     target: many surface points are nearly equidistant to each query, and the search visits them all): 120k points
     against a 480k-point surface took 17.5 s per call on the H100 host and 33 s here. CUDA tensors are compared by
-    brute force on the GPU instead (``nearest_distances``: chunked float64 distances, cost independent of the
-    geometry).
+    brute force on the GPU instead (``nearest_distances``: float64, cost independent of the geometry).
 
     Args:
         points: [N,3] (any [...,3] is flattened), same length unit as ``target_points``.
@@ -115,23 +114,27 @@ def chamfer_distance(points: torch.Tensor, target_points: torch.Tensor, *, norma
 
 
 @torch.no_grad()
-def nearest_distances(points: torch.Tensor, others: torch.Tensor, *, chunk_bytes: int = 1 << 31) -> torch.Tensor:
+def nearest_distances(points: torch.Tensor, others: torch.Tensor) -> torch.Tensor:
     """[N] float64: each point's Euclidean distance to its nearest neighbour among ``others`` [M, 3], by brute force
-    in float64 on the points' device, ``chunk_bytes`` of distances at a time (|a|^2 + |b|^2 - 2 a.b, exact to
-    ~1e-16 of the squared coordinates: far below any distance a metric reports). The chunks are large (2 GiB by
-    default) because each costs a few launches: at 256 MiB, 120k x 480k points took 1.6 s per Chamfer call on the
-    H100, 21k launches of which most was launch overhead; the distances themselves (460 GB at float64) bound it at
-    ~0.3 s per direction."""
-    a = points.reshape(-1, 3).double()
-    b = others.reshape(-1, 3).to(a.device).double()
-    b2 = (b * b).sum(dim=1)
-    rows = max(1, chunk_bytes // (8 * max(b.shape[0], 1)))
+    in float64 on the points' device (``kernels/nearest.py``: one thread per point, no distance matrix). On the
+    H100 the torch version it replaces (chunks of an N x M float64 matrix, |a|^2 + |b|^2 - 2 a.b) took ~25 ms per
+    direction for the snowman's clouds, bound by writing and reading the matrix."""
+    from .warp_runtime import torch_stream, warp, warp_device
+
+    wp = warp()
+    from .kernels import nearest
+
+    a = points.reshape(-1, 3).double().contiguous()
+    b = others.reshape(-1, 3).to(a.device).double().contiguous()
     out = torch.empty(a.shape[0], dtype=torch.float64, device=a.device)
-    for start in range(0, a.shape[0], rows):
-        part = a[start:start + rows]
-        d2 = torch.addmm(b2.unsqueeze(0), part, b.T, alpha=-2.0)
-        d2 += (part * part).sum(dim=1, keepdim=True)
-        out[start:start + rows] = d2.min(dim=1).values.clamp_min(0.0).sqrt()
+    if a.shape[0] == 0:
+        return out
+    if b.shape[0] == 0:
+        raise ValueError("nearest_distances needs at least one other point")
+    with torch_stream(a.device):
+        wp.launch(nearest.nearest_distance, dim=a.shape[0], device=warp_device(a.device),
+                  inputs=[wp.from_torch(a, dtype=wp.vec3d), wp.from_torch(b, dtype=wp.vec3d)],
+                  outputs=[wp.from_torch(out, dtype=wp.float64)])
     return out
 
 

@@ -138,8 +138,8 @@ def test_chamfer_matches_full_cdist():
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_brute_force_nearest_distances_match_the_kd_tree_where_the_tree_is_slow(device):
-    """The GPU path (brute force, chunked) gives the k-d tree's distances, here for a small cloud deep inside a
-    sphere (the geometry where k-d tree queries degrade) and with chunks of a few rows."""
+    """The GPU path (brute force) gives the k-d tree's distances, here for a small cloud deep inside a sphere (the
+    geometry where k-d tree queries degrade)."""
     from scipy.spatial import cKDTree
 
     g = torch.Generator().manual_seed(2)
@@ -147,7 +147,7 @@ def test_brute_force_nearest_distances_match_the_kd_tree_where_the_tree_is_slow(
     surface = surface / surface.norm(dim=1, keepdim=True)
     inside = 0.3 * torch.randn(700, 3, generator=g)
     tree = torch.from_numpy(cKDTree(surface.double().numpy()).query(inside.double().numpy(), k=1)[0])
-    got = nearest_distances(inside.to(device), surface.to(device), chunk_bytes=8 * 3000 * 37).cpu()
+    got = nearest_distances(inside.to(device), surface.to(device)).cpu()
     assert torch.allclose(got, tree, rtol=0, atol=1e-12)
     back = torch.from_numpy(cKDTree(inside.double().numpy()).query(surface.double().numpy(), k=1)[0])
     assert torch.allclose(nearest_distances(surface.to(device), inside.to(device)).cpu(), back, rtol=0, atol=1e-12)
