@@ -293,9 +293,12 @@ def sand_pile(friction_angle: float, steps: int = 500):
     volume = torch.full((len(x),), (grid.dx / 2) ** 3, dtype=torch.float64)
     mass = 1500.0 * volume
     E, nu = torch.tensor(3.0e4, dtype=torch.float64), torch.tensor(0.3, dtype=torch.float64)
+    # the floor holds grid nodes strictly below floor_height: half a cell above the sand's base, so the node row at
+    # the base is held (with floor_height = base, the held row lay a cell below, the bottom layer sank into the gap
+    # with a sub-cell strain of +-1e-2, half of it in tension: a strengthless base; docs/MATERIALS.md)
     model = MPMModel(grid=grid, bspline="quadratic", material="drucker_prager", dt=1e-3, gravity=(0.0, -9.81, 0.0),
-                     walls_min=("slip",) * 3, walls_max=("slip",) * 3, floor_enabled=True, floor_height=floor,
-                     friction=0.8)
+                     walls_min=("slip",) * 3, walls_max=("slip",) * 3, floor_enabled=True,
+                     floor_height=floor + grid.dx / 2, friction=0.8)
     sim = Simulator(model, mass=mass.float(), volume=volume.float())
     frames = list(range(0, steps + 1, steps // 5))
     out = simulate(sim, x0=x.float(), v0=torch.zeros(3), E=E.float(), nu=nu.float(), steps=steps, frames=frames,
@@ -315,13 +318,14 @@ def sand_pile(friction_angle: float, steps: int = 500):
 
 
 def test_sand_comes_to_rest_in_a_pile_steeper_for_a_larger_friction_angle():
-    """Measured (48 cells across, 1104 particles): flank slopes ~15 deg at phi = 20 and ~23 deg at phi = 40 (a
-    collapsing column spreads below its angle of repose, and this grid is coarse); the pile stops; energy (kinetic,
-    gravitational, elastic) never grows."""
+    """Measured (48 cells across, 1104 particles, floor held at the sand's base): flank slopes 16.9 deg at phi = 20
+    and 27.6 deg at phi = 40 (25.3 at 30; with the floor's held row a cell below the base: 15.8 / 23.3). Below phi:
+    a collapsing column spreads past its angle of repose, and this 2-cell slab is not plane strain (docs/MATERIALS.md);
+    the pile stops; energy (kinetic, gravitational, elastic) never grows."""
     low, high = sand_pile(20.0), sand_pile(40.0)
-    assert high[0] > low[0] + 5.0, (low[0], high[0])
-    for phi, (slope, speed, energies) in ((20.0, low), (40.0, high)):
-        assert phi / 3 < slope < phi + 2.0, (phi, slope)
+    assert high[0] > low[0] + 8.0, (low[0], high[0])
+    for phi, (slope, speed, energies), (lo, hi) in ((20.0, low, (15.0, 19.0)), (40.0, high, (25.5, 30.0))):
+        assert lo < slope < hi, (phi, slope)
         assert speed < 0.2, (phi, speed)  # at rest, up to a few particles creeping at the toe
         assert all(b <= a + 1e-3 * abs(energies[0]) for a, b in zip(energies, energies[1:])), energies
 
