@@ -100,7 +100,9 @@ def camera_names(render) -> tuple[str, ...]:
 def stiffest_material(scene: Scene) -> tuple[float, float]:
     """The stiffest (E [Pa], nu) a run of ``scene`` starts from: material, material.regions, learn.*.init and
     target.truth values (what the CFL check before a run must hold for; a region's lower density is held by the
-    rollout's own check, sim/op.py, which sees every particle's values)."""
+    rollout's own check, sim/op.py, which sees every particle's values). Snow is held as it starts, fresh (J_P = 1):
+    its hardening exp(xi (1 - J_P)) grows with a compaction the model bounds by nothing (J_P only shrinks while
+    compressed), so no bound exists to hold it at; the rollout's check holds each particle's starting J_P0."""
     truth = scene.target.truth
     regions = scene.material.regions
     Es = [scene.material.E, scene.learn.E.init, truth.E if truth else None, *(r.E for r in regions)]
