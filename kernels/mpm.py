@@ -162,6 +162,25 @@ def _p2g_mass_kernel(order: str):
     return p2g_mass
 
 
+# One node's mass and momentum are one vec4 (m, p): P2G adds both with a single float4 atomic on sm_90 and later
+# (CUDA 12.1+: 27 vector atomics per particle instead of 108 scalar ones), component by component elsewhere (older
+# GPUs, the CPU). Measured on an H100, a P2G-like scatter of 1M particles on 128^3: 0.616 -> 0.207 ms in lattice
+# order, 1.346 -> 0.353 ms shuffled (BENCHMARKS.md). The adjoint gathers the node's gradient; the backward's replay of
+# the forward adds nothing (the grid is an output only).
+_ADD_MASS_MOMENTUM = """
+#if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 900)
+    atomicAdd(reinterpret_cast<float4*>(wp::address(grid, i, j, k)), make_float4(v[0], v[1], v[2], v[3]));
+#else
+    wp::atomic_add(wp::address(grid, i, j, k), v);
+#endif
+"""
+
+
+@wp.func_native(_ADD_MASS_MOMENTUM, adj_snippet="if (adj_grid.data) adj_v += wp::index(adj_grid, i, j, k);",
+                replay_snippet="")
+def add_mass_momentum(grid: wp.array3d(dtype=wp.vec4), i: int, j: int, k: int, v: wp.vec4): ...
+
+
 def _p2g_kernel(order: str, material: str):
     width = BSPLINES[order][0]
     stencil = _stencil_func(order)
@@ -190,15 +209,14 @@ def _p2g_kernel(order: str, material: str):
         F_in: wp.array(dtype=wp.mat33),
         C_in: wp.array(dtype=wp.mat33),
         Jp_in: wp.array(dtype=float),
-        # grid out
-        grid_mass_out: wp.array3d(dtype=float),
-        grid_momentum_out: wp.array3d(dtype=wp.vec3),
+        # grid out: (mass, momentum) per node
+        grid_out: wp.array3d(dtype=wp.vec4),
     ):
         p = wp.tid()
         inv_dx = 1.0 / dx
         x = x_in[p]
-        bx, by, bz, wx, wy, wz = stencil(x, grid_lower, inv_dx, grid_mass_out.shape[0], grid_mass_out.shape[1],
-                                         grid_mass_out.shape[2])
+        bx, by, bz, wx, wy, wz = stencil(x, grid_lower, inv_dx, grid_out.shape[0], grid_out.shape[1],
+                                         grid_out.shape[2])
         m = particle_mass[p]
         kappa_p = wp.vec3(0.0)
         if wp.static(stressed_by_kappa):  # elastic models never read kappa (nor add its zero adjoint)
@@ -214,8 +232,9 @@ def _p2g_kernel(order: str, material: str):
                 for k in range(wp.static(width)):
                     w = wx[i] * wy[j] * wz[k]
                     node = wp.vec3(float(bx + i), float(by + j), float(bz + k)) * dx + grid_lower
-                    wp.atomic_add(grid_mass_out, bx + i, by + j, bz + k, w * m)
-                    wp.atomic_add(grid_momentum_out, bx + i, by + j, bz + k, w * (mv + affine * (node - x)))
+                    momentum = w * (mv + affine * (node - x))
+                    add_mass_momentum(grid_out, bx + i, by + j, bz + k,
+                                      wp.vec4(w * m, momentum[0], momentum[1], momentum[2]))
 
     return p2g
 

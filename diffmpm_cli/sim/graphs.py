@@ -147,8 +147,7 @@ class RolloutBuffers:
                 array.grad.zero_()
         for grid in self.grids[:length]:
             grid.zero_()
-            for array in (grid.mass, grid.momentum, grid.velocity):
-                array.grad.zero_()
+            grid.zero_grad()
         tape = wp.Tape()
         with tape:
             for t in range(start, end):

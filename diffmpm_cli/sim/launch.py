@@ -57,7 +57,7 @@ def p2g(model: MPMModel, particles: Particles, state_in: MPMState, grid: MPMGrid
         k.lower, g.dx, model.dt, particles.volume, particles.mass, mu, lam, kappa, model.bulk_viscosity,
         Fc, control,
         state_in.x, state_in.v, state_in.F, state_in.C, state_in.Jp,
-    ], outputs=[grid.mass, grid.momentum])
+    ], outputs=[grid.mass_momentum])
 
 
 def grid_update(model: MPMModel, grid: MPMGrid, *, node_mass_eps: float, device: str,

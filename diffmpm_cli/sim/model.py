@@ -123,8 +123,11 @@ class MPMState:
 
 @dataclass
 class MPMGrid:
-    """One step's grid: mass [kg], momentum [kg m/s], velocity after the update [m/s]."""
+    """One step's grid: mass [kg] and momentum [kg m/s] (P2G's output, one vec4 (m, p) per node: ``mass_momentum``;
+    ``mass`` and ``momentum`` are strided views of it, their gradients views of its gradient), velocity after the
+    update [m/s]."""
 
+    mass_momentum: object
     mass: object
     momentum: object
     velocity: object
@@ -133,10 +136,24 @@ class MPMGrid:
     def zeros(cls, shape, *, device: str, requires_grad: bool) -> MPMGrid:
         wp = warp()
         kw = dict(shape=shape, device=device, requires_grad=requires_grad)
-        return cls(mass=wp.zeros(dtype=float, **kw), momentum=wp.zeros(dtype=wp.vec3, **kw),
-                   velocity=wp.zeros(dtype=wp.vec3, **kw))
+        mm = wp.zeros(dtype=wp.vec4, **kw)
+        mass, momentum = _mass_momentum_views(mm)
+        if requires_grad:
+            mass.grad, momentum.grad = _mass_momentum_views(mm.grad)
+            mass.requires_grad = momentum.requires_grad = True
+        return cls(mass_momentum=mm, mass=mass, momentum=momentum, velocity=wp.zeros(dtype=wp.vec3, **kw))
 
     def zero_(self) -> None:
         """Zero what P2G accumulates into (the grid update writes every velocity)."""
-        self.mass.zero_()
-        self.momentum.zero_()
+        self.mass_momentum.zero_()
+
+    def zero_grad(self) -> None:
+        self.mass_momentum.grad.zero_()
+        self.velocity.grad.zero_()
+
+
+def _mass_momentum_views(mm):
+    """(mass float, momentum vec3) arrays over a vec4 (m, p) array: same strides, offsets 0 and 4 bytes."""
+    wp = warp()
+    kw = dict(shape=mm.shape, strides=mm.strides, device=mm.device)
+    return wp.array(ptr=mm.ptr, dtype=float, **kw), wp.array(ptr=mm.ptr + 4, dtype=wp.vec3, **kw)

@@ -366,8 +366,7 @@ class Rollout:
                     array.grad.zero_()
             for grid in grids[:length]:
                 grid.zero_()
-                for array in (grid.mass, grid.momentum, grid.velocity):
-                    array.grad.zero_()
+                grid.zero_grad()
             _state_from_torch(states[0], self._checkpoints[index])
             tape = wp.Tape()
             with tape:
