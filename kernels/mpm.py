@@ -7,7 +7,8 @@ APIC/MLS inertia factor is D^-1 = 4 / dx^2 (quadratic) or 3 / dx^2 (cubic).
 One step, for control index ``control`` (-1 off control steps):
   F~ = Fc[control] F                          stress from F~ (Kirchhoff tau = P(F~) F~^T, + bulk viscosity)
   P2G   m_i += w m_p;  p_i += w (m_p v_p + (m_p C_p - dt V_p D^-1 tau_p)(x_i - x_p))
-  grid  v_i = p_i / m_i + dt g (0 where m_i <= mass_eps), then floor contact, then walls
+  grid  v_i = p_i / m_i + dt g (0 where m_i <= mass_eps), then floor contact (nodes with n . x_i < h + dx/2: the
+        node row nearest the plane and every row below it), then walls
   G2P   v_p = sum w v_i;  C_p = D^-1 sum w v_i (x_i - x_p)^T;  F+ = Z((I + dt C) F~) with Z the material's return
         mapping (the identity for elastic models);  J_P+ = J_P det F_trial / det F+ (snow; others carry J_P);
         x+ = x + dt v  (held inside);
@@ -407,7 +408,7 @@ def wall(v: wp.vec3, axis: int, kind: int, outward: float, forced: int):
 # rollout with contact smooth around that base. A node lies in the wall band of at most one face per axis (the
 # grid keeps an interior: GridSpec refuses shape <= 2 band), so one bit per axis says whether its wall stopped it.
 NODE_ACTIVE = wp.constant(1)  # m > mass_eps
-FLOOR_CONTACT = wp.constant(2)  # below the floor and moving into it
+FLOOR_CONTACT = wp.constant(2)  # on or below the floor's node row and moving into it
 FLOOR_STICK = wp.constant(4)  # friction stops the tangential motion
 WALL_BIT0 = wp.constant(8)  # walls: bit 3 + axis (the min or the max face, whichever band the node is in)
 DECIDE = wp.constant(DecisionMode.DECIDE.value)
@@ -464,7 +465,9 @@ def grid_update(
         v = grid_momentum_in[i, j, k] / m + dt * gravity
         if floor_enabled != 0:
             node = wp.vec3(float(i), float(j), float(k)) * dx + grid_lower
-            if wp.dot(floor_normal, node) < floor_height:
+            # the floor is the node row nearest to the plane: rows less than half a cell above it and all below
+            # (docs/MATERIALS.md: with rows strictly below, a body on a node-row floor sank into a cell-deep gap)
+            if wp.dot(floor_normal, node) < floor_height + 0.5 * dx:
                 vn = wp.dot(v, floor_normal)
                 contact = vn < 0.0
                 if decision_mode == REPLAY:

@@ -236,9 +236,11 @@ def test_control_gradient_through_an_impact_is_the_twins_and_its_central_differe
     from diffmpm_cli.sim.op import material_kappa
 
     steps = 12
+    # the floor holds the node row nearest its plane: 0.1875 m holds the rows these numbers were measured with (at
+    # 0.25 the impact meets a row higher and central(1e-3) is 9.3 % off instead of 19 %)
     scene = load_scene(REPO / "scenes" / "snowball_impact.yaml",
                        ["sim.grid_resolution=16", f"sim.steps={steps}", f"sim.control_stride={steps}",
-                        f"sim.frames=[{steps}]", "source.center=[0.5,0.36,0.5]", "sim.floor.height=0.25",
+                        f"sim.frames=[{steps}]", "source.center=[0.5,0.36,0.5]", "sim.floor.height=0.1875",
                         "sim.initial_velocity=[0.0,-6.0,0.0]"])
     pipe = Pipeline(scene, build_assets(scene))
     source, n = pipe.assets.source, int(pipe.x0.shape[0])

@@ -229,7 +229,7 @@ def step_ref(state: dict, *, model, mass: torch.Tensor, volume: torch.Tensor, mu
                      torch.zeros_like(grid_momentum))
     if model.floor_enabled:
         n = torch.as_tensor(model.floor_normal, dtype=dtype)
-        below = (nodes @ n < model.floor_height) & filled
+        below = (nodes @ n < model.floor_height + 0.5 * g.dx) & filled  # the node row nearest the plane and below
         vn = vg @ n
         vt = vg - vn[:, None] * n
         slide = (vt**2).sum(1)
