@@ -366,7 +366,9 @@ class Boundaries(Section):
 class Floor(Section):
     enabled: bool = Field(False, description="add a floor plane {x : normal . x = height}")
     normal: Vec3 = Field([0.0, 1.0, 0.0], description="floor normal, pointing into the free space")
-    height: float = Field(0.1, description="offset of the plane along the normal [m]")
+    height: float = Field(
+        0.1, description="offset of the plane along the normal [m] (the grid holds the node row nearest it and all below)"
+    )
     friction: Annotated[float, Field(ge=0.0)] = Field(0.5, description="Coulomb friction coefficient")
 
 
