@@ -280,3 +280,30 @@ def test_control_gradient_through_an_impact_is_the_twins_and_its_central_differe
 
     assert abs(central(1e-5) - ad) <= 1e-4 * abs(ad)
     assert abs(central(1e-3) - ad) >= 0.1 * abs(ad)
+
+
+@pytest.mark.parametrize("graphs", [False, True])
+def test_the_lowest_volume_ratio_record_starts_at_det_F0_times_Jp0(graphs):
+    """A rollout's lowest-det-F record (the validity metrics' any-step minimum) starts from the whole starting volume
+    ratio det F0 J_P0 of compacted snow, as G2P records it afterwards: snow at J_P0 0.5 and F0 = 0.98 I expanding
+    (det F grows almost everywhere) reports det F0 J_P0 = 0.4706, not a later step's larger value (both rollout paths)."""
+    import sys
+
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
+    from test_mpm import make_model, make_particles
+
+    from diffmpm_cli.sim.op import simulate
+    from diffmpm_cli.sim.solver import Simulator
+
+    model = make_model(material="snow", gravity=(0.0, 0.0, 0.0), dt=5e-4)
+    state, mass, volume = make_particles(count=30, seed=3)
+    n = len(mass)
+    x = state["x"].float()
+    sim = Simulator(model, mass=mass.float(), volume=volume.float(), graphs=graphs)
+    F0 = 0.98 * torch.eye(3).expand(n, 3, 3)
+    out = simulate(sim, x0=x, v0=2.0 * (x - x.mean(0)), F0=F0, Jp0=torch.full((n,), 0.5), E=torch.tensor(1e4),
+                   nu=torch.tensor(0.3), steps=3, hardening=torch.tensor(3.0),
+                   critical_compression=torch.tensor(THETA_C), critical_stretch=torch.tensor(THETA_S))
+    start = 0.98**3 * 0.5
+    assert float(out.stats.det_F_min.max()) == pytest.approx(start, rel=1e-5)  # the start is in every record
+    assert float(out.stats.det_F_min.min()) > 0.99 * start  # a few particles near the wall compress a little

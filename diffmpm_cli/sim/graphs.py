@@ -180,7 +180,7 @@ class GraphedRollout(Rollout):
                 wp.to_torch(p[name]).copy_(value.detach())
             for view, value in zip(b.checkpoint_views[0], (x0, v0, F0, C0, Jp0), strict=True):
                 view.copy_(value.detach())
-            wp.to_torch(sim.J_min)[:sim.particle_count].copy_(torch.linalg.det(F0.detach().float()))
+            wp.to_torch(sim.J_min)[:sim.particle_count].copy_(sim.volume_ratio(F0, Jp0))
         sim.clamped.zero_()
         self._params = p
         b.forward()

@@ -122,6 +122,14 @@ class Simulator:
 
         return self.model.material in mpm.PLASTIC_MODELS
 
+    def volume_ratio(self, F: torch.Tensor, Jp: torch.Tensor) -> torch.Tensor:
+        """det F of particles with elastic part ``F`` [N, 3, 3] and plastic volume ratio ``Jp`` [N]: det F J_P for
+        snow (its G2P records the lowest det F that way), det F for the other models (float32)."""
+        from ..kernels import mpm
+
+        det = torch.linalg.det(F.detach().float())
+        return det * Jp.detach().float() if self.model.material in mpm.PLASTIC_VOLUME_MODELS else det
+
     @property
     def decision_bytes_per_step(self) -> int:
         """One byte per grid node, and one per particle for a plastic model."""
@@ -247,7 +255,7 @@ class Rollout:
         grid = sim.new_grid()
         sim.clamped.zero_()
         if sim.particle_count:
-            wp.copy(sim.J_min, wp.from_torch(torch.linalg.det(F0.detach().float()).contiguous()))
+            wp.copy(sim.J_min, wp.from_torch(sim.volume_ratio(F0, Jp0).contiguous()))
         outputs = {0: _state_to_torch(current)} if 0 in self.frames else {}
         self._checkpoints = []
         self._decisions = self._plan_decisions()
