@@ -182,6 +182,23 @@ _ADD_MASS_MOMENTUM = """
 def add_mass_momentum(grid: wp.array3d(dtype=wp.vec4), i: int, j: int, k: int, v: wp.vec4): ...
 
 
+# A node's velocity is read from a vec4 (v, 0) array (G2P): one 16-byte load, and the adjoint adds the node's
+# velocity gradient with one float4 atomic on sm_90+ (27 per particle instead of 81 scalar ones).
+_ADD_VELOCITY_GRADIENT = """
+#if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 900)
+    if (adj_grid.data) atomicAdd(reinterpret_cast<float4*>(wp::address(adj_grid, i, j, k)),
+                                 make_float4(adj_ret[0], adj_ret[1], adj_ret[2], 0.0f));
+#else
+    if (adj_grid.data) wp::atomic_add(wp::address(adj_grid, i, j, k), wp::vec4(adj_ret[0], adj_ret[1], adj_ret[2], 0.0f));
+#endif
+"""
+
+
+@wp.func_native("wp::vec4 n = wp::index(grid, i, j, k); return wp::vec3(n[0], n[1], n[2]);",
+                adj_snippet=_ADD_VELOCITY_GRADIENT)
+def load_velocity(grid: wp.array3d(dtype=wp.vec4), i: int, j: int, k: int) -> wp.vec3: ...
+
+
 def _p2g_kernel(order: str, material: str):
     width = BSPLINES[order][0]
     stencil = _stencil_func(order)
@@ -533,7 +550,7 @@ def _g2p_kernel(order: str, material: str):
         x_in: wp.array(dtype=wp.vec3),
         F_in: wp.array(dtype=wp.mat33),
         Jp_in: wp.array(dtype=float),
-        grid_velocity_in: wp.array3d(dtype=wp.vec3),
+        grid_velocity_in: wp.array3d(dtype=wp.vec4),  # (v, 0) per node
         # return-mapping decisions (DecisionMode, as grid_update's; plastic models only)
         decision_mode: int,
         decisions: wp.array(dtype=wp.uint8),
@@ -558,7 +575,7 @@ def _g2p_kernel(order: str, material: str):
                 for k in range(wp.static(width)):
                     w = wx[i] * wy[j] * wz[k]
                     node = wp.vec3(float(bx + i), float(by + j), float(bz + k)) * dx + grid_lower
-                    vi = grid_velocity_in[bx + i, by + j, bz + k]
+                    vi = load_velocity(grid_velocity_in, bx + i, by + j, bz + k)
                     v += w * vi
                     B += w * wp.outer(vi, node - x)
         C = (wp.static(inertia) * inv_dx * inv_dx) * B

@@ -98,6 +98,6 @@ def g2p(model: MPMModel, state_in: MPMState, grid: MPMGrid, state_out: MPMState,
         k.lower, g.dx, model.dt, k.interior_lower, k.interior_upper, model.f_blend,
         model.min_J, mu, lam, kappa,
         Fc, control,
-        state_in.x, state_in.F, state_in.Jp, grid.velocity,
+        state_in.x, state_in.F, state_in.Jp, grid.velocity4,
         int(mode), decisions if decisions is not None else _no_decisions(device, 1),
     ], outputs=[state_out.x, state_out.v, state_out.F, state_out.C, state_out.Jp, clamped, J_min])

@@ -124,24 +124,27 @@ class MPMState:
 @dataclass
 class MPMGrid:
     """One step's grid: mass [kg] and momentum [kg m/s] (P2G's output, one vec4 (m, p) per node: ``mass_momentum``;
-    ``mass`` and ``momentum`` are strided views of it, their gradients views of its gradient), velocity after the
-    update [m/s]."""
+    ``mass`` and ``momentum`` are strided views of it), velocity after the update [m/s] (one vec4 (v, 0) per node:
+    ``velocity4``, which G2P reads; ``velocity`` a strided view, which the grid update writes). Each view's gradient
+    is the same view of its array's gradient."""
 
     mass_momentum: object
     mass: object
     momentum: object
+    velocity4: object
     velocity: object
 
     @classmethod
     def zeros(cls, shape, *, device: str, requires_grad: bool) -> MPMGrid:
         wp = warp()
         kw = dict(shape=shape, device=device, requires_grad=requires_grad)
-        mm = wp.zeros(dtype=wp.vec4, **kw)
-        mass, momentum = _mass_momentum_views(mm)
+        mm, v4 = wp.zeros(dtype=wp.vec4, **kw), wp.zeros(dtype=wp.vec4, **kw)
+        (mass, momentum), (velocity,) = _views(mm, (float, 0), (wp.vec3, 4)), _views(v4, (wp.vec3, 0))
         if requires_grad:
-            mass.grad, momentum.grad = _mass_momentum_views(mm.grad)
-            mass.requires_grad = momentum.requires_grad = True
-        return cls(mass_momentum=mm, mass=mass, momentum=momentum, velocity=wp.zeros(dtype=wp.vec3, **kw))
+            (mass.grad, momentum.grad), (velocity.grad,) = (_views(mm.grad, (float, 0), (wp.vec3, 4)),
+                                                            _views(v4.grad, (wp.vec3, 0)))
+            mass.requires_grad = momentum.requires_grad = velocity.requires_grad = True
+        return cls(mass_momentum=mm, mass=mass, momentum=momentum, velocity4=v4, velocity=velocity)
 
     def zero_(self) -> None:
         """Zero what P2G accumulates into (the grid update writes every velocity)."""
@@ -149,11 +152,11 @@ class MPMGrid:
 
     def zero_grad(self) -> None:
         self.mass_momentum.grad.zero_()
-        self.velocity.grad.zero_()
+        self.velocity4.grad.zero_()
 
 
-def _mass_momentum_views(mm):
-    """(mass float, momentum vec3) arrays over a vec4 (m, p) array: same strides, offsets 0 and 4 bytes."""
+def _views(array, *fields):
+    """Arrays over the fields of a vec4 array, each (dtype, byte offset): same shape and strides."""
     wp = warp()
-    kw = dict(shape=mm.shape, strides=mm.strides, device=mm.device)
-    return wp.array(ptr=mm.ptr, dtype=float, **kw), wp.array(ptr=mm.ptr + 4, dtype=wp.vec3, **kw)
+    kw = dict(shape=array.shape, strides=array.strides, device=array.device)
+    return tuple(wp.array(ptr=array.ptr + offset, dtype=dtype, **kw) for dtype, offset in fields)
