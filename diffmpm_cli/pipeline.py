@@ -170,6 +170,19 @@ class Pipeline:
         opacities = natural("opacity_logit", p["opacity_logit"]).expand(m)
         return means, covars, colors, opacities
 
+    @torch.no_grad()
+    def render_views(self, x: torch.Tensor, F: torch.Tensor, params: dict[str, torch.Tensor], *, viewmats, Ks,
+                     size: tuple[int, int], chunk: int = 8) -> torch.Tensor:
+        """RGB images [C, H, W, 3] of one state from cameras ``viewmats`` [C, 4, 4] / ``Ks`` [C, 3, 3] at ``size``
+        (width, height), ``chunk`` views at a time: a trained 3DGS source's view-dependent colours are evaluated per
+        view, so each chunk holds [chunk, M, 3] colours."""
+        images = []
+        for start in range(0, viewmats.shape[0], chunk):
+            views, intrinsics = viewmats[start:start + chunk], Ks[start:start + chunk]
+            gaussians = self.gaussians(x, F, params, viewmats=views)
+            images.append(self.render(*gaussians, with_depth=False, viewmats=views, Ks=intrinsics, size=size)[0])
+        return torch.cat(images)
+
     @functools.cached_property
     def metric_embedding(self):
         """The source's rest surface samples bound to the particles: the Gaussians' own embedding in surface mode,

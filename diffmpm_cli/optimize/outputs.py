@@ -37,14 +37,8 @@ def render_turntable(pipeline, params, x, F, *, count: int, size: tuple[int, int
     cams = turntable_cameras(pipeline.scene.render, count=count, default_target=pipeline.assets.grid.center,
                              width=size[0], height=size[1])
     viewmats, Ks = cams.to_torch(pipeline.device)
-    frames = []
-    with torch.no_grad():
-        for start in range(0, count, 8):  # view-dependent colours (a trained 3DGS source) per chunk of views
-            gaussians = pipeline.gaussians(x, F, params, viewmats=viewmats[start:start + 8])
-            images, _, _ = pipeline.render(*gaussians, with_depth=False, viewmats=viewmats[start:start + 8],
-                                           Ks=Ks[start:start + 8], size=size)
-            frames.extend(to_uint8(img.cpu()) for img in images)
-    return frames
+    images = pipeline.render_views(x, F, params, viewmats=viewmats, Ks=Ks, size=size)
+    return [to_uint8(img.cpu()) for img in images]
 
 
 def _fibonacci_directions(count: int) -> torch.Tensor:

@@ -109,9 +109,9 @@ def render_frames(pipeline, params, *, frames: list[int], cameras: str, size: tu
     with torch.no_grad():
         result = pipeline.simulate(params, start=start, frames=frames)
         images = []
-        for row in range(len(result.frames)):
-            gaussians = pipeline.gaussians(result.x[row], result.F[row], params)
-            images.append(pipeline.render(*gaussians, with_depth=False, viewmats=viewmats, Ks=Ks, size=size)[0])
+        for row in range(len(result.frames)):  # with a trained 3DGS source's view-dependent colours per camera
+            images.append(pipeline.render_views(result.x[row], result.F[row], params, viewmats=viewmats, Ks=Ks,
+                                                size=size))
     return list(result.frames), names, torch.stack(images).cpu()
 
 
