@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 from conftest import BASE_SCENE, SCENES
 from PIL import Image
@@ -102,7 +103,7 @@ def test_validate_preview_writes_pictures(write_scene, tmp_path):
     assert [p.name for p in pictures] == ["preview_front.png", "preview_orbit0.png", "preview_orbit1.png"]
     with Image.open(pictures[0]) as img:
         assert img.size == (2 * 256, 256)  # source | target, scaled up from 32x32
-        pixels = list(img.convert("RGB").getdata())
+        pixels = [tuple(p) for p in np.asarray(img.convert("RGB")).reshape(-1, 3).tolist()]
     assert sum(p != (255, 255, 255) for p in pixels) > 1000  # the particles are drawn, not a blank sheet
 
 

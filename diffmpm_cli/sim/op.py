@@ -146,7 +146,7 @@ def _check_stability(sim: Simulator, mu: torch.Tensor, lam: torch.Tensor, kappa:
     detail = f"largest wave speed {speed:.4g} m/s"
     if hardening is not None and float(hardening[fastest]) != 1.0:
         detail += (f", snow hardened x{float(hardening[fastest]):.3g} by exp(xi (1 - J_P)) at its J_P "
-                   f"{float(Jp0[fastest]):.3g}")
+                   f"{float(Jp0[fastest].detach()):.3g}")
     check_cfl_number(dt=sim.model.dt, dx=sim.model.grid.dx, speed=speed, limit=sim.model.cfl_limit, detail=detail)
     if sim.model.material == Material.NEWTONIAN_FLUID and sim.particle_count:
         number = float((kappa[:, 0].detach() / sim.density).max()) * sim.model.dt / sim.model.grid.dx**2
