@@ -252,6 +252,19 @@ def slab(res: int, *, height_cells: int):
     return GridSpec(lower=(0.0, 0.0, 0.0), dx=1.0 / res, shape=(res, height_cells, 2 * band + 2), boundary_cells=band)
 
 
+def on_the_floor(grid: GridSpec, x: torch.Tensor, *, material: str, density: float, E: float, dt: float,
+                 floor: float, friction: float):
+    """(simulator, mass, volume, E, nu) of lattice particles ``x`` (spacing dx / 2) on a floor at ``floor`` under
+    gravity between slip walls, nu = 0.3 (float64 tensors beside the float32 simulator)."""
+    volume = torch.full((len(x),), (grid.dx / 2) ** 3, dtype=torch.float64)
+    mass = density * volume
+    model = MPMModel(grid=grid, bspline="quadratic", material=material, dt=dt, gravity=(0.0, -9.81, 0.0),
+                     walls_min=("slip",) * 3, walls_max=("slip",) * 3, floor_enabled=True, floor_height=floor,
+                     friction=friction)
+    sim = Simulator(model, mass=mass.float(), volume=volume.float())
+    return sim, mass, volume, torch.tensor(E, dtype=torch.float64), torch.tensor(0.3, dtype=torch.float64)
+
+
 def test_plasticine_stays_deformed_and_loses_energy():
     """A block squashed by its initial velocity (no gravity, no walls): von Mises keeps ~40 % of its height and
     its energy falls to a few per cent; the same Hencky model with an unreachable yield stress springs back (its
@@ -297,13 +310,8 @@ def test_a_layer_on_the_floor_carries_its_weight_from_the_floor_up(offset):
     grid = GridSpec(lower=(0.0, 0.0, 0.0), dx=dx, shape=(24, 16, 2 * band + 2), boundary_cells=band)
     floor, depth = (4 + offset) * dx, 5 * dx
     x = lattice((band * dx, floor, band * dx), ((24 - band) * dx, floor + depth, (band + 2) * dx), dx / 2)
-    volume = torch.full((len(x),), (dx / 2) ** 3, dtype=torch.float64)
-    mass = 1000.0 * volume
-    E, nu = torch.tensor(3.0e5, dtype=torch.float64), torch.tensor(0.3, dtype=torch.float64)
-    model = MPMModel(grid=grid, bspline="quadratic", material="fixed_corotated", dt=2e-4, gravity=(0.0, -9.81, 0.0),
-                     walls_min=("slip",) * 3, walls_max=("slip",) * 3, floor_enabled=True, floor_height=floor,
-                     friction=0.5)
-    sim = Simulator(model, mass=mass.float(), volume=volume.float())
+    sim, mass, volume, E, nu = on_the_floor(grid, x, material="fixed_corotated", density=1000.0, E=3.0e5, dt=2e-4,
+                                            floor=floor, friction=0.5)
     frames = list(range(500, 1001, 50))  # the second half of 0.2 s: ~5 periods of the layer's compression wave
     out = simulate(sim, x0=x.float(), v0=torch.zeros(3), E=E.float(), nu=nu.float(), steps=1000, frames=frames)
     mu, lam = lame_parameters(E, nu)
@@ -347,13 +355,8 @@ def sand_pile(friction_angle: float, steps: int = 500, wedge: float | None = Non
         half = 0.12 / math.tan(math.radians(wedge)) + 0.01
         x = lattice((0.5 - half, floor, 3 * grid.dx), (0.5 + half, floor + 0.13, 5 * grid.dx), grid.dx / 2)
         x = x[x[:, 1] - floor <= 0.12 - (x[:, 0] - 0.5).abs() * math.tan(math.radians(wedge))]
-    volume = torch.full((len(x),), (grid.dx / 2) ** 3, dtype=torch.float64)
-    mass = 1500.0 * volume
-    E, nu = torch.tensor(3.0e4, dtype=torch.float64), torch.tensor(0.3, dtype=torch.float64)
-    model = MPMModel(grid=grid, bspline="quadratic", material="drucker_prager", dt=1e-3, gravity=(0.0, -9.81, 0.0),
-                     walls_min=("slip",) * 3, walls_max=("slip",) * 3, floor_enabled=True, floor_height=floor,
-                     friction=0.8)
-    sim = Simulator(model, mass=mass.float(), volume=volume.float())
+    sim, mass, volume, E, nu = on_the_floor(grid, x, material="drucker_prager", density=1500.0, E=3.0e4, dt=1e-3,
+                                            floor=floor, friction=0.8)
     frames = list(range(0, steps + 1, steps // 5))
     out = simulate(sim, x0=x.float(), v0=torch.zeros(3), E=E.float(), nu=nu.float(), steps=steps, frames=frames,
                    friction_angle=torch.tensor(friction_angle))
