@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from .config.checks import stiffest_material
+from .config.checks import material_starts
 from .render.rasterize import raster_memory
-from .sim.grid import cfl_number, control_layers, default_segment_length, kept_frames, rollout_memory
+from .sim.grid import cfl_number, control_layers, default_segment_length, fastest_material, kept_frames, rollout_memory
 
 
 @dataclass(frozen=True)
@@ -45,7 +45,7 @@ def summarize_scene(*, scene, assets, camera_count: int) -> SceneSummary:
     """Counts, grid, time stepping, CFL number and a taped-rollout memory estimate of a scene."""
     sim = scene.sim
     particles = assets.source.particle_count
-    E_max, nu_max = stiffest_material(scene)  # the stiffest material a run starts from
+    E_max, nu_max, density = fastest_material(material_starts(scene))  # the fastest wave a run starts with
     layers = control_layers(sim.steps, sim.control_stride)
     memory = rollout_memory(particle_count=particles, node_count=assets.grid.node_count, steps=sim.steps,
                             control_layers=layers if scene.learn.dFc.enabled else 0,
@@ -69,7 +69,7 @@ def summarize_scene(*, scene, assets, camera_count: int) -> SceneSummary:
         duration=sim.dt * sim.steps,
         bspline=sim.bspline,
         control_layers=layers,
-        cfl=cfl_number(E=E_max, nu=nu_max, density=scene.material.density, dt=sim.dt, dx=assets.grid.dx),
+        cfl=cfl_number(E=E_max, nu=nu_max, density=density, dt=sim.dt, dx=assets.grid.dx),
         cfl_limit=sim.cfl_limit,
         memory_full_tape=memory.full_tape,
         memory_checkpointed=memory.checkpointed,

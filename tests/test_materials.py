@@ -838,3 +838,9 @@ def test_regions_are_checked_with_one_error_line(write_scene):
         assert result.exit_code == 2, (message, result.output)
         lines = [line for line in result.output.strip().splitlines() if line]
         assert len(lines) == 1 and lines[0].startswith(message), (message, result.output)
+    # a light region's faster waves: refused by validate (the table on stdout, one error line on stderr), not first
+    # by the rollout's own check at run time
+    result = CliRunner().invoke(app, ["validate", str(write_scene(region_scene({"regions": [{**region, "density": 1.0}]})))])
+    assert result.exit_code == 2, result.output
+    line = result.stderr.strip()
+    assert line.startswith("error: sim.dt: unstable time step") and "density = 1 kg/m^3" in line, line

@@ -65,9 +65,9 @@ def validate(
     """Check a scene and report particle counts, grid, time step, CFL number and memory."""
     from ..assets import build_assets
     from ..config import load_scene
-    from ..config.checks import stiffest_material
+    from ..config.checks import material_starts
     from ..outputs.preview import check_preview_dir, write_previews
-    from ..sim.grid import check_cfl
+    from ..sim.grid import check_cfl, fastest_material
     from ..summary import summarize_scene
     from .scenes import resolve_scene
 
@@ -81,8 +81,8 @@ def validate(
         print_json(summary.as_dict(), indent=2)
     else:
         out.print(_table(summary))
-    E, nu = stiffest_material(cfg)
-    check_cfl(E=E, nu=nu, density=cfg.material.density, dt=cfg.sim.dt, dx=assets.grid.dx,
+    E, nu, density = fastest_material(material_starts(cfg))
+    check_cfl(E=E, nu=nu, density=density, dt=cfg.sim.dt, dx=assets.grid.dx,
               limit=cfg.sim.cfl_limit)  # before the previews: a refused scene writes nothing
     if preview is not None:
         for path in write_previews(assets=assets, cameras=cameras, out_dir=preview):

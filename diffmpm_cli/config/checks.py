@@ -97,17 +97,24 @@ def camera_names(render) -> tuple[str, ...]:
     return tuple(names)
 
 
-def stiffest_material(scene: Scene) -> tuple[float, float]:
-    """The stiffest (E [Pa], nu) a run of ``scene`` starts from: material, material.regions, learn.*.init and
-    target.truth values (what the CFL check before a run must hold for; a region's lower density is held by the
-    rollout's own check, sim/op.py, which sees every particle's values). Snow is held as it starts, fresh (J_P = 1):
-    its hardening exp(xi (1 - J_P)) grows with a compaction the model bounds by nothing (J_P only shrinks while
-    compressed), so no bound exists to hold it at; the rollout's check holds each particle's starting J_P0."""
+def material_starts(scene: Scene) -> list[tuple[float, float, float]]:
+    """The (E [Pa], nu, density [kg/m^3]) a run of ``scene`` may start from, for the CFL check before a run
+    (sim.grid.fastest_material picks the fastest wave): the material at its stiffest (material, learn.*.init and
+    target.truth values), and each of material.regions with its own E, nu and density (the material's where it gives
+    none; a region's E and nu never below the learned init and the truth, which may apply to it). Snow is held as it
+    starts, fresh (J_P = 1): its hardening exp(xi (1 - J_P)) grows with a compaction the model bounds by nothing (J_P
+    only shrinks while compressed), so no bound exists to hold it at; the rollout's check holds each particle's
+    starting J_P0."""
     truth = scene.target.truth
-    regions = scene.material.regions
-    Es = [scene.material.E, scene.learn.E.init, truth.E if truth else None, *(r.E for r in regions)]
-    nus = [scene.material.nu, scene.learn.nu.init, truth.nu if truth else None, *(r.nu for r in regions)]
-    return max(e for e in Es if e is not None), max(n for n in nus if n is not None)
+    material = scene.material
+    learned_E = [e for e in (scene.learn.E.init, truth.E if truth else None) if e is not None]
+    learned_nu = [n for n in (scene.learn.nu.init, truth.nu if truth else None) if n is not None]
+    starts = [(max([material.E, *learned_E]), max([material.nu, *learned_nu]), material.density)]
+    for region in material.regions:
+        E = max([region.E if region.E is not None else material.E, *learned_E])
+        nu = max([region.nu if region.nu is not None else material.nu, *learned_nu])
+        starts.append((E, nu, region.density if region.density is not None else material.density))
+    return starts
 
 
 MAX_CELLS_PER_AXIS = 1 << 20  # far above any grid GridSpec accepts (512^3 nodes); keeps its arithmetic finite

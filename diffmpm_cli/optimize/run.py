@@ -154,12 +154,12 @@ class Optimization:
             if scene.target.truth is not None or per_frame:
                 raise ConfigError("optimize.episodes", "episodes > 1 need targets of the final state only (a mesh "
                                                        "or final-frame images), not truth or per-frame targets")
-        from ..config.checks import stiffest_material
-        from ..sim.grid import check_cfl
+        from ..config.checks import material_starts
+        from ..sim.grid import check_cfl, fastest_material
 
-        E_max, nu_max = stiffest_material(scene)  # as validate does: an unstable dt is bad input, refused before any write
-        check_cfl(E=E_max, nu=nu_max, density=scene.material.density, dt=scene.sim.dt, dx=assets.grid.dx,
-                  limit=scene.sim.cfl_limit)
+        # as validate does: an unstable dt is bad input, refused before any write
+        E_max, nu_max, density = fastest_material(material_starts(scene))
+        check_cfl(E=E_max, nu=nu_max, density=density, dt=scene.sim.dt, dx=assets.grid.dx, limit=scene.sim.cfl_limit)
         nu = BY_GROUP["nu"].default(scene)
         self.stable_E = StableE(density=scene.material.density, dt=scene.sim.dt, dx=assets.grid.dx,
                                 limit=scene.sim.cfl_limit, nu=nu)

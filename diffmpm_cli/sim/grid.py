@@ -169,9 +169,15 @@ def above(value: float, limit: float) -> str:
     return repr(value)
 
 
+def fastest_material(starts) -> tuple[float, float, float]:
+    """The (E, nu, density) of ``starts`` (config.checks.material_starts) with the fastest P wave."""
+    return max(starts, key=lambda start: wave_speed(*start))
+
+
 def check_cfl(*, E: float, nu: float, density: float, dt: float, dx: float, limit: float) -> float:
     """The CFL number of a material (E [Pa], nu, density [kg/m^3]) at ``dt`` [s] on cells of ``dx`` [m];
-    SimulationError above ``limit`` (``sim.cfl_limit``). For a scene, E and nu are config.checks.stiffest_material's.
+    SimulationError above ``limit`` (``sim.cfl_limit``). For a scene, E, nu and density are those of
+    fastest_material(config.checks.material_starts(scene)).
     """
     return check_cfl_number(dt=dt, dx=dx, speed=wave_speed(E, nu, density), limit=limit,
                             detail=f"E = {E:.4g} Pa, nu = {nu:g}, density = {density:g} kg/m^3")
