@@ -188,6 +188,21 @@ def test_final_is_the_last_iterate_and_render_says_which_checkpoint(run_dir, tmp
     assert result.exit_code == 2 and "must be best, last or a checkpoint file" in result.output
 
 
+def test_best_is_the_lowest_loss_of_every_evaluated_iterate_the_last_included(run_dir):
+    """best.pt holds the parameters with the lowest loss among the iterates the loop evaluated (each before its step)
+    and the last iterate, evaluated for final/ (before: the loop's iterates only, so a run whose last step lowered
+    the loss rendered the worse parameters by default)."""
+    from diffmpm_cli.optimize.checkpoint import load_checkpoint
+
+    summary = json.loads((run_dir / "summary.json").read_text())
+    losses = [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    best = load_checkpoint(run_dir / "checkpoints" / "best.pt")
+    assert float(best["loss"]) == pytest.approx(min([*losses, summary["final"]["loss"]]), rel=1e-6)
+    assert summary["best"]["loss"] == pytest.approx(float(best["loss"]), rel=1e-12)
+    assert summary["final"]["loss"] < min(losses)  # this tiny run's last step lowers the loss (0.140 -> 0.122)
+    assert best["iteration"] == 2 and summary["best"]["iteration"] == 2
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # 3. resume robustness
 

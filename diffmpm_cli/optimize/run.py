@@ -398,6 +398,7 @@ def _optimize_locked(run, state: RunState, *, out_dir: Path, device: str, resume
             _write_failed_run(run, state, out_dir=out_dir, failure=failure, device=device)
             raise
         summary = write_final_outputs(run, out_dir, history=state.history, wall_s=state.wall(), device=device)
+        _keep_the_last_iterate_if_best(run, state, ckpt_dir, loss=summary["final"]["loss"])
         summary.update(_run_facts(run, state, out_dir, point))
         summary["main_metric"] = main_metric(summary["final"])
         write_json(out_dir / "summary.json", summary)
@@ -426,6 +427,16 @@ def _restore(run, state: RunState, point) -> None:
     state.iteration, state.best_loss = ckpt["iteration"], float(ckpt["best_loss"])
     state.wall_before = float(ckpt.get("wall_s", 0.0))
     state.resumed_from = ckpt["iteration"]
+
+
+def _keep_the_last_iterate_if_best(run, state: RunState, ckpt_dir: Path, *, loss: float) -> None:
+    """The last iterate (the parameters after the last step, evaluated for final/) becomes best.pt when its loss is
+    lower than that of every iterate the loop evaluated (each before its step): the loop never sees the loss of its
+    own last step's result."""
+    best = ckpt_dir / "best.pt"
+    if not math.isfinite(loss) or (best.exists() and not loss < float(load_checkpoint(best)["loss"])):
+        return
+    save_best(ckpt_dir, iteration=state.iteration, params=run.params, loss=loss, start=run.start)
 
 
 def _run_facts(run, state: RunState, out_dir: Path, point) -> dict:
