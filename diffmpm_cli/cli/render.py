@@ -50,8 +50,7 @@ def render(
 ) -> None:
     """Simulate and render chosen frames from the scene's cameras or an orbit.
 
-    A run folder renders checkpoints/best.pt (the lowest loss) unless --checkpoint last asks for the last iterate,
-    the state final/ shows."""
+    A run folder renders checkpoints/best.pt (the lowest loss); --checkpoint last renders the last iterate (final/)."""
     import contextlib
 
     from ..errors import ConfigError

@@ -40,7 +40,8 @@ def _table(s) -> Table:
         ("grid", f"{s.grid_shape[0]} x {s.grid_shape[1]} x {s.grid_shape[2]} nodes, {s.bspline} B-spline"),
         ("dx", f"{s.dx:.5g} m (particle spacing {s.particle_spacing:.4g} m)"),
         ("dt", f"{s.dt:.4g} s"),
-        ("steps", f"{s.steps} ({s.duration:.4g} s simulated, {s.control_layers} control layers)"),
+        ("steps", f"{s.steps} ({s.duration:.4g} s simulated, {s.control_layers} control "
+                  f"layer{'s' if s.control_layers != 1 else ''})"),
         ("CFL number", f"{s.cfl:.3f}" if s.cfl_ok else f"{above(s.cfl, s.cfl_limit)}  [bold red]> limit {s.cfl_limit!r}[/]"),
         ("memory, full tape", _bytes(s.memory_full_tape)),
         ("memory, checkpointed", f"{_bytes(s.memory_checkpointed)} ({s.segment_length}-step segments)"),
