@@ -178,7 +178,8 @@ def optimize(
     result = bench_optimize(scene=cfg, assets=build_assets(cfg, device=device), device=device, repeats=repeats,
                             graphs=graphs)
     sec = result["seconds"]
-    table = Table(title=f"one iteration of '{cfg.name}' on {result['device_name']}", title_justify="left")
+    mode = "graphed rollouts" if graphs else "eager rollouts"
+    table = Table(title=f"one iteration of '{cfg.name}' on {result['device_name']} ({mode})", title_justify="left")
     for name in ("stage", "forward ms", "backward ms"):
         table.add_column(name, justify="left" if name == "stage" else "right")
     for stage in ("sim", "splats", "render", "loss"):
