@@ -27,7 +27,7 @@ from ..enums import DecisionMode
 from ..errors import SimulationError
 from ..warp_runtime import warp
 from .model import MPMState
-from .solver import FrozenDecisions, Rollout, Simulator
+from .solver import FrozenDecisions, Rollout, Simulator, nonfinite_state_error, step_with, taped_segment
 
 
 class Program:
@@ -117,11 +117,6 @@ class RolloutBuffers:
             self._owner = None
 
     # -- the programs -------------------------------------------------------------------------------------------
-    def _step(self, state_in, state_out, grid, t: int, **kw) -> None:
-        p = self.params
-        self.sim.step(state_in, state_out, grid, mu=p["mu"], lam=p["lam"], kappa=p["kappa"], Fc=p["Fc"],
-                      control=self.sim.model.control_index(t) if self.controlled else -1, **kw)
-
     def _forward(self) -> None:
         """Every segment from its checkpoint into the next one (two spare states in between), recording each step's
         decisions; clamps and lowest det F into the simulator's own records."""
@@ -130,8 +125,8 @@ class RolloutBuffers:
             for t in range(start, end):
                 target = self.checkpoints[index + 1] if t == end - 1 else self.spares[(t - start) % 2]
                 self.grid.zero_()
-                self._step(source, target, self.grid, t, taped=False, decision_mode=DecisionMode.RECORD,
-                           decisions=self.decisions[t])
+                step_with(self.sim, self.params, source, target, self.grid, t, taped=False,
+                          decision_mode=DecisionMode.RECORD, decisions=self.decisions[t])
                 source = target
 
     def _backward(self, index: int) -> None:
@@ -139,22 +134,10 @@ class RolloutBuffers:
         gradient of its start state in ``carry`` and adds to the parameters' gradients."""
         wp = warp()
         start, end = self.segments[index]
-        length = end - start
         for target, source in zip(self.states[0].arrays(), self.checkpoints[index].arrays(), strict=True):
             wp.copy(target, source)
-        for state in self.states[:length + 1]:
-            for array in state.arrays():
-                array.grad.zero_()
-        for grid in self.grids[:length]:
-            grid.zero_()
-            grid.zero_grad()
-        tape = wp.Tape()
-        with tape:
-            for t in range(start, end):
-                row = t - start
-                self._step(self.states[row], self.states[row + 1], self.grids[row], t, clamped=self.counter,
-                           J_min=self.J_min, decision_mode=DecisionMode.REPLAY, decisions=self.decisions[t])
-        tape.backward(grads=dict(zip(self.states[length].arrays(), self.carry.arrays(), strict=True)))
+        taped_segment(self.sim, self.params, self.states, self.grids, start=start, end=end, decisions=self.decisions,
+                      seeds=self.carry.arrays(), clamped=self.counter, J_min=self.J_min)
         for target, source in zip(self.carry.arrays(), self.states[0].arrays(), strict=True):
             wp.copy(target, source.grad)
 
@@ -169,10 +152,7 @@ class GraphedRollout(Rollout):
     def forward(self, x0, v0, F0, C0, Fc, mu, lam, kappa, Jp0) -> list[torch.Tensor]:
         wp = warp()
         sim, b = self.sim, self.buffers
-        controlled = Fc is not None
-        K = sim.model.control_layers(self.steps)
-        if controlled and tuple(Fc.shape) != (K, sim.particle_count, 3, 3):
-            raise SimulationError(f"Fc must have shape [{K}, {sim.particle_count}, 3, 3], got {list(Fc.shape)}")
+        controlled = self._check_controls(Fc)
         p = b.params
         with torch.no_grad():
             wp.to_torch(p["Fc"]).copy_(Fc.detach() if controlled else torch.eye(3, device=sim.torch_device))
@@ -182,7 +162,6 @@ class GraphedRollout(Rollout):
                 view.copy_(value.detach())
             wp.to_torch(sim.J_min)[:sim.particle_count].copy_(sim.volume_ratio(F0, Jp0))
         sim.clamped.zero_()
-        self._params = p
         b.forward()
         ends = [0] + [end for _, end in self.segments]
         finite = torch.stack([torch.stack([torch.isfinite(v).all() for v in views])
@@ -190,10 +169,7 @@ class GraphedRollout(Rollout):
         for row, flags in enumerate(finite):
             if not flags.all():
                 bad = [name for name, ok in zip(MPMState.FIELDS, flags.tolist(), strict=True) if not ok]
-                start = self.segments[row - 1][0] if row else 0
-                raise SimulationError(
-                    f"non-finite particle state ({', '.join(bad)}) after step {ends[row]} (segment {start}.."
-                    f"{ends[row]}); lower sim.dt, soften the material or check the controls")
+                raise nonfinite_state_error(bad, self.segments[row - 1][0] if row else 0, ends[row])
         self.stats.clamped_particle_steps = int(sim.clamped.numpy()[0])
         self.stats.det_F_min = wp.to_torch(sim.J_min).clone()[:sim.particle_count]
         self.stats.decision_bytes = self.steps * sim.decision_bytes_per_step
@@ -222,7 +198,6 @@ class GraphedRollout(Rollout):
             carry = [v.clone() for v in b.carry_views]
             g_fc = wp.to_torch(p["Fc"].grad).clone() if b.controlled else None
             g_mu, g_lam, g_kappa = (wp.to_torch(p[name].grad).clone() for name in ("mu", "lam", "kappa"))
-        self._params = None
         b.release(self)
         out = (*carry[:4], g_fc, g_mu, g_lam, g_kappa, carry[4])
         if not all(torch.isfinite(t).all() for t in out if t is not None):

@@ -208,6 +208,42 @@ def _state_to_torch(state: MPMState) -> list[torch.Tensor]:
     return [wp.to_torch(a).clone() for a in state.arrays()]
 
 
+def step_with(sim: Simulator, params: dict, state_in: MPMState, state_out: MPMState, grid: MPMGrid, t: int,
+              **kw) -> None:
+    """Step ``t`` with a rollout's parameter arrays ``params`` (mu, lam, kappa, Fc and whether Fc is a control)."""
+    sim.step(state_in, state_out, grid, mu=params["mu"], lam=params["lam"], kappa=params["kappa"], Fc=params["Fc"],
+             control=sim.model.control_index(t) if params["controlled"] else -1, **kw)
+
+
+def taped_segment(sim: Simulator, params: dict, states: list[MPMState], grids: list[MPMGrid], *, start: int,
+                  end: int, decisions, seeds, clamped, J_min) -> None:
+    """The backward of steps start..end: their replay under a fresh tape from ``states[0]`` (loaded by the caller)
+    through ``states[1:]`` and ``grids`` (values and gradients zeroed first), taking the branches in ``decisions``
+    (step -> that step's decisions), then the tape's backward from ``seeds`` (the gradient of the end state, one
+    array per field). Leaves the gradient of the start state in ``states[0]``'s gradients and adds to those of
+    ``params``. The tape is dropped without Tape.reset(), which would also zero the parameters' gradients."""
+    wp = warp()
+    length = end - start
+    for state in states[:length + 1]:
+        for array in state.arrays():
+            array.grad.zero_()
+    for grid in grids[:length]:
+        grid.zero_()
+        grid.zero_grad()
+    tape = wp.Tape()
+    with tape:
+        for t in range(start, end):
+            row = t - start
+            step_with(sim, params, states[row], states[row + 1], grids[row], t, clamped=clamped, J_min=J_min,
+                      decision_mode=DecisionMode.REPLAY, decisions=decisions[t])
+    tape.backward(grads=dict(zip(states[length].arrays(), seeds, strict=True)))
+
+
+def nonfinite_state_error(fields, start: int, end: int) -> SimulationError:
+    return SimulationError(f"non-finite particle state ({', '.join(fields)}) after step {end} (segment {start}..{end}); "
+                           "lower sim.dt, soften the material or check the controls")
+
+
 class Rollout:
     """A differentiable rollout of ``steps`` steps returning the states at ``frames`` (the last is ``steps``).
 
@@ -242,10 +278,7 @@ class Rollout:
         mu, lam: [N] (Pa); kappa: [N, 3], the model's parameter vector (sim/op.py material_kappa)."""
         wp = warp()
         sim = self.sim
-        controlled = Fc is not None
-        K = sim.model.control_layers(self.steps)
-        if controlled and tuple(Fc.shape) != (K, sim.particle_count, 3, 3):
-            raise SimulationError(f"Fc must have shape [{K}, {sim.particle_count}, 3, 3], got {list(Fc.shape)}")
+        controlled = self._check_controls(Fc)
         fc = Fc if controlled else torch.eye(3, device=sim.torch_device).expand(1, sim.particle_count, 3, 3)
         self._params = dict(Fc=_to_warp(fc, "mat33", controlled), mu=_to_warp(mu, "float32", True),
                             lam=_to_warp(lam, "float32", True), kappa=_to_warp(kappa, "vec3", True),
@@ -263,16 +296,12 @@ class Rollout:
             self._checkpoints.append(_state_to_torch(current))
             for t in range(start, end):
                 grid.zero_()
-                sim.step(current, spare, grid, **self._material(), Fc=self._params["Fc"], control=self._control(t),
-                         taped=False, **self._decision_args(t))
+                step_with(sim, self._params, current, spare, grid, t, taped=False, **self._decision_args(t))
                 current, spare = spare, current
             tensors = _state_to_torch(current)
             bad = [name for name, t in zip(MPMState.FIELDS, tensors, strict=True) if not torch.isfinite(t).all()]
             if bad:
-                raise SimulationError(
-                    f"non-finite particle state ({', '.join(bad)}) after step {end} (segment {start}..{end}); "
-                    "lower sim.dt, soften the material or check the controls"
-                )
+                raise nonfinite_state_error(bad, start, end)
             if end in self.frames:
                 outputs[end] = tensors
         self.stats.clamped_particle_steps = int(sim.clamped.numpy()[0])
@@ -307,11 +336,13 @@ class Rollout:
         mode, array = self._decisions.get(step, (DecisionMode.DECIDE, None))
         return dict(decision_mode=mode, decisions=array)
 
-    def _material(self) -> dict:
-        return {name: self._params[name] for name in ("mu", "lam", "kappa")}
-
-    def _control(self, step: int) -> int:
-        return self.sim.model.control_index(step) if self._params["controlled"] else -1
+    def _check_controls(self, Fc) -> bool:
+        """Whether there are controls; SimulationError where Fc is not [K, N, 3, 3] for this rollout."""
+        sim = self.sim
+        K = sim.model.control_layers(self.steps)
+        if Fc is not None and tuple(Fc.shape) != (K, sim.particle_count, 3, 3):
+            raise SimulationError(f"Fc must have shape [{K}, {sim.particle_count}, 3, 3], got {list(Fc.shape)}")
+        return Fc is not None
 
     def _account_memory(self) -> None:
         n, nodes = self.sim.particle_count, self.sim.model.grid.node_count
@@ -339,8 +370,7 @@ class Rollout:
             grid.zero_()
             args = (dict(decision_mode=DecisionMode.REPLAY, decisions=self._decisions[t][1]) if t in self._decisions
                     else dict(decision_mode=DecisionMode.RECORD, decisions=block[t - start]))
-            sim.step(current, spare, grid, **self._material(), Fc=self._params["Fc"], control=self._control(t),
-                     clamped=counter, J_min=J, taped=True, **args)
+            step_with(sim, self._params, current, spare, grid, t, clamped=counter, J_min=J, taped=True, **args)
             current, spare = spare, current
         self.stats.recomputed_steps += len(missing)
         return {t: self._decisions[t][1] if t in self._decisions else block[t - start] for t in range(start, end)}
@@ -368,28 +398,13 @@ class Rollout:
             if end in frame_row:
                 carry = [c + (g[frame_row[end]] if g is not None else 0) for c, g in zip(carry, grads, strict=True)]
             decisions = self._replay_decisions(index)
-            length = end - start
-            for state in states[:length + 1]:
-                for array in state.arrays():
-                    array.grad.zero_()
-            for grid in grids[:length]:
-                grid.zero_()
-                grid.zero_grad()
             _state_from_torch(states[0], self._checkpoints[index])
-            tape = wp.Tape()
-            with tape:
-                for t in range(start, end):
-                    row = t - start
-                    sim.step(states[row], states[row + 1], grids[row], **self._material(),
-                             Fc=self._params["Fc"], control=self._control(t),
-                             clamped=scratch_counter, J_min=scratch_J, decision_mode=DecisionMode.REPLAY,
-                             decisions=decisions[t])
-            seeds = {array: wp.from_torch(g.float().contiguous(), dtype=getattr(wp, dtype))
-                     for array, g, dtype in zip(states[length].arrays(), carry, STATE_DTYPES, strict=True)}
-            tape.backward(grads=seeds)
+            seeds = [wp.from_torch(g.float().contiguous(), dtype=getattr(wp, dtype))
+                     for g, dtype in zip(carry, STATE_DTYPES, strict=True)]
+            taped_segment(sim, self._params, states, grids, start=start, end=end, decisions=decisions, seeds=seeds,
+                          clamped=scratch_counter, J_min=scratch_J)
             carry = [wp.to_torch(a.grad).clone() for a in states[0].arrays()]
-            # drop the tape without Tape.reset(): reset would also zero the parameter gradients accumulated so far
-            del tape, seeds, decisions
+            del seeds, decisions
         del states, grids
         if 0 in frame_row:
             carry = [c + (g[frame_row[0]] if g is not None else 0) for c, g in zip(carry, grads, strict=True)]
