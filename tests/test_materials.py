@@ -603,6 +603,22 @@ def test_vector_models_backward_matches_the_twin(material, device):
         assert err <= 2e-3, f"d/d{key}: relative L2 error {err:.2e}"
 
 
+def mapping_vjp(kernel, Fs: torch.Tensor, k: torch.Tensor, cot: torch.Tensor, *scalars):
+    """(dF, dkappa) float64 of a per-matrix Warp kernel ``kernel(F, *scalars, kappa) -> out`` (mat33 arrays) at
+    ``Fs`` [M, 3, 3] and one parameter vector ``k`` [3], by Warp's tape from the cotangent ``cot`` [M, 3, 3]."""
+    import warp as wp
+
+    count = len(Fs)
+    F = wp.array(Fs.float().numpy(), dtype=wp.mat33, requires_grad=True)
+    kap = wp.array(k.expand(count, 3).float().numpy(), dtype=wp.vec3, requires_grad=True)
+    out = wp.zeros(count, dtype=wp.mat33, requires_grad=True)
+    tape = wp.Tape()
+    with tape:
+        wp.launch(kernel, dim=count, inputs=[F, *scalars, kap], outputs=[out])
+    tape.backward(grads={out: wp.array(cot.float().numpy(), dtype=wp.mat33)})
+    return torch.from_numpy(F.grad.numpy()).double(), torch.from_numpy(kap.grad.numpy()).double()
+
+
 @pytest.mark.parametrize("material", ["snow", "bingham"])
 def test_vector_models_adjoint_at_rest_and_repeated_singular_values(material):
     """The hand-written adjoints (snow's clamp, Bingham's viscoplastic map) at F = a rotation times diag(s, s, t):
@@ -629,15 +645,7 @@ def test_vector_models_adjoint_at_rest_and_repeated_singular_values(material):
     count = len(diagonals)
     g = torch.Generator().manual_seed(0)
     cot = torch.randn(count, 3, 3, generator=g, dtype=torch.float64)
-    F = wp.array(Fs.float().numpy(), dtype=wp.mat33, requires_grad=True)
-    kap = wp.array(k.expand(count, 3).float().numpy(), dtype=wp.vec3, requires_grad=True)
-    out = wp.zeros(count, dtype=wp.mat33, requires_grad=True)
-    tape = wp.Tape()
-    with tape:
-        wp.launch(project, dim=count, inputs=[F, mu, lam, kap], outputs=[out])
-    tape.backward(grads={out: wp.array(cot.float().numpy(), dtype=wp.mat33)})
-    grad_F = torch.from_numpy(F.grad.numpy()).double()
-    grad_k = torch.from_numpy(kap.grad.numpy()).double()
+    grad_F, grad_k = mapping_vjp(project, Fs, k, cot, mu, lam)
     assert torch.isfinite(grad_F).all() and torch.isfinite(grad_k).all()
     mus, lams = torch.tensor([mu]).double(), torch.tensor([lam]).double()
 

@@ -8,6 +8,8 @@ import math
 
 import pytest
 import torch
+from test_materials import mapping_vjp
+from test_mpm import GRID, make_model, make_particles
 
 from diffmpm_cli.reference.mpm import snow_ref
 
@@ -49,15 +51,7 @@ def test_clamp_adjoint_where_an_inside_and_a_clamped_singular_value_nearly_meet(
     count = len(diagonals)
     k = torch.tensor([10.0, THETA_C, THETA_S], dtype=torch.float64)
     cot = torch.randn(count, 3, 3, generator=g, dtype=torch.float64)
-    F = wp.array(Fs.float().numpy(), dtype=wp.mat33, requires_grad=True)
-    kap = wp.array(k.expand(count, 3).float().numpy(), dtype=wp.vec3, requires_grad=True)
-    out = wp.zeros(count, dtype=wp.mat33, requires_grad=True)
-    tape = wp.Tape()
-    with tape:
-        wp.launch(project, dim=count, inputs=[F, kap], outputs=[out])
-    tape.backward(grads={out: wp.array(cot.float().numpy(), dtype=wp.mat33)})
-    grad_F = torch.from_numpy(F.grad.numpy()).double()
-    grad_k = torch.from_numpy(kap.grad.numpy()).double()
+    grad_F, grad_k = mapping_vjp(project, Fs, k, cot)
 
     def ref(F_, k_):
         return snow_ref(F_[None], k_[None])[0]
@@ -119,8 +113,6 @@ def test_an_inverting_flow_is_reported_for_snow_as_for_an_elastic_body(material)
     and the sign goes to J_P: validity must read det F_E J_P (it read det F_E: 'valid', inverted 0 %)."""
     from types import SimpleNamespace
 
-    from test_mpm import GRID, make_model
-
     from diffmpm_cli.optimize.evaluate import validity_metrics
     from diffmpm_cli.sim.op import simulate
     from diffmpm_cli.sim.solver import Simulator
@@ -158,7 +150,6 @@ def test_the_stability_check_holds_snow_at_its_starting_compaction():
     """A dt stable for fresh snow (J_P0 = 1, CFL 0.12) is refused for snow compacted to J_P0 = 0.5 at xi 10 (stiffer
     by exp(5) = 148: CFL 1.46), with one line naming sim.dt, the hardening and a stable dt; the same compaction at
     xi 0 (no hardening) runs."""
-    from test_mpm import GRID, make_model
 
     from diffmpm_cli.errors import SimulationError
     from diffmpm_cli.sim.grid import wave_speed
@@ -287,11 +278,6 @@ def test_the_lowest_volume_ratio_record_starts_at_det_F0_times_Jp0(graphs):
     """A rollout's lowest-det-F record (the validity metrics' any-step minimum) starts from the whole starting volume
     ratio det F0 J_P0 of compacted snow, as G2P records it afterwards: snow at J_P0 0.5 and F0 = 0.98 I expanding
     (det F grows almost everywhere) reports det F0 J_P0 = 0.4706, not a later step's larger value (both rollout paths)."""
-    import sys
-
-    sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
-    from test_mpm import make_model, make_particles
-
     from diffmpm_cli.sim.op import simulate
     from diffmpm_cli.sim.solver import Simulator
 
