@@ -432,10 +432,10 @@ def _restore(run, state: RunState, point) -> None:
 def _keep_the_last_iterate_if_best(run, state: RunState, ckpt_dir: Path, *, loss: float) -> None:
     """The last iterate (the parameters after the last step, evaluated for final/) becomes best.pt when its loss is
     lower than that of every iterate the loop evaluated (each before its step): the loop never sees the loss of its
-    own last step's result."""
-    best = ckpt_dir / "best.pt"
-    if not math.isfinite(loss) or (best.exists() and not loss < float(load_checkpoint(best)["loss"])):
+    own last step's result. ``state.best_loss`` is best.pt's loss (saved with it, restored on resume)."""
+    if not (math.isfinite(loss) and loss < state.best_loss):
         return
+    state.best_loss = loss
     save_best(ckpt_dir, iteration=state.iteration, params=run.params, loss=loss, start=run.start)
 
 
