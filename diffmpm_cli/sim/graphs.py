@@ -82,7 +82,7 @@ class RolloutBuffers:
                  controlled: bool):
         wp = warp()
         n, device = sim.particle_count, sim.device
-        self.sim, self.steps, self.segments, self.controlled = sim, steps, segments, controlled
+        self.sim, self.segments = sim, segments
         self.params = dict(Fc=wp.zeros((layers, n), dtype=wp.mat33, device=device, requires_grad=controlled),
                            mu=wp.zeros(n, dtype=float, device=device, requires_grad=True),
                            lam=wp.zeros(n, dtype=float, device=device, requires_grad=True),
@@ -196,7 +196,7 @@ class GraphedRollout(Rollout):
             if 0 in frame_row:
                 self._add_frame_gradient(grads, frame_row[0])
             carry = [v.clone() for v in b.carry_views]
-            g_fc = wp.to_torch(p["Fc"].grad).clone() if b.controlled else None
+            g_fc = wp.to_torch(p["Fc"].grad).clone() if p["controlled"] else None
             g_mu, g_lam, g_kappa = (wp.to_torch(p[name].grad).clone() for name in ("mu", "lam", "kappa"))
         b.release(self)
         out = (*carry[:4], g_fc, g_mu, g_lam, g_kappa, carry[4])
