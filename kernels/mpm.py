@@ -615,7 +615,8 @@ def grid_update(
 
 
 def _g2p_kernel(order: str, material: str):
-    width, inertia = BSPLINES[order][0], BSPLINES[order][3]
+    inertia = BSPLINES[order][3]
+    gather = TRANSFERS[order][1]
     stencil = _stencil_func(order)
     return_mapping, branch_of = KERNEL_MODELS[material][1], KERNEL_MODELS[material][2]
     maps = material not in ELASTIC_MODELS
