@@ -597,7 +597,9 @@ def grid_update(
         shape = wp.vec3i(grid_mass_in.shape[0], grid_mass_in.shape[1], grid_mass_in.shape[2])
         for a in range(3):
             bit = WALL_BIT0 << a
-            if index[a] < band:
+            # each wall holds the node on its face of the particles' box (index band or shape - band) and those
+            # outside it; with index < band the min faces held a node a cell outside the particles (docs/MATERIALS.md)
+            if index[a] <= band:
                 v, stopped = wall(v, a, walls_min[a], -1.0, forced_bit(code, bit, decision_mode))
                 if stopped != 0:
                     taken = taken | bit

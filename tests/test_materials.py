@@ -202,7 +202,9 @@ def test_finite_differences_through_the_kernels(material):
 
     params = {"log_E": torch.tensor(math.log(1.0e4)), "nu": torch.tensor(0.3),
               "extra": torch.tensor(math.log(value) if logged else value)}
-    eps = {"log_E": 1e-2, "nu": 4e-3, "extra": 5e-2 if logged else 1.0}
+    # log E at 2e-2: at 1e-2 Drucker-Prager's FD noise was 9.7 % of its difference once the sticky y-min wall held
+    # the particles' own node row (measured at 2e-2: noise 1.6 %, AD 0.6 % off)
+    eps = {"log_E": 2e-2, "nu": 4e-3, "extra": 5e-2 if logged else 1.0}
     # the base rollout's branches (grid update; plastic models: each particle's return mapping), replayed by every
     # perturbed one, as check-grad does: the rollout as the smooth piece it lies on
     frozen = FrozenDecisions()
@@ -253,14 +255,15 @@ def slab(res: int, *, height_cells: int):
 
 
 def on_the_floor(grid: GridSpec, x: torch.Tensor, *, material: str, density: float, E: float, dt: float,
-                 floor: float, friction: float):
-    """(simulator, mass, volume, E, nu) of lattice particles ``x`` (spacing dx / 2) on a floor at ``floor`` under
-    gravity between slip walls, nu = 0.3 (float64 tensors beside the float32 simulator)."""
+                 floor: float | None, friction: float):
+    """(simulator, mass, volume, E, nu) of lattice particles ``x`` (spacing dx / 2) on a floor at ``floor`` (None: no
+    floor, the y-min wall holds them) under gravity between slip walls, nu = 0.3 (float64 tensors beside the float32
+    simulator)."""
     volume = torch.full((len(x),), (grid.dx / 2) ** 3, dtype=torch.float64)
     mass = density * volume
     model = MPMModel(grid=grid, bspline="quadratic", material=material, dt=dt, gravity=(0.0, -9.81, 0.0),
-                     walls_min=("slip",) * 3, walls_max=("slip",) * 3, floor_enabled=True, floor_height=floor,
-                     friction=friction)
+                     walls_min=("slip",) * 3, walls_max=("slip",) * 3, floor_enabled=floor is not None,
+                     floor_height=floor or 0.0, friction=friction)
     sim = Simulator(model, mass=mass.float(), volume=volume.float())
     return sim, mass, volume, torch.tensor(E, dtype=torch.float64), torch.tensor(0.3, dtype=torch.float64)
 
@@ -297,36 +300,49 @@ def test_plasticine_stays_deformed_and_loses_energy():
     assert energies[200.0][-1] < 0.05 * energies[200.0][0]
 
 
-@pytest.mark.parametrize("offset", [0.0, 0.75])
-def test_a_layer_on_the_floor_carries_its_weight_from_the_floor_up(offset):
-    """An elastic layer 5 cells deep fills a slab between slip walls and rests on the floor under gravity (uniaxial
-    strain): the bottom cell's volumetric strain is the weight above it, -rho g d / (lambda + 2 mu), and its base stays
+@pytest.mark.parametrize("support, offset", [("floor", 0.0), ("floor", 0.75), ("wall", 0.0)])
+def test_a_layer_on_the_floor_carries_its_weight_from_the_floor_up(support, offset):
+    """An elastic layer 5 cells deep fills a slab between slip walls and rests under gravity on the floor or, with
+    the floor off, on the y-min wall (uniaxial strain): its volumetric strain is the weight above it,
+    -rho g d / (lambda + 2 mu), through its depth, it strains neither sideways nor out of plane, and its base stays
     where it was placed. The floor lies on a node row (offset 0) or 3/4 of a cell above one (the held row is then the
-    nearest, a quarter cell above the plane). Measured (res 48, 1,000 steps): on the row -2.29e-3 / -2.16e-3 in the
-    lower / upper half of the bottom cell (analytic -2.40e-3 / -2.15e-3), base 0.001 dx lower; 3/4 above a row
-    -1.3e-3 / -2.3e-3. With the floor holding only the nodes strictly below the plane (before): on the row
-    -1.6e-2 / +9.6e-3 (the whole upper half in tension), the base 0.13 dx lower; 3/4 above a row -8.5e-3 / +1.7e-3."""
+    nearest, a quarter cell above the plane); the wall's face is the particles' box (lower + band dx).
+
+    Measured (res 48, 1,000 steps), strain / weight per half cell from the base, on the floor's row: 1.01 1.25 | 1.00
+    1.00 0.99 1.08 0.96 1.09 (the same on the wall and at res 96: the bottom cell's upper half reads the held row's
+    stencil), 3/4 above a row 0.53 1.19 | 1.08 0.93 0.95 0.99 0.98 0.97; lateral |F - I| <= 1e-5; base 0.001 dx lower.
+    Before the walls held the node on the particles' min faces (they held index < band, a cell outside): the layer
+    spread out of plane into that cell (F_zz - 1 up to +9e-4) and carried 0.58-0.74 of the weight above its bottom
+    cell; on the y-min wall its bottom cell read -1.6e-2 / +9.5e-3 (the upper half in tension) and sank 0.13 dx, as on
+    the floor before it held its plane's row (-1.6e-2 / +9.6e-3, 0.13 dx)."""
     band, dx = 3, 1.0 / 48
     grid = GridSpec(lower=(0.0, 0.0, 0.0), dx=dx, shape=(24, 16, 2 * band + 2), boundary_cells=band)
-    floor, depth = (4 + offset) * dx, 5 * dx
-    x = lattice((band * dx, floor, band * dx), ((24 - band) * dx, floor + depth, (band + 2) * dx), dx / 2)
+    base, depth = (band if support == "wall" else 4 + offset) * dx, 5 * dx
+    x = lattice((band * dx, base, band * dx), ((24 - band) * dx, base + depth, (band + 2) * dx), dx / 2)
     sim, mass, volume, E, nu = on_the_floor(grid, x, material="fixed_corotated", density=1000.0, E=3.0e5, dt=2e-4,
-                                            floor=floor, friction=0.5)
+                                            floor=base if support == "floor" else None, friction=0.5)
     frames = list(range(500, 1001, 50))  # the second half of 0.2 s: ~5 periods of the layer's compression wave
     out = simulate(sim, x0=x.float(), v0=torch.zeros(3), E=E.float(), nu=nu.float(), steps=1000, frames=frames)
     mu, lam = lame_parameters(E, nu)
-    trace = torch.stack([torch.log(torch.linalg.det(out.F[r].double())) for r in range(len(frames))])  # [R, N]
+    F = torch.stack([out.F[r].double() for r in range(len(frames))])  # [R, N, 3, 3]
+    trace = torch.log(torch.linalg.det(F))  # [R, N]
     mid = (x[:, 0] - 12 * dx).abs() < 6 * dx  # away from the side walls
-    half = ((x[:, 1] - floor) / (dx / 2)).floor()  # 0: lower half of the bottom cell, 1: its upper half
-    low, high = (0.4, 1.6) if offset else (0.85, 1.15)  # off the row the held row is a quarter cell above the plane
-    for h in (0, 1):
+    half = ((x[:, 1] - base) / (dx / 2)).floor()  # 0: lower half of the bottom cell, 1: its upper half, ...
+    for h in range(8):
         m = mid & (half == h)
-        weight = -1000.0 * 9.81 * (floor + depth - float(x[m, 1].mean())) / float(lam + 2 * mu)
+        weight = -1000.0 * 9.81 * (base + depth - float(x[m, 1].mean())) / float(lam + 2 * mu)
         strain = float(trace[:, m].mean())  # over time: the layer still rings
-        assert float(trace[:, m].max()) < 0.0, (h, float(trace[:, m].max()))  # no particle of the cell in tension
-        assert low * weight > strain > high * weight, (h, strain, weight)  # weight < 0: compression
-    base = mid & (half == 0)
-    sink = float((x[base, 1] - torch.stack([out.x[r][base, 1].double() for r in range(len(frames))])).max())
+        if h < 2:  # the bottom cell: off the row the held row is a quarter cell above the plane
+            low, high = (0.4, 1.6) if offset else (0.85, 1.15 if h == 0 else 1.3)
+            assert float(trace[:, m].max()) < 0.0, (h, float(trace[:, m].max()))  # no particle of it in tension
+        else:
+            low, high = 0.85, 1.15
+        assert low * weight > strain > high * weight, (h, strain / weight)  # weight < 0: compression
+    lateral = F[:, mid].mean(0)  # [N, 3, 3] over time
+    for a in (0, 2):  # x (between the slip walls) and z (out of the slab's plane)
+        assert float((lateral[:, a, a] - 1).abs().max()) < 1e-4, (a, float((lateral[:, a, a] - 1).abs().max()))
+    bottom = mid & (half == 0)
+    sink = float((x[bottom, 1] - torch.stack([out.x[r][bottom, 1].double() for r in range(len(frames))])).max())
     assert sink < 0.02 * dx, sink / dx
 
 
@@ -346,7 +362,7 @@ def flank_slope(x: torch.Tensor, floor: float) -> float:
 def sand_pile(friction_angle: float, steps: int = 500, wedge: float | None = None):
     """A quasi-2D sand column (aspect ratio 0.5), or a wedge 0.12 m high with flanks at ``wedge`` degrees, released on
     a rough floor; returns (slope of its flank in degrees, max speed at the end [m/s], energies of 6 frames [J], the
-    flank's slope as sampled)."""
+    flank's slope as sampled, the particles' spread in z at the end over the start's (standard deviations)."""
     grid = slab(48, height_cells=24)
     floor = 4 * grid.dx
     if wedge is None:
@@ -364,18 +380,20 @@ def sand_pile(friction_angle: float, steps: int = 500, wedge: float | None = Non
     energies = [energy(out, r, material="drucker_prager", mass=mass, volume=volume, mu=mu, lam=lam, gravity=9.81)
                 for r in range(len(frames))]
     return (flank_slope(out.x[-1].double(), floor), float(out.v[-1].norm(dim=1).max()), energies,
-            flank_slope(x, floor))
+            flank_slope(x, floor), float(out.x[-1][:, 2].double().std() / x[:, 2].std()))
 
 
 def test_sand_comes_to_rest_in_a_pile_steeper_for_a_larger_friction_angle():
-    """Measured (48 cells across, 1104 particles, floor held at the sand's base): flank slopes 16.9 deg at phi = 20
-    and 27.6 deg at phi = 40 (25.3 at 30; with the floor's held row a cell below the base: 15.8 / 23.3). Below phi:
-    a collapsing column spreads past its angle of repose, and this 2-cell slab is not plane strain (docs/MATERIALS.md);
-    the pile stops; energy (kinetic, gravitational, elastic) never grows."""
+    """Measured (48 cells across, 1104 particles, floor and walls held at the sand's faces): flank slopes 17.5 deg at
+    phi = 20 and 29.0 deg at phi = 40 (24.0 at 30). Before the walls held the node on the particles' min faces: 16.9 /
+    27.6 (25.3), the slab spreading out of plane (z spread x1.12-1.14); with the floor's held row a cell below the base
+    too: 15.8 / 23.3. Below phi: a collapsing column spreads past its angle of repose (docs/MATERIALS.md); the pile
+    stops and stays in its slab's plane; energy (kinetic, gravitational, elastic) never grows."""
     low, high = sand_pile(20.0), sand_pile(40.0)
     assert high[0] > low[0] + 8.0, (low[0], high[0])
-    for phi, (slope, speed, energies, _), (lo, hi) in ((20.0, low, (15.0, 19.0)), (40.0, high, (25.5, 30.0))):
+    for phi, (slope, speed, energies, _, spread), (lo, hi) in ((20.0, low, (15.0, 19.0)), (40.0, high, (25.5, 30.0))):
         assert lo < slope < hi, (phi, slope)
+        assert spread < 1.01, (phi, spread)  # the z walls hold the slab (measured x1.000)
         assert speed < 0.2, (phi, speed)  # at rest, up to a few particles creeping at the toe
         assert all(b <= a + 1e-3 * abs(energies[0]) for a, b in zip(energies, energies[1:])), energies
 
@@ -383,9 +401,10 @@ def test_sand_comes_to_rest_in_a_pile_steeper_for_a_larger_friction_angle():
 @pytest.mark.parametrize("friction_angle", [30.0, 40.0])
 def test_a_sand_wedge_at_or_below_its_friction_angle_stands(friction_angle):
     """A 30 deg wedge (28.7 deg as sampled, 0.12 m high) released on the floor keeps its flank within 2 deg over 1 s
-    (measured 27.3 deg at phi = 30, 27.2 at phi = 40: the elastic settling of E 3e4 Pa). With the floor's held row
-    a cell below the sand's base (before grid_update held the plane's node row) it slumped to 24.3 / 22.8 deg."""
-    slope, speed, energies, sampled = sand_pile(friction_angle, steps=1000, wedge=30.0)
+    (measured 29.0 deg at phi = 30, 27.0 at phi = 40: the elastic settling and bounce of E 3e4 Pa; at E 3e6 both stay
+    at 28.7). Before the walls held the particles' min faces 27.3 / 27.2; with the floor's held row a cell below the
+    sand's base too (before grid_update held the plane's node row) it slumped to 24.3 / 22.8 deg."""
+    slope, speed, energies, sampled, _ = sand_pile(friction_angle, steps=1000, wedge=30.0)
     assert sampled - 2.0 < slope <= sampled + 0.5, (sampled, slope)
     assert speed < 0.05, speed
     assert all(b <= a + 1e-3 * abs(energies[0]) for a, b in zip(energies, energies[1:])), energies
@@ -414,13 +433,16 @@ def dam_break(viscosity: float, steps: int = 400):
 
 
 def test_a_fluid_column_spreads_at_the_shallow_water_front_speed():
-    """Dam break: the front accelerates to Ritter's 2 sqrt(g H) (measured 1.02-1.07 x over the last frames at
-    eta = 0.01 Pa s); a viscous fluid (20 Pa s) spreads more slowly; energy never grows."""
+    """Dam break: the front accelerates towards Ritter's 2 sqrt(g H), the inviscid shallow-water front speed, which
+    bounds it from above (measured at eta = 0.01 Pa s: 0.61 x over the last frames, still accelerating; 0.74 x at
+    twice the resolution; on a floor at the bed the same). With the y-min wall's held row a cell below the fluid
+    (before the walls held the particles' face) the bed was the particles' position clamp and the front outran the
+    bound, 1.02-1.08 x. A viscous fluid (20 Pa s) spreads more slowly; energy never grows."""
     front, times, energies = dam_break(0.01)
     ritter = 2 * math.sqrt(9.81 * 0.2)
     speeds = [(b - a) / (tb - ta) / ritter for a, b, ta, tb in zip(front, front[1:], times, times[1:])]
-    assert 0.8 < max(speeds) < 1.2, speeds
-    assert front[-1] > 4 * front[0]
+    assert 0.55 < max(speeds) <= 1.0, speeds
+    assert front[-1] > 3 * front[0]
     assert all(b <= a + 1e-3 * abs(energies[0]) for a, b in zip(energies, energies[1:])), energies
     viscous, _, viscous_energies = dam_break(20.0)
     assert viscous[-1] < 0.9 * front[-1], (viscous[-1], front[-1])
@@ -716,10 +738,13 @@ def snow_impact(x0, *, Jp0=None, F0=None, steps=300):
 
 
 def test_snow_compacts_for_good_and_hardens():
-    """Measured (480 particles): the impact compacts the layer to J_P ~0.82 and it stays there at rest. A second,
-    identical impact on the compacted layer barely compacts it further when it remembers its J_P (mean J_P x0.995,
-    depth 0.83 of its start), while the same layer with J_P reset to 1 (same F_E, no hardening) compacts again like
-    fresh snow (J_P x0.79, depth 0.41): compressed snow is stiffer."""
+    """Measured (480 particles): the impact compacts the layer to J_P ~0.80 and it stays there at rest; the layer's
+    mean height falls with its volume (x0.76 at mean det F = det F_E J_P 0.80: it stays between its walls). A second,
+    identical impact on the compacted layer barely compacts it further when it remembers its J_P (mean J_P x0.96,
+    depth 0.94 of its start), while the same layer with J_P reset to 1 (same F_E, no hardening) compacts again like
+    fresh snow (J_P x0.81, depth 0.77): compressed snow is stiffer. Before the walls held the particles' min faces the
+    layer spread into the unheld cells beside and below it (mean height x0.43 at det F 0.82) and the second impacts
+    read J_P x0.995 / x0.79, depth 0.83 / 0.41."""
     grid = slab(16, height_cells=16)
     lo, hi = grid.interior_lower, grid.interior_upper
     x = lattice((lo[0], lo[1], lo[2]), (hi[0], lo[1] + 0.2, hi[2]), grid.dx / 2)
@@ -728,12 +753,14 @@ def test_snow_compacts_for_good_and_hardens():
     assert max(Jp[-4:]) < 0.88 and max(Jp[-4:]) - min(Jp[-4:]) < 0.01, Jp  # compacted, and it stays
     assert float(first.v[-1].norm(dim=1).max()) < 0.2  # at rest
     depth = lambda out, r: float(out.x[r][:, 1].mean()) - floor  # noqa: E731
+    volume = float((first.Jp[-1].double() * torch.linalg.det(first.F[-1].double())).mean())
+    assert abs(depth(first, -1) / depth(first, 0) - volume) < 0.08, (depth(first, -1) / depth(first, 0), volume)
     second = {}
     for label, Jp0 in (("remembered", first.Jp[-1]), ("reset", torch.ones_like(first.Jp[-1]))):
         out, _ = snow_impact(first.x[-1].double(), Jp0=Jp0, F0=first.F[-1])
         second[label] = (float(out.Jp[-1].mean() / out.Jp[0].mean()), depth(out, -1) / depth(out, 0))
-    assert second["remembered"][0] > 0.97 and second["reset"][0] < 0.88, second
-    assert second["remembered"][1] > second["reset"][1] + 0.2, second
+    assert second["remembered"][0] > 0.94 and second["reset"][0] < 0.88, second
+    assert second["remembered"][1] > second["reset"][1] + 0.1, second
 
 
 @pytest.mark.parametrize("preset,model,learnable", [("snow", "snow", ("hardening",)),

@@ -379,7 +379,8 @@ class SimConfig(Section):
     )
     dx: Positive | None = Field(None, description="grid spacing [m]; give this or grid_resolution, not both")
     boundary_cells: Annotated[Int, Field(ge=2, le=16)] = Field(
-        3, description="width of the wall band [cells]; particles stay inside it (>= 3 for cubic B-splines)"
+        3, description="width of the wall band [cells]: particles stay this far inside the domain, the walls hold the "
+        "nodes on and outside that box (>= 3 for cubic B-splines)"
     )
     particles_per_cell: Annotated[Int, Field(ge=1, le=6)] = Field(
         2, description="particles per cell along each axis (ppc^3 per cell)"

@@ -239,7 +239,8 @@ def step_ref(state: dict, *, model, mass: torch.Tensor, volume: torch.Tensor, mu
         contact = torch.where((slide <= stop**2)[:, None], torch.zeros_like(vg), scaled)
         vg = torch.where(hit[:, None], contact, vg)
     for a in range(3):
-        vg = _apply_wall(vg, a, model.walls_min[a], -1.0, filled & (index[:, a] < g.boundary_cells))
+        # the node on each face of the particles' box (index band, shape - band) and every node outside it
+        vg = _apply_wall(vg, a, model.walls_min[a], -1.0, filled & (index[:, a] <= g.boundary_cells))
         vg = _apply_wall(vg, a, model.walls_max[a], 1.0, filled & (index[:, a] >= g.shape[a] - g.boundary_cells))
     # G2P
     v_new = (w[:, :, None] * vg[None]).sum(1)

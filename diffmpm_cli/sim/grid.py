@@ -17,7 +17,8 @@ class GridSpec:
     """A regular grid of ``shape`` nodes; node (i, j, k) sits at ``lower + (i, j, k) * dx`` [m].
 
     Particles live in the interior box ``[lower + band dx, lower + (shape - band) dx]`` so that no transfer stencil
-    ever reaches outside the grid.
+    ever reaches outside the grid. The walls (kernels/mpm.py grid_update) hold the nodes on that box's faces (index
+    band and shape - band) and every node outside it.
     """
 
     lower: tuple[float, float, float]
