@@ -190,7 +190,10 @@ def test_check_grad_starts_snow_controls_inside_the_clamp_window(monkeypatch):
     preset's snow (theta_s 7.5e-3) is clamped at the control step, the next steps' singular values straddle the bound
     1e-5..1e-3 apart, and central differences over check-grad's steps measure a chord there (AD -1.739 vs FD -1.687
     on this 148-particle, 10-step free flight: 3.0 % against 0.5 % noise). Inside the window (0.25 theta_s) the same
-    check passes (7e-4)."""
+    check passes (7e-4). The ball starts 5 cm higher than the scene's so that its stencil stays clear of the y-min
+    wall's held row (0.1875 m on this grid, since the walls hold the particles' own face) over the 10 steps: a free
+    flight (measured inside the window / with the old base: 5.0e-4 / 2.6e-2 with 3 probes, 9.5e-4 / 0.24 with 6; at
+    the scene's height the wall acts and inside the window read 4.4e-3)."""
     from conftest import REPO
 
     from diffmpm_cli import gradcheck
@@ -199,7 +202,8 @@ def test_check_grad_starts_snow_controls_inside_the_clamp_window(monkeypatch):
     from diffmpm_cli.pipeline import Pipeline
 
     scene = load_scene(REPO / "scenes" / "snowball_impact.yaml",
-                       ["sim.grid_resolution=16", "sim.steps=10", "sim.control_stride=10", "sim.frames=[10]"])
+                       ["sim.grid_resolution=16", "sim.steps=10", "sim.control_stride=10", "sim.frames=[10]",
+                        "source.center=[0.5, 0.4, 0.5]"])
     pipeline = Pipeline(scene, build_assets(scene))
     assert gradcheck._control_scale_limit(pipeline) == pytest.approx(0.25 * THETA_S)
     (row,) = gradcheck.check_stages(pipeline, stages=["sim"], groups=["dFc"], probes=3, coordinates=1)
