@@ -176,6 +176,31 @@ def return_mapping_ref(F: torch.Tensor, mu: torch.Tensor, lam: torch.Tensor, kap
     raise ValueError(model)
 
 
+def herschel_bulkley_ref(F: torch.Tensor, mu: torch.Tensor, kappa: torch.Tensor, dt: float,
+                         iterations: int = 60) -> torch.Tensor:
+    """Herschel-Bulkley's return mapping (kernels/materials.py herschel_bulkley_F), kappa [N, 3] = (tau_Y [Pa],
+    consistency K [Pa s^N], flow index N): where |e| > r = tau_Y / (2 mu), |e| <- rho with the overstress
+    sigma = 2 mu (rho - r) solving sigma + 2 mu dt (sigma / K)^(1/N) = 2 mu |e| - tau_Y (the deviatoric stress
+    tau_Y + K ((|e| - rho) / dt)^N). Solved by ``iterations`` Newton steps on log sigma from log(2 mu |e| - tau_Y);
+    autograd runs through the iterations (not the implicit function theorem the kernels' adjoint uses)."""
+    U, eps, Vh = hencky_strain_ref(F)
+    tr = eps.sum(-1)
+    e = eps - (tr / 3)[:, None]
+    n = e.norm(dim=-1)
+    safe_n = torch.where(n > 0, n, torch.ones_like(n))
+    tau_y, K, N = kappa[:, 0], kappa[:, 1], kappa[:, 2]
+    yields = n > tau_y / (2 * mu)
+    S = torch.where(yields, 2 * mu * safe_n - tau_y, torch.ones_like(n))
+    u = torch.log(S)
+    for _ in range(iterations):
+        plastic = 2 * mu * dt * (torch.exp(u) / K) ** (1 / N)
+        total = torch.exp(u) + plastic
+        u = u - (torch.log(total) - torch.log(S)) * total / (torch.exp(u) + plastic / N)
+    rho = (tau_y + torch.exp(u)) / (2 * mu)
+    h = (tr / 3)[:, None] + (rho / safe_n)[:, None] * e
+    return torch.where(yields[:, None, None], spectral_ref(U, torch.exp(h), Vh), F)
+
+
 def _apply_wall(v: torch.Tensor, axis: int, kind: WallKind, outward: float, where: torch.Tensor) -> torch.Tensor:
     e = torch.zeros(3, dtype=v.dtype)
     e[axis] = 1.0
