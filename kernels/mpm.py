@@ -80,6 +80,31 @@ WALL_SEPARATE = wp.constant(WallKind.SEPARATE.code)
 # constitutive models (stress, return mapping, its branch per model): kernels/materials.py
 
 
+# A particle's own entries (its state, parameters and controls) are read by its own thread only, in every transfer
+# kernel: their adjoints add into the gradient without atomics. Warp's generated adjoint of ``a[p]`` adds with
+# atomics (9 scalar ones per mat33), which made the stress adjoint of P2G's backward L2-bound (BENCHMARKS.md).
+_OWN_ADJOINT = """
+    if (adj_a.data) wp::index(adj_a, INDEX) += adj_ret;
+    else if (a.grad) wp::index_grad(a, INDEX) += adj_ret;
+"""
+
+
+@wp.func_native("return wp::index(a, p);", adj_snippet=_OWN_ADJOINT.replace("INDEX", "p"))
+def own_float(a: wp.array(dtype=float), p: int) -> float: ...
+
+
+@wp.func_native("return wp::index(a, p);", adj_snippet=_OWN_ADJOINT.replace("INDEX", "p"))
+def own_vec3(a: wp.array(dtype=wp.vec3), p: int) -> wp.vec3: ...
+
+
+@wp.func_native("return wp::index(a, p);", adj_snippet=_OWN_ADJOINT.replace("INDEX", "p"))
+def own_mat33(a: wp.array(dtype=wp.mat33), p: int) -> wp.mat33: ...
+
+
+@wp.func_native("return wp::index(a, k, p);", adj_snippet=_OWN_ADJOINT.replace("INDEX", "k, p"))
+def own_control(a: wp.array2d(dtype=wp.mat33), k: int, p: int) -> wp.mat33: ...
+
+
 @wp.func
 def controlled_F(F: wp.mat33, Fc: wp.array2d(dtype=wp.mat33), control: int, p: int):
     """F~ = Fc[control, p] F on control steps (control >= 0), else F (written with one return at the
@@ -90,7 +115,7 @@ def controlled_F(F: wp.mat33, Fc: wp.array2d(dtype=wp.mat33), control: int, p: i
     strain, so det Fc > 0: a control can never invert a particle)."""
     out = F
     if control >= 0:
-        out = Fc[control, p] * F
+        out = own_control(Fc, control, p) * F
     return out
 
 
@@ -298,12 +323,35 @@ def gather_cubic(grid: wp.array3d(dtype=wp.vec4), bx: int, by: int, bz: int, wx:
 TRANSFERS = {BSpline.QUADRATIC: (scatter_quadratic, gather_quadratic), BSpline.CUBIC: (scatter_cubic, gather_cubic)}
 
 
-def _p2g_kernel(order: str, material: str):
-    scatter = TRANSFERS[order][0]
-    stencil = _stencil_func(order)
+@functools.cache
+def _affine_at_func(order: str, material: str):
     particle_affine = _affine_func(order, material)
     stressed_by_kappa = material not in ELASTIC_MODELS
     hardens = material in PLASTIC_VOLUME_MODELS
+
+    @wp.func
+    def affine_at(p: int, dx: float, dt: float, particle_volume: wp.array(dtype=float),
+                  particle_mass: wp.array(dtype=float), mu: wp.array(dtype=float), lam: wp.array(dtype=float),
+                  kappa: wp.array(dtype=wp.vec3), bulk_viscosity: float, Fc: wp.array2d(dtype=wp.mat33), control: int,
+                  F_in: wp.array(dtype=wp.mat33), C_in: wp.array(dtype=wp.mat33), Jp_in: wp.array(dtype=float)):
+        """Particle p's affine momentum (``particle_affine`` of its F~ = Fc[control] F, C and parameters)."""
+        kappa_p = wp.vec3(0.0)
+        if wp.static(stressed_by_kappa):  # elastic models never read kappa (nor add its zero adjoint)
+            kappa_p = own_vec3(kappa, p)
+        Jp = float(1.0)
+        if wp.static(hardens):  # only snow reads J_P
+            Jp = own_float(Jp_in, p)
+        return particle_affine(controlled_F(own_mat33(F_in, p), Fc, control, p), own_mat33(C_in, p),
+                               own_float(mu, p), own_float(lam, p), kappa_p, Jp,
+                               particle_mass[p], particle_volume[p], dt, 1.0 / dx, bulk_viscosity)
+
+    return affine_at
+
+
+def _p2g_kernel(order: str, material: str):
+    scatter = TRANSFERS[order][0]
+    stencil = _stencil_func(order)
+    affine_at = _affine_at_func(order, material)
 
     @wp.kernel(module="unique")
     def p2g(
@@ -330,22 +378,82 @@ def _p2g_kernel(order: str, material: str):
         grid_out: wp.array3d(dtype=wp.vec4),
     ):
         p = wp.tid()
-        inv_dx = 1.0 / dx
-        x = x_in[p]
-        bx, by, bz, wx, wy, wz = stencil(x, grid_lower, inv_dx, grid_out.shape[0], grid_out.shape[1],
+        x = own_vec3(x_in, p)
+        bx, by, bz, wx, wy, wz = stencil(x, grid_lower, 1.0 / dx, grid_out.shape[0], grid_out.shape[1],
                                          grid_out.shape[2])
+        affine = affine_at(p, dx, dt, particle_volume, particle_mass, mu, lam, kappa, bulk_viscosity, Fc, control,
+                           F_in, C_in, Jp_in)
         m = particle_mass[p]
-        kappa_p = wp.vec3(0.0)
-        if wp.static(stressed_by_kappa):  # elastic models never read kappa (nor add its zero adjoint)
-            kappa_p = kappa[p]
-        Jp = float(1.0)
-        if wp.static(hardens):  # only snow reads J_P
-            Jp = Jp_in[p]
-        affine = particle_affine(controlled_F(F_in[p], Fc, control, p), C_in[p], mu[p], lam[p], kappa_p, Jp, m,
-                                 particle_volume[p], dt, inv_dx, bulk_viscosity)
-        scatter(grid_out, bx, by, bz, wx, wy, wz, x, grid_lower, dx, m, m * v_in[p], affine)
+        scatter(grid_out, bx, by, bz, wx, wy, wz, x, grid_lower, dx, m, m * own_vec3(v_in, p), affine)
 
     return p2g
+
+
+# The backward of a taped P2G runs as two kernels (sim/launch.py p2g): ``p2g_affine`` (each particle's affine
+# momentum: the stress, whose adjoint Warp generates) and ``p2g_transfer`` (the scatter, whose adjoint is the
+# hand-written gather above), joined by one affine [N] mat33 array and its gradient. The fused ``p2g``'s generated
+# adjoint held the stress adjoint's registers (168 per thread on an H200: one block per SM) through the 27-node gather
+# and ran at 694 us for 1M particles (BENCHMARKS.md). Both halves compute what ``p2g`` computes, so the forward keeps
+# the fused kernel.
+
+
+def _p2g_affine_kernel(order: str, material: str):
+    affine_at = _affine_at_func(order, material)
+
+    @wp.kernel(module="unique")
+    def p2g_affine(
+        # model
+        dx: float,
+        dt: float,
+        particle_volume: wp.array(dtype=float),
+        particle_mass: wp.array(dtype=float),
+        mu: wp.array(dtype=float),
+        lam: wp.array(dtype=float),
+        kappa: wp.array(dtype=wp.vec3),
+        bulk_viscosity: float,
+        # controls
+        Fc: wp.array2d(dtype=wp.mat33),
+        control: int,
+        # state in
+        F_in: wp.array(dtype=wp.mat33),
+        C_in: wp.array(dtype=wp.mat33),
+        Jp_in: wp.array(dtype=float),
+        # out
+        affine_out: wp.array(dtype=wp.mat33),
+    ):
+        p = wp.tid()
+        affine_out[p] = affine_at(p, dx, dt, particle_volume, particle_mass, mu, lam, kappa, bulk_viscosity, Fc,
+                                  control, F_in, C_in, Jp_in)
+
+    return p2g_affine
+
+
+def _p2g_transfer_kernel(order: str):
+    scatter = TRANSFERS[order][0]
+    stencil = _stencil_func(order)
+
+    @wp.kernel(module="unique")
+    def p2g_transfer(
+        # model
+        grid_lower: wp.vec3,
+        dx: float,
+        particle_mass: wp.array(dtype=float),
+        # state in
+        x_in: wp.array(dtype=wp.vec3),
+        v_in: wp.array(dtype=wp.vec3),
+        affine_in: wp.array(dtype=wp.mat33),
+        # grid out: (mass, momentum) per node
+        grid_out: wp.array3d(dtype=wp.vec4),
+    ):
+        p = wp.tid()
+        x = own_vec3(x_in, p)
+        bx, by, bz, wx, wy, wz = stencil(x, grid_lower, 1.0 / dx, grid_out.shape[0], grid_out.shape[1],
+                                         grid_out.shape[2])
+        m = particle_mass[p]
+        scatter(grid_out, bx, by, bz, wx, wy, wz, x, grid_lower, dx, m, m * own_vec3(v_in, p),
+                own_mat33(affine_in, p))
+
+    return p2g_transfer
 
 
 # P2G with a shared-memory reduction (CUDA, forward only): each block of particles gathers its stencil contributions
@@ -659,25 +767,26 @@ def _g2p_kernel(order: str, material: str):
     ):
         p = wp.tid()
         inv_dx = 1.0 / dx
-        x = x_in[p]
+        x = own_vec3(x_in, p)
         bx, by, bz, wx, wy, wz = stencil(x, grid_lower, inv_dx, grid_velocity_in.shape[0], grid_velocity_in.shape[1],
                                          grid_velocity_in.shape[2])
         gathered = gather(grid_velocity_in, bx, by, bz, wx, wy, wz, x, grid_lower, dx)
         v = gathered[0]
         B = wp.matrix_from_rows(gathered[1], gathered[2], gathered[3])
         C = (wp.static(inertia) * inv_dx * inv_dx) * B
-        F_trial = (wp.identity(3, dtype=float) + dt * C) * controlled_F(F_in[p], Fc, control, p)
+        F_trial = (wp.identity(3, dtype=float) + dt * C) * controlled_F(own_mat33(F_in, p), Fc, control, p)
         F = F_trial
-        Jp = Jp_in[p]
+        Jp = own_float(Jp_in, p)
         if wp.static(maps):  # elastic models: no return mapping, no reads of mu, lam, kappa (nor their adjoints)
+            mu_p, lam_p, kappa_p = own_float(mu, p), own_float(lam, p), own_vec3(kappa, p)
             branch = int(0)
             if decision_mode == REPLAY:
                 branch = int(decisions[p])
             else:
-                branch = branch_of(F_trial, mu[p], lam[p], kappa[p])
+                branch = branch_of(F_trial, mu_p, lam_p, kappa_p)
             if decision_mode == RECORD:
                 decisions[p] = wp.uint8(branch)
-            F = return_mapping(F_trial, mu[p], lam[p], kappa[p], dt, branch)
+            F = return_mapping(F_trial, mu_p, lam_p, kappa_p, dt, branch)
             if wp.static(hardens):  # snow: what the clamp took from F_E goes to F_P, J_P <- J_P det F_trial / det F_E
                 Jp = Jp * wp.determinant(F_trial) / wp.determinant(F)
         if f_blend < 1.0:  # seed extra: F <- a F + (1 - a) I
@@ -720,3 +829,6 @@ def p2g_tiled(order: str, material: str, block_dim: int = P2G_BLOCK):
 p2g_mass = {order: _p2g_mass_kernel(order) for order in BSPLINES}
 p2g = {(order, material): _p2g_kernel(order, material) for order in BSPLINES for material in KERNEL_MODELS}
 g2p = {(order, material): _g2p_kernel(order, material) for order in BSPLINES for material in KERNEL_MODELS}
+p2g_affine = {(order, material): _p2g_affine_kernel(order, material) for order in BSPLINES
+              for material in KERNEL_MODELS}
+p2g_transfer = {order: _p2g_transfer_kernel(order) for order in BSPLINES}

@@ -48,17 +48,20 @@ def test_graphed_rollouts_equal_eager_ones(device, material, controlled):
     """Rollout 1 runs the programs eagerly, 2 captures them, 3 and 4 replay: every one equals an eager rollout (on
     the CPU to the bit; on CUDA up to the order of float atomics, which two eager rollouts differ by as much: on the
     H100 the snow's dFc by 2e-4 of its largest entry (its clamp's adjoint divides by singular-value gaps down to
-    1e-6), up to 1.7e-3 graphed against eager; the elastic and von Mises ones by < 1e-6)."""
+    1e-6), up to 1.7e-3 graphed against eager; the elastic and von Mises ones by < 1e-6, except von Mises' dE: 1-2e-5
+    of the largest one's across the repeats on an H200, old and new transfer adjoints alike, and up to 1.4e-4 of a
+    repeat whose dE nearly cancels (3.3e-6 against 8.4e-5), which is why each quantity is measured against its largest
+    value over the repeats)."""
     eager, _ = rollouts(device, graphs=False, material=material, controlled=controlled)
     graphed, sim = rollouts(device, graphs=True, material=material, controlled=controlled)
     (buffers,) = sim.rollout_cache._entries.values()
     assert buffers.forward.graph is not None and all(p.graph is not None for p in buffers.backward)
     assert buffers.forward.runs == 4
     tol = 0.0 if device == "cpu" else (1e-2 if material == "snow" else 1e-4)
+    scales = {key: max(max(float(r[key].abs().max()) for r in eager), 1e-12) for key in eager[0]}
     for a, b in zip(eager, graphed, strict=True):
         assert a.keys() == b.keys()
-        for key in a:
-            scale = max(float(a[key].abs().max()), 1e-12)
+        for key, scale in scales.items():
             assert float((a[key] - b[key]).abs().max()) <= tol * scale, key
     assert not torch.equal(graphed[0]["dFc" if controlled else "dE"], graphed[-1]["dFc" if controlled else "dE"])
 

@@ -148,6 +148,10 @@ def test_finite_differences_through_the_kernels():
 
     The kernels run in float32, so below eps ~ 4e-3 the central difference of this loss is dominated by rounding
     (it scatters by a few per cent around the autodiff value); the steps here sit on the plateau where it agrees.
+    Since the walls hold the particles' own face (commit 3d4cce1) log E's difference bends above 5e-3 (1.7 % off at
+    1e-2 and 2e-2, 2.4 % at 3e-2): the perturbed rollouts take other wall and node-activity branches than the base
+    (with the base's decisions frozen, every probe agrees within 1.5e-3 at a log E step of 2e-2); at 5e-3 it is
+    0.55 % off.
     """
     model = make_model(material="neo_hookean", control_stride=6, dt=2e-3)
     state, mass, volume = make_particles(count=80, seed=4)
@@ -163,7 +167,7 @@ def test_finite_differences_through_the_kernels():
 
     params = {"dFc": torch.zeros(4, 80, 3, 3), "log_E": torch.tensor(math.log(1.0e4)), "nu": torch.tensor(0.3),
               "v0": torch.tensor([0.2, -0.4, 0.1])}
-    probes = directional_probes(loss, params, eps={"dFc": 1.6e-2, "log_E": 1e-2, "nu": 4e-3, "v0": 1e-2}, probes=2,
+    probes = directional_probes(loss, params, eps={"dFc": 1.6e-2, "log_E": 5e-3, "nu": 4e-3, "v0": 1e-2}, probes=2,
                                 coordinates=1, seed=3)
     assert len(probes) == 12
     for probe in probes:

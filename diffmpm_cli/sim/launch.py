@@ -44,20 +44,45 @@ def _no_decisions(device: str, ndim: int = 3):
 
 
 def p2g(model: MPMModel, particles: Particles, state_in: MPMState, grid: MPMGrid, *, mu, lam, kappa, Fc,
-        control: int) -> None:
+        control: int, tape=None, affine=None) -> None:
     """Scatter mass and APIC/MLS momentum (with the stress of F~ = Fc[control] F) into ``grid`` (which must be 0).
 
     mu, lam: [N] float arrays (Pa); kappa: [N] vec3 array, the model's parameter vector (sim/op.py material_kappa;
-    unused by elastic models); Fc: [K, N] mat33 controls; control: the layer applied this step, or -1."""
+    unused by elastic models); Fc: [K, N] mat33 controls; control: the layer applied this step, or -1.
+
+    ``tape``: the ``wp.Tape`` recording this launch (with ``affine``, a [N] mat33 array with a gradient, reused by
+    every step): its backward then runs as two kernels, the stress's generated adjoint apart from the scatter's
+    hand-written one (kernels/mpm.py p2g_affine, p2g_transfer), instead of the fused kernel's generated adjoint, which
+    is slower (BENCHMARKS.md). A tape that records the launch itself (no ``tape`` given) differentiates the fused
+    kernel: the same gradient."""
     wp = warp()
     from ..kernels import mpm
 
-    g, k = model.grid, model.kernel_constants
-    wp.launch(mpm.p2g[(model.bspline, model.material)], dim=particles.count, device=particles.device, inputs=[
+    g, k, n, device = model.grid, model.kernel_constants, particles.count, particles.device
+    key = (model.bspline, model.material)
+    wp.launch(mpm.p2g[key], dim=n, device=device, inputs=[
         k.lower, g.dx, model.dt, particles.volume, particles.mass, mu, lam, kappa, model.bulk_viscosity,
         Fc, control,
         state_in.x, state_in.v, state_in.F, state_in.C, state_in.Jp,
-    ], outputs=[grid.mass_momentum])
+    ], outputs=[grid.mass_momentum], record_tape=tape is None)
+    if tape is None:
+        return
+    stress_inputs = [g.dx, model.dt, particles.volume, particles.mass, mu, lam, kappa, model.bulk_viscosity, Fc, control,
+                     state_in.F, state_in.C, state_in.Jp]
+    transfer_inputs = [k.lower, g.dx, particles.mass, state_in.x, state_in.v, affine]
+
+    def backward():
+        adjoints = lambda arrays: [tape.get_adjoint(a) for a in arrays]  # noqa: E731
+        wp.launch(mpm.p2g_affine[key], dim=n, device=device, inputs=stress_inputs, outputs=[affine],
+                  record_tape=False)
+        affine.grad.zero_()
+        wp.launch(mpm.p2g_transfer[model.bspline], dim=n, device=device, inputs=transfer_inputs,
+                  outputs=[grid.mass_momentum], adj_inputs=adjoints(transfer_inputs),
+                  adj_outputs=[grid.mass_momentum.grad], adjoint=True, record_tape=False)
+        wp.launch(mpm.p2g_affine[key], dim=n, device=device, inputs=stress_inputs, outputs=[affine],
+                  adj_inputs=adjoints(stress_inputs), adj_outputs=[affine.grad], adjoint=True, record_tape=False)
+
+    tape.record_func(backward, arrays=[grid.mass_momentum])
 
 
 def grid_update(model: MPMModel, grid: MPMGrid, *, node_mass_eps: float, device: str,

@@ -91,6 +91,7 @@ class Simulator:
         self.model = model
         self.graphs = graphs
         self.rollout_cache = None  # sim/graphs.py: arrays and captured programs kept across rollouts
+        self._affine = None  # P2G's split backward's scratch (_affine_scratch)
         self.particles = Particles.from_torch(mass, volume)
         self.device = self.particles.device
         self.torch_device = mass.device
@@ -103,6 +104,13 @@ class Simulator:
         # grid nodes lighter than this are empty: 1e-8 of a mean particle, far below any node a particle reaches
         # with a real weight, and far enough above 0 that the adjoint of p / m stays finite in float32
         self.node_mass_eps = NODE_MASS_EPS * float(mass.detach().float().mean()) if self.particle_count else 0.0
+
+    def _affine_scratch(self):
+        """P2G's split backward's affine [N] mat33 array and gradient (launch.p2g), allocated on first use."""
+        if self._affine is None:
+            self._affine = warp().zeros(max(self.particle_count, 1), dtype=warp().mat33, device=self.device,
+                                        requires_grad=True)
+        return self._affine
 
     @property
     def sort_every(self) -> int:
@@ -148,13 +156,14 @@ class Simulator:
 
     def step(self, state_in: MPMState, state_out: MPMState, grid: MPMGrid, *, mu, lam, kappa, Fc, control: int,
              clamped=None, J_min=None, taped: bool = True, decision_mode: DecisionMode = DecisionMode.DECIDE,
-             decisions=None) -> None:
+             decisions=None, tape=None) -> None:
         """One MLS-MPM step from ``state_in`` into ``state_out`` through ``grid`` (which must be zero).
 
         mu, lam: [N] float arrays, kappa: [N] vec3 array, the material (``launch.p2g``).
 
-        ``taped=False`` (no tape recording) allows the tiled P2G. ``clamped`` / ``J_min``: where the step counts
-        wall clamps and lowers each particle's lowest det F (default: the simulator's own records).
+        ``taped=False`` (no tape recording) allows the tiled P2G. ``tape``: the tape recording this step, when the
+        caller wants P2G's split backward (``launch.p2g``; taped_segment does). ``clamped`` / ``J_min``: where the
+        step counts wall clamps and lowers each particle's lowest det F (default: the simulator's own records).
         ``decision_mode`` / ``decisions``: the branch decisions of the grid update and (plastic models) of the
         return mapping, recorded into or replayed from one row of a ``DecisionBlock`` (``StepDecisions``).
         """
@@ -164,7 +173,7 @@ class Simulator:
             self.tiled.p2g(state_in, grid, mu=mu, lam=lam, kappa=kappa, Fc=Fc, control=control)
         else:
             launch.p2g(self.model, self.particles, state_in, grid, mu=mu, lam=lam, kappa=kappa, Fc=Fc,
-                       control=control)
+                       control=control, tape=tape, affine=self._affine_scratch() if tape is not None else None)
         launch.grid_update(self.model, grid, node_mass_eps=self.node_mass_eps, device=self.device,
                            mode=decision_mode, decisions=decisions.grid if decisions is not None else None)
         particle_mode = decision_mode if self.plastic else DecisionMode.DECIDE
@@ -235,7 +244,7 @@ def taped_segment(sim: Simulator, params: dict, states: list[MPMState], grids: l
         for t in range(start, end):
             row = t - start
             step_with(sim, params, states[row], states[row + 1], grids[row], t, clamped=clamped, J_min=J_min,
-                      decision_mode=DecisionMode.REPLAY, decisions=decisions[t])
+                      decision_mode=DecisionMode.REPLAY, decisions=decisions[t], tape=tape)
     tape.backward(grads=dict(zip(states[length].arrays(), seeds, strict=True)))
 
 
