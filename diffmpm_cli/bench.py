@@ -73,7 +73,8 @@ def bench_mpm(*, particles: int = 4096, grid: int = 32, steps: int = 50, shuffle
               repeats: int = 5, p2g: P2GMode | str | None = None, sort_every: int = 0, graphs: bool = True) -> dict:
     """Particle-steps per second of the forward step and of a checkpointed forward+backward rollout.
 
-    Forward: ``steps`` steps without a tape, reusing one grid (the median of ``repeats`` runs). Forward+backward:
+    Forward: ``steps`` steps without a tape, reusing one grid (the median of ``repeats`` runs), launched eagerly
+    and, with ``graphs`` (plain P2G), also replayed as one captured graph (sim/graphs.py Program). Forward+backward:
     a differentiable rollout of ``backward_steps`` steps (default ``steps``) with gradients for the controls Fc and E,
     replayed from captured graphs (``graphs``, sim/graphs.py; two untimed rollouts first: eager, then the capture) or
     launched eagerly.
@@ -122,6 +123,14 @@ def bench_mpm(*, particles: int = 4096, grid: int = 32, steps: int = 50, shuffle
     forward()  # warm-up: compiles and loads the kernels
     reset()
     fwd = statistics.median(_timed(forward, device, repeats))
+    fwd_graphed = None
+    if graphs and sim.tiled is None:  # the same steps as one captured graph, as a graphed rollout's forward runs
+        from .sim.graphs import Program
+
+        program = Program(forward, sim.device)
+        program()  # eager
+        program()  # the capture
+        fwd_graphed = statistics.median(_timed(program, device, repeats))
 
     split = {}
     reset()
@@ -155,6 +164,8 @@ def bench_mpm(*, particles: int = 4096, grid: int = 32, steps: int = 50, shuffle
         "graphs": graphs,
         "forward_s_per_step": fwd / steps,
         "forward_particle_steps_per_s": n * steps / fwd,
+        "forward_graphed_s_per_step": fwd_graphed / steps if fwd_graphed else None,
+        "forward_graphed_particle_steps_per_s": n * steps / fwd_graphed if fwd_graphed else None,
         "kernel_s_per_step": split,  # median of single launches
         "backward_steps": T,
         "forward_backward_s": fwd_bwd,

@@ -88,6 +88,9 @@ def mpm(
                              f"{result['p2g']} P2G" + (f", sorted every {sort_every}" if sort_every else "")),
         ("forward", f"{result['forward_s_per_step'] * 1e3:.3f} ms/step = "
                     f"{_rate(result['forward_particle_steps_per_s'])} particle-steps/s"),
+        *([("forward, one graph", f"{result['forward_graphed_s_per_step'] * 1e3:.3f} ms/step = "
+                                   f"{_rate(result['forward_graphed_particle_steps_per_s'])} particle-steps/s")]
+          if result["forward_graphed_s_per_step"] else []),
         ("kernels (ms/step)", split),
         ("forward+backward", f"{result['forward_backward_s']:.3f} s for {result['backward_steps']} steps = "
                              f"{_rate(result['forward_backward_particle_steps_per_s'])} particle-steps/s"
