@@ -135,7 +135,9 @@ def _check_grid_numbers(scene: Scene) -> None:
 
 # every model's parameters beside E and nu (enums.MODEL_PARAMETERS); the learnable ones have learn.<key> and truths
 EXTRA_MATERIAL_PARAMETERS = ("yield_stress", "friction_angle", "viscosity", "hardening", "critical_compression",
-                             "critical_stretch")
+                             "critical_stretch", "flow_index")
+# parameters with a default (schema): another model's is refused only where it differs from the default
+DEFAULTED_PARAMETERS = {"flow_index": 1.0}
 LEARNABLE_MATERIAL_PARAMETERS = ("yield_stress", "friction_angle", "viscosity", "hardening")
 
 
@@ -148,7 +150,7 @@ def _check_material(scene: Scene) -> None:
     for name in EXTRA_MATERIAL_PARAMETERS:
         if name in needed:
             continue
-        if getattr(material, name) is not None:
+        if getattr(material, name) is not None and getattr(material, name) != DEFAULTED_PARAMETERS.get(name):
             raise ConfigError(f"material.{name}", f"is not a parameter of {model}")
         if name not in LEARNABLE_MATERIAL_PARAMETERS:
             continue

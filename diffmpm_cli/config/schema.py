@@ -295,7 +295,10 @@ class MaterialRegion(Section):
     yield_stress: Positive | None = Field(None, description="von_mises, bingham [Pa]; null = material.yield_stress")
     friction_angle: FrictionAngle | None = Field(
         None, description="drucker_prager [degrees]; null = material.friction_angle")
-    viscosity: Positive | None = Field(None, description="newtonian_fluid, bingham [Pa s]; null = material.viscosity")
+    viscosity: Positive | None = Field(
+        None, description="newtonian_fluid, bingham [Pa s] (bingham with flow_index N != 1: [Pa s^N]); null = "
+        "material.viscosity")
+    flow_index: Positive | None = Field(None, description="bingham (dimensionless); null = material.flow_index")
     hardening: Positive | None = Field(None, description="snow; null = material.hardening")
     critical_compression: Annotated[float, Field(gt=0.0, lt=1.0)] | None = Field(
         None, description="snow; null = material.critical_compression")
@@ -327,8 +330,13 @@ class MaterialConfig(Section):
     )
     viscosity: Positive | None = Field(
         None, description="newtonian_fluid: dynamic viscosity [Pa s]; E and nu set its bulk modulus E / (3 (1 - 2 nu)); "
-        "bingham: the plastic viscosity [Pa s] of its flow above yield (deviatoric stress tau_Y + eta gamma_dot)"
+        "bingham: the plastic viscosity [Pa s] of its flow above yield (deviatoric stress tau_Y + eta gamma_dot), "
+        "or with flow_index N != 1 the consistency K [Pa s^N] (tau_Y + K gamma_dot^N)"
     )
+    flow_index: Positive = Field(
+        1.0, description="bingham: flow index N (dimensionless, > 0) of Herschel-Bulkley's law tau_Y + K gamma_dot^N "
+        "above yield: 1 = Bingham, < 1 shear-thinning (pastes, ketchup), > 1 shear-thickening; a scene constant (not "
+        "learnable); other models: leave 1")
     hardening: Positive | None = Field(
         None, description="snow: hardening coefficient xi; mu and lambda scale by exp(xi (1 - J_P)) (Stomakhin: 10)")
     critical_compression: Annotated[float, Field(gt=0.0, lt=1.0)] | None = Field(

@@ -144,7 +144,8 @@ def return_mapping_ref(F: torch.Tensor, mu: torch.Tensor, lam: torch.Tensor, kap
                        model: str, *, dt: float | None = None) -> torch.Tensor:
     """The projection kernels/mpm.py applies to F+ after G2P (elastic models: none). von_mises (kappa = yield
     stress), drucker_prager (kappa = alpha), newtonian_fluid (F <- J^(1/3) I), snow (snow_ref), bingham (kappa =
-    yield stress, viscosity; needs dt); branches by torch.where. kappa: [N] or the parameter vectors [N, 3]."""
+    yield stress, viscosity or consistency K, flow index N: Bingham's closed form where N = 1, herschel_bulkley_ref
+    elsewhere; needs dt); branches by torch.where. kappa: [N] or the parameter vectors [N, 3]."""
     if model in ("fixed_corotated", "neo_hookean"):
         return F
     if model == "snow":
@@ -161,12 +162,18 @@ def return_mapping_ref(F: torch.Tensor, mu: torch.Tensor, lam: torch.Tensor, kap
         r = kappa_column(kappa, 0) / (2 * mu)
         h = (tr / 3)[:, None] + r[:, None] * e / safe_n
         return torch.where((n > r)[:, None, None], spectral_ref(U, torch.exp(h), Vh), F)
-    if model == "bingham":  # Perzyna: |e| <- (|e| + c r) / (1 + c), c = 2 mu dt / eta
+    if model == "bingham":  # Perzyna: |e| <- (|e| + c r) / (1 + c), c = 2 mu dt / eta; Herschel-Bulkley where N != 1
         r = kappa_column(kappa, 0) / (2 * mu)
         c = 2 * mu * dt / kappa_column(kappa, 1)
         rho = (n + c * r) / (1 + c)
         h = (tr / 3)[:, None] + rho[:, None] * e / safe_n
-        return torch.where((n > r)[:, None, None], spectral_ref(U, torch.exp(h), Vh), F)
+        out = torch.where((n > r)[:, None, None], spectral_ref(U, torch.exp(h), Vh), F)
+        flow_index = kappa_column(kappa, 2) if kappa.dim() == 2 else torch.ones_like(n)
+        power = flow_index != 1
+        if bool(power.any()):  # the kernels' bingham_hb_F: Bingham's closed form at N = 1 exactly
+            safe = torch.where(power[:, None], kappa, torch.ones_like(kappa))
+            out = torch.where(power[:, None, None], herschel_bulkley_ref(F, mu, safe, dt), out)
+        return out
     if model == "drucker_prager":
         beta = 1 + 1.5 * lam / mu
         alpha = kappa_column(kappa, 0)

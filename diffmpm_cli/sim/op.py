@@ -58,7 +58,8 @@ def drucker_prager_alpha(friction_angle: torch.Tensor) -> torch.Tensor:
 
 
 MATERIAL_PARAMETERS = ("yield_stress", "friction_angle", "viscosity", "hardening", "critical_compression",
-                       "critical_stretch")  # every model's parameters beside E and nu (enums.MODEL_PARAMETERS)
+                       "critical_stretch", "flow_index")  # every model's parameters beside E and nu (enums.MODEL_PARAMETERS)
+PARAMETER_DEFAULTS = {"flow_index": 1.0}  # a model's parameters that may be left out: bingham's N = 1 is Bingham
 KAPPA_WIDTH = 3  # the kernels' per-particle parameter vector (vec3)
 
 
@@ -66,8 +67,9 @@ def material_kappa(material: Material, *, count: int, device, **given: torch.Ten
     """The kernels' per-particle parameter vector [N, 3] (differentiable), the model's parameters in the order of
     ``Material.parameters`` (zeros after them): yield stress [Pa] (von_mises), alpha of the friction angle [degrees]
     (drucker_prager), dynamic viscosity [Pa s] (newtonian_fluid), (hardening xi, critical compression theta_c,
-    critical stretch theta_s) (snow), (yield stress [Pa], viscosity [Pa s]) (bingham); zeros for elastic models.
-    Each may be [] or [N]. The model's own parameters are required; another model's are refused (they would silently
+    critical stretch theta_s) (snow), (yield stress [Pa], viscosity or consistency K [Pa s^N], flow index N)
+    (bingham; N = 1 when not given: Bingham); zeros for elastic models. Each may be [] or [N]. The model's own
+    parameters are required (but those of ``PARAMETER_DEFAULTS``); another model's are refused (they would silently
     do nothing)."""
     material = Material(material)
     unknown = [name for name in given if name not in MATERIAL_PARAMETERS]
@@ -80,12 +82,15 @@ def material_kappa(material: Material, *, count: int, device, **given: torch.Ten
     columns = []
     for name in needed:
         value = given.get(name)
+        if value is None and name in PARAMETER_DEFAULTS:
+            value = torch.tensor(PARAMETER_DEFAULTS[name])
         if value is None:
             raise SimulationError(f"material model {material.value} needs {name}")
         if name == "friction_angle":
             value = drucker_prager_alpha(value)
         columns.append(value.to(device).expand(count))
     dtype = columns[0].dtype if columns else torch.float32
+    columns = [c.to(dtype) for c in columns]
     columns += [torch.zeros(count, device=device, dtype=dtype)] * (KAPPA_WIDTH - len(columns))
     return torch.stack(columns, dim=-1)
 
@@ -99,7 +104,8 @@ def simulate(sim: Simulator, *, x0: torch.Tensor, v0: torch.Tensor, E: torch.Ten
 
     x0 [N, 3] m; v0 [3] or [N, 3] m/s; E [] or [N] Pa; nu [] or [N]; the model's own parameters (``material``,
     each [] or [N]): yield_stress [Pa] (von_mises, bingham), friction_angle [degrees] (drucker_prager), viscosity
-    [Pa s] (newtonian_fluid, bingham), hardening, critical_compression, critical_stretch (snow); Fc [K, N, 3, 3]
+    [Pa s] (newtonian_fluid; bingham: the consistency K [Pa s^N]), flow_index N (bingham, default 1), hardening,
+    critical_compression, critical_stretch (snow); Fc [K, N, 3, 3]
     multiplicative controls (F~ = Fc[k] F at step k stride) with K = ceil(steps / stride) (None: no controls); F0, C0
     [N, 3, 3] (default I and 0); Jp0 [N] the plastic volume ratio (snow; default 1). Gradients reach every tensor
     input that requires them, through one backward sweep over checkpointed segments that takes the forward's
