@@ -8,6 +8,11 @@ backward (its taped replay and the tape's adjoints). A program runs eagerly once
 captured into a graph on its second run and replayed from then on: a CUDA graph on a GPU, Warp's API capture on
 the CPU. Either way the host packs no kernel arguments per step any more.
 
+When the whole rollout fits on one tape (``rollout_memory``'s full-tape estimate within ``forward_tape_budget``: a
+quarter of the GPU's memory, 2 GiB on the CPU) the forward itself is taped into one state and one grid per step and
+the backward is that tape's adjoint sweep alone: no checkpoints and no replayed forward, which the checkpointed
+backward spends a forward's time on. Longer rollouts keep the checkpoints (one segment taped at a time).
+
 The values a rollout differs by are written into the buffers before a replay and read out after it; nothing a
 program reads is reallocated while the buffers live. One rollout at a time holds a set of buffers
 (``RolloutBuffers.lease``): a second rollout of the same shape while the first still awaits its backward runs
@@ -26,8 +31,26 @@ import torch
 from ..enums import DecisionMode
 from ..errors import SimulationError
 from ..warp_runtime import warp
+from .grid import rollout_memory
 from .model import MPMState
 from .solver import FrozenDecisions, Rollout, Simulator, nonfinite_state_error, step_with, taped_segment
+
+FORWARD_TAPE_SHARE = 0.25  # of a GPU's memory that a rollout's forward may keep on its tape
+FORWARD_TAPE_CPU_BYTES = 2 << 30
+
+
+def forward_tape_budget(sim: Simulator) -> int:
+    """Bytes a rollout may keep on one tape over its whole forward (see the module's docstring)."""
+    if sim.device.startswith("cuda"):
+        return int(FORWARD_TAPE_SHARE * warp().get_device(sim.device).total_memory)
+    return FORWARD_TAPE_CPU_BYTES
+
+
+def tapes_forward(sim: Simulator, *, steps: int, layers: int) -> bool:
+    """Whether a rollout of ``steps`` steps keeps its whole forward on one tape (``forward_tape_budget``)."""
+    memory = rollout_memory(particle_count=sim.particle_count, node_count=sim.model.grid.node_count, steps=steps,
+                            control_layers=layers, segment_length=None)
+    return memory.full_tape <= forward_tape_budget(sim)
 
 
 class Program:
@@ -70,38 +93,49 @@ def _capture_stream(device: str):
     return warp().Stream(device)
 
 
-def _views(state: MPMState) -> list[torch.Tensor]:
+def _views(state: MPMState, grad: bool = False) -> list[torch.Tensor]:
     wp = warp()
-    return [wp.to_torch(a) for a in state.arrays()]
+    return [wp.to_torch(a.grad if grad else a) for a in state.arrays()]
 
 
 class RolloutBuffers:
     """The arrays and programs of one rollout shape on one simulator (see the module's docstring)."""
 
     def __init__(self, sim: Simulator, *, steps: int, segments: list[tuple[int, int]], layers: int,
-                 controlled: bool):
+                 controlled: bool, taped: bool = False):
         wp = warp()
         n, device = sim.particle_count, sim.device
-        self.sim, self.segments = sim, segments
+        self.sim, self.segments, self.steps, self.taped = sim, segments, steps, taped
         self.params = dict(Fc=wp.zeros((layers, n), dtype=wp.mat33, device=device, requires_grad=controlled),
                            mu=wp.zeros(n, dtype=float, device=device, requires_grad=True),
                            lam=wp.zeros(n, dtype=float, device=device, requires_grad=True),
                            kappa=wp.zeros(n, dtype=wp.vec3, device=device, requires_grad=True), controlled=controlled)
+        self.decisions = sim.new_decisions(steps)
+        self._owner = None
+        if taped:  # every step's state and grid, on the forward's own tape
+            self.states = [sim.new_state(requires_grad=True) for _ in range(steps + 1)]
+            self.grids = [sim.new_grid(requires_grad=True) for _ in range(steps)]
+            self.tape = None  # the forward's, recorded by its latest eager or captured run (the same launches)
+            self.views = {t: _views(self.states[t]) for t in {0, *(end for _, end in segments)}}
+            self.gradient_views = {t: _views(self.states[t], grad=True) for t in self.views}
+            self.forward = Program(self._forward_taped, device)
+            self.backward = [Program(self._backward_taped, device)]
+            return
         self.checkpoints = [sim.new_state() for _ in range(len(segments) + 1)]  # every segment start, and the end
         self.spares = (sim.new_state(), sim.new_state())
         self.grid = sim.new_grid()
-        self.decisions = sim.new_decisions(steps)
         longest = max(end - start for start, end in segments)
         self.states = [sim.new_state(requires_grad=True) for _ in range(longest + 1)]
         self.grids = [sim.new_grid(requires_grad=True) for _ in range(longest)]
         self.carry = sim.new_state()  # the gradient of a segment's end state, then of its start
         self.counter = wp.zeros(1, dtype=int, device=device)
         self.J_min = wp.zeros(max(n, 1), dtype=float, device=device)
-        self.checkpoint_views = [_views(s) for s in self.checkpoints]
+        checkpoint_views = [_views(s) for s in self.checkpoints]
+        self.views = {0: checkpoint_views[0], **{end: checkpoint_views[i + 1] for i, (_, end) in enumerate(segments)}}
         self.carry_views = _views(self.carry)
+        self.gradient_views = None
         self.forward = Program(self._forward, device)
         self.backward = [Program(functools.partial(self._backward, index), device) for index in range(len(segments))]
-        self._owner = None
 
     # -- who holds them -----------------------------------------------------------------------------------------
     def lease(self, rollout) -> bool:
@@ -128,6 +162,28 @@ class RolloutBuffers:
                 step_with(self.sim, self.params, source, target, self.grid, t, taped=False,
                           decision_mode=DecisionMode.RECORD, decisions=self.decisions[t])
                 source = target
+
+    def _forward_taped(self) -> None:
+        """Every step from state t into state t + 1 through grid t under one tape, recording each step's decisions
+        (which the tape's adjoints then recompute from the same arrays); every gradient zeroed first."""
+        wp = warp()
+        for state in self.states:
+            for array in state.arrays():
+                array.grad.zero_()
+        for grid in self.grids:
+            grid.zero_()
+            grid.zero_grad()
+        tape = wp.Tape()
+        with tape:
+            for t in range(self.steps):
+                step_with(self.sim, self.params, self.states[t], self.states[t + 1], self.grids[t], t,
+                          decision_mode=DecisionMode.RECORD, decisions=self.decisions[t], tape=tape)
+        self.tape = tape
+
+    def _backward_taped(self) -> None:
+        """The forward tape's adjoints, from the gradients the caller put on the frames' states; the start state's
+        gradient is left in states[0]'s."""
+        self.tape.backward()
 
     def _backward(self, index: int) -> None:
         """Segment ``index``: its taped replay from the checkpoint, seeded with ``carry`` at its end; leaves the
@@ -158,14 +214,13 @@ class GraphedRollout(Rollout):
             wp.to_torch(p["Fc"]).copy_(Fc.detach() if controlled else torch.eye(3, device=sim.torch_device))
             for name, value in (("mu", mu), ("lam", lam), ("kappa", kappa)):
                 wp.to_torch(p[name]).copy_(value.detach())
-            for view, value in zip(b.checkpoint_views[0], (x0, v0, F0, C0, Jp0), strict=True):
+            for view, value in zip(b.views[0], (x0, v0, F0, C0, Jp0), strict=True):
                 view.copy_(value.detach())
             wp.to_torch(sim.J_min)[:sim.particle_count].copy_(sim.volume_ratio(F0, Jp0))
         sim.clamped.zero_()
         b.forward()
         ends = [0] + [end for _, end in self.segments]
-        finite = torch.stack([torch.stack([torch.isfinite(v).all() for v in views])
-                              for views in b.checkpoint_views]).cpu()
+        finite = torch.stack([torch.stack([torch.isfinite(v).all() for v in b.views[end]]) for end in ends]).cpu()
         for row, flags in enumerate(finite):
             if not flags.all():
                 bad = [name for name, ok in zip(MPMState.FIELDS, flags.tolist(), strict=True) if not ok]
@@ -174,8 +229,10 @@ class GraphedRollout(Rollout):
         self.stats.det_F_min = wp.to_torch(sim.J_min).clone()[:sim.particle_count]
         self.stats.decision_bytes = self.steps * sim.decision_bytes_per_step
         self._account_memory()
-        rows = [ends.index(f) for f in self.frames]
-        return [torch.stack([b.checkpoint_views[r][i] for r in rows]).clone() for i in range(len(MPMState.FIELDS))]
+        if b.taped:
+            self.stats.peak_taped_bytes = self.steps * self.stats.bytes_per_step
+            self.stats.checkpoint_bytes = 0
+        return [torch.stack([b.views[f][i] for f in self.frames]).clone() for i in range(len(MPMState.FIELDS))]
 
     def backward(self, grads) -> tuple:
         wp = warp()
@@ -183,19 +240,28 @@ class GraphedRollout(Rollout):
         p = b.params
         frame_row = {f: i for i, f in enumerate(self.frames)}
         with torch.no_grad():
-            for view in b.carry_views:
-                view.zero_()
             for name in ("Fc", "mu", "lam", "kappa"):
                 if p[name].grad is not None:
                     p[name].grad.zero_()
-            for index in range(len(self.segments) - 1, -1, -1):
-                end = self.segments[index][1]
-                if end in frame_row:
-                    self._add_frame_gradient(grads, frame_row[end])
-                b.backward[index]()
-            if 0 in frame_row:
-                self._add_frame_gradient(grads, frame_row[0])
-            carry = [v.clone() for v in b.carry_views]
+            if b.taped:  # the frames' gradients on their states (zeroed by the forward), then one adjoint sweep
+                for frame, row in frame_row.items():
+                    if frame > 0:
+                        self._add_frame_gradient(grads, row, b.gradient_views[frame])
+                b.backward[0]()
+                carry = [v.clone() for v in b.gradient_views[0]]
+                if 0 in frame_row:
+                    self._add_frame_gradient(grads, frame_row[0], carry)
+            else:
+                for view in b.carry_views:
+                    view.zero_()
+                for index in range(len(self.segments) - 1, -1, -1):
+                    end = self.segments[index][1]
+                    if end in frame_row:
+                        self._add_frame_gradient(grads, frame_row[end], b.carry_views)
+                    b.backward[index]()
+                if 0 in frame_row:
+                    self._add_frame_gradient(grads, frame_row[0], b.carry_views)
+                carry = [v.clone() for v in b.carry_views]
             g_fc = wp.to_torch(p["Fc"].grad).clone() if p["controlled"] else None
             g_mu, g_lam, g_kappa = (wp.to_torch(p[name].grad).clone() for name in ("mu", "lam", "kappa"))
         b.release(self)
@@ -204,8 +270,9 @@ class GraphedRollout(Rollout):
             raise SimulationError("non-finite gradient in the MPM backward pass")
         return out
 
-    def _add_frame_gradient(self, grads, row: int) -> None:
-        for view, g in zip(self.buffers.carry_views, grads, strict=True):
+    @staticmethod
+    def _add_frame_gradient(grads, row: int, views) -> None:
+        for view, g in zip(views, grads, strict=True):
             if g is not None:
                 view += g[row].to(view.dtype)
 
@@ -221,12 +288,14 @@ class RolloutCache:
         self.size = size
         self._entries: collections.OrderedDict = collections.OrderedDict()
 
-    def get(self, sim: Simulator, *, steps: int, segments, layers: int, controlled: bool) -> RolloutBuffers:
-        key = (steps, tuple(segments), layers, controlled)
+    def get(self, sim: Simulator, *, steps: int, segments, layers: int, controlled: bool,
+            taped: bool = False) -> RolloutBuffers:
+        key = (steps, tuple(segments), layers, controlled, taped)
         if key in self._entries:
             self._entries.move_to_end(key)
             return self._entries[key]
-        buffers = RolloutBuffers(sim, steps=steps, segments=list(segments), layers=layers, controlled=controlled)
+        buffers = RolloutBuffers(sim, steps=steps, segments=list(segments), layers=layers, controlled=controlled,
+                                 taped=taped)
         self._entries[key] = buffers
         while len(self._entries) > self.size:
             self._entries.popitem(last=False)
@@ -246,8 +315,9 @@ def make_rollout(sim: Simulator, *, steps: int, frames, segment_length: int | No
         return rollout
     if sim.rollout_cache is None:
         sim.rollout_cache = RolloutCache()
-    buffers = sim.rollout_cache.get(sim, steps=steps, segments=rollout.segments,
-                                    layers=sim.model.control_layers(steps) if controlled else 1, controlled=controlled)
+    layers = sim.model.control_layers(steps) if controlled else 1
+    buffers = sim.rollout_cache.get(sim, steps=steps, segments=rollout.segments, layers=layers, controlled=controlled,
+                                    taped=tapes_forward(sim, steps=steps, layers=layers))
     graphed = GraphedRollout(sim, buffers, steps=steps, frames=frames, segment_length=segment_length,
                              decision_budget=decision_budget)
     return graphed if buffers.lease(graphed) else rollout
