@@ -192,7 +192,7 @@ def _control_scale_limit(pipeline) -> float:
     (docs/MATERIALS.md). Controls of 0.01 put nearly every particle of the preset's snow (theta_s = 7.5e-3) there."""
     from .enums import Material
 
-    if pipeline.model.material != Material.SNOW:
+    if Material.SNOW not in pipeline.model.models:
         return float("inf")
     bounds = []
     for key in ("critical_compression", "critical_stretch"):
@@ -212,7 +212,7 @@ def stage_problem(pipeline, stage: str, groups, *, seed: int, cutoffs=None):
 
     g = torch.Generator().manual_seed(seed)
     # another material model's parameter is not this scene's (check-grad's default list names every model's)
-    specs = [BY_KEY[k] for k in groups if k in STAGE_GROUPS[stage] and BY_KEY[k].applies_to(pipeline.model.material)]
+    specs = [BY_KEY[k] for k in groups if k in STAGE_GROUPS[stage] and pipeline.applies(BY_KEY[k].group)]
     params = pipeline.initial_parameters([spec.group for spec in specs])
     if "dFc" in params:  # probe around a deformed state, not the trivial zero control: random log strains of 0.01,
         # 0.1 for the scene loss (volume-preserving controls of 0.01 barely move the body, and the loss then hardly

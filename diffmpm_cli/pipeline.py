@@ -14,8 +14,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .assets import region_values
+from .assets import region_model_codes, region_values
 from .config.sequences import rollout_steps
+from .enums import LEARNABLE_MODEL_PARAMETERS
 from .params import BY_GROUP, GROUP_OF, GROUPS, natural
 from .render.camera import build_cameras
 from .render.rasterize import GSPLAT, RasterCutoffs, rasterization
@@ -53,11 +54,13 @@ class Pipeline:
         self.device = torch.device(device)
         source = assets.source
         self.model = MPMModel.from_scene(scene, assets.grid)
-        self.sim = Simulator(self.model, mass=source.masses.to(self.device), volume=source.volumes.to(self.device))
+        codes = region_model_codes(scene, source.region, self.model.models)  # several models: each particle's
+        self.sim = Simulator(self.model, mass=source.masses.to(self.device), volume=source.volumes.to(self.device),
+                             model_code=codes.to(self.device) if codes is not None else None)
         self.x0 = source.positions.to(self.device)
-        # material.regions: key -> [N] natural values of E, nu and the model's parameters that regions set
+        # material.regions: key -> [N] natural values of E, nu and the models' parameters that regions set
         self.region_values = {key: value.to(self.device) for key, value in region_values(
-            scene, source.region, ("E", "nu", *self.model.material.parameters)).items()}
+            scene, source.region, ("E", "nu", *self.model_parameters)).items()}
         appearance = scene.appearance
         self.mode = appearance.gaussians
         self.embedding = None
@@ -88,16 +91,26 @@ class Pipeline:
 
     @property
     def material_parameter(self) -> str | None:
-        """The learn.<key> of the material model's first learnable parameter (yield_stress, friction_angle,
+        """The learn.<key> of the scene's models' first learnable parameter (yield_stress, friction_angle,
         viscosity, hardening) or None (elastic models)."""
-        return self.model.material.extra_parameter
+        learnable = self.material_parameters
+        return learnable[0] if learnable else None
+
+    @property
+    def model_parameters(self) -> tuple[str, ...]:
+        """Every parameter beside E and nu of the scene's models (material.model and the regions'), each once."""
+        return tuple(dict.fromkeys(name for m in self.model.models for name in m.parameters))
 
     @property
     def material_parameters(self) -> tuple[str, ...]:
-        """The learn.<key>s of the material model's learnable parameters (bingham has two: yield_stress and
-        viscosity); they join E and nu in every rollout. The model's other parameters (snow's critical compression
-        and stretch) are the scene's constants."""
-        return self.model.material.learnable_parameters
+        """The learn.<key>s of the scene's models' learnable parameters (bingham has two: yield_stress and
+        viscosity); they join E and nu in every rollout. The models' other parameters (snow's critical compression
+        and stretch, bingham's flow index) are the scene's constants."""
+        return tuple(name for name in self.model_parameters if name in LEARNABLE_MODEL_PARAMETERS)
+
+    def applies(self, group: str) -> bool:
+        """Whether parameter group ``group`` belongs to this scene (a model parameter: to one of its models)."""
+        return any(BY_GROUP[group].applies_to(m) for m in self.model.models)
 
     @property
     def gaussian_count(self) -> int:
@@ -108,7 +121,7 @@ class Pipeline:
         material model's parameter (yield_stress, friction_angle, viscosity) is not this scene's: it is left out."""
         out = {}
         for group in groups:
-            if not BY_GROUP[group].applies_to(self.model.material):
+            if not self.applies(group):
                 continue
             if group == "dFc":  # random (learn.dFc.init_scale), built only when asked for: K x N x 9 numbers
                 s, n = self.scene, int(self.x0.shape[0])
@@ -140,7 +153,8 @@ class Pipeline:
         material = {key: natural(GROUP_OF[key], p[GROUP_OF[key]]) for key in learnable}
         material.update({key: self.region_values[key] if key in self.region_values
                          else torch.tensor(float(getattr(self.scene.material, key)), device=self.device)
-                         for key in self.model.material.parameters if key not in learnable})
+                         for key in self.model_parameters if key not in learnable
+                         and (key in self.region_values or getattr(self.scene.material, key) is not None)})
         return simulate(self.sim, x0=start.get("x", self.x0), v0=v0, E=natural("log_E", p["log_E"]), nu=p["nu"],
                         **material,
                         steps=self.steps, Fc=self.control_matrices(p.get("dFc")), F0=start.get("F"), C0=start.get("C"),

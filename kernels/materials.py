@@ -8,7 +8,7 @@ Bingham's the vector (``KERNEL_MODELS`` holds every model in the kernels' signat
 (``wp.func_grad``) where Warp's generated ones fail: the polar rotation and the spectral maps, whose wp.svd3 adjoint
 divides by s_i^2 - s_j^2. The models live in kernels/elastic.py (fixed-corotated, neo-Hookean, the polar rotation),
 kernels/plastic.py (the spectral maps on Hencky strain: von Mises, Drucker-Prager) and kernels/viscoplastic.py (snow,
-Bingham, Herschel-Bulkley); this module holds the fluid and the per-model tables.
+Bingham, Herschel-Bulkley); this module holds the fluid, the per-model tables and the dispatch over a scene's models.
 """
 
 import warp as wp
@@ -126,3 +126,112 @@ KERNEL_MODELS = {
     Material.SNOW: (snow_stress, snow_F, snow_branch),
     Material.BINGHAM: (bingham_stress, bingham_hb_F, bingham_branch),
 }
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# several models in one scene: each particle's model code (its model's index in the scene's tuple of models) picks
+# its stress, return mapping and branch. Built per tuple by static closures: a one-model tuple calls that model's
+# functions with no branch on the code (today's kernels); with several, an if-chain over the tuple, each arm one
+# model's function (only the particle's own arm runs, forward and adjoint).
+
+
+def _chain(models: tuple, slot: int, make_one, make_pair):
+    """The function for ``models[slot:]`` dispatched on the code: one model's, or an if-chain of them."""
+    if slot == len(models) - 1:
+        return make_one(models[slot])
+    return make_pair(models[slot], slot, _chain(models, slot + 1, make_one, make_pair))
+
+
+def _stress_one(material):
+    stress = KERNEL_MODELS[material][0]
+
+    @wp.func
+    def stress_c(code: int, F: wp.mat33, C: wp.mat33, mu: float, lam: float, k: wp.vec3, Jp: float):
+        return stress(F, C, mu, lam, k, Jp)
+
+    return stress_c
+
+
+def _stress_pair(material, slot: int, rest):
+    stress = KERNEL_MODELS[material][0]
+
+    @wp.func
+    def stress_c(code: int, F: wp.mat33, C: wp.mat33, mu: float, lam: float, k: wp.vec3, Jp: float):
+        out = wp.mat33(0.0)
+        if code == wp.static(slot):
+            out = stress(F, C, mu, lam, k, Jp)
+        else:
+            out = rest(code, F, C, mu, lam, k, Jp)
+        return out
+
+    return stress_c
+
+
+def _mapping_one(material):
+    mapping = KERNEL_MODELS[material][1]
+
+    @wp.func
+    def mapping_c(code: int, F: wp.mat33, mu: float, lam: float, k: wp.vec3, dt: float, branch: int):
+        return mapping(F, mu, lam, k, dt, branch)
+
+    return mapping_c
+
+
+def _mapping_pair(material, slot: int, rest):
+    mapping = KERNEL_MODELS[material][1]
+
+    @wp.func
+    def mapping_c(code: int, F: wp.mat33, mu: float, lam: float, k: wp.vec3, dt: float, branch: int):
+        out = F
+        if code == wp.static(slot):
+            out = mapping(F, mu, lam, k, dt, branch)
+        else:
+            out = rest(code, F, mu, lam, k, dt, branch)
+        return out
+
+    return mapping_c
+
+
+def _branch_one(material):
+    branch_of = KERNEL_MODELS[material][2]
+
+    @wp.func
+    def branch_c(code: int, F: wp.mat33, mu: float, lam: float, k: wp.vec3):
+        return branch_of(F, mu, lam, k)
+
+    return branch_c
+
+
+def _branch_pair(material, slot: int, rest):
+    branch_of = KERNEL_MODELS[material][2]
+
+    @wp.func
+    def branch_c(code: int, F: wp.mat33, mu: float, lam: float, k: wp.vec3):
+        out = int(0)
+        if code == wp.static(slot):
+            out = branch_of(F, mu, lam, k)
+        else:
+            out = rest(code, F, mu, lam, k)
+        return out
+
+    return branch_c
+
+
+_DISPATCH = {}
+
+
+def model_dispatch(models: tuple):
+    """(stress(code, F, C, mu, lam, k, J_P), mapping(code, F, mu, lam, k, dt, branch), branch(code, F, mu, lam, k))
+    over the scene's ``models`` (Material members, code i = models[i]); built once per tuple."""
+    models = tuple(Material(m) for m in models)
+    if models not in _DISPATCH:
+        _DISPATCH[models] = (_chain(models, 0, _stress_one, _stress_pair),
+                             _chain(models, 0, _mapping_one, _mapping_pair),
+                             _chain(models, 0, _branch_one, _branch_pair))
+    return _DISPATCH[models]
+
+
+def snow_code(models: tuple) -> int:
+    """The code of snow (the one model that reads and updates J_P) among ``models``, or -1."""
+    models = tuple(Material(m) for m in models)
+    return models.index(Material.SNOW) if Material.SNOW in models else -1

@@ -13,7 +13,9 @@ One step, for control index ``control`` (-1 off control steps):
         mapping (the identity for elastic models);  J_P+ = J_P det F_trial / det F+ (snow; others carry J_P);
         x+ = x + dt v  (held inside);
         each particle's lowest det F+ so far is kept (snow: det F_E J_P; not differentiated: a validity record)
-Kernels are built per B-spline order (and material) by factories using ``wp.static`` closures.
+Kernels are built per B-spline order and tuple of constitutive models (a scene's ``models``; each particle's
+``model_code`` is its model's index there, read only where the tuple holds several) by factories using ``wp.static``
+closures.
 """
 
 import functools
@@ -27,7 +29,9 @@ from .materials import (  # noqa: F401 (host reads them here)
     MATERIALS,
     PLASTIC_MODELS,
     PLASTIC_VOLUME_MODELS,
+    model_dispatch,
     polar_rotation,
+    snow_code,
 )
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -140,16 +144,16 @@ def _stencil_func(order: str):
 
 
 @functools.cache
-def _affine_func(order: str, material: str):
+def _affine_func(order: str, models: tuple):
     inertia = BSPLINES[order][3]
-    stress = KERNEL_MODELS[material][0]
+    stress = model_dispatch(models)[0]
 
     @wp.func
-    def particle_affine(F: wp.mat33, C: wp.mat33, mu: float, lam: float, kappa: wp.vec3, Jp: float, m: float,
-                        volume: float, dt: float, inv_dx: float, bulk_viscosity: float):
-        """MLS/APIC affine momentum m C - dt V D^-1 tau(F) (+ bulk viscosity zeta tr(C) I in tau); kappa: the
-        particle's parameter vector, Jp: its plastic volume ratio (snow)."""
-        tau = stress(F, C, mu, lam, kappa, Jp)
+    def particle_affine(code: int, F: wp.mat33, C: wp.mat33, mu: float, lam: float, kappa: wp.vec3, Jp: float,
+                        m: float, volume: float, dt: float, inv_dx: float, bulk_viscosity: float):
+        """MLS/APIC affine momentum m C - dt V D^-1 tau(F) (+ bulk viscosity zeta tr(C) I in tau); code: the
+        particle's model, kappa: its parameter vector, Jp: its plastic volume ratio (snow)."""
+        tau = stress(code, F, C, mu, lam, kappa, Jp)
         if bulk_viscosity > 0.0:
             tau = tau + wp.identity(3, dtype=float) * (bulk_viscosity * wp.trace(C))
         return m * C - (dt * volume * wp.static(inertia) * inv_dx * inv_dx) * tau
@@ -324,34 +328,39 @@ TRANSFERS = {BSpline.QUADRATIC: (scatter_quadratic, gather_quadratic), BSpline.C
 
 
 @functools.cache
-def _affine_at_func(order: str, material: str):
-    particle_affine = _affine_func(order, material)
-    stressed_by_kappa = material not in ELASTIC_MODELS
-    hardens = material in PLASTIC_VOLUME_MODELS
+def _affine_at_func(order: str, models: tuple):
+    particle_affine = _affine_func(order, models)
+    stressed_by_kappa = any(m not in ELASTIC_MODELS for m in models)
+    hardens = snow_code(models) >= 0
+    mixed = len(models) > 1
 
     @wp.func
     def affine_at(p: int, dx: float, dt: float, particle_volume: wp.array(dtype=float),
                   particle_mass: wp.array(dtype=float), mu: wp.array(dtype=float), lam: wp.array(dtype=float),
-                  kappa: wp.array(dtype=wp.vec3), bulk_viscosity: float, Fc: wp.array2d(dtype=wp.mat33), control: int,
-                  F_in: wp.array(dtype=wp.mat33), C_in: wp.array(dtype=wp.mat33), Jp_in: wp.array(dtype=float)):
-        """Particle p's affine momentum (``particle_affine`` of its F~ = Fc[control] F, C and parameters)."""
+                  kappa: wp.array(dtype=wp.vec3), model_code: wp.array(dtype=int), bulk_viscosity: float,
+                  Fc: wp.array2d(dtype=wp.mat33), control: int, F_in: wp.array(dtype=wp.mat33),
+                  C_in: wp.array(dtype=wp.mat33), Jp_in: wp.array(dtype=float)):
+        """Particle p's affine momentum (``particle_affine`` of its model, F~ = Fc[control] F, C and parameters)."""
+        code = int(0)
+        if wp.static(mixed):  # one model: no code read, no branch
+            code = model_code[p]
         kappa_p = wp.vec3(0.0)
         if wp.static(stressed_by_kappa):  # elastic models never read kappa (nor add its zero adjoint)
             kappa_p = own_vec3(kappa, p)
         Jp = float(1.0)
-        if wp.static(hardens):  # only snow reads J_P
+        if wp.static(hardens):  # only snow reads J_P (other models' stresses ignore it)
             Jp = own_float(Jp_in, p)
-        return particle_affine(controlled_F(own_mat33(F_in, p), Fc, control, p), own_mat33(C_in, p),
+        return particle_affine(code, controlled_F(own_mat33(F_in, p), Fc, control, p), own_mat33(C_in, p),
                                own_float(mu, p), own_float(lam, p), kappa_p, Jp,
                                particle_mass[p], particle_volume[p], dt, 1.0 / dx, bulk_viscosity)
 
     return affine_at
 
 
-def _p2g_kernel(order: str, material: str):
+def _p2g_kernel(order: str, models: tuple):
     scatter = TRANSFERS[order][0]
     stencil = _stencil_func(order)
-    affine_at = _affine_at_func(order, material)
+    affine_at = _affine_at_func(order, models)
 
     @wp.kernel(module="unique")
     def p2g(
@@ -364,6 +373,7 @@ def _p2g_kernel(order: str, material: str):
         mu: wp.array(dtype=float),
         lam: wp.array(dtype=float),
         kappa: wp.array(dtype=wp.vec3),
+        model_code: wp.array(dtype=int),  # each particle's model: its index in the scene's models
         bulk_viscosity: float,
         # controls
         Fc: wp.array2d(dtype=wp.mat33),
@@ -381,8 +391,8 @@ def _p2g_kernel(order: str, material: str):
         x = own_vec3(x_in, p)
         bx, by, bz, wx, wy, wz = stencil(x, grid_lower, 1.0 / dx, grid_out.shape[0], grid_out.shape[1],
                                          grid_out.shape[2])
-        affine = affine_at(p, dx, dt, particle_volume, particle_mass, mu, lam, kappa, bulk_viscosity, Fc, control,
-                           F_in, C_in, Jp_in)
+        affine = affine_at(p, dx, dt, particle_volume, particle_mass, mu, lam, kappa, model_code, bulk_viscosity, Fc,
+                           control, F_in, C_in, Jp_in)
         m = particle_mass[p]
         scatter(grid_out, bx, by, bz, wx, wy, wz, x, grid_lower, dx, m, m * own_vec3(v_in, p), affine)
 
@@ -397,8 +407,8 @@ def _p2g_kernel(order: str, material: str):
 # the fused kernel.
 
 
-def _p2g_affine_kernel(order: str, material: str):
-    affine_at = _affine_at_func(order, material)
+def _p2g_affine_kernel(order: str, models: tuple):
+    affine_at = _affine_at_func(order, models)
 
     @wp.kernel(module="unique")
     def p2g_affine(
@@ -410,6 +420,7 @@ def _p2g_affine_kernel(order: str, material: str):
         mu: wp.array(dtype=float),
         lam: wp.array(dtype=float),
         kappa: wp.array(dtype=wp.vec3),
+        model_code: wp.array(dtype=int),
         bulk_viscosity: float,
         # controls
         Fc: wp.array2d(dtype=wp.mat33),
@@ -422,8 +433,8 @@ def _p2g_affine_kernel(order: str, material: str):
         affine_out: wp.array(dtype=wp.mat33),
     ):
         p = wp.tid()
-        affine_out[p] = affine_at(p, dx, dt, particle_volume, particle_mass, mu, lam, kappa, bulk_viscosity, Fc,
-                                  control, F_in, C_in, Jp_in)
+        affine_out[p] = affine_at(p, dx, dt, particle_volume, particle_mass, mu, lam, kappa, model_code,
+                                  bulk_viscosity, Fc, control, F_in, C_in, Jp_in)
 
     return p2g_affine
 
@@ -487,11 +498,12 @@ def cell_keys(
     order_out[p] = p
 
 
-def _p2g_tiled_kernel(order: str, material: str, block_dim: int):
+def _p2g_tiled_kernel(order: str, models: tuple, block_dim: int):
     width = BSPLINES[order][0]
     stencil = _stencil_func(order)
-    particle_affine = _affine_func(order, material)
-    hardens = material in PLASTIC_VOLUME_MODELS
+    particle_affine = _affine_func(order, models)
+    hardens = snow_code(models) >= 0
+    mixed = len(models) > 1
 
     @wp.kernel(module="unique")
     def p2g_tiled(
@@ -504,6 +516,7 @@ def _p2g_tiled_kernel(order: str, material: str, block_dim: int):
         mu: wp.array(dtype=float),
         lam: wp.array(dtype=float),
         kappa: wp.array(dtype=wp.vec3),
+        model_code: wp.array(dtype=int),
         bulk_viscosity: float,
         # controls
         Fc: wp.array2d(dtype=wp.mat33),
@@ -533,8 +546,11 @@ def _p2g_tiled_kernel(order: str, material: str, block_dim: int):
         Jp = float(1.0)
         if wp.static(hardens):
             Jp = Jp_in[p]
-        affine = particle_affine(controlled_F(F_in[p], Fc, control, p), C_in[p], mu[p], lam[p], kappa[p], Jp, m,
-                                 particle_volume[p], dt, inv_dx, bulk_viscosity)
+        code = int(0)
+        if wp.static(mixed):
+            code = model_code[p]
+        affine = particle_affine(code, controlled_F(F_in[p], Fc, control, p), C_in[p], mu[p], lam[p], kappa[p], Jp,
+                                 m, particle_volume[p], dt, inv_dx, bulk_viscosity)
         mv = m * v_in[p]
         # the block's box of stencil nodes
         lo_x = wp.tile_extract(wp.tile_min(wp.tile(bx)), 0)
@@ -724,13 +740,15 @@ def grid_update(
 # grid -> particle
 
 
-def _g2p_kernel(order: str, material: str):
+def _g2p_kernel(order: str, models: tuple):
     inertia = BSPLINES[order][3]
     gather = TRANSFERS[order][1]
     stencil = _stencil_func(order)
-    return_mapping, branch_of = KERNEL_MODELS[material][1], KERNEL_MODELS[material][2]
-    maps = material not in ELASTIC_MODELS
-    hardens = material in PLASTIC_VOLUME_MODELS
+    _, return_mapping, branch_of = model_dispatch(models)
+    maps = any(m not in ELASTIC_MODELS for m in models)
+    snow = snow_code(models)
+    hardens = snow >= 0
+    mixed = len(models) > 1
 
     @wp.kernel(module="unique")
     def g2p(
@@ -745,6 +763,7 @@ def _g2p_kernel(order: str, material: str):
         mu: wp.array(dtype=float),
         lam: wp.array(dtype=float),
         kappa: wp.array(dtype=wp.vec3),
+        model_code: wp.array(dtype=int),  # each particle's model: its index in the scene's models
         # controls
         Fc: wp.array2d(dtype=wp.mat33),
         control: int,
@@ -777,18 +796,22 @@ def _g2p_kernel(order: str, material: str):
         F_trial = (wp.identity(3, dtype=float) + dt * C) * controlled_F(own_mat33(F_in, p), Fc, control, p)
         F = F_trial
         Jp = own_float(Jp_in, p)
+        code = int(0)
+        if wp.static(mixed):  # one model: no code read, no branch on it
+            code = model_code[p]
         if wp.static(maps):  # elastic models: no return mapping, no reads of mu, lam, kappa (nor their adjoints)
             mu_p, lam_p, kappa_p = own_float(mu, p), own_float(lam, p), own_vec3(kappa, p)
             branch = int(0)
             if decision_mode == REPLAY:
                 branch = int(decisions[p])
             else:
-                branch = branch_of(F_trial, mu_p, lam_p, kappa_p)
+                branch = branch_of(code, F_trial, mu_p, lam_p, kappa_p)
             if decision_mode == RECORD:
                 decisions[p] = wp.uint8(branch)
-            F = return_mapping(F_trial, mu_p, lam_p, kappa_p, dt, branch)
+            F = return_mapping(code, F_trial, mu_p, lam_p, kappa_p, dt, branch)
             if wp.static(hardens):  # snow: what the clamp took from F_E goes to F_P, J_P <- J_P det F_trial / det F_E
-                Jp = Jp * wp.determinant(F_trial) / wp.determinant(F)
+                if code == wp.static(snow):
+                    Jp = Jp * wp.determinant(F_trial) / wp.determinant(F)
         if f_blend < 1.0:  # seed extra: F <- a F + (1 - a) I
             F = f_blend * F + (1.0 - f_blend) * wp.identity(3, dtype=float)
         if min_J > 0.0:  # seed extra: det F >= min_J by uniform scaling
@@ -810,7 +833,8 @@ def _g2p_kernel(order: str, material: str):
         Jp_out[p] = Jp  # carried unchanged by every model but snow
         J_now = wp.determinant(F)
         if wp.static(hardens):  # snow's F holds F_E: the whole F = F_E F_P has det F_E J_P (its clamp keeps det F_E > 0)
-            J_now = J_now * Jp
+            if code == wp.static(snow):
+                J_now = J_now * Jp
         J_min_out[p] = wp.min(J_min_out[p], J_now)  # validity record: each particle's lowest det F
 
     return g2p
@@ -820,15 +844,32 @@ def _g2p_kernel(order: str, material: str):
 P2G_BLOCK = 128
 
 
-@functools.cache
-def p2g_tiled(order: str, material: str, block_dim: int = P2G_BLOCK):
-    return _p2g_tiled_kernel(order, material, block_dim)
+def _models(models) -> tuple:
+    """A scene's models as a tuple of Material members (one model: a member or its name)."""
+    return (models,) if isinstance(models, str) else tuple(models)
 
+
+@functools.cache
+def _cached(factory, order: str, models: tuple, *extra):
+    return factory(order, models, *extra)
+
+
+def p2g_tiled(order: str, models, block_dim: int = P2G_BLOCK):
+    return _cached(_p2g_tiled_kernel, order, _models(models), block_dim)
+
+
+def p2g(order: str, models):
+    """P2G for B-spline ``order`` and the scene's ``models`` (a tuple of models, or one), built once per pair."""
+    return _cached(_p2g_kernel, order, _models(models))
+
+
+def g2p(order: str, models):
+    return _cached(_g2p_kernel, order, _models(models))
+
+
+def p2g_affine(order: str, models):
+    return _cached(_p2g_affine_kernel, order, _models(models))
 
 
 p2g_mass = {order: _p2g_mass_kernel(order) for order in BSPLINES}
-p2g = {(order, material): _p2g_kernel(order, material) for order in BSPLINES for material in KERNEL_MODELS}
-g2p = {(order, material): _g2p_kernel(order, material) for order in BSPLINES for material in KERNEL_MODELS}
-p2g_affine = {(order, material): _p2g_affine_kernel(order, material) for order in BSPLINES
-              for material in KERNEL_MODELS}
 p2g_transfer = {order: _p2g_transfer_kernel(order) for order in BSPLINES}

@@ -860,7 +860,12 @@ def test_regions_are_checked_with_one_error_line(write_scene):
     region = {"shape": {"shape": "box", "size": [0.4, 0.15, 0.4], "center": [0.5, 0.425, 0.5]}}
     cases = [
         (region_scene({"regions": [{**region, "model": "drucker_prager"}]}),
-         "error: material.regions[0].model: drucker_prager differs from material.model von_mises"),
+         "error: material.regions[0].friction_angle: its model drucker_prager needs it"),
+        (region_scene({"regions": [{**region, "model": "drucker_prager", "friction_angle": 30.0,
+                                    "yield_stress": 100.0}]}),
+         "error: material.regions[0].yield_stress: is not a parameter of its model drucker_prager"),
+        (region_scene({"hardening": 3.0}),
+         "error: material.hardening: is not a parameter of material.model von_mises"),
         (region_scene({"regions": [{**region, "viscosity": 3.0}]}),
          "error: material.regions[0].viscosity: is not a parameter of material.model von_mises"),
         (region_scene(learn={"E": {"enabled": True}}), "error: learn.E.per_particle: material.regions set E"),

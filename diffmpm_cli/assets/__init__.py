@@ -157,7 +157,8 @@ def assign_regions(scene, body: Body, grid: GridSpec) -> None:
 
 def region_values(scene, region: torch.Tensor | None, keys) -> dict[str, torch.Tensor]:
     """key -> [N] float32 natural values (material.<key>, replaced where a region gives its own) for the ``keys``
-    that some region sets; {} without regions."""
+    that some region sets; {} without regions. Where material.<key> is null (a parameter of a model only regions
+    use) the other particles take the first region's value: their models never read it."""
     out = {}
     if region is None:
         return out
@@ -165,11 +166,25 @@ def region_values(scene, region: torch.Tensor | None, keys) -> dict[str, torch.T
         given = [(i, getattr(r, key)) for i, r in enumerate(scene.material.regions) if getattr(r, key) is not None]
         if not given:
             continue
-        values = torch.full((len(region),), float(getattr(scene.material, key)))
+        default = getattr(scene.material, key)
+        values = torch.full((len(region),), float(default if default is not None else given[0][1]))
         for i, value in given:
             values[region == i] = value
         out[key] = values
     return out
+
+
+def region_model_codes(scene, region: torch.Tensor | None, models) -> torch.Tensor | None:
+    """[N] int64: each particle's constitutive model as its index in ``models`` (sim.model.scene_models: material.model
+    first), from the region it lies in (a region without a model, and no region: material.model); None for one
+    model."""
+    if region is None or len(models) == 1:
+        return None
+    codes = torch.zeros(len(region), dtype=torch.int64)
+    for i, r in enumerate(scene.material.regions):
+        if r.model is not None:
+            codes[region == i] = list(models).index(r.model)
+    return codes
 
 
 def check_inside(bounds, grid: GridSpec, key: str) -> None:

@@ -141,14 +141,27 @@ DEFAULTED_PARAMETERS = {"flow_index": 1.0}
 LEARNABLE_MATERIAL_PARAMETERS = ("yield_stress", "friction_angle", "viscosity", "hardening")
 
 
+def _present_models(material):
+    """material.model and the models material.regions name (sim.model.scene_models' set)."""
+    return {material.model, *(region.model for region in material.regions if region.model is not None)}
+
+
+def _models_phrase(models) -> str:
+    names = sorted(m.value for m in models)
+    return f"material.model {names[0]}" if len(names) == 1 else f"any model of this scene ({', '.join(names)})"
+
+
 def _check_material(scene: Scene) -> None:
-    """A plastic or fluid model needs its own parameters (material.<name>); no other model's may be given, learned
-    or be a truth (it would silently do nothing)."""
+    """A plastic or fluid model needs its own parameters (material.<name>; with material.regions of other models,
+    material.<name> is the value of every particle whose model has it); no parameter of a model the scene does not
+    use may be given, learned or be a truth (it would silently do nothing)."""
     material, truth = scene.material, scene.target.truth
+    present = _present_models(material)
+    used = {name for m in present for name in m.parameters}
     needed = material.model.parameters
-    model = f"material.model {material.model.value}"
+    model = _models_phrase(present)
     for name in EXTRA_MATERIAL_PARAMETERS:
-        if name in needed:
+        if name in used:
             continue
         if getattr(material, name) is not None and getattr(material, name) != DEFAULTED_PARAMETERS.get(name):
             raise ConfigError(f"material.{name}", f"is not a parameter of {model}")
@@ -160,7 +173,7 @@ def _check_material(scene: Scene) -> None:
             raise ConfigError(f"target.truth.{name}", f"is not a parameter of {model}")
     for name in needed:
         if getattr(material, name) is None:
-            raise ConfigError(f"material.{name}", f"{model} needs it")
+            raise ConfigError(f"material.{name}", f"material.model {material.model.value} needs it")
     _check_regions(scene)
 
 
@@ -168,18 +181,21 @@ REGION_KEYS = ("E", "nu", "density", *EXTRA_MATERIAL_PARAMETERS)
 
 
 def _check_regions(scene: Scene) -> None:
-    """material.regions: the scene's model only (its kernels are built per model), its parameters only, and no
-    global learned value or truth of a key that regions set (it would replace the regions' values)."""
+    """material.regions: each region's parameters are its own model's (region.model, else material.model), each
+    needed one given by the region or by material.<name>; no global learned value or truth of a key that regions set
+    (it would replace the regions' values)."""
     material, truth = scene.material, scene.target.truth
-    model = f"material.model {material.model.value}"
     for i, region in enumerate(material.regions):
         key = f"material.regions[{i}]"
-        if region.model is not None and region.model != material.model:
-            raise ConfigError(f"{key}.model", f"{region.model.value} differs from {model}: one constitutive model per "
-                                              "scene (regions may differ in E, nu, density and the model's parameters)")
+        own = region.model if region.model is not None else material.model
+        model = f"material.model {own.value}" if region.model is None else f"its model {own.value}"
         for name in EXTRA_MATERIAL_PARAMETERS:
-            if getattr(region, name) is not None and name not in material.model.parameters:
+            if getattr(region, name) is not None and name not in own.parameters:
                 raise ConfigError(f"{key}.{name}", f"is not a parameter of {model}")
+        for name in own.parameters:
+            if getattr(region, name) is None and getattr(material, name) is None:
+                raise ConfigError(f"{key}.{name}", f"{model} needs it (here, or as material.{name} for every "
+                                                   "particle of a model that has it)")
     for name in REGION_KEYS:
         if not any(getattr(region, name) is not None for region in material.regions) or name == "density":
             continue

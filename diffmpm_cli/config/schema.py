@@ -283,12 +283,14 @@ class TargetConfig(Section):
 
 class MaterialRegion(Section):
     """A part of the source with its own material values: the particles whose rest positions lie inside ``shape``
-    take the values given here (null: material.<key>); a later region wins where regions overlap. One constitutive
-    model per scene: a region's model, if given, must be material.model."""
+    take the values given here (null: material.<key>); a later region wins where regions overlap. A region may use
+    another constitutive model (``model``): a jelly block on a sand bed, plasticine beside snow."""
 
     shape: Shape = Field(description="where the region is (any source shape, in world coordinates [m]; center null = "
                          "the domain's centre)")
-    model: MaterialName | None = Field(None, description="must equal material.model (or null): one model per scene")
+    model: MaterialName | None = Field(
+        None, description="the region's constitutive model; null = material.model. Its parameters come from the "
+        "region, else from material.<key>")
     E: Positive | None = Field(None, description="Young's modulus [Pa]; null = material.E")
     nu: Annotated[float, Field(gt=-1.0, lt=0.5)] | None = Field(None, description="Poisson ratio; null = material.nu")
     density: Positive | None = Field(None, description="rest density [kg/m^3]; null = material.density")
@@ -346,8 +348,8 @@ class MaterialConfig(Section):
         None, description="snow: critical stretch theta_s; singular values of F_E above 1 + theta_s go plastic "
         "(Stomakhin: 7.5e-3)")
     regions: list[MaterialRegion] = Field(
-        [], description="parts of the source with their own E, nu, density and model parameters (the same model); "
-        "particles in no region keep the values above")
+        [], description="parts of the source with their own E, nu, density, model parameters and constitutive model "
+        "(a different model per region is allowed); particles in no region keep the values above")
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -33,7 +33,8 @@ def validity_metrics(pipeline, result) -> dict:
 
     x, F = result.x[-1], result.F[-1]
     grid = pipeline.assets.grid
-    Jp = result.Jp[-1] if pipeline.model.material in PLASTIC_VOLUME_MODELS and result.Jp is not None else None
+    Jp = result.Jp[-1] if result.Jp is not None and any(m in PLASTIC_VOLUME_MODELS for m in pipeline.model.models) \
+        else None
     deformation = metrics.deformation_validity(F, Jp)
     clump = metrics.clumping(x, lower=grid.lower, dx=grid.dx, shape=grid.shape,
                              rest_count=pipeline.scene.sim.particles_per_cell**3)

@@ -208,6 +208,24 @@ def herschel_bulkley_ref(F: torch.Tensor, mu: torch.Tensor, kappa: torch.Tensor,
     return torch.where(yields[:, None, None], spectral_ref(U, torch.exp(h), Vh), F)
 
 
+def per_model(models, codes: torch.Tensor | None, fn, count: int, *inputs: torch.Tensor) -> torch.Tensor:
+    """fn(model, rows, *inputs[rows]) for each of ``models`` over the particles whose code (``codes`` [N], the index of
+    a particle's model; None: all model 0) names it, scattered back into one [N, ...] result. Each model sees only
+    its own particles (another model's formula at a particle's state may be undefined: neo-Hookean's log J)."""
+    if len(models) == 1 or codes is None:
+        return fn(models[0], None, *inputs)
+    out = None
+    for index, model in enumerate(models):
+        rows = torch.nonzero(codes == index).flatten()
+        if not len(rows):
+            continue
+        part = fn(model, rows, *(t[rows] if t is not None and t.dim() else t for t in inputs))
+        if out is None:
+            out = torch.zeros((count, *part.shape[1:]), dtype=part.dtype)
+        out = out.index_put((rows,), part)
+    return out
+
+
 def _apply_wall(v: torch.Tensor, axis: int, kind: WallKind, outward: float, where: torch.Tensor) -> torch.Tensor:
     e = torch.zeros(3, dtype=v.dtype)
     e[axis] = 1.0
@@ -224,10 +242,13 @@ def _apply_wall(v: torch.Tensor, axis: int, kind: WallKind, outward: float, wher
 
 
 def step_ref(state: dict, *, model, mass: torch.Tensor, volume: torch.Tensor, mu: torch.Tensor, lam: torch.Tensor,
-             Fc_t: torch.Tensor | None, node_mass_eps: float, kappa: torch.Tensor | None = None) -> dict:
+             Fc_t: torch.Tensor | None, node_mass_eps: float, kappa: torch.Tensor | None = None,
+             codes: torch.Tensor | None = None) -> dict:
     """One step of ``kernels/mpm.py`` in float64 torch, every particle against every node. ``state``: x, v, F, C and
-    optionally Jp (snow's plastic volume ratio, default 1); kappa [N, 3]: the model's parameter vector (sim/op.py
-    material_kappa; None: zeros)."""
+    optionally Jp (snow's plastic volume ratio, default 1); kappa [N, 3]: the parameter vectors (sim/op.py
+    material_kappa, scene_kappa; None: zeros); codes [N]: each particle's model, its index in ``model.models``
+    (several models; None: all ``model.material``)."""
+    models = tuple(getattr(model, "models", ()) or (model.material,))
     g = model.grid
     dt = model.dt
     x, v, F, C = (state[k] for k in ("x", "v", "F", "C"))
@@ -247,7 +268,9 @@ def step_ref(state: dict, *, model, mass: torch.Tensor, volume: torch.Tensor, mu
     # stress and P2G
     Ft = Fc_t @ F if Fc_t is not None else F
     kappa = torch.zeros(len(x), 3, dtype=dtype) if kappa is None else kappa
-    tau = kirchhoff_ref(Ft, mu, lam, model.material, C=C, kappa=kappa, Jp=Jp)
+    tau = per_model(models, codes, lambda m, _, F_, mu_, lam_, C_, k_, J_: kirchhoff_ref(F_, mu_, lam_, m, C=C_,
+                                                                                        kappa=k_, Jp=J_),
+                    len(x), Ft, mu, lam, C, kappa, Jp)
     if model.bulk_viscosity > 0:
         tau = tau + model.bulk_viscosity * torch.einsum("pii->p", C)[:, None, None] * eye
     affine = mass[:, None, None] * C - (dt * volume * inv_d)[:, None, None] * tau
@@ -278,9 +301,11 @@ def step_ref(state: dict, *, model, mass: torch.Tensor, volume: torch.Tensor, mu
     v_new = (w[:, :, None] * vg[None]).sum(1)
     C_new = inv_d * torch.einsum("pg,pgi,pgj->pij", w, vg.expand(len(x), -1, -1), dpos)
     F_trial = (eye + dt * C_new) @ Ft
-    F_new = return_mapping_ref(F_trial, mu, lam, kappa, model.material, dt=dt)
-    if model.material == "snow":  # what the clamp took from F_E goes to F_P
-        Jp = Jp * torch.linalg.det(F_trial) / torch.linalg.det(F_new)
+    F_new = per_model(models, codes, lambda m, _, F_, mu_, lam_, k_: return_mapping_ref(F_, mu_, lam_, k_, m, dt=dt),
+                      len(x), F_trial, mu, lam, kappa)
+    if "snow" in models:  # what the clamp took from F_E goes to F_P (snow particles only)
+        snowy = torch.ones(len(x), dtype=torch.bool) if codes is None else codes == models.index("snow")
+        Jp = torch.where(snowy, Jp * torch.linalg.det(F_trial) / torch.linalg.det(F_new), Jp)
     if model.f_blend < 1.0:
         F_new = model.f_blend * F_new + (1 - model.f_blend) * eye
     if model.min_J > 0:
@@ -294,7 +319,7 @@ def step_ref(state: dict, *, model, mass: torch.Tensor, volume: torch.Tensor, mu
 
 
 def rollout_ref(state: dict, *, model, steps: int, mass, volume, mu, lam, Fc=None, node_mass_eps: float,
-                frames=(), kappa=None) -> list[dict]:
+                frames=(), kappa=None, codes=None) -> list[dict]:
     """Run ``steps`` steps of ``step_ref``; states at sorted({*frames, steps})."""
     out = []
     wanted = sorted({*frames, steps})
@@ -303,7 +328,7 @@ def rollout_ref(state: dict, *, model, steps: int, mass, volume, mu, lam, Fc=Non
     for t in range(steps):
         k = model.control_index(t) if Fc is not None else -1
         state = step_ref(state, model=model, mass=mass, volume=volume, mu=mu, lam=lam,
-                         Fc_t=Fc[k] if k >= 0 else None, node_mass_eps=node_mass_eps, kappa=kappa)
+                         Fc_t=Fc[k] if k >= 0 else None, node_mass_eps=node_mass_eps, kappa=kappa, codes=codes)
         if t + 1 in wanted:
             out.append(state)
     return out

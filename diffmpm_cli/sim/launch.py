@@ -19,19 +19,31 @@ from .model import MPMGrid, MPMModel, MPMState
 
 @dataclass(frozen=True)
 class Particles:
-    """Per-particle constants of a body: mass [N] kg and rest volume [N] m^3 (Warp float arrays on ``device``)."""
+    """Per-particle constants of a body: mass [N] kg and rest volume [N] m^3 (Warp float arrays on ``device``) and
+    model code [N] (int: the index of each particle's constitutive model in ``MPMModel.models``; [1] zeros when not
+    given: a one-model scene's kernels never read it)."""
 
     mass: object
     volume: object
     count: int
     device: str
+    model_code: object = None
 
     @classmethod
-    def from_torch(cls, mass: torch.Tensor, volume: torch.Tensor) -> Particles:
+    def from_torch(cls, mass: torch.Tensor, volume: torch.Tensor, model_code: torch.Tensor | None = None) -> Particles:
         wp = warp()
+        count = int(mass.shape[0])
+        code = (torch.zeros(1, dtype=torch.int32, device=mass.device) if model_code is None or not count
+                else model_code.detach().to(mass.device, torch.int32).contiguous().clone())
         return cls(mass=wp.from_torch(mass.detach().float().contiguous().clone()),
                    volume=wp.from_torch(volume.detach().to(mass.device).float().contiguous().clone()),
-                   count=int(mass.shape[0]), device=warp_device(mass.device))
+                   count=count, device=warp_device(mass.device), model_code=wp.from_torch(code))
+
+
+@functools.cache
+def _no_codes(device: str):
+    """The model-code array passed where a one-model scene's kernels never read it (one per device)."""
+    return warp().zeros(1, dtype=int, device=device)
 
 
 @functools.cache
@@ -59,27 +71,28 @@ def p2g(model: MPMModel, particles: Particles, state_in: MPMState, grid: MPMGrid
     from ..kernels import mpm
 
     g, k, n, device = model.grid, model.kernel_constants, particles.count, particles.device
-    key = (model.bspline, model.material)
-    wp.launch(mpm.p2g[key], dim=n, device=device, inputs=[
-        k.lower, g.dx, model.dt, particles.volume, particles.mass, mu, lam, kappa, model.bulk_viscosity,
+    codes = particles.model_code if particles.model_code is not None else _no_codes(device)
+    wp.launch(mpm.p2g(model.bspline, model.models), dim=n, device=device, inputs=[
+        k.lower, g.dx, model.dt, particles.volume, particles.mass, mu, lam, kappa, codes, model.bulk_viscosity,
         Fc, control,
         state_in.x, state_in.v, state_in.F, state_in.C, state_in.Jp,
     ], outputs=[grid.mass_momentum], record_tape=tape is None)
     if tape is None:
         return
-    stress_inputs = [g.dx, model.dt, particles.volume, particles.mass, mu, lam, kappa, model.bulk_viscosity, Fc, control,
-                     state_in.F, state_in.C, state_in.Jp]
+    stress_inputs = [g.dx, model.dt, particles.volume, particles.mass, mu, lam, kappa, codes, model.bulk_viscosity, Fc,
+                     control, state_in.F, state_in.C, state_in.Jp]
+    affine_kernel = mpm.p2g_affine(model.bspline, model.models)
     transfer_inputs = [k.lower, g.dx, particles.mass, state_in.x, state_in.v, affine]
 
     def backward():
         adjoints = lambda arrays: [tape.get_adjoint(a) for a in arrays]  # noqa: E731
-        wp.launch(mpm.p2g_affine[key], dim=n, device=device, inputs=stress_inputs, outputs=[affine],
+        wp.launch(affine_kernel, dim=n, device=device, inputs=stress_inputs, outputs=[affine],
                   record_tape=False)
         affine.grad.zero_()
         wp.launch(mpm.p2g_transfer[model.bspline], dim=n, device=device, inputs=transfer_inputs,
                   outputs=[grid.mass_momentum], adj_inputs=adjoints(transfer_inputs),
                   adj_outputs=[grid.mass_momentum.grad], adjoint=True, record_tape=False)
-        wp.launch(mpm.p2g_affine[key], dim=n, device=device, inputs=stress_inputs, outputs=[affine],
+        wp.launch(affine_kernel, dim=n, device=device, inputs=stress_inputs, outputs=[affine],
                   adj_inputs=adjoints(stress_inputs), adj_outputs=[affine.grad], adjoint=True, record_tape=False)
 
     tape.record_func(backward, arrays=[grid.mass_momentum])
@@ -107,21 +120,24 @@ def grid_update(model: MPMModel, grid: MPMGrid, *, node_mass_eps: float, device:
 
 def g2p(model: MPMModel, state_in: MPMState, grid: MPMGrid, state_out: MPMState, *, mu, lam, kappa, Fc,
         control: int, clamped, J_min, device: str, mode: DecisionMode = DecisionMode.DECIDE,
-        decisions=None) -> None:
+        decisions=None, model_code=None) -> None:
     """Gather v and C from the grid, update F (then the material's return mapping, which reads mu, lam, kappa as
     ``p2g`` does), J_P (snow; the others copy it) and x into ``state_out``; count wall clamps into ``clamped`` [1]
     and lower each particle's lowest det F in ``J_min`` [N] (validity records, not differentiated). ``mode`` RECORD
     writes each particle's return-mapping branch into ``decisions`` (uint8 [N]), REPLAY takes it from there (plastic
-    models)."""
+    models). ``model_code``: each particle's model (``Particles.model_code``; needed where ``model.models`` holds
+    several)."""
     wp = warp()
     from ..kernels import mpm
 
     if mode != DecisionMode.DECIDE and decisions is None:
         raise ValueError(f"decision mode {mode.name} needs a decision array")
+    if model_code is None and model.mixed:
+        raise ValueError("a scene of several models needs each particle's model code")
     g, k = model.grid, model.kernel_constants
-    wp.launch(mpm.g2p[(model.bspline, model.material)], dim=state_in.x.shape[0], device=device, inputs=[
+    wp.launch(mpm.g2p(model.bspline, model.models), dim=state_in.x.shape[0], device=device, inputs=[
         k.lower, g.dx, model.dt, k.interior_lower, k.interior_upper, model.f_blend,
-        model.min_J, mu, lam, kappa,
+        model.min_J, mu, lam, kappa, model_code if model_code is not None else _no_codes(device),
         Fc, control,
         state_in.x, state_in.F, state_in.Jp, grid.velocity4,
         int(mode), decisions if decisions is not None else _no_decisions(device, 1),

@@ -21,7 +21,9 @@ class MPMModel:
 
     ``f_blend`` is the seed's F smoothing weight a (F <- a F + (1 - a) I; 1 = off); ``min_J`` clamps det F from
     below (0 = off); ``bulk_viscosity`` adds zeta tr(C) I to the Kirchhoff stress [Pa s] (0 = off).
-    ``bspline``, ``material`` and the walls (per axis x, y, z) take enum members or their names.
+    ``bspline``, ``material`` and the walls (per axis x, y, z) take enum members or their names. ``models``: every
+    constitutive model the particles use (material.regions may name others), ``material`` first; a particle's model
+    code (``Simulator(model_code=...)``) is its model's index here. Empty: ``(material,)``.
     """
 
     grid: GridSpec
@@ -40,11 +42,16 @@ class MPMModel:
     min_J: float = 0.0
     control_stride: int = 1
     cfl_limit: float = 0.5
+    models: tuple[Material, ...] = ()
 
     def __post_init__(self):
         # names become members (ValueError for any other); the kernels get their ints from the members
         object.__setattr__(self, "bspline", BSpline(self.bspline))
         object.__setattr__(self, "material", Material(self.material))
+        models = tuple(Material(m) for m in self.models) or (self.material,)
+        if models[0] != self.material or len(set(models)) != len(models):
+            raise ValueError(f"models must list material ({self.material.value}) first and each model once: {models}")
+        object.__setattr__(self, "models", models)
         object.__setattr__(self, "walls_min", tuple(WallKind(w) for w in self.walls_min))
         object.__setattr__(self, "walls_max", tuple(WallKind(w) for w in self.walls_max))
 
@@ -72,7 +79,13 @@ class MPMModel:
             min_J=material.min_J or 0.0,
             control_stride=sim.control_stride,
             cfl_limit=sim.cfl_limit,
+            models=scene_models(material),
         )
+
+    @property
+    def mixed(self) -> bool:
+        """Whether the particles use several constitutive models (per-particle model codes)."""
+        return len(self.models) > 1
 
     @functools.cached_property
     def kernel_constants(self) -> SimpleNamespace:
@@ -94,6 +107,16 @@ class MPMModel:
     def control_layers(self, steps: int) -> int:
         """K = ceil(steps / stride) (grid.control_layers)."""
         return control_layers(steps, self.control_stride)
+
+
+def scene_models(material) -> tuple[Material, ...]:
+    """The constitutive models of a scene's ``material`` section: material.model, then each other model that
+    material.regions name, in order of first appearance (a particle's model code is its model's index here)."""
+    models = [Material(material.model)]
+    for region in material.regions:
+        if region.model is not None and Material(region.model) not in models:
+            models.append(Material(region.model))
+    return tuple(models)
 
 
 @dataclass

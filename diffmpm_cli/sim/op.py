@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -95,6 +96,30 @@ def material_kappa(material: Material, *, count: int, device, **given: torch.Ten
     return torch.stack(columns, dim=-1)
 
 
+def scene_kappa(models, model_code: torch.Tensor, *, count: int, device, **given: torch.Tensor | None) -> torch.Tensor:
+    """The kernels' per-particle parameter vector [N, 3] of a scene of several models: each particle's row packed by
+    its own model's ``material_kappa`` (model_code [N]: the index of its model in ``models``). ``given``: every
+    present model's parameters, each [] or [N] (a parameter two models share, such as yield_stress of von_mises and
+    bingham, carries each particle's own value); a parameter no present model has is refused, one a present model
+    needs is required."""
+    models = tuple(Material(m) for m in models)
+    if len(models) == 1:
+        return material_kappa(models[0], count=count, device=device, **given)
+    wanted = {name for m in models for name in m.parameters}
+    stray = [name for name, value in given.items() if value is not None and name not in wanted]
+    if stray:
+        raise SimulationError(f"no material model of this scene ({', '.join(m.value for m in models)}) has a parameter "
+                              f"{stray[0]}")
+    code = model_code.to(device)
+    rows = [material_kappa(model, count=count, device=device, **{k: given.get(k) for k in model.parameters})
+            for model in models]
+    dtype = functools.reduce(torch.promote_types, (r.dtype for r in rows))
+    kappa = rows[0].to(dtype)
+    for index, row in enumerate(rows[1:], start=1):
+        kappa = torch.where((code == index)[:, None], row.to(dtype), kappa)
+    return kappa
+
+
 def simulate(sim: Simulator, *, x0: torch.Tensor, v0: torch.Tensor, E: torch.Tensor, nu: torch.Tensor,
              steps: int, Fc: torch.Tensor | None = None, F0: torch.Tensor | None = None,
              C0: torch.Tensor | None = None, Jp0: torch.Tensor | None = None, frames=(),
@@ -120,7 +145,7 @@ def simulate(sim: Simulator, *, x0: torch.Tensor, v0: torch.Tensor, E: torch.Ten
     Jp0 = Jp0 if Jp0 is not None else torch.ones(n, device=device)
     mu, lam = lame_parameters(E, nu)
     mu, lam = mu.expand(n), lam.expand(n)
-    kappa = material_kappa(sim.model.material, count=n, device=device, **material)
+    kappa = scene_kappa(sim.model.models, sim.model_code, count=n, device=device, **material)
     _check_stability(sim, mu, lam, kappa, Jp0)
     rollout = make_rollout(sim, steps=steps, frames=frames, segment_length=segment_length,
                            decision_budget=decision_budget, frozen=frozen, controlled=Fc is not None)
@@ -139,12 +164,12 @@ def _check_stability(sim: Simulator, mu: torch.Tensor, lam: torch.Tensor, kappa:
     the rollout starts from (1 for fresh snow; an optimisation episode's carried compaction). Compaction during the
     rollout stiffens it further, and the model bounds that by nothing (J_P only shrinks while compressed: 0.12 in
     snowball_impact at xi 3), so no check before a run can hold for the stiffest state (docs/MATERIALS.md)."""
-    from ..kernels.materials import PLASTIC_VOLUME_MODELS
-
     modulus = (lam + 2 * mu).detach()
     hardening = None
-    if sim.model.material in PLASTIC_VOLUME_MODELS and Jp0 is not None and sim.particle_count:
-        hardening = torch.exp(kappa[:, 0].detach() * (1 - Jp0.detach().to(modulus.device, modulus.dtype)))
+    snowy = sim.snow_particles(modulus.device)
+    if snowy is not None and Jp0 is not None and sim.particle_count:
+        hardening = torch.where(snowy, torch.exp(kappa[:, 0].detach() * (1 - Jp0.detach().to(modulus.device,
+                                                                                              modulus.dtype))), 1.0)
         modulus = modulus * hardening
     speeds = torch.sqrt(torch.clamp(modulus / sim.density, min=0.0))
     fastest = int(torch.argmax(torch.nan_to_num(speeds, nan=float("inf")))) if speeds.numel() else 0
@@ -154,8 +179,10 @@ def _check_stability(sim: Simulator, mu: torch.Tensor, lam: torch.Tensor, kappa:
         detail += (f", snow hardened x{float(hardening[fastest]):.3g} by exp(xi (1 - J_P)) at its J_P "
                    f"{float(Jp0[fastest].detach()):.3g}")
     check_cfl_number(dt=sim.model.dt, dx=sim.model.grid.dx, speed=speed, limit=sim.model.cfl_limit, detail=detail)
-    if sim.model.material == Material.NEWTONIAN_FLUID and sim.particle_count:
-        number = float((kappa[:, 0].detach() / sim.density).max()) * sim.model.dt / sim.model.grid.dx**2
+    if Material.NEWTONIAN_FLUID in sim.model.models and sim.particle_count:
+        fluid = sim.model_code.to(kappa.device) == sim.model.models.index(Material.NEWTONIAN_FLUID)
+        number = float((kappa[fluid, 0].detach() / sim.density.to(kappa.device)[fluid]).max()) * sim.model.dt \
+            / sim.model.grid.dx**2
         if number > VISCOUS_LIMIT:
             raise SimulationError(f"unstable time step: viscous number dt eta / (rho dx^2) = {number:.3g} exceeds "
                                   f"{VISCOUS_LIMIT}; lower sim.dt below {sim.model.dt * VISCOUS_LIMIT / number:.3g} s "

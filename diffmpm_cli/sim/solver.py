@@ -86,13 +86,24 @@ class Simulator:
     """
 
     def __init__(self, model: MPMModel, *, mass: torch.Tensor, volume: torch.Tensor,
-                 p2g: P2GMode | str = P2GMode.PLAIN, sort_every: int = 0, graphs: bool = True):
+                 model_code: torch.Tensor | None = None, p2g: P2GMode | str = P2GMode.PLAIN, sort_every: int = 0,
+                 graphs: bool = True):
         wp = warp()
         self.model = model
+        count = int(mass.shape[0])
+        if model_code is None and model.mixed:
+            raise SimulationError(f"a scene of several models ({', '.join(m.value for m in model.models)}) needs each "
+                                  "particle's model code")
+        # each particle's constitutive model: its index in model.models [N] (int64, on mass's device)
+        self.model_code = (torch.zeros(count, dtype=torch.int64, device=mass.device) if model_code is None
+                           else model_code.detach().to(mass.device, torch.int64).reshape(-1))
+        if self.model_code.numel() != count or (count and not (
+                (self.model_code >= 0) & (self.model_code < len(model.models))).all()):
+            raise SimulationError(f"model_code must hold {count} indices into the model's {len(model.models)} models")
         self.graphs = graphs
         self.rollout_cache = None  # sim/graphs.py: arrays and captured programs kept across rollouts
         self._affine = None  # P2G's split backward's scratch (_affine_scratch)
-        self.particles = Particles.from_torch(mass, volume)
+        self.particles = Particles.from_torch(mass, volume, self.model_code if model.mixed else None)
         self.device = self.particles.device
         self.torch_device = mass.device
         self.particle_count = self.particles.count
@@ -128,15 +139,23 @@ class Simulator:
         """Whether the model's G2P takes a return-mapping branch per particle (recorded beside the grid's)."""
         from ..kernels import mpm
 
-        return self.model.material in mpm.PLASTIC_MODELS
+        return any(m in mpm.PLASTIC_MODELS for m in self.model.models)
 
     def volume_ratio(self, F: torch.Tensor, Jp: torch.Tensor) -> torch.Tensor:
         """det F of particles with elastic part ``F`` [N, 3, 3] and plastic volume ratio ``Jp`` [N]: det F J_P for
-        snow (its G2P records the lowest det F that way), det F for the other models (float32)."""
-        from ..kernels import mpm
-
+        snow particles (its G2P records the lowest det F that way), det F for the other models' (float32)."""
         det = torch.linalg.det(F.detach().float())
-        return det * Jp.detach().float() if self.model.material in mpm.PLASTIC_VOLUME_MODELS else det
+        snowy = self.snow_particles(det.device)
+        return torch.where(snowy, det * Jp.detach().float().to(det.device), det) if snowy is not None else det
+
+    def snow_particles(self, device=None) -> torch.Tensor | None:
+        """[N] bool: the particles whose model is snow (they read and update J_P), or None where none is."""
+        from ..kernels.materials import snow_code
+
+        code = snow_code(self.model.models)
+        if code < 0:
+            return None
+        return (self.model_code == code).to(device if device is not None else self.model_code.device)
 
     @property
     def decision_bytes_per_step(self) -> int:
@@ -178,7 +197,7 @@ class Simulator:
                            mode=decision_mode, decisions=decisions.grid if decisions is not None else None)
         particle_mode = decision_mode if self.plastic else DecisionMode.DECIDE
         launch.g2p(self.model, state_in, grid, state_out, mu=mu, lam=lam, kappa=kappa, Fc=Fc, control=control,
-                   device=self.device,
+                   device=self.device, model_code=self.particles.model_code,
                    clamped=clamped if clamped is not None else self.clamped,
                    J_min=J_min if J_min is not None else self.J_min, mode=particle_mode,
                    decisions=decisions.particles if decisions is not None and self.plastic else None)

@@ -26,7 +26,7 @@ class TiledP2G:
 
         self.model, self.particles, self.sort_every = model, particles, sort_every
         self.block = mpm.P2G_BLOCK if particles.device.startswith("cuda") else 1  # the CPU runs one lane per block
-        self.kernel = mpm.p2g_tiled(model.bspline, model.material, self.block)
+        self.kernel = mpm.p2g_tiled(model.bspline, model.models, self.block)
         n = particles.count
         # radix_sort_pairs needs room for 2 n keys and values
         self.order = wp.array(torch.arange(2 * n, dtype=torch.int32).numpy() % max(n, 1), dtype=int,
@@ -60,7 +60,8 @@ class TiledP2G:
         g, m, p = self.model.grid, self.model, self.particles
         wp.launch_tiled(self.kernel, dim=[(p.count + self.block - 1) // self.block], block_dim=self.block,
                         device=p.device, inputs=[
-                            m.kernel_constants.lower, g.dx, m.dt, p.volume, p.mass, mu, lam, kappa, m.bulk_viscosity,
+                            m.kernel_constants.lower, g.dx, m.dt, p.volume, p.mass, mu, lam, kappa, p.model_code,
+                            m.bulk_viscosity,
                             Fc, control,
                             self.order,
                             state_in.x, state_in.v, state_in.F, state_in.C, state_in.Jp,
