@@ -134,7 +134,7 @@ def bench_mpm(*, particles: int = 4096, grid: int = 32, steps: int = 50, shuffle
 
     split = {}
     reset()
-    for name in ("sort", "p2g", "grid_update", "g2p") if sim.sort_every else ("p2g", "grid_update", "g2p"):
+    for name in ("box", "sort", "p2g", "grid_update", "g2p") if sim.sort_every else ("box", "p2g", "grid_update", "g2p"):
         split[name] = statistics.median(_kernel_times(sim, name, states, grid_arrays, (wmu, wlam, wkappa), fc, device,
                                                          steps))
 
@@ -186,7 +186,7 @@ def _step_launches(sim, state_in, state_out, grid, *, mu, lam, kappa, Fc) -> lis
     ``Simulator.step(..., taped=False)`` runs, taken apart so that each kernel can be timed alone."""
     from .sim import launch
 
-    out = []
+    out = [("box", lambda: launch.particle_box(sim.model, state_in, grid, device=sim.device))]
     if sim.tiled is not None:
         if sim.tiled.sort_due():
             out.append(("sort", lambda: sim.tiled.sort(state_in)))

@@ -478,3 +478,37 @@ def test_polar_rotation_adjoint_at_inverted_F_matches_torch():
     (polar_rotation_ref(F_ref) * W).sum().backward()
     v_F, v_F_ref = wp.to_torch(F_w.grad).double(), F_ref.grad
     assert float(((v_F - v_F_ref).norm(dim=(1, 2)) / v_F_ref.norm(dim=(1, 2))).max()) <= 1e-4
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("bspline", ["quadratic", "cubic"])
+def test_the_grid_update_visits_the_box_of_the_particles_stencils_alone(device, bspline):
+    """particle_box keeps the particles' stencil bases' box (lower corner, minus the upper); the grid update writes
+    the velocity of the nodes inside box .. box + width - 1 and leaves every other node as it was."""
+    from diffmpm_cli.kernels import mpm
+
+    from diffmpm_cli.warp_runtime import warp
+
+    wp = warp()
+    model = make_model(bspline=bspline)
+    state, mass, volume = make_particles(count=50, seed=2, low=(0.35, 0.3, 0.4), high=(0.55, 0.45, 0.6))
+    sim = Simulator(model, mass=mass.float().to(device), volume=volume.float().to(device))
+    a, b, grid = sim.new_state(), sim.new_state(), sim.new_grid()
+    for array, value in zip(a.arrays(), (state["x"], state["v"], state["F"], state["C"], torch.ones(50)), strict=True):
+        wp.copy(array, wp.from_torch(value.float().contiguous().to(device), dtype=array.dtype))
+    grid.zero_()
+    assert grid.box.numpy().tolist() == [2**31 - 1] * 6
+    wp.to_torch(grid.velocity4).fill_(7.0)  # a sentinel no update writes
+    mu, lam = (wp.from_torch(torch.full((50,), v, device=device)) for v in (3.8e3, 5.8e3))
+    kappa = wp.zeros(50, dtype=wp.vec3, device=sim.device)
+    fc = wp.zeros((1, 50), dtype=wp.mat33, device=sim.device)
+    sim.step(a, b, grid, mu=mu, lam=lam, kappa=kappa, Fc=fc, control=-1, taped=False)
+    width, shift = mpm.BSPLINES[bspline][0], mpm.BSPLINES[bspline][1]
+    base = np.floor(state["x"].numpy() / GRID.dx - shift).astype(int)
+    lo, hi = base.min(axis=0), base.max(axis=0) + width - 1
+    assert grid.box.numpy().tolist() == [*lo.tolist(), *(-base.max(axis=0)).tolist()]
+    written = (wp.to_torch(grid.velocity4)[..., :3] != 7.0).any(-1).cpu().numpy()
+    inside = np.zeros(GRID.shape, dtype=bool)
+    inside[lo[0]:hi[0] + 1, lo[1]:hi[1] + 1, lo[2]:hi[2] + 1] = True
+    assert (written == inside).all()
+    assert (wp.to_torch(grid.mass).cpu().numpy()[~inside] == 0).all()

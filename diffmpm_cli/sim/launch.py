@@ -115,7 +115,20 @@ def grid_update(model: MPMModel, grid: MPMGrid, *, node_mass_eps: float, device:
         int(model.floor_enabled), k.floor_normal, model.floor_height, model.friction, node_mass_eps,
         grid.mass, grid.momentum,
         int(mode), decisions if decisions is not None else _no_decisions(device),
+        grid.box, mpm.BSPLINES[model.bspline][0],
     ], outputs=[grid.velocity])
+
+
+def particle_box(model: MPMModel, state_in: MPMState, grid: MPMGrid, *, device: str) -> None:
+    """The box of nodes the particles' stencils reach into ``grid.box`` (emptied by ``grid.zero_()``), which the grid
+    update visits alone. Not differentiable (integer), never taped."""
+    wp = warp()
+    from ..kernels import mpm
+
+    g, k = model.grid, model.kernel_constants
+    wp.launch(mpm.particle_box(model.bspline), dim=state_in.x.shape[0], device=device, inputs=[
+        k.lower, g.inv_dx, wp.vec3i(*g.shape), state_in.x,
+    ], outputs=[grid.box], record_tape=False)
 
 
 def g2p(model: MPMModel, state_in: MPMState, grid: MPMGrid, state_out: MPMState, *, mu, lam, kappa, Fc,

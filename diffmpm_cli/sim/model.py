@@ -156,6 +156,7 @@ class MPMGrid:
     momentum: object
     velocity4: object
     velocity: object
+    box: object  # the nodes this step's particles reach (kernels/mpm.py particle_box): 6 ints
 
     @classmethod
     def zeros(cls, shape, *, device: str, requires_grad: bool) -> MPMGrid:
@@ -167,11 +168,16 @@ class MPMGrid:
             (mass.grad, momentum.grad), (velocity.grad,) = (_views(mm.grad, (float, 0), (wp.vec3, 4)),
                                                             _views(v4.grad, (wp.vec3, 0)))
             mass.requires_grad = momentum.requires_grad = velocity.requires_grad = True
-        return cls(mass_momentum=mm, mass=mass, momentum=momentum, velocity4=v4, velocity=velocity)
+        box = wp.zeros(6, dtype=int, device=device)
+        return cls(mass_momentum=mm, mass=mass, momentum=momentum, velocity4=v4, velocity=velocity, box=box)
 
     def zero_(self) -> None:
-        """Zero what P2G accumulates into (the grid update writes every velocity)."""
+        """Zero what P2G accumulates into and empty the particles' box (the grid update writes every velocity inside
+        it, and no particle reads one outside)."""
+        from ..kernels import mpm
+
         self.mass_momentum.zero_()
+        self.box.fill_(mpm.BOX_EMPTY)
 
     def zero_grad(self) -> None:
         self.mass_momentum.grad.zero_()

@@ -186,6 +186,7 @@ class Simulator:
         ``decision_mode`` / ``decisions``: the branch decisions of the grid update and (plastic models) of the
         return mapping, recorded into or replayed from one row of a ``DecisionBlock`` (``StepDecisions``).
         """
+        launch.particle_box(self.model, state_in, grid, device=self.device)
         if self.tiled is not None and not taped:
             if self.tiled.sort_due():
                 self.tiled.sort(state_in)
