@@ -497,7 +497,7 @@ def test_the_grid_update_visits_the_box_of_the_particles_stencils_alone(device, 
     for array, value in zip(a.arrays(), (state["x"], state["v"], state["F"], state["C"], torch.ones(50)), strict=True):
         wp.copy(array, wp.from_torch(value.float().contiguous().to(device), dtype=array.dtype))
     grid.zero_()
-    assert grid.box.numpy().tolist() == [2**31 - 1] * 6
+    assert (grid.box.numpy() == 2**31 - 1).all()
     wp.to_torch(grid.velocity4).fill_(7.0)  # a sentinel no update writes
     mu, lam = (wp.from_torch(torch.full((50,), v, device=device)) for v in (3.8e3, 5.8e3))
     kappa = wp.zeros(50, dtype=wp.vec3, device=sim.device)
@@ -506,7 +506,7 @@ def test_the_grid_update_visits_the_box_of_the_particles_stencils_alone(device, 
     width, shift = mpm.BSPLINES[bspline][0], mpm.BSPLINES[bspline][1]
     base = np.floor(state["x"].numpy() / GRID.dx - shift).astype(int)
     lo, hi = base.min(axis=0), base.max(axis=0) + width - 1
-    assert grid.box.numpy().tolist() == [*lo.tolist(), *(-base.max(axis=0)).tolist()]
+    assert grid.box.numpy()[:6].tolist() == [*lo.tolist(), *(-base.max(axis=0)).tolist()]
     written = (wp.to_torch(grid.velocity4)[..., :3] != 7.0).any(-1).cpu().numpy()
     inside = np.zeros(GRID.shape, dtype=bool)
     inside[lo[0]:hi[0] + 1, lo[1]:hi[1] + 1, lo[2]:hi[2] + 1] = True

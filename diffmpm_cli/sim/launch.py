@@ -129,6 +129,7 @@ def particle_box(model: MPMModel, state_in: MPMState, grid: MPMGrid, *, device: 
     wp.launch(mpm.particle_box(model.bspline), dim=state_in.x.shape[0], device=device, inputs=[
         k.lower, g.inv_dx, wp.vec3i(*g.shape), state_in.x,
     ], outputs=[grid.box], record_tape=False)
+    wp.launch(mpm.box_reduce, dim=6 * mpm.BOX_SLOTS, device=device, inputs=[grid.box], record_tape=False)
 
 
 def g2p(model: MPMModel, state_in: MPMState, grid: MPMGrid, state_out: MPMState, *, mu, lam, kappa, Fc,

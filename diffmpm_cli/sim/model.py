@@ -156,7 +156,7 @@ class MPMGrid:
     momentum: object
     velocity4: object
     velocity: object
-    box: object  # the nodes this step's particles reach (kernels/mpm.py particle_box): 6 ints
+    box: object  # the nodes this step's particles reach (kernels/mpm.py particle_box): 6 ints, then its slots
 
     @classmethod
     def zeros(cls, shape, *, device: str, requires_grad: bool) -> MPMGrid:
@@ -168,7 +168,9 @@ class MPMGrid:
             (mass.grad, momentum.grad), (velocity.grad,) = (_views(mm.grad, (float, 0), (wp.vec3, 4)),
                                                             _views(v4.grad, (wp.vec3, 0)))
             mass.requires_grad = momentum.requires_grad = velocity.requires_grad = True
-        box = wp.zeros(6, dtype=int, device=device)
+        from ..kernels import mpm
+
+        box = wp.zeros(6 * (1 + mpm.BOX_SLOTS), dtype=int, device=device)
         return cls(mass_momentum=mm, mass=mass, momentum=momentum, velocity4=v4, velocity=velocity, box=box)
 
     def zero_(self) -> None:
