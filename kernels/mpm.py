@@ -501,9 +501,7 @@ def cell_keys(
 def _p2g_tiled_kernel(order: str, models: tuple, block_dim: int):
     width = BSPLINES[order][0]
     stencil = _stencil_func(order)
-    particle_affine = _affine_func(order, models)
-    hardens = snow_code(models) >= 0
-    mixed = len(models) > 1
+    affine_at = _affine_at_func(order, models)
 
     @wp.kernel(module="unique")
     def p2g_tiled(
@@ -543,14 +541,8 @@ def _p2g_tiled_kernel(order: str, models: tuple, block_dim: int):
         bx, by, bz, wx, wy, wz = stencil(x, grid_lower, inv_dx, grid_mass_out.shape[0], grid_mass_out.shape[1],
                                          grid_mass_out.shape[2])
         m = particle_mass[p]
-        Jp = float(1.0)
-        if wp.static(hardens):
-            Jp = Jp_in[p]
-        code = int(0)
-        if wp.static(mixed):
-            code = model_code[p]
-        affine = particle_affine(code, controlled_F(F_in[p], Fc, control, p), C_in[p], mu[p], lam[p], kappa[p], Jp,
-                                 m, particle_volume[p], dt, inv_dx, bulk_viscosity)
+        affine = affine_at(p, dx, dt, particle_volume, particle_mass, mu, lam, kappa, model_code, bulk_viscosity, Fc,
+                           control, F_in, C_in, Jp_in)
         mv = m * v_in[p]
         # the block's box of stencil nodes
         lo_x = wp.tile_extract(wp.tile_min(wp.tile(bx)), 0)

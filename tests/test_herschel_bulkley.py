@@ -10,15 +10,14 @@ import math
 import pytest
 import torch
 from conftest import DEVICES
-from test_materials import mapping_vjp, twin_kappa
+from test_materials import frozen_rollout_probes_agree, mapping_vjp, twin_kappa
 from test_materials import run as rollout
 from test_mpm import FIELDS, make_model, make_particles, rel_error
 
-from diffmpm_cli.gradcheck import directional_probes
 from diffmpm_cli.reference.mpm import hencky_strain_ref, herschel_bulkley_ref, return_mapping_ref, rollout_ref
 from diffmpm_cli.sim.grid import lame_parameters
 from diffmpm_cli.sim.op import material_kappa, simulate
-from diffmpm_cli.sim.solver import FrozenDecisions, Simulator
+from diffmpm_cli.sim.solver import Simulator
 
 MU, LAM, DT = 3846.0, 5769.0, 2e-3  # E 1e4 Pa, nu 0.3; the twin states yield in part at tau_Y 750 Pa
 # (tau_Y [Pa], K [Pa s^N], N): shear thinning (toothpaste, ketchup ~0.3-0.5), Bingham, shear thickening
@@ -296,24 +295,12 @@ def test_rollout_finite_differences_through_the_kernels():
     learned = ("yield_stress", "viscosity")
     values = {**HB, "viscosity": 500.0}
 
-    def loss(p):
-        out = simulate(sim, x0=state["x"].float(), v0=state["v"].float(), F0=state["F"].float(),
-                       C0=state["C"].float(), E=torch.exp(p["log_E"]), nu=p["nu"], steps=24, frames=[12],
-                       frozen=frozen, flow_index=torch.tensor(values["flow_index"]),
-                       **{k: torch.exp(p[k]) for k in learned})
-        return sum((getattr(out, n).double() * weights[n]).sum() for n in FIELDS)
-
     params = {"log_E": torch.tensor(math.log(1.0e4)), "nu": torch.tensor(0.3),
               **{k: torch.tensor(math.log(values[k])) for k in learned}}
     eps = {"log_E": 1e-2, "nu": 4e-3, **{k: 2e-1 for k in learned}}
-    frozen = FrozenDecisions()
-    with torch.no_grad():
-        loss(params)
-    probes = directional_probes(loss, params, eps=eps, probes=1, seed=3)
-    assert len(probes) == len(params)
-    for probe in probes:
-        assert abs(probe.ad - probe.fd) <= 1e-2 * max(abs(probe.ad), abs(probe.fd)) + 3 * probe.noise, probe
-        assert probe.noise <= 0.05 * abs(probe.fd), probe
+    flow_index = torch.tensor(values["flow_index"])
+    frozen_rollout_probes_agree(sim, state, {n: weights[n] for n in FIELDS}, params, eps,
+                                lambda p: {"flow_index": flow_index, **{k: torch.exp(p[k]) for k in learned}})
 
 
 def test_flow_index_is_checked_with_one_error_line(write_scene, monkeypatch):

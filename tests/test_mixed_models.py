@@ -9,13 +9,13 @@ import math
 import pytest
 import torch
 from conftest import DEVICES
+from test_materials import frozen_rollout_probes_agree
 from test_mpm import FIELDS, make_model, make_particles, rel_error
 
-from diffmpm_cli.gradcheck import directional_probes
 from diffmpm_cli.reference.mpm import rollout_ref
 from diffmpm_cli.sim.grid import lame_parameters
 from diffmpm_cli.sim.op import scene_kappa, simulate
-from diffmpm_cli.sim.solver import FrozenDecisions, Simulator
+from diffmpm_cli.sim.solver import Simulator
 
 # (models, each model's parameters): every branch of each plastic model is taken by make_particles' states at these
 # values (tests/test_materials.py); snow's clamp window as there
@@ -145,25 +145,13 @@ def test_finite_differences_through_the_kernels(pair):
     fixed = {k: torch.tensor(v) for k, v in values.items() if k not in learned}
     logged = lambda k: k != "friction_angle"  # noqa: E731
 
-    def loss(p):
-        out = simulate(sim, x0=state["x"].float(), v0=state["v"].float(), F0=state["F"].float(),
-                       C0=state["C"].float(), E=torch.exp(p["log_E"]), nu=p["nu"], steps=24, frames=[12],
-                       frozen=frozen, **fixed, **{k: torch.exp(p[k]) if logged(k) else p[k] for k in learned})
-        return sum((getattr(out, n).double() * weights[n]).sum() for n in (*FIELDS, "Jp"))
-
     params = {"log_E": torch.tensor(math.log(1.0e4)), "nu": torch.tensor(0.3),
               **{k: torch.tensor(math.log(values[k]) if logged(k) else values[k]) for k in learned}}
     # log E: 3e-2 (at 1e-2 the rounding noise of neo_hookean+von_mises was 8 % of its derivative, -0.58, where the
     # two models' shares nearly cancel; von_mises alone at these states: 2.4 %)
     eps = {"log_E": 3e-2, "nu": 4e-3, **{k: 2e-1 if logged(k) else 0.5 for k in learned}}
-    frozen = FrozenDecisions()
-    with torch.no_grad():
-        loss(params)
-    probes = directional_probes(loss, params, eps=eps, probes=1, seed=3)
-    assert len(probes) == len(params)
-    for probe in probes:
-        assert abs(probe.ad - probe.fd) <= 1e-2 * max(abs(probe.ad), abs(probe.fd)) + 3 * probe.noise, probe
-        assert probe.noise <= 0.05 * abs(probe.fd), probe
+    frozen_rollout_probes_agree(sim, state, weights, params, eps,
+                                lambda p: {**fixed, **{k: torch.exp(p[k]) if logged(k) else p[k] for k in learned}})
 
 
 def _drop(models, x, codes, steps=80):
