@@ -33,6 +33,7 @@ from .materials import (  # noqa: F401 (host reads them here)
     polar_rotation,
     snow_code,
 )
+from .transfer import TRANSFERS, own_control, own_float, own_mat33, own_vec3
 
 # ----------------------------------------------------------------------------------------------------------------
 # B-splines
@@ -82,31 +83,6 @@ WALL_SLIP = wp.constant(WallKind.SLIP.code)
 WALL_SEPARATE = wp.constant(WallKind.SEPARATE.code)
 
 # constitutive models (stress, return mapping, its branch per model): kernels/materials.py
-
-
-# A particle's own entries (its state, parameters and controls) are read by its own thread only, in every transfer
-# kernel: their adjoints add into the gradient without atomics. Warp's generated adjoint of ``a[p]`` adds with
-# atomics (9 scalar ones per mat33), which made the stress adjoint of P2G's backward L2-bound (BENCHMARKS.md).
-_OWN_ADJOINT = """
-    if (adj_a.data) wp::index(adj_a, INDEX) += adj_ret;
-    else if (a.grad) wp::index_grad(a, INDEX) += adj_ret;
-"""
-
-
-@wp.func_native("return wp::index(a, p);", adj_snippet=_OWN_ADJOINT.replace("INDEX", "p"))
-def own_float(a: wp.array(dtype=float), p: int) -> float: ...
-
-
-@wp.func_native("return wp::index(a, p);", adj_snippet=_OWN_ADJOINT.replace("INDEX", "p"))
-def own_vec3(a: wp.array(dtype=wp.vec3), p: int) -> wp.vec3: ...
-
-
-@wp.func_native("return wp::index(a, p);", adj_snippet=_OWN_ADJOINT.replace("INDEX", "p"))
-def own_mat33(a: wp.array(dtype=wp.mat33), p: int) -> wp.mat33: ...
-
-
-@wp.func_native("return wp::index(a, k, p);", adj_snippet=_OWN_ADJOINT.replace("INDEX", "k, p"))
-def own_control(a: wp.array2d(dtype=wp.mat33), k: int, p: int) -> wp.mat33: ...
 
 
 @wp.func
@@ -190,141 +166,6 @@ def _p2g_mass_kernel(order: str):
                     wp.atomic_add(grid_mass_out, bx + i, by + j, bz + k, wx[i] * wy[j] * wz[k] * m)
 
     return p2g_mass
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# The stencil loops of P2G and G2P as native functions with hand-written adjoints (one per B-spline width).
-#
-# One node's mass and momentum are one vec4 (m, p): P2G adds both with a single float4 atomic on sm_90 and later
-# (CUDA 12.1+: 27 vector atomics per particle instead of 108 scalar ones), component by component elsewhere (older
-# GPUs, the CPU). Measured on an H100, a P2G-like scatter of 1M particles on 128^3: 0.616 -> 0.207 ms in lattice
-# order, 1.346 -> 0.353 ms shuffled (BENCHMARKS.md). G2P reads a node's velocity from a vec4 (v, 0) array (one 16-byte
-# load) and its adjoint adds the node's velocity gradient with one float4 atomic likewise.
-#
-# Warp's generated adjoint of a kernel replays the forward and keeps every unrolled node's intermediates live for the
-# reverse sweep: G2P's adjoint ran at one block per SM on an H100/H200 (registers) and spilled (BENCHMARKS.md). Here
-# each loop's adjoint is one more pass over the same nodes that recomputes what it needs, so nothing per node lives
-# past its iteration. With d_i = x_i - x_p (node minus particle) and w_i = wx[a] wy[b] wz[c]:
-#   scatter (P2G)  (m_i, p_i) += w_i (m, mv + A d_i)
-#     adjoint, from the node gradients (g_m, g_p):  adj m += sum w g_m;  adj mv += S = sum w g_p;
-#     adj A += sum w g_p d_i^T;  adj x -= A^T S;  adj w_i = g_m m + g_p . (mv + A d_i)
-#   gather (G2P)   v = sum w v_i,  B = sum w v_i d_i^T  (returned as rows v, B[0], B[1], B[2])
-#     adjoint, from (adj v, adj B):  node gradient += w (adj v + adj B d_i);  adj x -= adj B^T v;
-#     adj w_i = v_i . (adj v + adj B d_i)
-# and adj w_i reaches the three weight vectors (adj wx[a] += adj w_i wy[b] wz[c], ...), whose own adjoint (the
-# B-spline's, generated) carries it to x. Proven by the float64 twin (forward, VJP) and finite differences through
-# the kernels (tests/test_mpm.py). The scatter's replay in an adjoint kernel adds nothing (the grid is an output only).
-
-GATHERED = wp.types.matrix(shape=(4, 3), dtype=float)  # rows: v, then B's three rows
-
-_NODE_LOOP = """
-    for (int a = 0; a < {width}; ++a) for (int b = 0; b < {width}; ++b) for (int c = 0; c < {width}; ++c) {
-        const float w = wx[a] * wy[b] * wz[c];
-        const wp::vec3 d = wp::vec3(wp::float32(bx + a), wp::float32(by + b), wp::float32(bz + c)) * dx + grid_lower - x;
-"""
-
-_ADD_NODE_VEC4 = """
-#if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 900)
-        atomicAdd(reinterpret_cast<float4*>(wp::address({array}, bx + a, by + b, bz + c)),
-                  make_float4({value}[0], {value}[1], {value}[2], {value}[3]));
-#else
-        wp::atomic_add(wp::address({array}, bx + a, by + b, bz + c), {value});
-#endif
-"""
-
-_SCATTER = _NODE_LOOP + """
-        const wp::vec3 mom = w * (mv + wp::mul(affine, d));
-        const wp::vec4 node = wp::vec4(w * m, mom[0], mom[1], mom[2]);
-""" + _ADD_NODE_VEC4.replace("{array}", "grid").replace("{value}", "node") + """
-    }
-"""
-
-_ADJ_SCATTER = """
-    if (!adj_grid.data) return;
-    wp::vec3 sum_p(0.0f);
-    float sum_m = 0.0f;
-    wp::mat33 sum_pd(0.0f);
-""" + _NODE_LOOP + """
-        const wp::vec4 g = wp::index(adj_grid, bx + a, by + b, bz + c);
-        const wp::vec3 gp = wp::vec3(g[1], g[2], g[3]);
-        sum_m += w * g[0];
-        sum_p += w * gp;
-        sum_pd += w * wp::outer(gp, d);
-        const float aw = g[0] * m + wp::dot(gp, mv + wp::mul(affine, d));
-        adj_wx[a] += aw * wy[b] * wz[c];
-        adj_wy[b] += aw * wx[a] * wz[c];
-        adj_wz[c] += aw * wx[a] * wy[b];
-    }
-    adj_m += sum_m;
-    adj_mv += sum_p;
-    adj_affine += sum_pd;
-    adj_x -= wp::mul(wp::transpose(affine), sum_p);
-"""
-
-_GATHER = """
-    wp::vec3 v(0.0f);
-    wp::mat33 B(0.0f);
-""" + _NODE_LOOP + """
-        const wp::vec4 n = wp::index(grid, bx + a, by + b, bz + c);
-        const wp::vec3 vi = wp::vec3(n[0], n[1], n[2]);
-        v += w * vi;
-        B += w * wp::outer(vi, d);
-    }
-    wp::mat_t<4, 3, wp::float32> out;
-    for (int j = 0; j < 3; ++j) {
-        out.data[0][j] = v[j];
-        for (int i = 0; i < 3; ++i) out.data[1 + i][j] = B.data[i][j];
-    }
-    return out;
-"""
-
-_ADJ_GATHER = """
-    wp::vec3 av = wp::vec3(adj_ret.data[0][0], adj_ret.data[0][1], adj_ret.data[0][2]);
-    wp::mat33 aB;
-    for (int i = 0; i < 3; ++i) for (int j = 0; j < 3; ++j) aB.data[i][j] = adj_ret.data[1 + i][j];
-    wp::vec3 v(0.0f);
-""" + _NODE_LOOP + """
-        const wp::vec4 n = wp::index(grid, bx + a, by + b, bz + c);
-        const wp::vec3 vi = wp::vec3(n[0], n[1], n[2]);
-        v += w * vi;
-        const wp::vec3 g = av + wp::mul(aB, d);
-        if (adj_grid.data) {
-            const wp::vec4 gw = wp::vec4(w * g[0], w * g[1], w * g[2], 0.0f);
-""" + _ADD_NODE_VEC4.replace("{array}", "adj_grid").replace("{value}", "gw").replace("\n", "\n    ") + """
-        }
-        const float aw = wp::dot(vi, g);
-        adj_wx[a] += aw * wy[b] * wz[c];
-        adj_wy[b] += aw * wx[a] * wz[c];
-        adj_wz[c] += aw * wx[a] * wy[b];
-    }
-    adj_x -= wp::mul(wp::transpose(aB), v);
-"""
-
-
-@wp.func_native(_SCATTER.replace("{width}", "3"), adj_snippet=_ADJ_SCATTER.replace("{width}", "3"), replay_snippet="")
-def scatter_quadratic(grid: wp.array3d(dtype=wp.vec4), bx: int, by: int, bz: int, wx: wp.vec3, wy: wp.vec3,
-                      wz: wp.vec3, x: wp.vec3, grid_lower: wp.vec3, dx: float, m: float, mv: wp.vec3,
-                      affine: wp.mat33): ...
-
-
-@wp.func_native(_SCATTER.replace("{width}", "4"), adj_snippet=_ADJ_SCATTER.replace("{width}", "4"), replay_snippet="")
-def scatter_cubic(grid: wp.array3d(dtype=wp.vec4), bx: int, by: int, bz: int, wx: wp.vec4, wy: wp.vec4,
-                  wz: wp.vec4, x: wp.vec3, grid_lower: wp.vec3, dx: float, m: float, mv: wp.vec3,
-                  affine: wp.mat33): ...
-
-
-@wp.func_native(_GATHER.replace("{width}", "3"), adj_snippet=_ADJ_GATHER.replace("{width}", "3"))
-def gather_quadratic(grid: wp.array3d(dtype=wp.vec4), bx: int, by: int, bz: int, wx: wp.vec3, wy: wp.vec3,
-                     wz: wp.vec3, x: wp.vec3, grid_lower: wp.vec3, dx: float) -> GATHERED: ...
-
-
-@wp.func_native(_GATHER.replace("{width}", "4"), adj_snippet=_ADJ_GATHER.replace("{width}", "4"))
-def gather_cubic(grid: wp.array3d(dtype=wp.vec4), bx: int, by: int, bz: int, wx: wp.vec4, wy: wp.vec4,
-                 wz: wp.vec4, x: wp.vec3, grid_lower: wp.vec3, dx: float) -> GATHERED: ...
-
-
-# per B-spline order: P2G's scatter and G2P's gather
-TRANSFERS = {BSpline.QUADRATIC: (scatter_quadratic, gather_quadratic), BSpline.CUBIC: (scatter_cubic, gather_cubic)}
 
 
 @functools.cache
@@ -465,191 +306,6 @@ def _p2g_transfer_kernel(order: str):
                 own_mat33(affine_in, p))
 
     return p2g_transfer
-
-
-# P2G with a shared-memory reduction (CUDA, forward only): each block of particles gathers its stencil contributions
-# into a shared tile covering the block's bounding box of nodes, then adds each touched node to the global grid once.
-# Blocks whose box exceeds the tile fall back to global atomics, so the result never depends on particle order;
-# only the speed does (sort particles by cell for compact boxes). The taped path uses ``p2g`` above.
-
-TILE_NODES = 1024  # nodes per shared tile (vec4: momentum + mass, 16 KiB)
-
-
-@wp.func
-def cell_key(x: wp.vec3, grid_lower: wp.vec3, inv_dx: float, shift: float, ny: int, nz: int):
-    """Linear index of a particle's stencil base cell (the sort key that makes blocks compact)."""
-    g = (x - grid_lower) * inv_dx
-    return (int(wp.floor(g[0] - shift)) * ny + int(wp.floor(g[1] - shift))) * nz + int(wp.floor(g[2] - shift))
-
-
-@wp.kernel
-def cell_keys(
-    grid_lower: wp.vec3,
-    inv_dx: float,
-    shift: float,
-    ny: int,
-    nz: int,
-    x_in: wp.array(dtype=wp.vec3),
-    keys_out: wp.array(dtype=int),
-    order_out: wp.array(dtype=int),
-):
-    p = wp.tid()
-    keys_out[p] = cell_key(x_in[p], grid_lower, inv_dx, shift, ny, nz)
-    order_out[p] = p
-
-
-def _p2g_tiled_kernel(order: str, models: tuple, block_dim: int):
-    width = BSPLINES[order][0]
-    stencil = _stencil_func(order)
-    affine_at = _affine_at_func(order, models)
-
-    @wp.kernel(module="unique")
-    def p2g_tiled(
-        # model
-        grid_lower: wp.vec3,
-        dx: float,
-        dt: float,
-        particle_volume: wp.array(dtype=float),
-        particle_mass: wp.array(dtype=float),
-        mu: wp.array(dtype=float),
-        lam: wp.array(dtype=float),
-        kappa: wp.array(dtype=wp.vec3),
-        model_code: wp.array(dtype=int),
-        bulk_viscosity: float,
-        # controls
-        Fc: wp.array2d(dtype=wp.mat33),
-        control: int,
-        # particle visiting order (a permutation; sorted by cell for speed)
-        order: wp.array(dtype=int),
-        # state in
-        x_in: wp.array(dtype=wp.vec3),
-        v_in: wp.array(dtype=wp.vec3),
-        F_in: wp.array(dtype=wp.mat33),
-        C_in: wp.array(dtype=wp.mat33),
-        Jp_in: wp.array(dtype=float),
-        # grid out
-        grid_mass_out: wp.array3d(dtype=float),
-        grid_momentum_out: wp.array3d(dtype=wp.vec3),
-    ):
-        block, lane = wp.tid()
-        n = x_in.shape[0]
-        slot = block * wp.static(block_dim) + lane
-        active = slot < n
-        p = order[wp.min(slot, n - 1)]
-        inv_dx = 1.0 / dx
-        x = x_in[p]
-        bx, by, bz, wx, wy, wz = stencil(x, grid_lower, inv_dx, grid_mass_out.shape[0], grid_mass_out.shape[1],
-                                         grid_mass_out.shape[2])
-        m = particle_mass[p]
-        affine = affine_at(p, dx, dt, particle_volume, particle_mass, mu, lam, kappa, model_code, bulk_viscosity, Fc,
-                           control, F_in, C_in, Jp_in)
-        mv = m * v_in[p]
-        # the block's box of stencil nodes
-        lo_x = wp.tile_extract(wp.tile_min(wp.tile(bx)), 0)
-        lo_y = wp.tile_extract(wp.tile_min(wp.tile(by)), 0)
-        lo_z = wp.tile_extract(wp.tile_min(wp.tile(bz)), 0)
-        ex = wp.tile_extract(wp.tile_max(wp.tile(bx)), 0) - lo_x + wp.static(width)
-        ey = wp.tile_extract(wp.tile_max(wp.tile(by)), 0) - lo_y + wp.static(width)
-        ez = wp.tile_extract(wp.tile_max(wp.tile(bz)), 0) - lo_z + wp.static(width)
-        if ex * ey * ez <= TILE_NODES:
-            acc = wp.tile_zeros(shape=TILE_NODES, dtype=wp.vec4, storage="shared")
-            for i in range(wp.static(width)):
-                for j in range(wp.static(width)):
-                    for k in range(wp.static(width)):
-                        w = wx[i] * wy[j] * wz[k]
-                        node = wp.vec3(float(bx + i), float(by + j), float(bz + k)) * dx + grid_lower
-                        mom = w * (mv + affine * (node - x))
-                        local = ((bx + i - lo_x) * ey + (by + j - lo_y)) * ez + (bz + k - lo_z)
-                        wp.tile_scatter_add(acc, local, wp.vec4(mom[0], mom[1], mom[2], w * m), active)
-            count = ex * ey * ez
-            idx = lane
-            while idx < count:
-                value = acc[idx]
-                if value[3] != 0.0:
-                    ix = idx // (ey * ez)
-                    iy = (idx // ez) % ey
-                    iz = idx % ez
-                    wp.atomic_add(grid_mass_out, lo_x + ix, lo_y + iy, lo_z + iz, value[3])
-                    wp.atomic_add(grid_momentum_out, lo_x + ix, lo_y + iy, lo_z + iz,
-                                  wp.vec3(value[0], value[1], value[2]))
-                idx += wp.static(block_dim)
-        elif active:
-            for i in range(wp.static(width)):
-                for j in range(wp.static(width)):
-                    for k in range(wp.static(width)):
-                        w = wx[i] * wy[j] * wz[k]
-                        node = wp.vec3(float(bx + i), float(by + j), float(bz + k)) * dx + grid_lower
-                        wp.atomic_add(grid_mass_out, bx + i, by + j, bz + k, w * m)
-                        wp.atomic_add(grid_momentum_out, bx + i, by + j, bz + k, w * (mv + affine * (node - x)))
-
-    return p2g_tiled
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# the box of nodes a step's particles reach
-#
-# The grid update visits only the nodes inside the box of the particles' stencils (every other node has no mass and no
-# particle reads its velocity): a body fills a few per cent of most grids (1M particles in 128^3: 6 %), and the dense
-# update read and wrote every node. A grid's box array holds 6 ints (min base x, y, z, -max base x, y, z: all kept by
-# min) and then BOX_SLOTS slots of 6: ``particle_box`` reduces each warp's stencil bases (sm_80+) and adds them to its
-# warp's slot (so that no address takes more than a few dozen atomics: 6 addresses for all warps took 0.19 ms at 1M
-# particles on an H100), ``box_reduce`` reduces the slots into the first 6; the grid's zero_() fills it with BOX_EMPTY.
-
-BOX_EMPTY = wp.constant(2**31 - 1)
-BOX_SLOTS = wp.constant(512)  # a multiple of 32: box_reduce's warps each read one coordinate's slots
-
-_WARP_MIN = """
-#if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 800)
-    const unsigned mask = __activemask();
-    const int least = __reduce_min_sync(mask, value);
-    if ((threadIdx.x & 31) == __ffs(mask) - 1) atomicMin(wp::address(a, index), least);
-#else
-    wp::atomic_min(wp::address(a, index), value);
-#endif
-"""
-
-
-@wp.func_native(_WARP_MIN, adj_snippet="", replay_snippet="")
-def warp_min(a: wp.array(dtype=int), index: int, value: int):
-    """a[index] = min(a[index], value) for every lane; ``index`` must be the same across the warp's active lanes."""
-    ...
-
-
-@functools.cache
-def particle_box(order: str):
-    stencil = _stencil_func(order)
-
-    @wp.kernel(module="unique")
-    def particle_box(
-        # model
-        grid_lower: wp.vec3,
-        inv_dx: float,
-        shape: wp.vec3i,
-        # state in
-        x_in: wp.array(dtype=wp.vec3),
-        # out: the box's slots (see above)
-        box_out: wp.array(dtype=int),
-    ):
-        p = wp.tid()
-        bx, by, bz, wx, wy, wz = stencil(x_in[p], grid_lower, inv_dx, shape[0], shape[1], shape[2])
-        slot = 6 + 6 * ((p // 32) % BOX_SLOTS)  # one slot per warp of particles (p // 32 is the warp's)
-        warp_min(box_out, slot, bx)
-        warp_min(box_out, slot + 1, by)
-        warp_min(box_out, slot + 2, bz)
-        warp_min(box_out, slot + 3, -bx)
-        warp_min(box_out, slot + 4, -by)
-        warp_min(box_out, slot + 5, -bz)
-
-    return particle_box
-
-
-@wp.kernel
-def box_reduce(box: wp.array(dtype=int)):
-    """The slots into the box, over 6 x BOX_SLOTS threads: thread tid takes coordinate tid // BOX_SLOTS of slot
-    tid % BOX_SLOTS."""
-    tid = wp.tid()
-    a = tid // BOX_SLOTS
-    warp_min(box, a, box[6 + 6 * (tid % BOX_SLOTS) + a])
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -904,8 +560,7 @@ def _g2p_kernel(order: str, models: tuple):
     return g2p
 
 
-# kernels per B-spline order (and material model); the tiled P2G also per block size (1 on CPU, for tests)
-P2G_BLOCK = 128
+# kernels per B-spline order and tuple of models
 
 
 def _models(models) -> tuple:
@@ -916,10 +571,6 @@ def _models(models) -> tuple:
 @functools.cache
 def _cached(factory, order: str, models: tuple, *extra):
     return factory(order, models, *extra)
-
-
-def p2g_tiled(order: str, models, block_dim: int = P2G_BLOCK):
-    return _cached(_p2g_tiled_kernel, order, _models(models), block_dim)
 
 
 def p2g(order: str, models):

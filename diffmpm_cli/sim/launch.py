@@ -123,13 +123,13 @@ def particle_box(model: MPMModel, state_in: MPMState, grid: MPMGrid, *, device: 
     """The box of nodes the particles' stencils reach into ``grid.box`` (emptied by ``grid.zero_()``), which the grid
     update visits alone. Not differentiable (integer), never taped."""
     wp = warp()
-    from ..kernels import mpm
+    from ..kernels import bounds
 
     g, k = model.grid, model.kernel_constants
-    wp.launch(mpm.particle_box(model.bspline), dim=state_in.x.shape[0], device=device, inputs=[
+    wp.launch(bounds.particle_box(model.bspline), dim=state_in.x.shape[0], device=device, inputs=[
         k.lower, g.inv_dx, wp.vec3i(*g.shape), state_in.x,
     ], outputs=[grid.box], record_tape=False)
-    wp.launch(mpm.box_reduce, dim=6 * mpm.BOX_SLOTS, device=device, inputs=[grid.box], record_tape=False)
+    wp.launch(bounds.box_reduce, dim=6 * bounds.BOX_SLOTS, device=device, inputs=[grid.box], record_tape=False)
 
 
 def g2p(model: MPMModel, state_in: MPMState, grid: MPMGrid, state_out: MPMState, *, mu, lam, kappa, Fc,

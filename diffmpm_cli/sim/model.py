@@ -168,18 +168,18 @@ class MPMGrid:
             (mass.grad, momentum.grad), (velocity.grad,) = (_views(mm.grad, (float, 0), (wp.vec3, 4)),
                                                             _views(v4.grad, (wp.vec3, 0)))
             mass.requires_grad = momentum.requires_grad = velocity.requires_grad = True
-        from ..kernels import mpm
+        from ..kernels import bounds
 
-        box = wp.zeros(6 * (1 + mpm.BOX_SLOTS), dtype=int, device=device)
+        box = wp.zeros(6 * (1 + bounds.BOX_SLOTS), dtype=int, device=device)
         return cls(mass_momentum=mm, mass=mass, momentum=momentum, velocity4=v4, velocity=velocity, box=box)
 
     def zero_(self) -> None:
         """Zero what P2G accumulates into and empty the particles' box (the grid update writes every velocity inside
         it, and no particle reads one outside)."""
-        from ..kernels import mpm
+        from ..kernels import bounds
 
         self.mass_momentum.zero_()
-        self.box.fill_(mpm.BOX_EMPTY)
+        self.box.fill_(bounds.BOX_EMPTY)
 
     def zero_grad(self) -> None:
         self.mass_momentum.grad.zero_()

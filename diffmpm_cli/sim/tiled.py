@@ -1,7 +1,7 @@
 """The tiled P2G: a CUDA forward-only speed path, kept apart from the differentiable step.
 
 One block of particles gathers its stencil contributions in shared memory before adding each touched node to the
-global grid once (``kernels/mpm.py`` p2g_tiled). It is never taped; rollouts use it only for untaped forward steps
+global grid once (``kernels/tiled.py`` p2g_tiled). It is never taped; rollouts use it only for untaped forward steps
 of a Simulator built with ``p2g=P2GMode.TILED``, which only ``diffmpm bench`` builds (on the H100 it pays only for
 particles in no spatial order, together with a cell sort: BENCHMARKS.md). The sort buffers (2N ints) live here, so
 a Simulator without it allocates none.
@@ -22,11 +22,11 @@ class TiledP2G:
 
     def __init__(self, model: MPMModel, particles: Particles, *, sort_every: int = 0):
         wp = warp()
-        from ..kernels import mpm
+        from ..kernels import tiled
 
         self.model, self.particles, self.sort_every = model, particles, sort_every
-        self.block = mpm.P2G_BLOCK if particles.device.startswith("cuda") else 1  # the CPU runs one lane per block
-        self.kernel = mpm.p2g_tiled(model.bspline, model.models, self.block)
+        self.block = tiled.P2G_BLOCK if particles.device.startswith("cuda") else 1  # the CPU runs one lane per block
+        self.kernel = tiled.p2g_tiled(model.bspline, model.models, self.block)
         n = particles.count
         # radix_sort_pairs needs room for 2 n keys and values
         self.order = wp.array(torch.arange(2 * n, dtype=torch.int32).numpy() % max(n, 1), dtype=int,
@@ -45,10 +45,10 @@ class TiledP2G:
     def sort(self, state: MPMState) -> None:
         """Visiting order: particles by stencil cell (Warp's radix sort)."""
         wp = warp()
-        from ..kernels import mpm
+        from ..kernels import mpm, tiled
 
         g, n = self.model.grid, self.particles.count
-        wp.launch(mpm.cell_keys, dim=n, device=self.particles.device, inputs=[
+        wp.launch(tiled.cell_keys, dim=n, device=self.particles.device, inputs=[
             self.model.kernel_constants.lower, g.inv_dx, mpm.BSPLINES[self.model.bspline][1], g.shape[1], g.shape[2],
             state.x,
         ], outputs=[self.keys, self.order])
