@@ -104,8 +104,9 @@ def state_bytes(particle_count: int) -> int:
 
 
 def grid_bytes(node_count: int) -> int:
-    """float32 bytes of one step's grid: mass, momentum, velocity = 7 floats a node."""
-    return node_count * 7 * FLOAT32_BYTES
+    """float32 bytes of one step's grid: (mass, momentum) and (velocity, 0), one vec4 each = 8 floats a node
+    (sim/model.py MPMGrid)."""
+    return node_count * 8 * FLOAT32_BYTES
 
 
 @dataclass(frozen=True)
@@ -125,10 +126,10 @@ def rollout_memory(*, particle_count: int, node_count: int, steps: int, control_
     """Memory estimate of a differentiable rollout in float32.
 
     Per step the tape keeps one particle state (x, v: 3 each; F, C: 9 each; J_P: 1 = 25 floats) and one grid (mass,
-    momentum, velocity = 7 floats per node); the backward needs an adjoint of each, so twice that. The controls
-    dFc are [K, N, 3, 3] plus their gradient. Checkpointing keeps one state per segment and tapes one segment at a time.
-    The forward records one byte of grid-update decisions per node and step, up to DECISION_BUDGET_BYTES (the
-    backward re-records segments beyond it).
+    momentum and velocity as two vec4 = 8 floats per node); the backward needs an adjoint of each, so twice that. The
+    controls dFc are [K, N, 3, 3] plus their gradient. Checkpointing keeps one state per segment and tapes one
+    segment at a time. The forward records one byte of grid-update decisions per node and step, up to
+    DECISION_BUDGET_BYTES (the backward re-records segments beyond it).
     """
     state = state_bytes(particle_count)
     per_step = 2 * (state + grid_bytes(node_count))
