@@ -227,3 +227,84 @@ def test_a_region_of_another_model_reaches_the_rollout(write_scene):
     # the sand bottom yields on impact, flattening against the floor; the rubber above keeps det F near 1
     det = torch.linalg.det(out.F[-1])
     assert float((det[~inside] - 1).abs().max()) < 0.2
+
+
+def _block_on_sand(steps=300):
+    """A neo-Hookean block (0.094 m, E 5e4 Pa, 1000 kg/m^3) resting on a Drucker-Prager sand column (0.156 m wide,
+    5 cells high, E 1e5 Pa, phi 35 deg, 1600 kg/m^3) on a rough floor, released at rest under gravity; frames every
+    20 steps. Returns the rollout, the rest positions, the sand mask, masses, volumes and E [N]."""
+    from test_materials import lattice
+
+    from diffmpm_cli.sim.grid import GridSpec
+    from diffmpm_cli.sim.model import MPMModel
+
+    dx = 1.0 / 32
+    grid = GridSpec(lower=(0.0, 0.0, 0.0), dx=dx, shape=(20, 18, 20), boundary_cells=3)
+    c = 10 * dx
+    sand = lattice((c - 2.5 * dx, 4 * dx, c - 2.5 * dx), (c + 2.5 * dx, 9 * dx, c + 2.5 * dx), dx / 2)
+    block = lattice((c - 1.5 * dx, 9 * dx, c - 1.5 * dx), (c + 1.5 * dx, 12 * dx, c + 1.5 * dx), dx / 2)
+    x = torch.cat([sand, block])
+    is_sand = torch.arange(len(x)) < len(sand)
+    codes = is_sand.long()
+    volume = torch.full((len(x),), (dx / 2) ** 3)
+    mass = torch.where(is_sand, 1600.0, 1000.0) * volume
+    E = torch.where(is_sand, 1.0e5, 5.0e4)
+    model = MPMModel(grid=grid, bspline="quadratic", material="neo_hookean", models=("neo_hookean", "drucker_prager"),
+                     dt=1e-3, gravity=(0.0, -9.81, 0.0), walls_min=("slip",) * 3, walls_max=("slip",) * 3,
+                     floor_enabled=True, floor_height=4 * dx, friction=0.8)
+    sim = Simulator(model, mass=mass, volume=volume, model_code=codes)
+    result = simulate(sim, x0=x.float(), v0=torch.zeros(3), E=E, nu=torch.tensor(0.3), steps=steps,
+                      frames=list(range(20, steps + 1, 20)), friction_angle=torch.tensor(35.0))
+    return result, x.float(), is_sand, codes, mass, volume, E
+
+
+def test_an_elastic_block_on_sand_stays_elastic_while_the_sand_flows():
+    """A rubber block on a sand column, one scene, two models: the column collapses under it and spreads for good
+    (footprint x1.5, top 5 cm lower) while the sand's stored elastic F_E stays near I (the change of shape is plastic);
+    the block sinks with it and keeps its shape (a rigid motion of its rest shape to ~1 mm, det F near 1: no plastic
+    drift). Energy (kinetic + gravity + stored, each particle's own model) never grows and ends mostly dissipated;
+    the horizontal momentum stays 0 (a symmetric scene on a rough floor). Forcing one model on both fails it: codes
+    all rubber (the column stays 0.141 m wide) or all sand (the block slumps, 5.3 cm off a rigid motion), and a
+    model_dispatch that maps every code to the first model."""
+    from diffmpm_cli.reference.mpm import energy_density_ref
+
+    result, x0, is_sand, codes, mass, volume, E = _block_on_sand()
+    block = ~is_sand
+    x, F = result.x[-1], result.F[-1]
+    span = lambda sel, y: float(y[sel, 0].max() - y[sel, 0].min())  # noqa: E731
+    s, det = torch.linalg.svdvals(F), torch.linalg.det(F)
+    # the sand flowed: wider and lower for good, its elastic part near I
+    assert span(is_sand, x) > 1.3 * span(is_sand, x0), (span(is_sand, x0), span(is_sand, x))
+    assert float(x[is_sand, 1].max()) < float(x0[is_sand, 1].max()) - 0.03
+    assert float((s[is_sand] - 1).abs().max()) < 0.15
+    # the block rode down on it, elastic: its shape is a rigid motion of its rest shape up to elastic strain
+    assert float(x[block, 1].mean() - x0[block, 1].mean()) < -0.03
+    rest, now = x0[block] - x0[block].mean(0), x[block] - x[block].mean(0)
+    U, _, Vh = torch.linalg.svd(now.T @ rest)
+    rms = float(((now - rest @ (U @ Vh).T) ** 2).sum(1).mean().sqrt())
+    assert rms < 3e-3, f"block off a rigid motion by {rms:.4f} m (rms)"
+    assert float((det[block] - 1).abs().max()) < 0.15
+    # energy never grows and is mostly dissipated; no horizontal momentum appears
+    mu, lam = lame_parameters(E.double(), torch.full((len(E),), 0.3, dtype=torch.float64))
+    names = ("neo_hookean", "drucker_prager")
+
+    def energy(row):
+        v, y, G = (getattr(result, n)[row].double() for n in "vxF")
+        total = 0.5 * (mass[:, None] * v**2).sum() + (mass * 9.81 * y[:, 1]).sum()
+        for code, name in enumerate(names):
+            own = codes == code
+            total = total + (volume[own] * energy_density_ref(G[own], mu[own], lam[own], name)).sum()
+        return float(total), float(0.5 * (mass[:, None] * v**2).sum())
+
+    start = float((mass * 9.81 * x0[:, 1].double()).sum())
+    totals = [energy(row) for row in range(result.x.shape[0])]
+    drop = start - totals[-1][0]
+    assert drop > 0
+    for row, (total, _) in enumerate(totals):
+        assert total <= start + 1e-3 * drop, f"frame {row}: energy grew by {total - start:.3e} J"
+        if row:
+            assert total <= totals[row - 1][0] + 1e-2 * drop, f"frame {row}: energy grew"
+    assert totals[-1][1] < 0.05 * drop, f"kinetic {totals[-1][1]:.3e} J of {drop:.3e} J dissipated"
+    for row in range(result.x.shape[0]):
+        p = (mass[:, None] * result.v[row]).sum(0)
+        assert float(p[[0, 2]].abs().max()) <= 1e-3 * float((mass[:, None] * result.v[row]).norm(dim=1).sum()) + 1e-9
