@@ -198,9 +198,27 @@ def _affine_at_func(order: str, models: tuple):
     return affine_at
 
 
-def _p2g_kernel(order: str, models: tuple):
+@functools.cache
+def _scatter_particle_func(order: str):
     scatter = TRANSFERS[order][0]
     stencil = _stencil_func(order)
+
+    @wp.func
+    def scatter_particle(p: int, affine: wp.mat33, grid_lower: wp.vec3, dx: float,
+                         particle_mass: wp.array(dtype=float), x_in: wp.array(dtype=wp.vec3),
+                         v_in: wp.array(dtype=wp.vec3), grid_out: wp.array3d(dtype=wp.vec4)):
+        """Particle p's mass and APIC/MLS momentum (with its ``affine`` momentum) into its stencil's nodes."""
+        x = own_vec3(x_in, p)
+        bx, by, bz, wx, wy, wz = stencil(x, grid_lower, 1.0 / dx, grid_out.shape[0], grid_out.shape[1],
+                                         grid_out.shape[2])
+        m = particle_mass[p]
+        scatter(grid_out, bx, by, bz, wx, wy, wz, x, grid_lower, dx, m, m * own_vec3(v_in, p), affine)
+
+    return scatter_particle
+
+
+def _p2g_kernel(order: str, models: tuple):
+    scatter_particle = _scatter_particle_func(order)
     affine_at = _affine_at_func(order, models)
 
     @wp.kernel(module="unique")
@@ -229,13 +247,9 @@ def _p2g_kernel(order: str, models: tuple):
         grid_out: wp.array3d(dtype=wp.vec4),
     ):
         p = wp.tid()
-        x = own_vec3(x_in, p)
-        bx, by, bz, wx, wy, wz = stencil(x, grid_lower, 1.0 / dx, grid_out.shape[0], grid_out.shape[1],
-                                         grid_out.shape[2])
         affine = affine_at(p, dx, dt, particle_volume, particle_mass, mu, lam, kappa, model_code, bulk_viscosity, Fc,
                            control, F_in, C_in, Jp_in)
-        m = particle_mass[p]
-        scatter(grid_out, bx, by, bz, wx, wy, wz, x, grid_lower, dx, m, m * own_vec3(v_in, p), affine)
+        scatter_particle(p, affine, grid_lower, dx, particle_mass, x_in, v_in, grid_out)
 
     return p2g
 
@@ -281,8 +295,7 @@ def _p2g_affine_kernel(order: str, models: tuple):
 
 
 def _p2g_transfer_kernel(order: str):
-    scatter = TRANSFERS[order][0]
-    stencil = _stencil_func(order)
+    scatter_particle = _scatter_particle_func(order)
 
     @wp.kernel(module="unique")
     def p2g_transfer(
@@ -298,12 +311,7 @@ def _p2g_transfer_kernel(order: str):
         grid_out: wp.array3d(dtype=wp.vec4),
     ):
         p = wp.tid()
-        x = own_vec3(x_in, p)
-        bx, by, bz, wx, wy, wz = stencil(x, grid_lower, 1.0 / dx, grid_out.shape[0], grid_out.shape[1],
-                                         grid_out.shape[2])
-        m = particle_mass[p]
-        scatter(grid_out, bx, by, bz, wx, wy, wz, x, grid_lower, dx, m, m * own_vec3(v_in, p),
-                own_mat33(affine_in, p))
+        scatter_particle(p, own_mat33(affine_in, p), grid_lower, dx, particle_mass, x_in, v_in, grid_out)
 
     return p2g_transfer
 

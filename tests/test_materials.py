@@ -583,6 +583,23 @@ def test_vector_models_backward_matches_the_twin(material, device):
     """VJP with random cotangents on x, v, F, C and J_P over 6 steps in 3 checkpointed segments: the gradients of
     the start (J_P0 included), the controls, E, nu and every model parameter (snow's theta_c and theta_s too)."""
     model = make_model(material=material, control_stride=2)
+    names = list(VECTOR[material])
+    inputs, cotangents, v_warp, v_ref = rollout_vjps(
+        model, vector_kwargs(material, count=60), device=device,
+        kappa_of=lambda leaves: material_kappa(material, count=60, device="cpu", **{n: leaves[n] for n in names}))
+    for key in inputs:
+        if material == "bingham" and key == "Jp0":  # carried, never read: gradient = the cotangent
+            assert torch.allclose(v_warp[key].double(), cotangents["Jp"], atol=1e-6)
+            continue
+        err = float((v_warp[key].double() - v_ref[key]).norm() / v_ref[key].norm())
+        assert err <= 2e-3, f"d/d{key}: relative L2 error {err:.2e}"
+
+
+def rollout_vjps(model, extra: dict, *, device, kappa_of, codes=None):
+    """(inputs, cotangents, Warp VJP, twin VJP) of a 6-step rollout of 60 particles (make_particles seed 2) in 3
+    checkpointed segments: the gradients of every input (the start with a random J_P0, random controls, per-particle
+    E and nu, and the model parameters ``extra``: name -> [60] float64) by random cotangents on x, v, F, C and J_P.
+    ``kappa_of(leaves)``: the twin's parameter vectors; ``codes``: each particle's model (mixed models)."""
     state, mass, volume = make_particles(count=60, seed=2)
     g = torch.Generator().manual_seed(5)
     inputs = {
@@ -590,39 +607,31 @@ def test_vector_models_backward_matches_the_twin(material, device):
         "Jp0": 1.0 + 0.1 * torch.rand(60, generator=g, dtype=torch.float64) - 0.05,
         "Fc": torch.eye(3, dtype=torch.float64) + 0.02 * torch.randn(3, 60, 3, 3, generator=g, dtype=torch.float64),
         "E": torch.full((60,), 1.0e4, dtype=torch.float64), "nu": torch.full((60,), 0.3, dtype=torch.float64),
-        **vector_kwargs(material, count=60),
+        **extra,
     }
     cotangents = {n: torch.randn_like(state[n]) for n in FIELDS}
     cotangents["Jp"] = torch.randn(60, generator=g, dtype=torch.float64)
-    names = list(VECTOR[material])
-    steps = 6
 
     def vjp(use_warp: bool):
         leaves = {k: v.clone().requires_grad_(True) for k, v in inputs.items()}
         if use_warp:
             f32 = {k: v.float().to(device) for k, v in leaves.items()}
-            sim = Simulator(model, mass=mass.float().to(device), volume=volume.float().to(device))
-            out = simulate(sim, x0=f32["x0"], v0=f32["v0"], F0=f32["F0"], C0=f32["C0"], Jp0=f32["Jp0"],
-                           E=f32["E"], nu=f32["nu"], Fc=f32["Fc"], steps=steps, segment_length=2,
-                           **{n: f32[n] for n in names})
+            sim = Simulator(model, mass=mass.float().to(device), volume=volume.float().to(device),
+                            model_code=codes.to(device) if codes is not None else None)
+            out = simulate(sim, x0=f32["x0"], v0=f32["v0"], F0=f32["F0"], C0=f32["C0"], Jp0=f32["Jp0"], E=f32["E"],
+                           nu=f32["nu"], Fc=f32["Fc"], steps=6, segment_length=2, **{n: f32[n] for n in extra})
             assert out.stats.segments == 3
             final = {n: getattr(out, n)[-1].cpu() for n in (*FIELDS, "Jp")}
         else:
             mu, lam = lame_parameters(leaves["E"], leaves["nu"])
             start = {"x": leaves["x0"], "v": leaves["v0"], "F": leaves["F0"], "C": leaves["C0"], "Jp": leaves["Jp0"]}
-            kappa = material_kappa(material, count=60, device="cpu", **{n: leaves[n] for n in names})
-            final = rollout_ref(start, model=model, steps=steps, mass=mass, volume=volume, mu=mu, lam=lam,
-                                Fc=leaves["Fc"], kappa=kappa, node_mass_eps=1e-8 * float(mass.mean()))[-1]
+            final = rollout_ref(start, model=model, steps=6, mass=mass, volume=volume, mu=mu, lam=lam,
+                                Fc=leaves["Fc"], kappa=kappa_of(leaves), codes=codes,
+                                node_mass_eps=1e-8 * float(mass.mean()))[-1]
         total = sum((final[n].double() * cotangents[n]).sum() for n in (*FIELDS, "Jp"))
         return {k: g.cpu() for k, g in zip(leaves, torch.autograd.grad(total, list(leaves.values())), strict=True)}
 
-    v_warp, v_ref = vjp(True), vjp(False)
-    for key in inputs:
-        if material == "bingham" and key == "Jp0":  # carried, never read: gradient = the cotangent
-            assert torch.allclose(v_warp[key].double(), cotangents["Jp"], atol=1e-6)
-            continue
-        err = float((v_warp[key].double() - v_ref[key]).norm() / v_ref[key].norm())
-        assert err <= 2e-3, f"d/d{key}: relative L2 error {err:.2e}"
+    return inputs, cotangents, vjp(True), vjp(False)
 
 
 def mapping_vjp(kernel, Fs: torch.Tensor, k: torch.Tensor, cot: torch.Tensor, *scalars):

@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 from conftest import DEVICES
-from test_materials import frozen_rollout_probes_agree
+from test_materials import frozen_rollout_probes_agree, rollout_vjps
 from test_mpm import FIELDS, make_model, make_particles, rel_error
 
 from diffmpm_cli.reference.mpm import rollout_ref
@@ -80,40 +80,11 @@ def test_backward_matches_the_twin_by_random_cotangents(pair, device):
     start (J_P0 included), the controls, E, nu and every model's parameters (each particle's own)."""
     models = PAIRS[pair][0]
     model = make_model(material=models[0], models=models, control_stride=2)
-    state, mass, volume = make_particles(count=60, seed=2)
     codes = codes_for(60, models)
-    g = torch.Generator().manual_seed(5)
-    inputs = {
-        "x0": state["x"], "v0": state["v"], "F0": state["F"], "C0": state["C"],
-        "Jp0": 1.0 + 0.1 * torch.rand(60, generator=g, dtype=torch.float64) - 0.05,
-        "Fc": torch.eye(3, dtype=torch.float64) + 0.02 * torch.randn(3, 60, 3, 3, generator=g, dtype=torch.float64),
-        "E": torch.full((60,), 1.0e4, dtype=torch.float64), "nu": torch.full((60,), 0.3, dtype=torch.float64),
-        **parameters(pair, count=60),
-    }
-    cotangents = {n: torch.randn_like(state[n]) for n in FIELDS}
-    cotangents["Jp"] = torch.randn(60, generator=g, dtype=torch.float64)
     names = list(PAIRS[pair][1])
-
-    def vjp(use_warp: bool):
-        leaves = {k: v.clone().requires_grad_(True) for k, v in inputs.items()}
-        if use_warp:
-            f32 = {k: v.float().to(device) for k, v in leaves.items()}
-            sim = Simulator(model, mass=mass.float().to(device), volume=volume.float().to(device),
-                            model_code=codes.to(device))
-            out = simulate(sim, x0=f32["x0"], v0=f32["v0"], F0=f32["F0"], C0=f32["C0"], Jp0=f32["Jp0"], E=f32["E"],
-                           nu=f32["nu"], Fc=f32["Fc"], steps=6, segment_length=2, **{n: f32[n] for n in names})
-            assert out.stats.segments == 3
-            final = {n: getattr(out, n)[-1].cpu() for n in (*FIELDS, "Jp")}
-        else:
-            mu, lam = lame_parameters(leaves["E"], leaves["nu"])
-            start = {"x": leaves["x0"], "v": leaves["v0"], "F": leaves["F0"], "C": leaves["C0"], "Jp": leaves["Jp0"]}
-            kappa = scene_kappa(models, codes, count=60, device="cpu", **{n: leaves[n] for n in names})
-            final = rollout_ref(start, model=model, steps=6, mass=mass, volume=volume, mu=mu, lam=lam,
-                                Fc=leaves["Fc"], kappa=kappa, codes=codes, node_mass_eps=1e-8 * float(mass.mean()))[-1]
-        total = sum((final[n].double() * cotangents[n]).sum() for n in (*FIELDS, "Jp"))
-        return {k: g.cpu() for k, g in zip(leaves, torch.autograd.grad(total, list(leaves.values())), strict=True)}
-
-    v_warp, v_ref = vjp(True), vjp(False)
+    inputs, _, v_warp, v_ref = rollout_vjps(
+        model, parameters(pair, count=60), device=device, codes=codes,
+        kappa_of=lambda leaves: scene_kappa(models, codes, count=60, device="cpu", **{n: leaves[n] for n in names}))
     for key in inputs:
         err = float((v_warp[key].double() - v_ref[key]).norm() / v_ref[key].norm())
         assert err <= 2e-3, f"d/d{key}: relative L2 error {err:.2e}"
