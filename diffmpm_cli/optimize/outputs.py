@@ -8,11 +8,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..enums import Material
 from ..losses import LOSS_TERMS
 from ..outputs.cameras import write_inria_cameras
 from ..outputs.pictures import comparison_grid, loss_curves, mp4_available, save_png, to_uint8, write_animation
 from ..outputs.ply import UP_ROTATIONS, to_up_axis, write_gaussians_ply, write_particles_ply
-from ..params import natural, reported
+from ..params import PARAMS, natural, reported
 from ..provenance import device_name, versions
 from ..splats import embedding_deformation, sh_basis
 from .evaluate import ExactTarget, evaluate_metrics, exact_target_metrics
@@ -198,6 +199,65 @@ def source_report(body) -> dict:
                                  "filled_share": filled / max(covered + filled, 1)}}
 
 
+def _given(material, region, key: str):
+    """material.regions[i].<key> where the region (None: the particles no region holds) gives it, else
+    material.<key>."""
+    value = getattr(region, key, None)
+    return value if value is not None else getattr(material, key)
+
+
+def material_parts(pipeline, initial_params: dict[str, torch.Tensor], params: dict[str, torch.Tensor]) \
+        -> list[dict] | None:
+    """summary["materials"] of a scene with material.regions (None without): one entry per part of the source that
+    holds particles, the particles no region holds ("material") first, then each region ("regions[i]"), with its
+    constitutive model, particle count, density [kg/m^3], the learned keys among its model's, and under "initial"
+    and "final" E [Pa], nu and each parameter of its own model (yield_stress [Pa], friction_angle [degrees],
+    viscosity [Pa s, or Pa s^N], flow_index, hardening, ...; not another model's) in natural units: the learned
+    value where the scene learns the key (over the part's particles: their mean, and "<key>_range" [min, max] where
+    they differ), else the region's value, else material.<key>."""
+    region = pipeline.assets.source.region
+    material = pipeline.scene.material
+    if region is None or not material.regions:
+        return None
+    region = region.cpu()
+    learned = {spec.key: spec for spec in PARAMS if spec.group in params}
+    parts = [("material", region < 0, None)] + [(f"regions[{i}]", region == i, r)
+                                                for i, r in enumerate(material.regions)]
+    out = []
+    for name, inside, own in parts:
+        if not bool(inside.any()):
+            continue
+        model = _given(material, own, "model")
+        keys = ("E", "nu", *Material(model).parameters)
+        entry = {"part": name, "model": str(model), "particles": int(inside.sum()),
+                 "density": float(_given(material, own, "density")),
+                 "learned": [key for key in keys if key in learned]}
+        for label, values in (("initial", initial_params), ("final", params)):
+            found = {}
+            for key in keys:
+                if key not in learned:  # the scene's value, as written
+                    value = _given(material, own, key)
+                    if value is not None:
+                        found[key] = float(value)
+                    continue
+                mine = learned[key].natural(values[learned[key].group].detach().double().cpu())
+                mine = mine.expand(len(region))[inside]  # one global value, or the part's particles' own
+                found[key] = float(mine.mean())
+                if float(mine.max()) > float(mine.min()):
+                    found[f"{key}_range"] = [float(mine.min()), float(mine.max())]
+            entry[label] = found
+        out.append(entry)
+    return out
+
+
+def without_mixed_means(metrics: dict, pipeline) -> dict:
+    """The metrics without the means over every particle of keys that material.regions set per region (E and nu
+    with a truth): a mean over parts of different materials is no part's value; summary["materials"] has each
+    part's."""
+    mixed = set(pipeline.region_values)
+    return {key: value for key, value in metrics.items() if key not in mixed}
+
+
 def write_final_outputs(run, out_dir: Path, *, history: list[dict], wall_s: float, device: str) -> dict:
     """final/: gaussians.ply, frames/frame_<step>.ply (every kept frame), cameras.json (INRIA, the training cameras),
     particles.ply (all in output.up_axis), trajectory.npz (x, F and what rebuild_gaussians needs), comparison.png
@@ -272,6 +332,9 @@ def write_final_outputs(run, out_dir: Path, *, history: list[dict], wall_s: floa
     keys = ["loss", *sorted({k for r in history for k in r if k in LOSS_TERMS})]
     loss_curves(history, final / "loss.png", keys=keys)
     written.append(final / "loss.png")
+    parts = material_parts(pipeline, initial_params, run.params)
+    if parts is not None:  # several materials: each part's values, and no mean across them
+        initial_metrics, final_metrics = (without_mixed_means(m, pipeline) for m in (initial_metrics, final_metrics))
     return {
         "scene": scene.name,
         "iterations": len(history),
@@ -279,6 +342,7 @@ def write_final_outputs(run, out_dir: Path, *, history: list[dict], wall_s: floa
         "initial": {"loss": float(initial_total), **initial_terms, **initial_metrics},
         "final": {"loss": float(total), **terms, **final_metrics},
         "learned": reported(run.params),
+        **({"materials": parts} if parts is not None else {}),
         "physically_valid": bool(final_metrics.get("physically_valid", True)),
         **source_report(pipeline.assets.source),
         **representation,
