@@ -9,10 +9,10 @@ from datetime import datetime, timezone
 
 import torch
 
-from .enums import Material, P2GMode, WallKind
+from .enums import BSpline, Material, P2GMode, WallKind
 from .heap import frozen_heap
 from .provenance import device_name, versions
-from .sim.grid import GridSpec, stable_dt
+from .sim.grid import GridSpec, stable_dt, stencil_order
 from .sim.model import MPMModel
 from .sim.op import material_kappa, simulate
 from .sim.solver import Simulator
@@ -21,8 +21,10 @@ from .warp_runtime import warp, warp_device
 BAND = 3
 
 
-def cube_particles(count: int, grid: GridSpec, *, shuffle: bool, seed: int = 0) -> torch.Tensor:
-    """About ``count`` particles, 2 per cell per axis, in a cube at the grid's centre ([N, 3], lattice order)."""
+def cube_particles(count: int, grid: GridSpec, *, shuffle: bool, seed: int = 0, stencil_shift: float | None = None
+                   ) -> torch.Tensor:
+    """About ``count`` particles, 2 per cell per axis, in a cube at the grid's centre ([N, 3], lattice order;
+    ``shuffle``: randomly permuted; then, with ``stencil_shift``, put in stencil order, sim/grid.py)."""
     side = round(count ** (1 / 3))
     spacing = grid.dx / 2
     room = (grid.shape[0] - 2 * BAND) * grid.dx
@@ -33,6 +35,8 @@ def cube_particles(count: int, grid: GridSpec, *, shuffle: bool, seed: int = 0) 
     x = torch.stack(torch.meshgrid(axis, axis, axis, indexing="ij"), dim=-1).reshape(-1, 3)
     if shuffle:
         x = x[torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))]
+    if stencil_shift is not None:
+        x = x[stencil_order(x, lower=grid.lower, dx=grid.dx, shift=stencil_shift)]
     return x.float()
 
 
@@ -68,7 +72,8 @@ def _timed(fn, device: str, repeats: int) -> list[float]:
 
 
 @frozen_heap()
-def bench_mpm(*, particles: int = 4096, grid: int = 32, steps: int = 50, shuffle: bool = False, device: str = "cpu",
+def bench_mpm(*, particles: int = 4096, grid: int = 32, steps: int = 50, shuffle: bool = False, stencil: bool = False,
+              device: str = "cpu",
               backward_steps: int | None = None, material: str = "fixed_corotated", bspline: str = "quadratic",
               repeats: int = 5, p2g: P2GMode | str | None = None, sort_every: int = 0, graphs: bool = True) -> dict:
     """Particle-steps per second of the forward step and of a checkpointed forward+backward rollout.
@@ -83,7 +88,10 @@ def bench_mpm(*, particles: int = 4096, grid: int = 32, steps: int = 50, shuffle
     wp = warp()
     torch_device = torch.device(device)
     spec = GridSpec(lower=(0.0, 0.0, 0.0), dx=1.0 / grid, shape=(grid, grid, grid), boundary_cells=BAND)
-    x0 = cube_particles(particles, spec, shuffle=shuffle).to(torch_device)
+    from .kernels.mpm import BSPLINES
+
+    x0 = cube_particles(particles, spec, shuffle=shuffle,
+                        stencil_shift=BSPLINES[BSpline(bspline)][1] if stencil else None).to(torch_device)
     n = len(x0)
     E, nu, density = 1.0e5, 0.3, 1000.0
     dt = stable_dt(E=E, nu=nu, density=density, dx=spec.dx, limit=0.4)
@@ -157,6 +165,7 @@ def bench_mpm(*, particles: int = 4096, grid: int = 32, steps: int = 50, shuffle
         "grid": grid,
         "steps": steps,
         "shuffled": shuffle,
+        "stencil_order": stencil,
         "material": material,
         "bspline": bspline,
         "p2g": sim.p2g_mode,

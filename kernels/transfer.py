@@ -60,19 +60,67 @@ _NODE_LOOP = """
         const wp::vec3 d = wp::vec3(wp::float32(bx + a), wp::float32(by + b), wp::float32(bz + c)) * dx + grid_lower - x;
 """
 
-_ADD_NODE_VEC4 = """
+# Warp-aggregated node adds (CUDA, sm_90+). Lanes of one warp whose stencils share their base node add to the same 27
+# (64) nodes: they sum each node's value with shuffles first and one lane, the group's lowest, adds the sum with one
+# float4 atomic (Westphal's "reduce_peers": a binary tree over each group of peers, whose partners are found once per
+# particle from ballots and packed 6 bits a round into ``agg_sched``; Gao et al. 2018 for MPM). In lattice order a
+# group is the two particles of a row that share a base; in stencil order (sim/grid.py stencil_order) up to 8.
+# Measured on an H100 (BENCHMARKS.md), 1M particles on 128^3, forward as one graph: 2.63 -> 3.31 G particle-steps/s in
+# lattice order, 2.13 -> 3.28 G for shuffled particles put in stencil order; grouping by each node's address instead
+# (a match per node, which also joins lanes whose stencils overlap in part) lost: 2.06 G.
+_AGG_SETUP = """
 #if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 900)
-        atomicAdd(reinterpret_cast<float4*>(wp::address({array}, bx + a, by + b, bz + c)),
-                  make_float4({value}[0], {value}[1], {value}[2], {value}[3]));
+    const unsigned agg_active = __activemask();
+    const int agg_lane = threadIdx.x & 31;
+    const unsigned agg_peers = __match_any_sync(agg_active, ((unsigned long long)(bx & 0x1fffff) << 42) |
+        ((unsigned long long)(by & 0x1fffff) << 21) | (unsigned long long)(bz & 0x1fffff));
+    int agg_sched = 0, agg_rounds = 0;  // round r's partner lane + 1 (0: none) in bits 6r..6r+5
+    {
+        unsigned rest = agg_peers & ~(0xffffffffu >> (31 - agg_lane));  // the peers above this lane
+        int rel = __popc(agg_peers & ((1u << agg_lane) - 1u));  // the peers below it
+        while (__any_sync(agg_active, rest)) {
+            agg_sched |= __ffs(rest) << (6 * agg_rounds);
+            rest &= ~__ballot_sync(agg_active, rel & 1);  // odd positions have passed their sums on
+            rel >>= 1;
+            ++agg_rounds;
+        }
+    }
+    const bool agg_leader = (agg_peers & ((1u << agg_lane) - 1u)) == 0u;
+#endif
+"""
+
+_ADD_NODE_AGG = """
+#if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 900)
+        {
+            float agg_v[4] = {{value}[0], {value}[1], {value}[2], {value}[3]};
+            int agg_s = agg_sched;
+            for (int r = 0; r < agg_rounds; ++r, agg_s >>= 6) {
+                const int partner = agg_s & 63;
+                for (int q = 0; q < {count}; ++q) {
+                    const float t = __shfl_sync(agg_active, agg_v[q], partner ? partner - 1 : agg_lane);
+                    if (partner) agg_v[q] += t;
+                }
+            }
+            if (agg_leader)
+                atomicAdd(reinterpret_cast<float4*>(wp::address({array}, bx + a, by + b, bz + c)),
+                          make_float4(agg_v[0], agg_v[1], agg_v[2], agg_v[3]));
+        }
 #else
         wp::atomic_add(wp::address({array}, bx + a, by + b, bz + c), {value});
 #endif
 """
 
-_SCATTER = _NODE_LOOP + """
+
+def _add_node(array: str, value: str, count: int) -> str:
+    """A stencil loop's node add: ``array`` at the loop's node += ``value``, a vec4 whose first ``count`` components
+    may be non-zero (the rest are 0 in every lane), warp-aggregated on sm_90+."""
+    return _ADD_NODE_AGG.replace("{array}", array).replace("{value}", value).replace("{count}", str(count))
+
+
+_SCATTER = _AGG_SETUP + _NODE_LOOP + """
         const wp::vec3 mom = w * (mv + wp::mul(affine, d));
         const wp::vec4 node = wp::vec4(w * m, mom[0], mom[1], mom[2]);
-""" + _ADD_NODE_VEC4.replace("{array}", "grid").replace("{value}", "node") + """
+""" + _add_node("grid", "node", 4) + """
     }
 """
 
@@ -120,14 +168,14 @@ _ADJ_GATHER = """
     wp::mat33 aB;
     for (int i = 0; i < 3; ++i) for (int j = 0; j < 3; ++j) aB.data[i][j] = adj_ret.data[1 + i][j];
     wp::vec3 v(0.0f);
-""" + _NODE_LOOP + """
+""" + _AGG_SETUP + _NODE_LOOP + """
         const wp::vec4 n = wp::index(grid, bx + a, by + b, bz + c);
         const wp::vec3 vi = wp::vec3(n[0], n[1], n[2]);
         v += w * vi;
         const wp::vec3 g = av + wp::mul(aB, d);
         if (adj_grid.data) {
             const wp::vec4 gw = wp::vec4(w * g[0], w * g[1], w * g[2], 0.0f);
-""" + _ADD_NODE_VEC4.replace("{array}", "adj_grid").replace("{value}", "gw").replace("\n", "\n    ") + """
+""" + _add_node("adj_grid", "gw", 3).replace("\n", "\n    ") + """
         }
         const float aw = wp::dot(vi, g);
         adj_wx[a] += aw * wy[b] * wz[c];

@@ -57,6 +57,8 @@ def mpm(
     backward_steps: Annotated[int | None, typer.Option(min=1, help="Steps of the forward+backward run (default: "
                                                                    "--steps).")] = None,
     shuffle: Annotated[bool, typer.Option("--shuffle", help="Randomly permute the particles (no lattice order).")] = False,
+    stencil: Annotated[bool, typer.Option("--stencil-order", help="Then put the particles in order of their stencil's "
+                                          "base node (4^3-node blocks), as sources do.")] = False,
     device: DeviceOpt = "cpu",
     material: Annotated[Material, typer.Option(help="Constitutive model.")] = Material.FIXED_COROTATED,
     bspline: Annotated[BSpline, typer.Option(help="Transfer kernel.")] = BSpline.QUADRATIC,
@@ -74,7 +76,7 @@ def mpm(
 
     check_device(device)
     try:
-        result = bench_mpm(particles=particles, grid=grid, steps=steps, shuffle=shuffle, device=device,
+        result = bench_mpm(particles=particles, grid=grid, steps=steps, shuffle=shuffle, stencil=stencil, device=device,
                            backward_steps=backward_steps, material=material, bspline=bspline, repeats=repeats,
                            p2g=p2g, sort_every=sort_every, graphs=graphs)
     except ValueError as exc:
@@ -84,7 +86,8 @@ def mpm(
     table.add_column("value")
     split = ", ".join(f"{k} {v * 1e3:.3f}" for k, v in result["kernel_s_per_step"].items())
     for name, value in [
-        ("particles / grid", f"{result['particles']:,} / {grid}^3{' (shuffled)' if shuffle else ''}, "
+        ("particles / grid", f"{result['particles']:,} / {grid}^3{' (shuffled)' if shuffle else ''}"
+                             f"{' (stencil order)' if stencil else ''}, "
                              f"{result['p2g']} P2G" + (f", sorted every {sort_every}" if sort_every else "")),
         ("forward", f"{result['forward_s_per_step'] * 1e3:.3f} ms/step = "
                     f"{_rate(result['forward_particle_steps_per_s'])} particle-steps/s"),
