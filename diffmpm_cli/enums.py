@@ -82,8 +82,12 @@ class P2GMode(StrEnum):
 
 
 class DecisionMode(IntEnum):
-    """What the grid update does with its per-node branch decisions (contact, friction, walls, empty nodes)."""
+    """What a step does with its branch decisions (the grid update's per node: contact, friction, walls, empty nodes;
+    G2P's per particle: the return mapping's branch)."""
 
     DECIDE = 0  # decide, keep nothing
-    RECORD = 1  # decide and write them
+    RECORD = 1  # decide and write them (and, where a record of F_trial is passed, snow's F_trial per particle)
     REPLAY = 2  # take the written ones
+    # take the written ones, and replace snow's return mapping by its linearisation at the recorded F_trial*:
+    # G(F*) + dG(F*)[F_trial - F*], J_P's update likewise (check-grad's probes; the grid update replays)
+    LINEARISE = 3

@@ -34,6 +34,7 @@ from .materials import (  # noqa: F401 (host reads them here)
     snow_code,
 )
 from .transfer import TRANSFERS, own_control, own_float, own_mat33, own_vec3
+from .viscoplastic import snow_clamp_jvp, snow_F
 
 # ----------------------------------------------------------------------------------------------------------------
 # B-splines
@@ -369,6 +370,7 @@ WALL_BIT0 = wp.constant(8)  # walls: bit 3 + axis (the min or the max face, whic
 DECIDE = wp.constant(DecisionMode.DECIDE.value)
 RECORD = wp.constant(DecisionMode.RECORD.value)
 REPLAY = wp.constant(DecisionMode.REPLAY.value)
+LINEARISE = wp.constant(DecisionMode.LINEARISE.value)  # G2P only (the grid update gets REPLAY): see _g2p_kernel
 DECISION_DTYPE = wp.uint8
 
 
@@ -468,7 +470,22 @@ def grid_update(
 # grid -> particle
 
 
-def _g2p_kernel(order: str, models: tuple):
+@wp.func
+def snow_linearised(F_trial: wp.mat33, F_star: wp.mat33, mu: float, lam: float, k: wp.vec3, dt: float, branch: int,
+                    Jp: float):
+    """Snow's return mapping and J_P update (``branch`` != 0) linearised at a recorded F_trial* = ``F_star``:
+    (G(F*) + dG(F*)[F_trial - F*], J_P (det F* / det G(F*) + dh(F*)[F_trial - F*])), dG and dh from snow_clamp_jvp
+    (float64). At F_trial = F* both equal the true map's float32 results bit for bit (the added terms are 0)."""
+    G_star = snow_F(F_star, mu, lam, k, dt, branch)
+    dG, dh = snow_clamp_jvp(F_star, wp.mat33d(F_trial) - wp.mat33d(F_star), k, branch)
+    return G_star + wp.mat33(dG), Jp * wp.determinant(F_star) / wp.determinant(G_star) + Jp * float(dh)
+
+
+def _g2p_kernel(order: str, models: tuple, linearised: bool = False):
+    """G2P for ``models``. ``linearised``: the variant of check-grad's frozen rollouts (only ever launched untaped,
+    and only for a scene with snow): RECORD also writes each particle's F_trial into ``trials``, LINEARISE replays the
+    branches and gives snow particles their return mapping linearised at that record (snow_linearised). Otherwise
+    ``trials`` is never read (normal rollouts pay nothing)."""
     inertia = BSPLINES[order][3]
     gather = TRANSFERS[order][1]
     stencil = _stencil_func(order)
@@ -477,6 +494,7 @@ def _g2p_kernel(order: str, models: tuple):
     snow = snow_code(models)
     hardens = snow >= 0
     mixed = len(models) > 1
+    linear = linearised and hardens
 
     @wp.kernel(module="unique")
     def g2p(
@@ -503,6 +521,8 @@ def _g2p_kernel(order: str, models: tuple):
         # return-mapping decisions (DecisionMode, as grid_update's; plastic models only)
         decision_mode: int,
         decisions: wp.array(dtype=wp.uint8),
+        # snow's F_trial per particle, written (RECORD) or linearised at (LINEARISE): the linearised variant only
+        trials: wp.array(dtype=wp.mat33),
         # state out
         x_out: wp.array(dtype=wp.vec3),
         v_out: wp.array(dtype=wp.vec3),
@@ -530,16 +550,31 @@ def _g2p_kernel(order: str, models: tuple):
         if wp.static(maps):  # elastic models: no return mapping, no reads of mu, lam, kappa (nor their adjoints)
             mu_p, lam_p, kappa_p = own_float(mu, p), own_float(lam, p), own_vec3(kappa, p)
             branch = int(0)
-            if decision_mode == REPLAY:
-                branch = int(decisions[p])
+            if wp.static(linear):
+                if decision_mode == REPLAY or decision_mode == LINEARISE:
+                    branch = int(decisions[p])
+                else:
+                    branch = branch_of(code, F_trial, mu_p, lam_p, kappa_p)
+                if decision_mode == RECORD:
+                    decisions[p] = wp.uint8(branch)
+                    trials[p] = F_trial
+                if decision_mode == LINEARISE and code == wp.static(snow) and branch != 0:
+                    F, Jp = snow_linearised(F_trial, trials[p], mu_p, lam_p, kappa_p, dt, branch, Jp)
+                else:
+                    F = return_mapping(code, F_trial, mu_p, lam_p, kappa_p, dt, branch)
+                    if code == wp.static(snow):
+                        Jp = Jp * wp.determinant(F_trial) / wp.determinant(F)
             else:
-                branch = branch_of(code, F_trial, mu_p, lam_p, kappa_p)
-            if decision_mode == RECORD:
-                decisions[p] = wp.uint8(branch)
-            F = return_mapping(code, F_trial, mu_p, lam_p, kappa_p, dt, branch)
-            if wp.static(hardens):  # snow: what the clamp took from F_E goes to F_P, J_P <- J_P det F_trial / det F_E
-                if code == wp.static(snow):
-                    Jp = Jp * wp.determinant(F_trial) / wp.determinant(F)
+                if decision_mode == REPLAY:
+                    branch = int(decisions[p])
+                else:
+                    branch = branch_of(code, F_trial, mu_p, lam_p, kappa_p)
+                if decision_mode == RECORD:
+                    decisions[p] = wp.uint8(branch)
+                F = return_mapping(code, F_trial, mu_p, lam_p, kappa_p, dt, branch)
+                if wp.static(hardens):  # snow: what the clamp took from F_E goes to F_P, J_P <- J_P det F_trial / det F_E
+                    if code == wp.static(snow):
+                        Jp = Jp * wp.determinant(F_trial) / wp.determinant(F)
         if f_blend < 1.0:  # seed extra: F <- a F + (1 - a) I
             F = f_blend * F + (1.0 - f_blend) * wp.identity(3, dtype=float)
         if min_J > 0.0:  # seed extra: det F >= min_J by uniform scaling
@@ -586,8 +621,10 @@ def p2g(order: str, models):
     return _cached(_p2g_kernel, order, _models(models))
 
 
-def g2p(order: str, models):
-    return _cached(_g2p_kernel, order, _models(models))
+def g2p(order: str, models, linearised: bool = False):
+    """G2P for ``order`` and ``models``; ``linearised``: check-grad's variant that records and linearises snow's
+    F_trial (_g2p_kernel)."""
+    return _cached(_g2p_kernel, order, _models(models), linearised)
 
 
 def p2g_affine(order: str, models):

@@ -111,6 +111,55 @@ def adj_snow_F(F: wp.mat33, mu: float, lam: float, k: wp.vec3, dt: float, branch
 
 
 @wp.func
+def snow_clamp_jvp(F: wp.mat33, D: wp.mat33d, k: wp.vec3, branch: int):
+    """The directional derivatives at F (a recorded F_trial) along D of snow's clamp G = U diag(g(s)) V^T (singular
+    values clamped as ``branch`` says) and of J_P's factor h = det F / det G, in float64 (gradient checks only: check-grad's
+    probes linearise the clamp at the base rollout's F_trial, kernels/mpm.py g2p).
+
+    Written from the SVD's own derivative, not from the adjoint's divided differences: with F = U S V^T (wp.svd3 in
+    float64 of the float32 F) and K = U^T D V, ds_i = K_ii, and U^T dU = W_U, V^T dV = W_V (antisymmetric) solve
+    K_ij = W_U,ij s_j - s_i W_V,ij, K_ji = s_j W_V,ij - W_U,ij s_i; then dG = U (diag(dg) + W_U diag(g) - diag(g) W_V) V^T
+    with dg_i = K_ii inside, 0 clamped. Off the diagonal that is
+    M_ij = [K_ij (g_j s_j - g_i s_i) + K_ji (g_j s_i - g_i s_j)] / (s_j^2 - s_i^2), which is K_ij where both are inside
+    (g = s) and g (K_ij - K_ji) / (s_i + s_j) where both sit on one bound g (exactly, at any gap); the quotient is
+    taken as it is only where their branches differ. h = prod over clamped i of s_i / g_i, dh = h sum K_ii / s_i over
+    the clamped. Returns (dG, dh)."""
+    Fd = wp.mat33d(F)
+    U = wp.mat33d()
+    s = wp.vec3d()
+    V = wp.mat33d()
+    wp.svd3(Fd, U, s, V)
+    K = wp.transpose(U) * D * V
+    bits = wp.vec3i(snow_bits(branch, 0), snow_bits(branch, 1), snow_bits(branch, 2))
+    g = wp.vec3d(wp.float64(snow_clamped(float(s[0]), bits[0], k)), wp.float64(snow_clamped(float(s[1]), bits[1], k)),
+                 wp.float64(snow_clamped(float(s[2]), bits[2], k)))
+    M = wp.mat33d()
+    h = wp.float64(1.0)
+    rate = wp.float64(0.0)
+    for i in range(3):
+        if bits[i] == 0:
+            g[i] = s[i]  # inside: the float64 value itself
+            M[i, i] = K[i, i]
+        else:
+            h = h * s[i] / g[i]
+            rate = rate + K[i, i] / s[i]
+    for i in range(3):
+        for j in range(3):
+            if i != j:
+                if bits[i] == 0 and bits[j] == 0:
+                    M[i, j] = K[i, j]
+                elif bits[i] == bits[j]:
+                    M[i, j] = g[i] * (K[i, j] - K[j, i]) / (s[i] + s[j])
+                else:
+                    gap = s[j] - s[i]
+                    if gap == wp.float64(0.0):  # different branches at one value: only a record at a bound's edge
+                        gap = wp.float64(1.0e-300)
+                    M[i, j] = (K[i, j] * (g[j] * s[j] - g[i] * s[i]) + K[j, i] * (g[j] * s[i] - g[i] * s[j])) / (
+                        gap * (s[j] + s[i]))
+    return U * M * wp.transpose(V), h * rate
+
+
+@wp.func
 def snow_hardening(k: wp.vec3, Jp: float):
     """exp(xi (1 - J_P)): the factor on mu and lam (hardening under plastic compression, J_P < 1)."""
     return wp.exp(k[0] * (1.0 - Jp))

@@ -12,6 +12,7 @@ from test_materials import mapping_vjp
 from test_mpm import GRID, make_model, make_particles
 
 from diffmpm_cli.reference.mpm import snow_ref
+from diffmpm_cli.sim.solver import FrozenDecisions
 
 THETA_C, THETA_S = 0.025, 0.0075  # the snow preset's
 
@@ -188,12 +189,15 @@ def test_the_stability_check_holds_snow_at_its_starting_compaction():
 def test_check_grad_starts_snow_controls_inside_the_clamp_window(monkeypatch):
     """check-grad probes dFc around random control log strains. At 0.01 (the default) nearly every particle of the
     preset's snow (theta_s 7.5e-3) is clamped at the control step, the next steps' singular values straddle the bound
-    1e-5..1e-3 apart, and central differences over check-grad's steps measure a chord there (AD -1.739 vs FD -1.687
-    on this 148-particle, 10-step free flight: 3.0 % against 0.5 % noise). Inside the window (0.25 theta_s) the same
-    check passes (7e-4). The ball starts 5 cm higher than the scene's so that its stencil stays clear of the y-min
-    wall's held row (0.1875 m on this grid, since the walls hold the particles' own face) over the 10 steps: a free
-    flight (measured inside the window / with the old base: 5.0e-4 / 2.6e-2 with 3 probes, 9.5e-4 / 0.24 with 6; at
-    the scene's height the wall acts and inside the window read 4.4e-3)."""
+    1e-5..1e-3 apart, and central differences of the true clamp over check-grad's steps measure a chord there (AD
+    -1.739 vs FD -1.687 on this 148-particle, 10-step free flight: 3.0 % against 0.5 % noise, with the plain frozen
+    replay). Inside the window (0.25 theta_s) the same check passes (7e-4). check-grad's probes now linearise the
+    clamp at the base rollout's F_trial (FrozenDecisions(linearise=True)): from the old base too the check then
+    passes (9.1e-5 measured); the plain replay still fails there. The ball starts 5 cm higher than the scene's so
+    that its stencil stays clear of the y-min wall's held row (0.1875 m on this grid, since the walls hold the
+    particles' own face) over the 10 steps: a free flight (measured with the plain replay inside the window / with
+    the old base: 5.0e-4 / 2.6e-2 with 3 probes, 9.5e-4 / 0.24 with 6; at the scene's height the wall acts and inside
+    the window read 4.4e-3)."""
     from conftest import REPO
 
     from diffmpm_cli import gradcheck
@@ -210,6 +214,11 @@ def test_check_grad_starts_snow_controls_inside_the_clamp_window(monkeypatch):
     assert row.passed and row.worst_rel_error < 3e-3, row
     monkeypatch.setattr(gradcheck, "CLAMP_WINDOW_SHARE", math.inf)  # the old base: log strains of 0.01
     (row,) = gradcheck.check_stages(pipeline, stages=["sim"], groups=["dFc"], probes=3, coordinates=1)
+    assert row.passed and row.worst_rel_error < 3e-3, row
+    from diffmpm_cli.sim import solver
+
+    monkeypatch.setattr(solver, "FrozenDecisions", lambda: FrozenDecisions(linearise=False))  # the plain replay
+    (row,) = gradcheck.check_stages(pipeline, stages=["sim"], groups=["dFc"], probes=3, coordinates=1)
     assert not row.passed and row.worst_rel_error > 2e-2, row
 
 
@@ -220,7 +229,7 @@ def test_control_gradient_through_an_impact_is_the_twins_and_its_central_differe
     branch taken afresh) reach it only at steps of 1e-4..1e-5 per entry (-0.54607, -0.54609 vs -0.54609); at 1e-3
     they give -0.441 (19 % off), at 3e-3 +0.474. With the clamps opened (theta_c 0.9, theta_s 5; a 20-step variant)
     they were 1e-4 off at 1e-3. check-grad's float32 steps (~5e-3 down to 8e-5 per entry) cannot resolve that scale:
-    why its dFc rows still fail through snowball_impact's impact (docs/MATERIALS.md)."""
+    why its probes linearise snow's clamp at the base rollout's F_trial (tests/test_snow_linearised.py)."""
     from conftest import REPO
 
     from diffmpm_cli.assets import build_assets

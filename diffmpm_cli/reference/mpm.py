@@ -140,6 +140,24 @@ def snow_ref(F: torch.Tensor, kappa: torch.Tensor) -> torch.Tensor:
     return torch.where(outside[:, None, None], spectral_ref(U, clamped, Vh), F)
 
 
+def snow_volume_factor_ref(F: torch.Tensor, kappa: torch.Tensor) -> torch.Tensor:
+    """J_P's factor of snow's return mapping, det F / det snow_ref(F) (J_P <- J_P det F_trial / det F_E) [N]."""
+    return torch.linalg.det(F) / torch.linalg.det(snow_ref(F, kappa))
+
+
+def snow_linearised_ref(F: torch.Tensor, F_star: torch.Tensor, kappa: torch.Tensor):
+    """Snow's clamp and J_P factor linearised at ``F_star`` (check-grad's probes, kernels/mpm.py snow_linearised):
+    (G(F*) + dG(F*)[F - F*], h(F*) + dh(F*)[F - F*]) with G = snow_ref and h = snow_volume_factor_ref, the directional
+    derivatives by forward-mode autodiff (torch.func.jvp through torch's SVD: not at exactly repeated singular
+    values)."""
+
+    def both(X):
+        return snow_ref(X, kappa), snow_volume_factor_ref(X, kappa)
+
+    (G, h), (dG, dh) = torch.func.jvp(both, (F_star,), (F - F_star,))
+    return G + dG, h + dh
+
+
 def return_mapping_ref(F: torch.Tensor, mu: torch.Tensor, lam: torch.Tensor, kappa: torch.Tensor,
                        model: str, *, dt: float | None = None) -> torch.Tensor:
     """The projection kernels/mpm.py applies to F+ after G2P (elastic models: none). von_mises (kappa = yield

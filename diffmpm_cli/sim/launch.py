@@ -47,6 +47,12 @@ def _no_codes(device: str):
 
 
 @functools.cache
+def _no_trials(device: str):
+    """The F_trial record passed to a G2P that never reads it (one per device)."""
+    return warp().zeros(1, dtype=warp().mat33, device=device)
+
+
+@functools.cache
 def _no_decisions(device: str, ndim: int = 3):
     """The decision array passed when nothing is recorded or replayed (one per device and dimension)."""
     wp = warp()
@@ -110,6 +116,8 @@ def grid_update(model: MPMModel, grid: MPMGrid, *, node_mass_eps: float, device:
     g, k = model.grid, model.kernel_constants
     if mode != DecisionMode.DECIDE and decisions is None:
         raise ValueError(f"decision mode {mode.name} needs a decision array")
+    if mode == DecisionMode.LINEARISE:  # nothing to linearise on the grid: its branches are replayed
+        mode = DecisionMode.REPLAY
     wp.launch(mpm.grid_update, dim=g.shape, device=device, inputs=[
         k.lower, g.dx, model.dt, k.gravity, g.boundary_cells, k.walls_min, k.walls_max,
         int(model.floor_enabled), k.floor_normal, model.floor_height, model.friction, node_mass_eps,
@@ -134,25 +142,34 @@ def particle_box(model: MPMModel, state_in: MPMState, grid: MPMGrid, *, device: 
 
 def g2p(model: MPMModel, state_in: MPMState, grid: MPMGrid, state_out: MPMState, *, mu, lam, kappa, Fc,
         control: int, clamped, J_min, device: str, mode: DecisionMode = DecisionMode.DECIDE,
-        decisions=None, model_code=None) -> None:
+        decisions=None, model_code=None, trials=None) -> None:
     """Gather v and C from the grid, update F (then the material's return mapping, which reads mu, lam, kappa as
     ``p2g`` does), J_P (snow; the others copy it) and x into ``state_out``; count wall clamps into ``clamped`` [1]
     and lower each particle's lowest det F in ``J_min`` [N] (validity records, not differentiated). ``mode`` RECORD
     writes each particle's return-mapping branch into ``decisions`` (uint8 [N]), REPLAY takes it from there (plastic
     models). ``model_code``: each particle's model (``Particles.model_code``; needed where ``model.models`` holds
-    several)."""
+    several).
+
+    ``trials`` (mat33 [N], a scene with snow; check-grad's frozen rollouts): RECORD also writes each particle's F_trial
+    there, and LINEARISE (which needs it) replays the branches with snow's return mapping linearised at it
+    (kernels/mpm.py snow_linearised), through G2P's linearised variant. Rollouts launch LINEARISE untaped: their
+    backward replays (REPLAY) the true map."""
     wp = warp()
     from ..kernels import mpm
 
     if mode != DecisionMode.DECIDE and decisions is None:
         raise ValueError(f"decision mode {mode.name} needs a decision array")
+    if mode == DecisionMode.LINEARISE and trials is None:
+        raise ValueError("decision mode LINEARISE needs the recorded F_trial")
     if model_code is None and model.mixed:
         raise ValueError("a scene of several models needs each particle's model code")
     g, k = model.grid, model.kernel_constants
-    wp.launch(mpm.g2p(model.bspline, model.models), dim=state_in.x.shape[0], device=device, inputs=[
+    linearised = trials is not None and mode in (DecisionMode.RECORD, DecisionMode.LINEARISE)
+    wp.launch(mpm.g2p(model.bspline, model.models, linearised), dim=state_in.x.shape[0], device=device, inputs=[
         k.lower, g.dx, model.dt, k.interior_lower, k.interior_upper, model.f_blend,
         model.min_J, mu, lam, kappa, model_code if model_code is not None else _no_codes(device),
         Fc, control,
         state_in.x, state_in.F, state_in.Jp, grid.velocity4,
         int(mode), decisions if decisions is not None else _no_decisions(device, 1),
+        trials if linearised else _no_trials(device),
     ], outputs=[state_out.x, state_out.v, state_out.F, state_out.C, state_out.Jp, clamped, J_min])

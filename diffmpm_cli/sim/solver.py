@@ -40,10 +40,12 @@ def segment_bounds(steps: int, frames, segment_length: int | None) -> list[tuple
 @dataclass(frozen=True)
 class StepDecisions:
     """One step's branch decisions: grid uint8 [nx, ny, nz] (grid update) and particles uint8 [N] (return mapping
-    of a plastic model; None otherwise)."""
+    of a plastic model; None otherwise); trials mat33 [N]: each particle's F_trial, recorded for snow's linearised
+    replay (``FrozenDecisions(linearise=True)`` in a scene with snow; None otherwise)."""
 
     grid: object
     particles: object | None
+    trials: object | None = None
 
 
 @dataclass(frozen=True)
@@ -52,19 +54,30 @@ class DecisionBlock:
 
     grid: object
     particles: object | None
+    trials: object | None = None
 
     def __getitem__(self, row: int) -> StepDecisions:
-        return StepDecisions(self.grid[row], self.particles[row] if self.particles is not None else None)
+        return StepDecisions(self.grid[row], self.particles[row] if self.particles is not None else None,
+                             self.trials[row] if self.trials is not None else None)
 
 
 class FrozenDecisions:
     """Branch decisions kept across rollouts, owned by the caller and passed to each rollout (``simulate(...,
     frozen=...)``): a rollout records every step this does not hold yet (no budget) and replays every step it holds.
     The gradient checker's view of rollouts with contact and yield as the smooth piece the first one lies on: its
-    base rollout records, every probe replays."""
+    base rollout records, every probe replays.
 
-    def __init__(self):
+    ``linearise`` (a scene with snow): the recording rollout also keeps each particle's F_trial (36 bytes a
+    particle-step), and the replaying rollouts' forwards take snow's return mapping linearised there
+    (DecisionMode.LINEARISE): G(F*) + dG(F*)[F_trial - F*]. Snow's clamp changes its derivative by O(1) between
+    singular values a few 1e-4 apart (one inside, one beyond a bound), so central differences of the true rollout
+    over any resolvable step measure a chord; those of the linearised one measure the derivative, which equals the
+    true rollout's at the base (docs/MATERIALS.md). The base rollout is the true one (bit-equal), and every backward
+    replays the true map and its adjoint."""
+
+    def __init__(self, linearise: bool = True):
         self.steps: dict[int, StepDecisions] = {}
+        self.linearise = linearise
 
     def __contains__(self, step: int) -> bool:
         return step in self.steps
@@ -162,16 +175,19 @@ class Simulator:
         """One byte per grid node, and one per particle for a plastic model."""
         return self.model.grid.node_count + (self.particle_count if self.plastic else 0)
 
-    def new_decisions(self, steps: int) -> DecisionBlock:
+    def new_decisions(self, steps: int, trials: bool = False) -> DecisionBlock:
         """Room for ``steps`` steps of decisions: grid uint8 [steps, nx, ny, nz] and, for a plastic model, particles
-        uint8 [steps, N] (row t: a step's)."""
+        uint8 [steps, N] (row t: a step's); ``trials`` (honoured in a scene with snow): each particle's F_trial too,
+        mat33 [steps, N] (FrozenDecisions' linearised replay)."""
         from ..kernels import mpm
 
         wp = warp()
         grid = wp.zeros((steps, *self.model.grid.shape), dtype=mpm.DECISION_DTYPE, device=self.device)
         particles = (wp.zeros((steps, max(self.particle_count, 1)), dtype=mpm.DECISION_DTYPE, device=self.device)
                      if self.plastic else None)
-        return DecisionBlock(grid, particles)
+        kept = (wp.zeros((steps, max(self.particle_count, 1)), dtype=wp.mat33, device=self.device)
+                if trials and self.snow_particles() is not None else None)
+        return DecisionBlock(grid, particles, kept)
 
     def step(self, state_in: MPMState, state_out: MPMState, grid: MPMGrid, *, mu, lam, kappa, Fc, control: int,
              clamped=None, J_min=None, taped: bool = True, decision_mode: DecisionMode = DecisionMode.DECIDE,
@@ -184,8 +200,13 @@ class Simulator:
         caller wants P2G's split backward (``launch.p2g``; taped_segment does). ``clamped`` / ``J_min``: where the
         step counts wall clamps and lowers each particle's lowest det F (default: the simulator's own records).
         ``decision_mode`` / ``decisions``: the branch decisions of the grid update and (plastic models) of the
-        return mapping, recorded into or replayed from one row of a ``DecisionBlock`` (``StepDecisions``).
+        return mapping, recorded into or replayed from one row of a ``DecisionBlock`` (``StepDecisions``); LINEARISE
+        replays them with snow's return mapping linearised at the row's recorded F_trial (RECORD writes it where the
+        row has room for it). Only untaped steps linearise.
         """
+        trials = decisions.trials if decisions is not None else None
+        if decision_mode == DecisionMode.LINEARISE and (trials is None or tape is not None):
+            raise SimulationError("a linearised step needs the F_trial record and runs untaped")
         launch.particle_box(self.model, state_in, grid, device=self.device)
         if self.tiled is not None and not taped:
             if self.tiled.sort_due():
@@ -201,7 +222,8 @@ class Simulator:
                    device=self.device, model_code=self.particles.model_code,
                    clamped=clamped if clamped is not None else self.clamped,
                    J_min=J_min if J_min is not None else self.J_min, mode=particle_mode,
-                   decisions=decisions.particles if decisions is not None and self.plastic else None)
+                   decisions=decisions.particles if decisions is not None and self.plastic else None,
+                   trials=trials if particle_mode in (DecisionMode.RECORD, DecisionMode.LINEARISE) else None)
 
 
 @dataclass
@@ -349,15 +371,18 @@ class Rollout:
         plan, fresh = {}, []
         for t in range(self.steps):
             if frozen is not None and t in frozen:
-                plan[t] = (DecisionMode.REPLAY, frozen.steps[t])
+                held = frozen.steps[t]
+                plan[t] = (DecisionMode.LINEARISE if held.trials is not None else DecisionMode.REPLAY, held)
             elif frozen is not None or (len(fresh) + 1) * per_step <= self.decision_budget:
                 fresh.append(t)
         if fresh:
-            block = self.sim.new_decisions(len(fresh))
+            block = self.sim.new_decisions(len(fresh), trials=frozen is not None and frozen.linearise)
             for row, t in enumerate(fresh):
                 plan[t] = (DecisionMode.RECORD, block[row])
                 if frozen is not None:
                     frozen.steps[t] = block[row]
+            if block.trials is not None:
+                per_step += 36 * self.sim.particle_count
         self.stats.decision_bytes = len(fresh) * per_step
         return plan
 
