@@ -162,10 +162,8 @@ def region_values(scene, region: torch.Tensor | None, keys) -> dict[str, torch.T
     out = {}
     if region is None:
         return out
-    for key in keys:
+    for key in scene.material.keys_set_by_regions(keys):
         given = [(i, getattr(r, key)) for i, r in enumerate(scene.material.regions) if getattr(r, key) is not None]
-        if not given:
-            continue
         default = getattr(scene.material, key)
         values = torch.full((len(region),), float(default if default is not None else given[0][1]))
         for i, value in given:

@@ -351,6 +351,10 @@ class MaterialConfig(Section):
         [], description="parts of the source with their own E, nu, density, model parameters and constitutive model "
         "(a different model per region is allowed); particles in no region keep the values above")
 
+    def keys_set_by_regions(self, keys) -> list[str]:
+        """Those of ``keys`` that some region sets (their values then differ by part of the source)."""
+        return [key for key in keys if any(getattr(r, key, None) is not None for r in self.regions)]
+
 
 # ----------------------------------------------------------------------------------------------------------------
 # simulation

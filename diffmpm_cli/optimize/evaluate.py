@@ -74,12 +74,17 @@ def evaluate_metrics(pipeline, output, targets, params: dict[str, torch.Tensor])
         out["volume_iou"] = metrics.volumetric_iou(x, assets.target.positions.to(x.device), lower=grid.lower,
                                                    dx=grid.dx, shape=grid.shape)
     truth = pipeline.scene.target.truth
+    # a mean over particles of parts that material.regions give different values is no part's value: such keys are
+    # left out (summary.json's "materials" has each part's, optimize/outputs.py)
+    mixed = set(pipeline.region_values)
     if truth is not None:
         p = {**pipeline.initial_parameters(["log_E", "nu"]), **params}
-        E, nu = float(natural("log_E", p["log_E"]).mean()), float(natural("nu", p["nu"]).mean())
-        out.update(E=E, nu=nu, **metrics.material_errors(E=E, nu=nu, truth_E=truth.E, truth_nu=truth.nu))
+        E = None if "E" in mixed else float(natural("log_E", p["log_E"]).mean())
+        nu = None if "nu" in mixed else float(natural("nu", p["nu"]).mean())
+        out.update({k: v for k, v in (("E", E), ("nu", nu)) if v is not None})
+        out.update(metrics.material_errors(E=E, nu=nu, truth_E=truth.E, truth_nu=truth.nu))
         for extra in pipeline.material_parameters:  # the plastic or fluid model's own parameters against truths
-            if getattr(truth, extra) is None:
+            if getattr(truth, extra) is None or extra in mixed:
                 continue
             spec = BY_KEY[extra]
             value = float(spec.natural({**pipeline.initial_parameters([spec.group]), **params}[spec.group]).mean())

@@ -250,14 +250,6 @@ def material_parts(pipeline, initial_params: dict[str, torch.Tensor], params: di
     return out
 
 
-def without_mixed_means(metrics: dict, pipeline) -> dict:
-    """The metrics without the means over every particle of keys that material.regions set per region (E and nu
-    with a truth): a mean over parts of different materials is no part's value; summary["materials"] has each
-    part's."""
-    mixed = set(pipeline.region_values)
-    return {key: value for key, value in metrics.items() if key not in mixed}
-
-
 def write_final_outputs(run, out_dir: Path, *, history: list[dict], wall_s: float, device: str) -> dict:
     """final/: gaussians.ply, frames/frame_<step>.ply (every kept frame), cameras.json (INRIA, the training cameras),
     particles.ply (all in output.up_axis), trajectory.npz (x, F and what rebuild_gaussians needs), comparison.png
@@ -332,9 +324,7 @@ def write_final_outputs(run, out_dir: Path, *, history: list[dict], wall_s: floa
     keys = ["loss", *sorted({k for r in history for k in r if k in LOSS_TERMS})]
     loss_curves(history, final / "loss.png", keys=keys)
     written.append(final / "loss.png")
-    parts = material_parts(pipeline, initial_params, run.params)
-    if parts is not None:  # several materials: each part's values, and no mean across them
-        initial_metrics, final_metrics = (without_mixed_means(m, pipeline) for m in (initial_metrics, final_metrics))
+    parts = material_parts(pipeline, initial_params, run.params)  # several materials: each part's values
     return {
         "scene": scene.name,
         "iterations": len(history),

@@ -38,9 +38,11 @@ def metric_names(scene, *, final: bool = True) -> list[str]:
     if scene.target.mesh is not None:
         names += [*WITH_MESH, *(FINAL_WITH_MESH if final else ())]
     truth = scene.target.truth
-    if truth is not None:
-        names += ["E", "nu"] + (["E_rel_error"] if truth.E is not None else []) + (["nu_abs_error"] if truth.nu
-                                                                                     is not None else [])
+    if truth is not None:  # E and nu as means over the particles, unless material.regions give parts their own
+        mixed = scene.material.keys_set_by_regions(("E", "nu"))
+        names += [k for k in ("E", "nu") if k not in mixed]
+        names += [e for k, e, t in (("E", "E_rel_error", truth.E), ("nu", "nu_abs_error", truth.nu))
+                  if t is not None and k not in mixed]
     return names
 
 
