@@ -14,7 +14,8 @@ from .mpm import _stencil_func
 # particles on an H100), ``box_reduce`` reduces the slots into the first 6; the grid's zero_() fills it with BOX_EMPTY.
 
 BOX_EMPTY = wp.constant(2**31 - 1)
-BOX_SLOTS = wp.constant(512)  # a multiple of 32: box_reduce's warps each read one coordinate's slots
+BOX_SLOTS = wp.constant(512)
+WIDEST = 4  # the widest stencil (cubic): clear_box clears that far from the box's bases for every B-spline  # a multiple of 32: box_reduce's warps each read one coordinate's slots
 
 _WARP_MIN = """
 #if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 800)
@@ -68,3 +69,24 @@ def box_reduce(box: wp.array(dtype=int)):
     tid = wp.tid()
     a = tid // BOX_SLOTS
     warp_min(box, a, box[6 + 6 * (tid % BOX_SLOTS) + a])
+
+
+@wp.kernel
+def clear_box(
+    box: wp.array(dtype=int),
+    width: int,
+    arrays: int,
+    a: wp.array3d(dtype=wp.vec4),
+    b: wp.array3d(dtype=wp.vec4),
+    c: wp.array3d(dtype=wp.vec4),
+):
+    """Zero the nodes of ``box`` (a grid's last box: every node P2G, the grid update and their adjoints wrote lies in
+    it) in the first ``arrays`` of a, b, c (1 or 3): a grid is cleared for its next step without a memset of every
+    node (MPMGrid.zero_). An empty box (BOX_EMPTY) clears nothing."""
+    i, j, k = wp.tid()
+    if i < box[0] or j < box[1] or k < box[2] or i >= width - box[3] or j >= width - box[4] or k >= width - box[5]:
+        return
+    a[i, j, k] = wp.vec4(0.0)
+    if arrays > 1:
+        b[i, j, k] = wp.vec4(0.0)
+        c[i, j, k] = wp.vec4(0.0)

@@ -171,8 +171,7 @@ class RolloutBuffers:
             for array in state.arrays():
                 array.grad.zero_()
         for grid in self.grids:
-            grid.zero_()
-            grid.zero_grad()
+            grid.zero_()  # values and gradients
         tape = wp.Tape()
         with tape:
             for t in range(self.steps):

@@ -279,8 +279,7 @@ def taped_segment(sim: Simulator, params: dict, states: list[MPMState], grids: l
         for array in state.arrays():
             array.grad.zero_()
     for grid in grids[:length]:
-        grid.zero_()
-        grid.zero_grad()
+        grid.zero_()  # values and gradients
     tape = wp.Tape()
     with tape:
         for t in range(start, end):
