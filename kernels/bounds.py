@@ -14,8 +14,8 @@ from .mpm import _stencil_func
 # particles on an H100), ``box_reduce`` reduces the slots into the first 6; the grid's zero_() fills it with BOX_EMPTY.
 
 BOX_EMPTY = wp.constant(2**31 - 1)
-BOX_SLOTS = wp.constant(512)
-WIDEST = 4  # the widest stencil (cubic): clear_box clears that far from the box's bases for every B-spline  # a multiple of 32: box_reduce's warps each read one coordinate's slots
+BOX_SLOTS = wp.constant(512)  # a multiple of 32: box_reduce's warps each read one coordinate's slots
+WIDEST = 4  # the widest stencil (cubic): clear_box clears that far from the box's bases for every B-spline
 
 _WARP_MIN = """
 #if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 800)
@@ -71,6 +71,9 @@ def box_reduce(box: wp.array(dtype=int)):
     warp_min(box, a, box[6 + 6 * (tid % BOX_SLOTS) + a])
 
 
+CLEAR_THREADS = wp.constant(32768)  # clear_box's launch: fixed (graph-capturable); each thread strides over the box
+
+
 @wp.kernel
 def clear_box(
     box: wp.array(dtype=int),
@@ -81,12 +84,24 @@ def clear_box(
     c: wp.array3d(dtype=wp.vec4),
 ):
     """Zero the nodes of ``box`` (a grid's last box: every node P2G, the grid update and their adjoints wrote lies in
-    it) in the first ``arrays`` of a, b, c (1 or 3): a grid is cleared for its next step without a memset of every
-    node (MPMGrid.zero_). An empty box (BOX_EMPTY) clears nothing."""
-    i, j, k = wp.tid()
-    if i < box[0] or j < box[1] or k < box[2] or i >= width - box[3] or j >= width - box[4] or k >= width - box[5]:
+    it, up to ``width`` nodes from its bases) in the first ``arrays`` of a, b, c (1 or 3): a grid is cleared for its
+    next step without a memset of every node (MPMGrid.zero_). Launched over CLEAR_THREADS threads, each taking every
+    CLEAR_THREADS-th node of the box (a launch over every node, returning outside the box, took 17 us on 128^3 on an
+    H100: as long as the memset it replaced). An empty box (BOX_EMPTY) clears nothing."""
+    tid = wp.tid()
+    lo = wp.vec3i(box[0], box[1], box[2])
+    hi = wp.vec3i(wp.min(width - box[3], a.shape[0]), wp.min(width - box[4], a.shape[1]),
+                  wp.min(width - box[5], a.shape[2]))
+    if lo[0] >= hi[0] or lo[1] >= hi[1] or lo[2] >= hi[2]:
         return
-    a[i, j, k] = wp.vec4(0.0)
-    if arrays > 1:
-        b[i, j, k] = wp.vec4(0.0)
-        c[i, j, k] = wp.vec4(0.0)
+    ny = hi[1] - lo[1]
+    nz = hi[2] - lo[2]
+    total = (hi[0] - lo[0]) * ny * nz
+    for n in range(tid, total, CLEAR_THREADS):
+        i = lo[0] + n // (ny * nz)
+        j = lo[1] + (n // nz) % ny
+        k = lo[2] + n % nz
+        a[i, j, k] = wp.vec4(0.0)
+        if arrays > 1:
+            b[i, j, k] = wp.vec4(0.0)
+            c[i, j, k] = wp.vec4(0.0)

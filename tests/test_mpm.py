@@ -553,3 +553,22 @@ def test_the_grid_update_visits_the_box_of_the_particles_stencils_alone(device, 
     inside[lo[0]:hi[0] + 1, lo[1]:hi[1] + 1, lo[2]:hi[2] + 1] = True
     assert (written == inside).all()
     assert (wp.to_torch(grid.mass).cpu().numpy()[~inside] == 0).all()
+    # the next zero_() clears exactly the box out to the widest stencil (clipped to the grid), values and gradients
+    # alike, and leaves every other node as it was; a box left empty clears nothing
+    from diffmpm_cli.kernels import bounds
+
+    grads = sim.new_grid(requires_grad=True)
+    wp.copy(grads.box, grid.box)
+    for array in (grads.mass_momentum, grads.mass_momentum.grad, grads.velocity4.grad):
+        wp.to_torch(array, requires_grad=False).fill_(5.0)
+    grads.zero_()
+    cleared = np.zeros(GRID.shape, dtype=bool)
+    top = np.minimum(base.max(axis=0) + bounds.WIDEST, GRID.shape)
+    cleared[lo[0]:top[0], lo[1]:top[1], lo[2]:top[2]] = True
+    for array in (grads.mass_momentum, grads.mass_momentum.grad, grads.velocity4.grad):
+        values = wp.to_torch(array, requires_grad=False).cpu().numpy()
+        assert (values[cleared] == 0).all() and (values[~cleared] == 5.0).all()
+    assert (grads.box.numpy() == 2**31 - 1).all()
+    wp.to_torch(grads.mass_momentum, requires_grad=False).fill_(5.0)
+    grads.zero_()
+    assert (wp.to_torch(grads.mass_momentum, requires_grad=False).cpu().numpy() == 5.0).all()
