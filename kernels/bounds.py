@@ -71,13 +71,14 @@ def box_reduce(box: wp.array(dtype=int)):
     warp_min(box, a, box[6 + 6 * (tid % BOX_SLOTS) + a])
 
 
-CLEAR_THREADS = wp.constant(32768)  # clear_box's launch: fixed (graph-capturable); each thread strides over the box
+CLEAR_THREADS = 32768  # clear_box's launch on CUDA: fixed (graph-capturable); each thread strides over the box
 
 
 @wp.kernel
 def clear_box(
     box: wp.array(dtype=int),
     width: int,
+    threads: int,
     arrays: int,
     a: wp.array3d(dtype=wp.vec4),
     b: wp.array3d(dtype=wp.vec4),
@@ -85,9 +86,10 @@ def clear_box(
 ):
     """Zero the nodes of ``box`` (a grid's last box: every node P2G, the grid update and their adjoints wrote lies in
     it, up to ``width`` nodes from its bases) in the first ``arrays`` of a, b, c (1 or 3): a grid is cleared for its
-    next step without a memset of every node (MPMGrid.zero_). Launched over CLEAR_THREADS threads, each taking every
-    CLEAR_THREADS-th node of the box (a launch over every node, returning outside the box, took 17 us on 128^3 on an
-    H100: as long as the memset it replaced). An empty box (BOX_EMPTY) clears nothing."""
+    next step without a memset of every node (MPMGrid.zero_). Launched over ``threads`` threads, each taking every
+    ``threads``-th node of the box: CLEAR_THREADS on CUDA (a launch over every node, returning outside the box, took
+    17 us on 128^3 on an H100: as long as the memset it replaced), 1 on the CPU (one loop, no per-thread calls). An
+    empty box (BOX_EMPTY) clears nothing."""
     tid = wp.tid()
     lo = wp.vec3i(box[0], box[1], box[2])
     hi = wp.vec3i(wp.min(width - box[3], a.shape[0]), wp.min(width - box[4], a.shape[1]),
@@ -97,7 +99,7 @@ def clear_box(
     ny = hi[1] - lo[1]
     nz = hi[2] - lo[2]
     total = (hi[0] - lo[0]) * ny * nz
-    for n in range(tid, total, CLEAR_THREADS):
+    for n in range(tid, total, threads):
         i = lo[0] + n // (ny * nz)
         j = lo[1] + (n // nz) % ny
         k = lo[2] + n % nz

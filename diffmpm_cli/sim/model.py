@@ -184,8 +184,9 @@ class MPMGrid:
 
         mm = self.mass_momentum
         grads = (mm.grad, self.velocity4.grad) if mm.grad is not None else (mm, mm)
-        wp.launch(bounds.clear_box, dim=bounds.CLEAR_THREADS, device=mm.device, record_tape=False,
-                  inputs=[self.box, bounds.WIDEST, 3 if mm.grad is not None else 1, mm, *grads])
+        threads = bounds.CLEAR_THREADS if mm.device.is_cuda else 1
+        wp.launch(bounds.clear_box, dim=threads, device=mm.device, record_tape=False,
+                  inputs=[self.box, bounds.WIDEST, threads, 3 if mm.grad is not None else 1, mm, *grads])
         self.box.fill_(bounds.BOX_EMPTY)
 
 
