@@ -188,8 +188,11 @@ def _control_scale_limit(pipeline) -> float:
     Snow's clamp sets each singular value beyond a bound onto it, so the next steps' F_trial has singular values
     within dt |C| of each other and of the bound (one above, one below): there its return mapping changes its
     derivative by O(1) within a few 1e-4 of F (the divided difference (g_i - g_j) / (s_i - s_j) of the clamp runs from
-    0 to 1 across the gap), and a central difference over any larger step measures a chord, not the gradient
-    (docs/MATERIALS.md). Controls of 0.01 put nearly every particle of the preset's snow (theta_s = 7.5e-3) there."""
+    0 to 1 across the gap), and a central difference of the true clamp over any larger step measures a chord, not the
+    gradient (docs/MATERIALS.md). Controls of 0.01 put nearly every particle of the preset's snow (theta_s = 7.5e-3)
+    there. The probes now linearise the clamp at the base rollout's F_trial (FrozenDecisions), which removes the chord
+    wherever the clamp acts (an impact's compaction too: tests/test_snow_linearised.py); the window is kept all the
+    same (snowball_impact's full check was measured with it, not without)."""
     from .enums import Material
 
     if Material.SNOW not in pipeline.model.models:
@@ -226,7 +229,9 @@ def stage_problem(pipeline, stage: str, groups, *, seed: int, cutoffs=None):
         rest = pipeline.forward(pipeline.initial_parameters(["dFc"]) if stage != "sim" else {},
                                 cutoffs=cutoffs).result
     x, F = rest.x[-1], rest.F[-1]
-    frozen = FrozenDecisions()  # contact and yield branches of the base rollout, replayed by every other one
+    # contact and yield branches of the base rollout, replayed by every other one (snow's clamp linearised at the
+    # base's F_trial: FrozenDecisions(linearise=True))
+    frozen = FrozenDecisions()
     if stage == "sim":
         with torch.no_grad():
             out = pipeline.simulate(params, frozen=frozen)
