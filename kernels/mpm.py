@@ -481,14 +481,11 @@ def snow_linearised(F_trial: wp.mat33, F_star: wp.mat33, mu: float, lam: float, 
     return G_star + wp.mat33(dG), Jp * wp.determinant(F_star) / wp.determinant(G_star) + Jp * float(dh)
 
 
-def _g2p_kernel(order: str, models: tuple, linearised: bool = False):
-    """G2P for ``models``. ``linearised``: the variant of check-grad's frozen rollouts (only ever launched untaped,
-    and only for a scene with snow): RECORD also writes each particle's F_trial into ``trials``, LINEARISE replays the
-    branches and gives snow particles their return mapping linearised at that record (snow_linearised). Otherwise
-    ``trials`` is never read (normal rollouts pay nothing)."""
-    inertia = BSPLINES[order][3]
-    gather = TRANSFERS[order][1]
-    stencil = _stencil_func(order)
+def _g2p_update_func(models: tuple, linearised: bool):
+    """Everything G2P does after its gather, for particle p with the gathered velocity ``v`` and affine field ``C``:
+    F_trial = (I + dt C) Fc F, the return mapping (and check-grad's linearised variant, ``linearised``), the seed
+    extras, x <- x + dt v held inside the interior, J_P, the validity records. Shared by the fused ``g2p`` and by
+    ``g2p_update`` (the first half of a taped G2P's split backward)."""
     _, return_mapping, branch_of = model_dispatch(models)
     maps = any(m not in ELASTIC_MODELS for m in models)
     snow = snow_code(models)
@@ -496,11 +493,12 @@ def _g2p_kernel(order: str, models: tuple, linearised: bool = False):
     mixed = len(models) > 1
     linear = linearised and hardens
 
-    @wp.kernel(module="unique")
-    def g2p(
-        # model
-        grid_lower: wp.vec3,
-        dx: float,
+    @wp.func
+    def g2p_update_particle(
+        p: int,
+        v: wp.vec3,
+        C: wp.mat33,
+        x: wp.vec3,
         dt: float,
         interior_lower: wp.vec3,
         interior_upper: wp.vec3,
@@ -509,38 +507,20 @@ def _g2p_kernel(order: str, models: tuple, linearised: bool = False):
         mu: wp.array(dtype=float),
         lam: wp.array(dtype=float),
         kappa: wp.array(dtype=wp.vec3),
-        model_code: wp.array(dtype=int),  # each particle's model: its index in the scene's models
-        # controls
+        model_code: wp.array(dtype=int),
         Fc: wp.array2d(dtype=wp.mat33),
         control: int,
-        # state in
-        x_in: wp.array(dtype=wp.vec3),
         F_in: wp.array(dtype=wp.mat33),
         Jp_in: wp.array(dtype=float),
-        grid_velocity_in: wp.array3d(dtype=wp.vec4),  # (v, 0) per node
-        # return-mapping decisions (DecisionMode, as grid_update's; plastic models only)
         decision_mode: int,
         decisions: wp.array(dtype=wp.uint8),
-        # snow's F_trial per particle, written (RECORD) or linearised at (LINEARISE): the linearised variant only
         trials: wp.array(dtype=wp.mat33),
-        # state out
         x_out: wp.array(dtype=wp.vec3),
-        v_out: wp.array(dtype=wp.vec3),
         F_out: wp.array(dtype=wp.mat33),
-        C_out: wp.array(dtype=wp.mat33),
         Jp_out: wp.array(dtype=float),
         clamped_out: wp.array(dtype=int),
         J_min_out: wp.array(dtype=float),
     ):
-        p = wp.tid()
-        inv_dx = 1.0 / dx
-        x = own_vec3(x_in, p)
-        bx, by, bz, wx, wy, wz = stencil(x, grid_lower, inv_dx, grid_velocity_in.shape[0], grid_velocity_in.shape[1],
-                                         grid_velocity_in.shape[2])
-        gathered = gather(grid_velocity_in, bx, by, bz, wx, wy, wz, x, grid_lower, dx)
-        v = gathered[0]
-        B = wp.matrix_from_rows(gathered[1], gathered[2], gathered[3])
-        C = (wp.static(inertia) * inv_dx * inv_dx) * B
         F_trial = (wp.identity(3, dtype=float) + dt * C) * controlled_F(own_mat33(F_in, p), Fc, control, p)
         F = F_trial
         Jp = own_float(Jp_in, p)
@@ -590,9 +570,7 @@ def _g2p_kernel(order: str, models: tuple, linearised: bool = False):
         if held[0] != x_new[0] or held[1] != x_new[1] or held[2] != x_new[2]:
             wp.atomic_add(clamped_out, 0, 1)
         x_out[p] = held
-        v_out[p] = v
         F_out[p] = F
-        C_out[p] = C
         Jp_out[p] = Jp  # carried unchanged by every model but snow
         J_now = wp.determinant(F)
         if wp.static(hardens):  # snow's F holds F_E: the whole F = F_E F_P has det F_E J_P (its clamp keeps det F_E > 0)
@@ -600,7 +578,147 @@ def _g2p_kernel(order: str, models: tuple, linearised: bool = False):
                 J_now = J_now * Jp
         J_min_out[p] = wp.min(J_min_out[p], J_now)  # validity record: each particle's lowest det F
 
+    return g2p_update_particle
+
+
+def _g2p_kernel(order: str, models: tuple, linearised: bool = False):
+    """G2P for ``models``. ``linearised``: the variant of check-grad's frozen rollouts (only ever launched untaped,
+    and only for a scene with snow): RECORD also writes each particle's F_trial into ``trials``, LINEARISE replays the
+    branches and gives snow particles their return mapping linearised at that record (snow_linearised). Otherwise
+    ``trials`` is never read (normal rollouts pay nothing)."""
+    inertia = BSPLINES[order][3]
+    gather = TRANSFERS[order][1]
+    stencil = _stencil_func(order)
+    update = _g2p_update_func(models, linearised)
+
+    @wp.kernel(module="unique")
+    def g2p(
+        # model
+        grid_lower: wp.vec3,
+        dx: float,
+        dt: float,
+        interior_lower: wp.vec3,
+        interior_upper: wp.vec3,
+        f_blend: float,
+        min_J: float,
+        mu: wp.array(dtype=float),
+        lam: wp.array(dtype=float),
+        kappa: wp.array(dtype=wp.vec3),
+        model_code: wp.array(dtype=int),  # each particle's model: its index in the scene's models
+        # controls
+        Fc: wp.array2d(dtype=wp.mat33),
+        control: int,
+        # state in
+        x_in: wp.array(dtype=wp.vec3),
+        F_in: wp.array(dtype=wp.mat33),
+        Jp_in: wp.array(dtype=float),
+        grid_velocity_in: wp.array3d(dtype=wp.vec4),  # (v, 0) per node
+        # return-mapping decisions (DecisionMode, as grid_update's; plastic models only)
+        decision_mode: int,
+        decisions: wp.array(dtype=wp.uint8),
+        # snow's F_trial per particle, written (RECORD) or linearised at (LINEARISE): the linearised variant only
+        trials: wp.array(dtype=wp.mat33),
+        # state out
+        x_out: wp.array(dtype=wp.vec3),
+        v_out: wp.array(dtype=wp.vec3),
+        F_out: wp.array(dtype=wp.mat33),
+        C_out: wp.array(dtype=wp.mat33),
+        Jp_out: wp.array(dtype=float),
+        clamped_out: wp.array(dtype=int),
+        J_min_out: wp.array(dtype=float),
+    ):
+        p = wp.tid()
+        inv_dx = 1.0 / dx
+        x = own_vec3(x_in, p)
+        bx, by, bz, wx, wy, wz = stencil(x, grid_lower, inv_dx, grid_velocity_in.shape[0], grid_velocity_in.shape[1],
+                                         grid_velocity_in.shape[2])
+        gathered = gather(grid_velocity_in, bx, by, bz, wx, wy, wz, x, grid_lower, dx)
+        v = gathered[0]
+        B = wp.matrix_from_rows(gathered[1], gathered[2], gathered[3])
+        C = (wp.static(inertia) * inv_dx * inv_dx) * B
+        v_out[p] = v
+        C_out[p] = C
+        update(p, v, C, x, dt, interior_lower, interior_upper, f_blend, min_J, mu, lam, kappa, model_code, Fc, control,
+               F_in, Jp_in, decision_mode, decisions, trials, x_out, F_out, Jp_out, clamped_out, J_min_out)
+
     return g2p
+
+
+# A taped G2P's backward runs as two kernels (sim/launch.py g2p), as P2G's does: ``g2p_update``'s generated adjoint
+# (everything after the gather, reading the gathered v and C from the step's output state, where the fused kernel
+# stored them) and then ``g2p_gather``'s (the gather's hand-written adjoint), joined by the output state's v and C
+# gradients. The fused ``g2p``'s generated adjoint replayed the 27-node gather to recompute v and C and held its
+# registers through the return mapping's adjoint: one block of 256 threads per SM on an H100, 12.5 % occupancy,
+# 548-588 us for 1M particles, half the backward step (ncu, BENCHMARKS.md). The forward keeps the fused kernel.
+
+
+def _g2p_update_kernel(order: str, models: tuple):
+    update = _g2p_update_func(models, False)
+
+    @wp.kernel(module="unique")
+    def g2p_update(
+        # model
+        dt: float,
+        interior_lower: wp.vec3,
+        interior_upper: wp.vec3,
+        f_blend: float,
+        min_J: float,
+        mu: wp.array(dtype=float),
+        lam: wp.array(dtype=float),
+        kappa: wp.array(dtype=wp.vec3),
+        model_code: wp.array(dtype=int),
+        # controls
+        Fc: wp.array2d(dtype=wp.mat33),
+        control: int,
+        # state in, and the gathered v and C (the output state's, stored by the fused g2p)
+        x_in: wp.array(dtype=wp.vec3),
+        F_in: wp.array(dtype=wp.mat33),
+        Jp_in: wp.array(dtype=float),
+        v_in: wp.array(dtype=wp.vec3),
+        C_in: wp.array(dtype=wp.mat33),
+        # return-mapping decisions (as g2p's)
+        decision_mode: int,
+        decisions: wp.array(dtype=wp.uint8),
+        trials: wp.array(dtype=wp.mat33),
+        # state out (but v and C)
+        x_out: wp.array(dtype=wp.vec3),
+        F_out: wp.array(dtype=wp.mat33),
+        Jp_out: wp.array(dtype=float),
+        clamped_out: wp.array(dtype=int),
+        J_min_out: wp.array(dtype=float),
+    ):
+        p = wp.tid()
+        update(p, own_vec3(v_in, p), own_mat33(C_in, p), own_vec3(x_in, p), dt, interior_lower, interior_upper,
+               f_blend, min_J, mu, lam, kappa, model_code, Fc, control, F_in, Jp_in, decision_mode, decisions, trials,
+               x_out, F_out, Jp_out, clamped_out, J_min_out)
+
+    return g2p_update
+
+
+def _g2p_gather_kernel(order: str):
+    inertia = BSPLINES[order][3]
+    gather = TRANSFERS[order][1]
+    stencil = _stencil_func(order)
+
+    @wp.kernel(module="unique")
+    def g2p_gather(
+        grid_lower: wp.vec3,
+        dx: float,
+        x_in: wp.array(dtype=wp.vec3),
+        grid_velocity_in: wp.array3d(dtype=wp.vec4),  # (v, 0) per node
+        v_out: wp.array(dtype=wp.vec3),
+        C_out: wp.array(dtype=wp.mat33),
+    ):
+        p = wp.tid()
+        inv_dx = 1.0 / dx
+        x = own_vec3(x_in, p)
+        bx, by, bz, wx, wy, wz = stencil(x, grid_lower, inv_dx, grid_velocity_in.shape[0], grid_velocity_in.shape[1],
+                                         grid_velocity_in.shape[2])
+        gathered = gather(grid_velocity_in, bx, by, bz, wx, wy, wz, x, grid_lower, dx)
+        v_out[p] = gathered[0]
+        C_out[p] = (wp.static(inertia) * inv_dx * inv_dx) * wp.matrix_from_rows(gathered[1], gathered[2], gathered[3])
+
+    return g2p_gather
 
 
 # kernels per B-spline order and tuple of models
@@ -631,5 +749,10 @@ def p2g_affine(order: str, models):
     return _cached(_p2g_affine_kernel, order, _models(models))
 
 
+def g2p_update(order: str, models):
+    return _cached(_g2p_update_kernel, order, _models(models))
+
+
+g2p_gather = {order: _g2p_gather_kernel(order) for order in BSPLINES}
 p2g_mass = {order: _p2g_mass_kernel(order) for order in BSPLINES}
 p2g_transfer = {order: _p2g_transfer_kernel(order) for order in BSPLINES}

@@ -142,7 +142,7 @@ def particle_box(model: MPMModel, state_in: MPMState, grid: MPMGrid, *, device: 
 
 def g2p(model: MPMModel, state_in: MPMState, grid: MPMGrid, state_out: MPMState, *, mu, lam, kappa, Fc,
         control: int, clamped, J_min, device: str, mode: DecisionMode = DecisionMode.DECIDE,
-        decisions=None, model_code=None, trials=None) -> None:
+        decisions=None, model_code=None, trials=None, tape=None) -> None:
     """Gather v and C from the grid, update F (then the material's return mapping, which reads mu, lam, kappa as
     ``p2g`` does), J_P (snow; the others copy it) and x into ``state_out``; count wall clamps into ``clamped`` [1]
     and lower each particle's lowest det F in ``J_min`` [N] (validity records, not differentiated). ``mode`` RECORD
@@ -153,7 +153,12 @@ def g2p(model: MPMModel, state_in: MPMState, grid: MPMGrid, state_out: MPMState,
     ``trials`` (mat33 [N], a scene with snow; check-grad's frozen rollouts): RECORD also writes each particle's F_trial
     there, and LINEARISE (which needs it) replays the branches with snow's return mapping linearised at it
     (kernels/mpm.py snow_linearised), through G2P's linearised variant. Rollouts launch LINEARISE untaped: their
-    backward replays (REPLAY) the true map."""
+    backward replays (REPLAY) the true map.
+
+    ``tape``: the ``wp.Tape`` recording this launch: its backward then runs as two kernels, as P2G's does, the
+    generated adjoint of everything after the gather (reading the gathered v and C from ``state_out``) and then the
+    gather's hand-written one (kernels/mpm.py g2p_update, g2p_gather), instead of the fused kernel's generated adjoint.
+    A tape that records the launch itself (no ``tape`` given) differentiates the fused kernel: the same gradient."""
     wp = warp()
     from ..kernels import mpm
 
@@ -165,11 +170,34 @@ def g2p(model: MPMModel, state_in: MPMState, grid: MPMGrid, state_out: MPMState,
         raise ValueError("a scene of several models needs each particle's model code")
     g, k = model.grid, model.kernel_constants
     linearised = trials is not None and mode in (DecisionMode.RECORD, DecisionMode.LINEARISE)
-    wp.launch(mpm.g2p(model.bspline, model.models, linearised), dim=state_in.x.shape[0], device=device, inputs=[
-        k.lower, g.dx, model.dt, k.interior_lower, k.interior_upper, model.f_blend,
-        model.min_J, mu, lam, kappa, model_code if model_code is not None else _no_codes(device),
-        Fc, control,
-        state_in.x, state_in.F, state_in.Jp, grid.velocity4,
-        int(mode), decisions if decisions is not None else _no_decisions(device, 1),
-        trials if linearised else _no_trials(device),
-    ], outputs=[state_out.x, state_out.v, state_out.F, state_out.C, state_out.Jp, clamped, J_min])
+    split = tape is not None and not linearised
+    n = state_in.x.shape[0]
+    codes = model_code if model_code is not None else _no_codes(device)
+    branches = [int(mode), decisions if decisions is not None else _no_decisions(device, 1),
+                trials if linearised else _no_trials(device)]
+    material = [model.f_blend, model.min_J, mu, lam, kappa, codes, Fc, control]
+    wp.launch(mpm.g2p(model.bspline, model.models, linearised), dim=n, device=device, inputs=[
+        k.lower, g.dx, model.dt, k.interior_lower, k.interior_upper, *material,
+        state_in.x, state_in.F, state_in.Jp, grid.velocity4, *branches,
+    ], outputs=[state_out.x, state_out.v, state_out.F, state_out.C, state_out.Jp, clamped, J_min],
+        record_tape=not split)
+    if not split:
+        return
+    update_inputs = [model.dt, k.interior_lower, k.interior_upper, *material,
+                     state_in.x, state_in.F, state_in.Jp, state_out.v, state_out.C, *branches]
+    update_outputs = [state_out.x, state_out.F, state_out.Jp, clamped, J_min]
+    gather_inputs = [k.lower, g.dx, state_in.x, grid.velocity4]
+
+    def backward():
+        adjoints = lambda arrays: [tape.get_adjoint(a) for a in arrays]  # noqa: E731
+        # v and C: their gradient from later steps, plus what x, F and the return mapping add (g2p_update's adjoint
+        # adds into the same arrays), is the gradient the gather's adjoint takes
+        wp.launch(mpm.g2p_update(model.bspline, model.models), dim=n, device=device, inputs=update_inputs,
+                  outputs=update_outputs, adj_inputs=adjoints(update_inputs), adj_outputs=adjoints(update_outputs),
+                  adjoint=True, record_tape=False)
+        gather_outputs = [state_out.v, state_out.C]
+        wp.launch(mpm.g2p_gather[model.bspline], dim=n, device=device, inputs=gather_inputs, outputs=gather_outputs,
+                  adj_inputs=adjoints(gather_inputs), adj_outputs=adjoints(gather_outputs), adjoint=True,
+                  record_tape=False)
+
+    tape.record_func(backward, arrays=[state_out.x, state_out.v, state_out.F, state_out.C, state_out.Jp])

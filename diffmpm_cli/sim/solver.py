@@ -197,8 +197,9 @@ class Simulator:
         mu, lam: [N] float arrays, kappa: [N] vec3 array, the material (``launch.p2g``).
 
         ``taped=False`` (no tape recording) allows the tiled P2G. ``tape``: the tape recording this step, when the
-        caller wants P2G's split backward (``launch.p2g``; taped_segment does). ``clamped`` / ``J_min``: where the
-        step counts wall clamps and lowers each particle's lowest det F (default: the simulator's own records).
+        caller wants P2G's and G2P's split backwards (``launch.p2g``, ``launch.g2p``; taped_segment does).
+        ``clamped`` / ``J_min``: where the step counts wall clamps and lowers each particle's lowest det F (default:
+        the simulator's own records).
         ``decision_mode`` / ``decisions``: the branch decisions of the grid update and (plastic models) of the
         return mapping, recorded into or replayed from one row of a ``DecisionBlock`` (``StepDecisions``); LINEARISE
         replays them with snow's return mapping linearised at the row's recorded F_trial (RECORD writes it where the
@@ -223,7 +224,8 @@ class Simulator:
                    clamped=clamped if clamped is not None else self.clamped,
                    J_min=J_min if J_min is not None else self.J_min, mode=particle_mode,
                    decisions=decisions.particles if decisions is not None and self.plastic else None,
-                   trials=trials if particle_mode in (DecisionMode.RECORD, DecisionMode.LINEARISE) else None)
+                   trials=trials if particle_mode in (DecisionMode.RECORD, DecisionMode.LINEARISE) else None,
+                   tape=tape)
 
 
 @dataclass
