@@ -142,11 +142,12 @@ class _Project(torch.autograd.Function):
         radii = torch.empty(C, N, 2, device=device, dtype=torch.int32)
         opacities_c = torch.empty(C, N, device=device)  # per camera (scaled in "antialiased" mode)
         outputs = (means2d, conics, depths, radii, opacities_c)
+        # the Warp views of the saved tensors, built once: the backward launches with them again (an eager render
+        # is host-bound, BENCHMARKS.md, and each view costs a from_torch)
+        ctx.arguments = _project_arguments(settings, *inputs, *outputs)
         if N:
             with torch_stream(device):
-                launch(splat.project, dim=(C, N), device=warp_device(device),
-                       **_project_arguments(settings, *inputs, *outputs))
-        ctx.settings = settings
+                launch(splat.project, dim=(C, N), device=warp_device(device), **ctx.arguments)
         ctx.save_for_backward(*inputs, *outputs)
         ctx.mark_non_differentiable(radii)
         return outputs
@@ -155,8 +156,7 @@ class _Project(torch.autograd.Function):
     def backward(ctx, v_means2d, v_conics, v_depths, _v_radii, v_opacities_c):
         from ..kernels import splat
 
-        saved = ctx.saved_tensors
-        means, covars, opacities, viewmats = saved[:4]
+        means, covars, opacities, viewmats = ctx.saved_tensors[:4]  # (torch's checks: none changed in place)
         C, N = viewmats.shape[0], means.shape[0]
         v_means = torch.zeros_like(means)
         v_covars = torch.zeros_like(covars)
@@ -171,7 +171,7 @@ class _Project(torch.autograd.Function):
                                     conics=_wrap(v_conics.double().contiguous(), wp.vec3d),
                                     depths=_wrap(v_depths.float().contiguous()),
                                     opacities_out=_wrap(v_opacities_c.float().contiguous())),
-                       **_project_arguments(ctx.settings, *saved))
+                       **ctx.arguments)
             v_covars = 0.5 * (v_covars + v_covars.transpose(1, 2))  # covariances are symmetric (as gsplat)
         return v_means, v_covars, v_opacities, None, None, None
 
@@ -304,6 +304,10 @@ class _Composite(torch.autograd.Function):
         ctx.shape = (C, N, D)
         ctx.save_for_backward(means2d, footprints, radii, colors, opacities, depths, backgrounds, gaussian_ids,
                               tile_starts, tile_ends, T_final, last)
+        # the structs and views the backward launches with, built once (as _Project's)
+        ctx.views = dict(proj=proj, raster=raster, T_final=_wrap(T_final), last=_wrap(last),
+                         footprints=_wrap(footprints, wp.vec4 if settings.path == "block" else wp.vec3d),
+                         radii=_wrap(radii, wp.vec2i))
         return image[:, :channels].reshape(C, H, W, channels), alpha.reshape(C, H, W, 1)
 
     @staticmethod
@@ -311,8 +315,8 @@ class _Composite(torch.autograd.Function):
         wp = warp()
         from ..kernels import raster_block, splat
 
-        (means2d, footprints, radii, colors, opacities, depths, backgrounds, gaussian_ids, tile_starts, tile_ends,
-         T_final, last) = ctx.saved_tensors
+        means2d = ctx.saved_tensors[0]  # (torch's checks: none of the saved tensors changed in place)
+        views = ctx.views
         settings = ctx.settings
         C, N, D = ctx.shape
         W, H = settings.width, settings.height
@@ -327,16 +331,15 @@ class _Composite(torch.autograd.Function):
         v_alpha = v_alpha.reshape(-1).float().contiguous()
         v_colors = torch.zeros(C * N, max(D, 1), device=device)
         v_backgrounds = torch.zeros(C, max(D, 1), device=device)
-        proj = _projected(means2d, colors, opacities, depths)
-        raster = _raster(settings, backgrounds, gaussian_ids, tile_starts, tile_ends, D)
-        cotangents = dict(T_final=_wrap(T_final), last=_wrap(last), v_image=_wrap(v_image), v_alpha_out=_wrap(v_alpha),
-                          v_backgrounds=_wrap(v_backgrounds))
+        proj, raster = views["proj"], views["raster"]
+        cotangents = dict(T_final=views["T_final"], last=views["last"], v_image=_wrap(v_image),
+                          v_alpha_out=_wrap(v_alpha), v_backgrounds=_wrap(v_backgrounds))
         with torch_stream(device):
             if settings.path == "block":
                 slots = torch.zeros(C * N, raster_block.SLOTS, device=device)
                 with cpu_blocks(wdev):
                     launch(raster_block.rasterize_backward_block, dim=C * tiles_y * tiles_x, block_dim=BLOCK,
-                           device=wdev, proj=proj, axes=_wrap(footprints, wp.vec4), raster=raster, **cotangents,
+                           device=wdev, proj=proj, axes=views["footprints"], raster=raster, **cotangents,
                            v_slots=_wrap(slots.reshape(-1)), v_colors_rest=_wrap(v_colors.reshape(-1)))
                 kept = min(D, 4)
                 v_colors[:, :kept] = slots[:, :kept]
@@ -349,7 +352,7 @@ class _Composite(torch.autograd.Function):
                 v_opacities = torch.zeros(C * N, device=device)
                 scratch = [_wrap(torch.zeros(C * H * W, device=device)) for _ in range(3)]
                 launch(splat.rasterize_backward_tiles, dim=(C, tiles_y, tiles_x), device=wdev, proj=proj,
-                       conics=_wrap(footprints, wp.vec3d), radii=_wrap(radii, wp.vec2i), raster=raster, **cotangents,
+                       conics=views["footprints"], radii=views["radii"], raster=raster, **cotangents,
                        T_scratch=scratch[0], behind_scratch=scratch[1], bg_scratch=scratch[2],
                        v_means2d=_wrap(v_means2d, wp.vec2), v_conics=_wrap(v_conics, wp.vec3d),
                        v_colors=_wrap(v_colors), v_opacities=_wrap(v_opacities), v_depths=_wrap(v_depths))
