@@ -304,10 +304,7 @@ class _Composite(torch.autograd.Function):
         ctx.shape = (C, N, D)
         ctx.save_for_backward(means2d, footprints, radii, colors, opacities, depths, backgrounds, gaussian_ids,
                               tile_starts, tile_ends, T_final, last)
-        # the structs and views the backward launches with, built once (as _Project's)
-        ctx.views = dict(proj=proj, raster=raster, T_final=_wrap(T_final), last=_wrap(last),
-                         footprints=_wrap(footprints, wp.vec4 if settings.path == "block" else wp.vec3d),
-                         radii=_wrap(radii, wp.vec2i))
+        ctx.structs = (proj, raster)  # the backward launches with them again, not rebuilt (as _Project's views)
         return image[:, :channels].reshape(C, H, W, channels), alpha.reshape(C, H, W, 1)
 
     @staticmethod
@@ -315,8 +312,8 @@ class _Composite(torch.autograd.Function):
         wp = warp()
         from ..kernels import raster_block, splat
 
-        means2d = ctx.saved_tensors[0]  # (torch's checks: none of the saved tensors changed in place)
-        views = ctx.views
+        (means2d, footprints, radii, _, _, _, _, _, _, _, T_final, last) = ctx.saved_tensors
+        proj, raster = ctx.structs
         settings = ctx.settings
         C, N, D = ctx.shape
         W, H = settings.width, settings.height
@@ -331,15 +328,14 @@ class _Composite(torch.autograd.Function):
         v_alpha = v_alpha.reshape(-1).float().contiguous()
         v_colors = torch.zeros(C * N, max(D, 1), device=device)
         v_backgrounds = torch.zeros(C, max(D, 1), device=device)
-        proj, raster = views["proj"], views["raster"]
-        cotangents = dict(T_final=views["T_final"], last=views["last"], v_image=_wrap(v_image),
-                          v_alpha_out=_wrap(v_alpha), v_backgrounds=_wrap(v_backgrounds))
+        cotangents = dict(T_final=_wrap(T_final), last=_wrap(last), v_image=_wrap(v_image), v_alpha_out=_wrap(v_alpha),
+                          v_backgrounds=_wrap(v_backgrounds))
         with torch_stream(device):
             if settings.path == "block":
                 slots = torch.zeros(C * N, raster_block.SLOTS, device=device)
                 with cpu_blocks(wdev):
                     launch(raster_block.rasterize_backward_block, dim=C * tiles_y * tiles_x, block_dim=BLOCK,
-                           device=wdev, proj=proj, axes=views["footprints"], raster=raster, **cotangents,
+                           device=wdev, proj=proj, axes=_wrap(footprints, wp.vec4), raster=raster, **cotangents,
                            v_slots=_wrap(slots.reshape(-1)), v_colors_rest=_wrap(v_colors.reshape(-1)))
                 kept = min(D, 4)
                 v_colors[:, :kept] = slots[:, :kept]
@@ -352,7 +348,7 @@ class _Composite(torch.autograd.Function):
                 v_opacities = torch.zeros(C * N, device=device)
                 scratch = [_wrap(torch.zeros(C * H * W, device=device)) for _ in range(3)]
                 launch(splat.rasterize_backward_tiles, dim=(C, tiles_y, tiles_x), device=wdev, proj=proj,
-                       conics=views["footprints"], radii=views["radii"], raster=raster, **cotangents,
+                       conics=_wrap(footprints, wp.vec3d), radii=_wrap(radii, wp.vec2i), raster=raster, **cotangents,
                        T_scratch=scratch[0], behind_scratch=scratch[1], bg_scratch=scratch[2],
                        v_means2d=_wrap(v_means2d, wp.vec2), v_conics=_wrap(v_conics, wp.vec3d),
                        v_colors=_wrap(v_colors), v_opacities=_wrap(v_opacities), v_depths=_wrap(v_depths))
