@@ -51,7 +51,7 @@ class Material(StrEnum):
     @property
     def learnable_parameters(self) -> tuple[str, ...]:
         """Those of ``parameters`` that are learnable (learn.<key>, target.truth.<key>); snow's critical
-        compression and stretch and bingham's flow index are scene constants."""
+        compression and stretch, bingham's flow index and drucker_prager's cohesion are scene constants."""
         return tuple(name for name in self.parameters if name in LEARNABLE_MODEL_PARAMETERS)
 
     @property
@@ -64,7 +64,7 @@ class Material(StrEnum):
 # per model: its parameters beside E and nu, in the order of the kernels' parameter vector (kappa[0], [1], [2])
 MODEL_PARAMETERS = {
     "von_mises": ("yield_stress",),
-    "drucker_prager": ("friction_angle",),
+    "drucker_prager": ("friction_angle", "cohesion"),  # cohesion c [Pa]: the kernels get a = c cot(phi) (kappa[1])
     "newtonian_fluid": ("viscosity",),
     "snow": ("hardening", "critical_compression", "critical_stretch"),
     "bingham": ("yield_stress", "viscosity", "flow_index"),  # viscosity: the consistency K [Pa s^N] when N != 1

@@ -1,14 +1,15 @@
 """Constitutive models of the MLS-MPM step (kernels/mpm.py builds its kernels per model from ``MATERIALS``).
 
-Per model: the Kirchhoff stress tau(F, C; mu, lam, kappa) that P2G scatters, the return mapping Z that G2P applies to
-F+ = (I + dt C) F~ (the identity for elastic models), and the function deciding Z's branch (recorded per particle and
-replayed in the backward, sim/solver.py). The kernels pass each particle's model parameters as one vec3 (sim/op.py
-material_kappa); the scalar models' functions (``MATERIALS``) take its first component as ``kappa``, snow's and
-Bingham's the vector (``KERNEL_MODELS`` holds every model in the kernels' signature). Hand-written adjoints
-(``wp.func_grad``) where Warp's generated ones fail: the polar rotation and the spectral maps, whose wp.svd3 adjoint
-divides by s_i^2 - s_j^2. The models live in kernels/elastic.py (fixed-corotated, neo-Hookean, the polar rotation),
-kernels/plastic.py (the spectral maps on Hencky strain: von Mises, Drucker-Prager) and kernels/viscoplastic.py (snow,
-Bingham, Herschel-Bulkley); this module holds the fluid, the per-model tables and the dispatch over a scene's models.
+Per model: the Kirchhoff stress tau(F, C; mu, lam, kappa) that P2G scatters, the return mapping Z that G2P applies
+to F+ = (I + dt C) F~ (the identity for elastic models), and the function deciding Z's branch (recorded per particle
+and replayed in the backward, sim/solver.py). The kernels pass each particle's model parameters as one vec3
+(sim/op.py material_kappa); the scalar models' functions (``MATERIALS``) take its first component as ``kappa``;
+snow's, Bingham's and Drucker-Prager's (its cohesive apex: k[1]) take the vector (``KERNEL_MODELS`` holds every
+model in the kernels' signature). Hand-written adjoints (``wp.func_grad``) where Warp's generated ones fail: the
+polar rotation and the spectral maps, whose wp.svd3 adjoint divides by s_i^2 - s_j^2. The models live in
+kernels/elastic.py (fixed-corotated, neo-Hookean, the polar rotation), kernels/plastic.py (the spectral maps on
+Hencky strain: von Mises, Drucker-Prager) and kernels/viscoplastic.py (snow, Bingham, Herschel-Bulkley); this module
+holds the fluid, the per-model tables and the dispatch over a scene's models.
 """
 
 import warp as wp
@@ -20,7 +21,9 @@ from .plastic import (  # noqa: F401 (re-exported: tests and kernels/mpm.py read
     TENSION,
     YIELD,
     drucker_prager_branch,
+    drucker_prager_branch_k,
     drucker_prager_F,
+    drucker_prager_F_k,
     hencky_P,
     spectral_adjoint,
     von_mises_branch,
@@ -122,7 +125,10 @@ def _vector_model(stress, mapping, branch):
 # per model, in the kernels' signature (stress(F, C, mu, lam, k, J_P), mapping(F, mu, lam, k, dt, branch),
 # branch(F, mu, lam, k); k: the particle's parameter vector, sim/op.py material_kappa)
 KERNEL_MODELS = {
-    **{material: _vector_model(*funcs) for material, funcs in MATERIALS.items()},
+    **{material: _vector_model(*funcs) for material, funcs in MATERIALS.items() if material != Material.DRUCKER_PRAGER},
+    # k = (alpha, a = c cot phi [Pa], -): the cohesive apex (kernels/plastic.py; MATERIALS' scalar form has a = 0)
+    Material.DRUCKER_PRAGER: (_vector_model(*MATERIALS[Material.DRUCKER_PRAGER])[0], drucker_prager_F_k,
+                              drucker_prager_branch_k),
     Material.SNOW: (snow_stress, snow_F, snow_branch),
     Material.BINGHAM: (bingham_stress, bingham_hb_F, bingham_branch),
 }

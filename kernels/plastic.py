@@ -12,7 +12,8 @@ from .elastic import POLAR_EPS
 # by hand (spectral_adjoint): wp.svd3's own adjoint divides by s_i^2 - s_j^2, which is 0 at rest (F = I) where every
 # particle starts. The model's third material parameter ``kappa`` is the yield stress tau_Y [Pa] (von_mises), the
 # Drucker-Prager coefficient alpha (drucker_prager; alpha = sqrt(2/3) 2 sin(phi) / (3 - sin(phi)) of the friction
-# angle phi, made on the host) or the dynamic viscosity eta [Pa s] (newtonian_fluid).
+# angle phi, made on the host; the vector form's k[1] is the apex a = c cot(phi) of the cohesion c) or the dynamic
+# viscosity eta [Pa s] (newtonian_fluid).
 
 # return-mapping branches (one byte per particle and step when recorded, like the grid update's decisions)
 ELASTIC = wp.constant(0)
@@ -195,63 +196,106 @@ def adj_von_mises_F(F: wp.mat33, mu: float, lam: float, kappa: float, branch: in
         wp.adjoint[F] += adj_ret
 
 
+# Drucker-Prager's parameter vector k: k[0] = alpha (of the friction angle phi), k[1] = a = c cot(phi) [Pa], the mean
+# Kirchhoff stress of the cone's apex (Mohr-Coulomb cohesion c moves it into tension; sim/op.py material_kappa). In
+# strain terms the apex is the hydrostatic log strain s per axis with (2 mu + 3 lam) s = a; tr' = tr eps - 3 s. At
+# c = 0, s = 0 and every line below is the cohesionless model's, bit for bit.
+
+
 @wp.func
-def drucker_prager_branch(F: wp.mat33, mu: float, lam: float, kappa: float):
-    """TENSION where tr eps >= 0; else YIELD where dgamma = |e| + beta alpha tr eps > 0 (beta = 1 + 3 lam / (2 mu));
-    else ELASTIC."""
+def drucker_prager_apex(mu: float, lam: float, k: wp.vec3):
+    """The apex's hydrostatic log strain per axis s = a / (2 mu + 3 lam) (a = k[1] = c cot phi [Pa])."""
+    return k[1] / (2.0 * mu + 3.0 * lam)
+
+
+@wp.func
+def drucker_prager_branch_k(F: wp.mat33, mu: float, lam: float, k: wp.vec3):
+    """TENSION where tr' = tr eps - 3 s >= 0 (beyond the apex); else YIELD where dgamma = |e| + beta alpha tr' > 0
+    (beta = 1 + 3 lam / (2 mu), alpha = k[0]); else ELASTIC."""
     tr, n = deviatoric_log_strain(F)
+    trs = tr - 3.0 * drucker_prager_apex(mu, lam, k)
     out = ELASTIC
-    if tr >= 0.0:
+    if trs >= 0.0:
         out = TENSION
-    elif n + (1.0 + 1.5 * lam / mu) * kappa * tr > 0.0:
+    elif n + (1.0 + 1.5 * lam / mu) * k[0] * trs > 0.0:
         out = YIELD
     return out
 
 
 @wp.func
-def drucker_prager_F(F: wp.mat33, mu: float, lam: float, kappa: float, branch: int):
-    """Return mapping of Drucker-Prager sand in Hencky strain (Klar et al. 2016, no hardening; kappa = alpha) along
-    ``branch`` (drucker_prager_branch, or a recorded one): TENSION -> U V^T (stress-free); YIELD ->
-    U exp(tr eps / 3 - beta alpha tr eps e / |e|) V^T (onto the cone); ELASTIC -> F."""
+def drucker_prager_F_k(F: wp.mat33, mu: float, lam: float, k: wp.vec3, dt: float, branch: int):
+    """Return mapping of Drucker-Prager sand in Hencky strain (Klar et al. 2016, no hardening; k = (alpha, a, -),
+    a = c cot phi the apex's mean stress [Pa]) along ``branch`` (drucker_prager_branch_k, or a recorded one):
+    TENSION -> e^s U V^T (the apex); YIELD -> U exp(tr eps / 3 - beta alpha tr' e / |e|) V^T (onto the cone, trace
+    kept); ELASTIC -> F. dt is unused (the kernels' signature)."""
     U, s, V, tr, e, n = hencky_spectrum(F)
     beta = 1.0 + 1.5 * lam / mu
+    apex = drucker_prager_apex(mu, lam, k)
+    trs = tr - 3.0 * apex
     out = F
     if branch == TENSION:
-        out = U * wp.transpose(V)
+        out = wp.exp(apex) * (U * wp.transpose(V))
     elif branch == YIELD:
-        h = wp.vec3(tr / 3.0) - (beta * kappa * tr / wp.max(n, NORM_MIN)) * e
+        h = wp.vec3(tr / 3.0) - (beta * k[0] * trs / wp.max(n, NORM_MIN)) * e
         out = spectral_compose(U, wp.vec3(wp.exp(h[0]), wp.exp(h[1]), wp.exp(h[2])), V)
     return out
 
 
-@wp.func_grad(drucker_prager_F)
-def adj_drucker_prager_F(F: wp.mat33, mu: float, lam: float, kappa: float, branch: int, adj_ret: wp.mat33):
-    """Along the forward's branch: tension -> the polar rotation's adjoint (g = 1); yield -> with c = -beta alpha tr,
-    h = tr / 3 1 + c e_hat, dh/deps = 11^T / 3 - beta alpha e_hat 1^T + (c / n)(I - 11^T / 3 - e_hat e_hat^T),
-    dg/dc = g * e_hat, dc/dalpha = -beta tr, dc/dlam = -1.5 alpha tr / mu, dc/dmu = 1.5 alpha tr lam / mu^2;
-    elastic -> the identity."""
+@wp.func_grad(drucker_prager_F_k)
+def adj_drucker_prager_F_k(F: wp.mat33, mu: float, lam: float, k: wp.vec3, dt: float, branch: int,
+                           adj_ret: wp.mat33):
+    """Along the forward's branch: tension -> G = g U V^T with g = e^s: g times the polar rotation's adjoint, and
+    adj s = g <adj_G, U V^T>; yield -> with c = -beta alpha tr' (tr' = tr - 3 s), h = tr / 3 1 + c e_hat,
+    dh/deps = 11^T / 3 - beta alpha e_hat 1^T + (c / n)(I - 11^T / 3 - e_hat e_hat^T), dg/dc = g * e_hat,
+    dc/dalpha = -beta tr', dc/dlam = -1.5 alpha tr' / mu, dc/dmu = 1.5 alpha tr' lam / mu^2, dc/ds = 3 beta alpha;
+    elastic -> the identity. Then s = a / (2 mu + 3 lam): ds/da = 1 / (2 mu + 3 lam), ds/dmu = -2 s / (2 mu + 3 lam),
+    ds/dlam = -3 s / (2 mu + 3 lam)."""
     U, s, V, tr, e, n = hencky_spectrum(F)
     beta = 1.0 + 1.5 * lam / mu
+    alpha = k[0]
+    apex = drucker_prager_apex(mu, lam, k)
+    trs = tr - 3.0 * apex
+    adj_apex = float(0.0)
     if branch == TENSION:
-        F_bar, b = spectral_adjoint(U, s, V, wp.vec3(1.0), wp.mat33(0.0), adj_ret)
+        g_apex = wp.exp(apex)
+        F_bar, b = spectral_adjoint(U, s, V, wp.vec3(g_apex), wp.mat33(0.0), adj_ret)
         wp.adjoint[F] += F_bar
+        adj_apex = g_apex * (b[0] + b[1] + b[2])  # <adj_G, U V^T> = tr(U^T adj_G V)
     elif branch == YIELD:
         n = wp.max(n, NORM_MIN)
         eh = e / n
-        c = -beta * kappa * tr
+        c = -beta * alpha * trs
         h = wp.vec3(tr / 3.0) + c * eh
         g = wp.vec3(wp.exp(h[0]), wp.exp(h[1]), wp.exp(h[2]))
         ds = inv_clamped(s)
         third = wp.mat33(1.0 / 3.0, 1.0 / 3.0, 1.0 / 3.0, 1.0 / 3.0, 1.0 / 3.0, 1.0 / 3.0, 1.0 / 3.0, 1.0 / 3.0,
                          1.0 / 3.0)
-        dh = third - (beta * kappa) * wp.outer(eh, wp.vec3(1.0)) + (c / n) * (
+        dh = third - (beta * alpha) * wp.outer(eh, wp.vec3(1.0)) + (c / n) * (
             wp.identity(3, dtype=float) - third - wp.outer(eh, eh))
         Jg = wp.diag(g) * dh * wp.diag(ds)
         F_bar, b = spectral_adjoint(U, s, V, g, Jg, adj_ret)
         wp.adjoint[F] += F_bar
         dg_dc = wp.dot(b, wp.cw_mul(g, eh))
-        wp.adjoint[kappa] += -dg_dc * beta * tr
-        wp.adjoint[lam] += -dg_dc * 1.5 * kappa * tr / mu
-        wp.adjoint[mu] += dg_dc * 1.5 * kappa * tr * lam / (mu * mu)
+        wp.adjoint[k] += wp.vec3(-dg_dc * beta * trs, 0.0, 0.0)
+        wp.adjoint[lam] += -dg_dc * 1.5 * alpha * trs / mu
+        wp.adjoint[mu] += dg_dc * 1.5 * alpha * trs * lam / (mu * mu)
+        adj_apex = dg_dc * 3.0 * beta * alpha
     else:
         wp.adjoint[F] += adj_ret
+    modulus = 2.0 * mu + 3.0 * lam
+    wp.adjoint[k] += wp.vec3(0.0, adj_apex / modulus, 0.0)
+    wp.adjoint[mu] += -2.0 * adj_apex * apex / modulus
+    wp.adjoint[lam] += -3.0 * adj_apex * apex / modulus
+
+
+@wp.func
+def drucker_prager_branch(F: wp.mat33, mu: float, lam: float, kappa: float):
+    """drucker_prager_branch_k without cohesion (kappa = alpha, the apex at 0)."""
+    return drucker_prager_branch_k(F, mu, lam, wp.vec3(kappa, 0.0, 0.0))
+
+
+@wp.func
+def drucker_prager_F(F: wp.mat33, mu: float, lam: float, kappa: float, branch: int):
+    """drucker_prager_F_k without cohesion (kappa = alpha, the apex at 0; its adjoint runs through
+    adj_drucker_prager_F_k)."""
+    return drucker_prager_F_k(F, mu, lam, wp.vec3(kappa, 0.0, 0.0), 0.0, branch)

@@ -134,10 +134,10 @@ def _check_grid_numbers(scene: Scene) -> None:
 
 
 # every model's parameters beside E and nu (enums.MODEL_PARAMETERS); the learnable ones have learn.<key> and truths
-EXTRA_MATERIAL_PARAMETERS = ("yield_stress", "friction_angle", "viscosity", "hardening", "critical_compression",
-                             "critical_stretch", "flow_index")
+EXTRA_MATERIAL_PARAMETERS = ("yield_stress", "friction_angle", "cohesion", "viscosity", "hardening",
+                             "critical_compression", "critical_stretch", "flow_index")
 # parameters with a default (schema): another model's is refused only where it differs from the default
-DEFAULTED_PARAMETERS = {"flow_index": 1.0}
+DEFAULTED_PARAMETERS = {"flow_index": 1.0, "cohesion": 0.0}
 LEARNABLE_MATERIAL_PARAMETERS = ("yield_stress", "friction_angle", "viscosity", "hardening")
 
 

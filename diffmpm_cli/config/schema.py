@@ -297,6 +297,8 @@ class MaterialRegion(Section):
     yield_stress: Positive | None = Field(None, description="von_mises, bingham [Pa]; null = material.yield_stress")
     friction_angle: FrictionAngle | None = Field(
         None, description="drucker_prager [degrees]; null = material.friction_angle")
+    cohesion: Annotated[float, Field(ge=0.0)] | None = Field(
+        None, description="drucker_prager [Pa], >= 0; null = material.cohesion")
     viscosity: Positive | None = Field(
         None, description="newtonian_fluid, bingham [Pa s] (bingham with flow_index N != 1: [Pa s^N]); null = "
         "material.viscosity")
@@ -330,6 +332,10 @@ class MaterialConfig(Section):
     friction_angle: FrictionAngle | None = Field(
         None, description="drucker_prager: friction angle [degrees], in (0, 90)"
     )
+    cohesion: Annotated[float, Field(ge=0.0)] = Field(
+        0.0, description="drucker_prager: Mohr-Coulomb cohesion c [Pa], >= 0: the cone's apex moves into tension, to a "
+        "mean stress c cot(friction_angle), so the sand holds that much tension and shear at zero pressure; 0 = "
+        "cohesionless sand (Klar et al. 2016); a scene constant (not learnable); other models: leave 0")
     viscosity: Positive | None = Field(
         None, description="newtonian_fluid: dynamic viscosity [Pa s]; E and nu set its bulk modulus E / (3 (1 - 2 nu)); "
         "bingham: the plastic viscosity [Pa s] of its flow above yield (deviatoric stress tau_Y + eta gamma_dot), "

@@ -160,10 +160,11 @@ def snow_linearised_ref(F: torch.Tensor, F_star: torch.Tensor, kappa: torch.Tens
 
 def return_mapping_ref(F: torch.Tensor, mu: torch.Tensor, lam: torch.Tensor, kappa: torch.Tensor,
                        model: str, *, dt: float | None = None) -> torch.Tensor:
-    """The projection kernels/mpm.py applies to F+ after G2P (elastic models: none). von_mises (kappa = yield
-    stress), drucker_prager (kappa = alpha), newtonian_fluid (F <- J^(1/3) I), snow (snow_ref), bingham (kappa =
-    yield stress, viscosity or consistency K, flow index N: Bingham's closed form where N = 1, herschel_bulkley_ref
-    elsewhere; needs dt); branches by torch.where. kappa: [N] or the parameter vectors [N, 3]."""
+    """The projection kernels/mpm.py applies to F+ after G2P (elastic models: none). von_mises (kappa = yield stress),
+    drucker_prager (kappa = alpha, or (alpha, apex a = c cot phi [Pa], -)), newtonian_fluid (F <- J^(1/3) I), snow
+    (snow_ref), bingham (kappa = yield stress, viscosity or consistency K, flow index N: Bingham's closed form where
+    N = 1, herschel_bulkley_ref elsewhere; needs dt); branches by torch.where. kappa: [N] or the parameter vectors
+    [N, 3]."""
     if model in ("fixed_corotated", "neo_hookean"):
         return F
     if model == "snow":
@@ -192,12 +193,14 @@ def return_mapping_ref(F: torch.Tensor, mu: torch.Tensor, lam: torch.Tensor, kap
             safe = torch.where(power[:, None], kappa, torch.ones_like(kappa))
             out = torch.where(power[:, None, None], herschel_bulkley_ref(F, mu, safe, dt), out)
         return out
-    if model == "drucker_prager":
+    if model == "drucker_prager":  # kappa [N, 3] = (alpha, apex a = c cot phi [Pa], -); kappa [N]: alpha, a = 0
         beta = 1 + 1.5 * lam / mu
         alpha = kappa_column(kappa, 0)
-        h = (tr / 3)[:, None] - (beta * alpha * tr)[:, None] * e / safe_n
-        yielded = torch.where((n + beta * alpha * tr > 0)[:, None, None], spectral_ref(U, torch.exp(h), Vh), F)
-        return torch.where((tr >= 0)[:, None, None], U @ Vh, yielded)
+        apex = kappa[:, 1] / (2 * mu + 3 * lam) if kappa.dim() == 2 else torch.zeros_like(tr)  # log strain per axis
+        trs = tr - 3 * apex
+        h = (tr / 3)[:, None] - (beta * alpha * trs)[:, None] * e / safe_n
+        yielded = torch.where((n + beta * alpha * trs > 0)[:, None, None], spectral_ref(U, torch.exp(h), Vh), F)
+        return torch.where((trs >= 0)[:, None, None], torch.exp(apex)[:, None, None] * (U @ Vh), yielded)
     raise ValueError(model)
 
 

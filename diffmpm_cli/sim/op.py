@@ -58,20 +58,27 @@ def drucker_prager_alpha(friction_angle: torch.Tensor) -> torch.Tensor:
     return (2.0 / 3.0) ** 0.5 * 2.0 * s / (3.0 - s)
 
 
-MATERIAL_PARAMETERS = ("yield_stress", "friction_angle", "viscosity", "hardening", "critical_compression",
+def drucker_prager_apex(cohesion: torch.Tensor, friction_angle: torch.Tensor) -> torch.Tensor:
+    """a = c cot(phi) [Pa]: the mean Kirchhoff stress of the Drucker-Prager cone's apex (Mohr-Coulomb cohesion c [Pa]
+    moves it from 0 into tension), of the friction angle phi [degrees]; the kernels' kappa[1]."""
+    return cohesion / torch.tan(torch.deg2rad(friction_angle))
+
+
+MATERIAL_PARAMETERS = ("yield_stress", "friction_angle", "cohesion", "viscosity", "hardening", "critical_compression",
                        "critical_stretch", "flow_index")  # every model's parameters beside E and nu (enums.MODEL_PARAMETERS)
-PARAMETER_DEFAULTS = {"flow_index": 1.0}  # a model's parameters that may be left out: bingham's N = 1 is Bingham
+# a model's parameters that may be left out: bingham's N = 1 is Bingham, drucker_prager without cohesion is Klar's
+PARAMETER_DEFAULTS = {"flow_index": 1.0, "cohesion": 0.0}
 KAPPA_WIDTH = 3  # the kernels' per-particle parameter vector (vec3)
 
 
 def material_kappa(material: Material, *, count: int, device, **given: torch.Tensor | None) -> torch.Tensor:
     """The kernels' per-particle parameter vector [N, 3] (differentiable), the model's parameters in the order of
-    ``Material.parameters`` (zeros after them): yield stress [Pa] (von_mises), alpha of the friction angle [degrees]
-    (drucker_prager), dynamic viscosity [Pa s] (newtonian_fluid), (hardening xi, critical compression theta_c,
-    critical stretch theta_s) (snow), (yield stress [Pa], viscosity or consistency K [Pa s^N], flow index N)
-    (bingham; N = 1 when not given: Bingham); zeros for elastic models. Each may be [] or [N]. The model's own
-    parameters are required (but those of ``PARAMETER_DEFAULTS``); another model's are refused (they would silently
-    do nothing)."""
+    ``Material.parameters`` (zeros after them): yield stress [Pa] (von_mises), (alpha of the friction angle
+    [degrees], the apex a = c cot(phi) [Pa] of the cohesion c [Pa], default 0) (drucker_prager), dynamic viscosity
+    [Pa s] (newtonian_fluid), (hardening xi, critical compression theta_c, critical stretch theta_s) (snow), (yield
+    stress [Pa], viscosity or consistency K [Pa s^N], flow index N) (bingham; N = 1 when not given: Bingham); zeros
+    for elastic models. Each may be [] or [N]. The model's own parameters are required (but those of
+    ``PARAMETER_DEFAULTS``); another model's are refused (they would silently do nothing)."""
     material = Material(material)
     unknown = [name for name in given if name not in MATERIAL_PARAMETERS]
     if unknown:
@@ -89,6 +96,8 @@ def material_kappa(material: Material, *, count: int, device, **given: torch.Ten
             raise SimulationError(f"material model {material.value} needs {name}")
         if name == "friction_angle":
             value = drucker_prager_alpha(value)
+        elif name == "cohesion":
+            value = drucker_prager_apex(value.to(device), given["friction_angle"].to(device))
         columns.append(value.to(device).expand(count))
     dtype = columns[0].dtype if columns else torch.float32
     columns = [c.to(dtype) for c in columns]
@@ -128,9 +137,9 @@ def simulate(sim: Simulator, *, x0: torch.Tensor, v0: torch.Tensor, E: torch.Ten
     """Differentiable rollout of ``steps`` steps.
 
     x0 [N, 3] m; v0 [3] or [N, 3] m/s; E [] or [N] Pa; nu [] or [N]; the model's own parameters (``material``,
-    each [] or [N]): yield_stress [Pa] (von_mises, bingham), friction_angle [degrees] (drucker_prager), viscosity
-    [Pa s] (newtonian_fluid; bingham: the consistency K [Pa s^N]), flow_index N (bingham, default 1), hardening,
-    critical_compression, critical_stretch (snow); Fc [K, N, 3, 3]
+    each [] or [N]): yield_stress [Pa] (von_mises, bingham), friction_angle [degrees] and cohesion [Pa, default 0]
+    (drucker_prager), viscosity [Pa s] (newtonian_fluid; bingham: the consistency K [Pa s^N]), flow_index N (bingham,
+    default 1), hardening, critical_compression, critical_stretch (snow); Fc [K, N, 3, 3]
     multiplicative controls (F~ = Fc[k] F at step k stride) with K = ceil(steps / stride) (None: no controls); F0, C0
     [N, 3, 3] (default I and 0); Jp0 [N] the plastic volume ratio (snow; default 1). Gradients reach every tensor
     input that requires them, through one backward sweep over checkpointed segments that takes the forward's
