@@ -11,15 +11,14 @@ import platform
 
 import pytest
 import torch
-from test_materials import energy, lattice, on_the_floor, slab
+from test_materials import energy, frozen_rollout_probes_agree, lattice, on_the_floor, rollout_vjps, slab
 from test_mpm import FIELDS, make_model, make_particles, rel_error
 
 from diffmpm_cli.enums import Material
-from diffmpm_cli.gradcheck import directional_probes
 from diffmpm_cli.reference.mpm import hencky_strain_ref, return_mapping_ref, rollout_ref
 from diffmpm_cli.sim.grid import lame_parameters
 from diffmpm_cli.sim.op import drucker_prager_alpha, drucker_prager_apex, material_kappa, simulate
-from diffmpm_cli.sim.solver import FrozenDecisions, Simulator
+from diffmpm_cli.sim.solver import Simulator
 
 PHI = 30.0  # degrees
 COHESION = 150.0  # Pa: with E 1e4, nu 0.3 (2 mu + 3 lam = 25 kPa) the apex lies at s = 0.0104 log strain per axis
@@ -216,72 +215,39 @@ def test_rollout_matches_the_twin():
 
 
 def test_rollout_vjp_matches_the_twin():
-    """Random cotangents over 3 steps with controls: every input including friction_angle and cohesion, per
-    particle, through material_kappa (a = c cot phi) into the kernels' kappa[0] and kappa[1]."""
-    model = make_model(material="drucker_prager", control_stride=2)
-    state, mass, volume = make_particles(count=60, seed=2)
-    g = torch.Generator().manual_seed(5)
-    inputs = {
-        "x0": state["x"], "v0": state["v"], "F0": state["F"], "C0": state["C"],
-        "Fc": torch.eye(3, dtype=torch.float64) + 0.02 * torch.randn(2, 60, 3, 3, generator=g, dtype=torch.float64),
-        "E": torch.full((60,), 1.0e4, dtype=torch.float64), "nu": torch.full((60,), 0.3, dtype=torch.float64),
-        "friction_angle": torch.full((60,), PHI, dtype=torch.float64),
-        "cohesion": torch.full((60,), COHESION, dtype=torch.float64),
-    }
-    cotangents = {n: torch.randn_like(state[n]) for n in FIELDS}
-    steps = 3
+    """Random cotangents over 6 steps in 3 segments with controls (test_materials.rollout_vjps): every input
+    including friction_angle and cohesion, per particle, through material_kappa (a = c cot phi) into the kernels'
+    kappa[0] and kappa[1]."""
+    extra = {"friction_angle": torch.full((60,), PHI, dtype=torch.float64),
+             "cohesion": torch.full((60,), COHESION, dtype=torch.float64)}
 
-    def vjp(use_warp: bool):
-        leaves = {k: v.clone().requires_grad_(True) for k, v in inputs.items()}
-        if use_warp:
-            f32 = {k: v.float() for k, v in leaves.items()}
-            sim = Simulator(model, mass=mass.float(), volume=volume.float())
-            out = simulate(sim, steps=steps, **f32)
-            final = {n: getattr(out, n)[-1] for n in FIELDS}
-        else:
-            mu, lam = lame_parameters(leaves["E"], leaves["nu"])
-            start = {"x": leaves["x0"], "v": leaves["v0"], "F": leaves["F0"], "C": leaves["C0"]}
-            kappa = material_kappa("drucker_prager", count=60, device="cpu", friction_angle=leaves["friction_angle"],
-                                   cohesion=leaves["cohesion"])
-            final = rollout_ref(start, model=model, steps=steps, mass=mass, volume=volume, mu=mu, lam=lam,
-                                Fc=leaves["Fc"], kappa=kappa, node_mass_eps=1e-8 * float(mass.mean()))[-1]
-        total = sum((final[n].double() * cotangents[n]).sum() for n in FIELDS)
-        return dict(zip(leaves, torch.autograd.grad(total, list(leaves.values())), strict=True))
+    def kappa_of(leaves):
+        return material_kappa("drucker_prager", count=60, device="cpu", friction_angle=leaves["friction_angle"],
+                              cohesion=leaves["cohesion"])
 
-    v_warp, v_ref = vjp(True), vjp(False)
+    inputs, _, v_warp, v_ref = rollout_vjps(make_model(material="drucker_prager", control_stride=2), extra,
+                                            device="cpu", kappa_of=kappa_of)
     for key in inputs:
         err = float((v_warp[key].double() - v_ref[key]).norm() / v_ref[key].norm())
         assert err <= 2e-3, f"d/d{key}: relative L2 error {err:.2e}"
 
 
 def test_finite_differences_through_the_kernels():
-    """log E, the friction angle [degrees] and log c over 24 steps with gravity, a wall band and a frame, at c = 400
-    Pa: autodiff against central differences of the float32 kernels, the base rollout's branches frozen. (At 150 Pa
-    this loss hardly depends on c: d/dlog c = -0.067 against a measured FD noise of 0.015-0.037, and the probe's
-    step halves to noise; central differences of c itself over +-8 Pa there gave -4.498e-4 against AD's -4.513e-4.)"""
+    """log E, nu, the friction angle [degrees] and log c over 24 steps with gravity, a wall band and a frame, at c =
+    400 Pa: autodiff against central differences of the float32 kernels, the base rollout's branches frozen
+    (test_materials.frozen_rollout_probes_agree). (At 150 Pa this loss hardly depends on c: d/dlog c = -0.067 against
+    a measured FD noise of 0.015-0.037, and the probe's step halves to noise; central differences of c itself over
+    +-8 Pa there gave -4.498e-4 against AD's -4.513e-4.)"""
     model = make_model(material="drucker_prager", dt=2e-3)
     state, mass, volume = make_particles(count=80, seed=4)
     sim = Simulator(model, mass=mass.float(), volume=volume.float())
     weights = {n: torch.randn(2, 80, *((3,) if n in "xv" else (3, 3)), generator=torch.Generator().manual_seed(9),
                               dtype=torch.float64) for n in FIELDS}
-
-    def loss(p):
-        out = simulate(sim, x0=state["x"].float(), v0=state["v"].float(), F0=state["F"].float(),
-                       C0=state["C"].float(), E=torch.exp(p["log_E"]), nu=torch.tensor(0.3), steps=24, frames=[12],
-                       frozen=frozen, friction_angle=p["friction_angle"], cohesion=torch.exp(p["log_c"]))
-        return sum((getattr(out, n).double() * weights[n]).sum() for n in FIELDS)
-
-    params = {"log_E": torch.tensor(math.log(1.0e4)), "friction_angle": torch.tensor(PHI),
+    params = {"log_E": torch.tensor(math.log(1.0e4)), "nu": torch.tensor(0.3), "friction_angle": torch.tensor(PHI),
               "log_c": torch.tensor(math.log(400.0))}
-    eps = {"log_E": 2e-2, "friction_angle": 1.0, "log_c": 0.2}
-    frozen = FrozenDecisions()
-    with torch.no_grad():
-        loss(params)
-    probes = directional_probes(loss, params, eps=eps, probes=1, seed=3)
-    assert len(probes) == 3
-    for probe in probes:  # check-grad's rule: within 1 % plus 3 standard deviations of the FD's measured noise
-        assert abs(probe.ad - probe.fd) <= 1e-2 * max(abs(probe.ad), abs(probe.fd)) + 3 * probe.noise, probe
-        assert probe.noise <= 0.05 * abs(probe.fd), probe
+    eps = {"log_E": 2e-2, "nu": 4e-3, "friction_angle": 1.0, "log_c": 0.2}
+    frozen_rollout_probes_agree(sim, state, weights, params, eps,
+                                lambda p: {"friction_angle": p["friction_angle"], "cohesion": torch.exp(p["log_c"])})
 
 
 # ----------------------------------------------------------------------------------------------------------------
