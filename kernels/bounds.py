@@ -42,7 +42,7 @@ def particle_box(order: str):
     def particle_box(
         # model
         grid_lower: wp.vec3,
-        inv_dx: float,
+        dx: float,
         shape: wp.vec3i,
         # state in
         x_in: wp.array(dtype=wp.vec3),
@@ -50,7 +50,10 @@ def particle_box(order: str):
         box_out: wp.array(dtype=int),
     ):
         p = wp.tid()
-        bx, by, bz, wx, wy, wz = stencil(x_in[p], grid_lower, inv_dx, shape[0], shape[1], shape[2])
+        # 1 / dx in float32 on the device, as the transfer kernels compute it: the host's float32(1 / dx) differs by
+        # an ulp for many grids (1/15, 1/72), which moved a particle on a base boundary to another base than P2G's
+        # and let P2G write a node outside the box (then never cleared, nor updated)
+        bx, by, bz, wx, wy, wz = stencil(x_in[p], grid_lower, 1.0 / dx, shape[0], shape[1], shape[2])
         slot = 6 + 6 * ((p // 32) % BOX_SLOTS)  # one slot per warp of particles (p // 32 is the warp's)
         warp_min(box_out, slot, bx)
         warp_min(box_out, slot + 1, by)

@@ -572,3 +572,29 @@ def test_the_grid_update_visits_the_box_of_the_particles_stencils_alone(device, 
     wp.to_torch(grads.mass_momentum, requires_grad=False).fill_(5.0)
     grads.zero_()
     assert (wp.to_torch(grads.mass_momentum, requires_grad=False).cpu().numpy() == 5.0).all()
+
+
+def test_the_box_takes_the_stencil_base_p2g_takes():
+    """particle_box divides 1 / dx in float32 on the device, as P2G and G2P do: with the host's float32(1/15) (one ulp
+    off) a particle on a base boundary (x = 0.43333334 on a 1/15 grid) got base 6 in the box and 5 in P2G, which then
+    wrote a node outside the box that zero_() never cleared and the grid update never wrote (found in review)."""
+    from diffmpm_cli.warp_runtime import warp
+
+    wp = warp()
+    grid_spec = GridSpec(lower=(0.0, 0.0, 0.0), dx=1.0 / 15, shape=(15, 15, 15), boundary_cells=3)
+    model = MPMModel(grid=grid_spec, bspline="quadratic", material="fixed_corotated", dt=1e-4, gravity=(0.0, 0.0, 0.0),
+                     walls_min=("slip",) * 3, walls_max=("slip",) * 3)
+    sim = Simulator(model, mass=torch.ones(1), volume=torch.full((1,), 1e-3))
+    a, b, grid = sim.new_state(), sim.new_state(), sim.new_grid()
+    values = (torch.full((1, 3), 0.43333334), torch.zeros(1, 3), torch.eye(3)[None], torch.zeros(1, 3, 3), torch.ones(1))
+    for array, value in zip(a.arrays(), values, strict=True):
+        wp.copy(array, wp.from_torch(value.float().contiguous(), dtype=array.dtype))
+    mu, lam = (wp.from_torch(torch.full((1,), 1e3)) for _ in range(2))
+    grid.zero_()
+    sim.step(a, b, grid, mu=mu, lam=lam, kappa=wp.zeros(1, dtype=wp.vec3), Fc=wp.zeros((1, 1), dtype=wp.mat33),
+             control=-1, taped=False)
+    mass = wp.to_torch(grid.mass).numpy()
+    written = np.argwhere(mass > 0)
+    assert grid.box.numpy()[:3].tolist() == written.min(0).tolist() == [5, 5, 5]
+    grid.zero_()
+    assert (wp.to_torch(grid.mass).numpy() == 0).all()

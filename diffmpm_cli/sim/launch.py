@@ -135,7 +135,7 @@ def particle_box(model: MPMModel, state_in: MPMState, grid: MPMGrid, *, device: 
 
     g, k = model.grid, model.kernel_constants
     wp.launch(bounds.particle_box(model.bspline), dim=state_in.x.shape[0], device=device, inputs=[
-        k.lower, g.inv_dx, wp.vec3i(*g.shape), state_in.x,
+        k.lower, g.dx, wp.vec3i(*g.shape), state_in.x,
     ], outputs=[grid.box], record_tape=False)
     wp.launch(bounds.box_reduce, dim=6 * bounds.BOX_SLOTS, device=device, inputs=[grid.box], record_tape=False)
 
