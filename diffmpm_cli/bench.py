@@ -12,13 +12,29 @@ import torch
 from .enums import BSpline, Material, P2GMode, WallKind
 from .heap import frozen_heap
 from .provenance import device_name, versions
-from .sim.grid import GridSpec, stable_dt, stencil_order
+from .sim.grid import GridSpec, stable_dt
 from .sim.model import MPMModel
 from .sim.op import material_kappa, simulate
 from .sim.solver import Simulator
 from .warp_runtime import warp, warp_device
 
 BAND = 3
+
+
+def stencil_order(x, *, lower, dx: float, shift: float, block: int = 4):
+    """The permutation [N] (torch int64) that puts particles x [N, 3] in order of their stencil's base node, in
+    blocks of ``block``^3 bases (then base, z fastest): lanes of one warp then share a base, and P2G's and G2P's
+    adjoint node adds sum them before one atomic (kernels/transfer.py). ``shift``: the B-spline's base offset in
+    cells (BSPLINES). Every source makes particles in lattice order, which runs as fast (BENCHMARKS.md), so only
+    ``bench mpm --stencil-order`` uses it."""
+    g = torch.floor((x.double() - torch.as_tensor(lower, dtype=torch.float64, device=x.device)) / dx - shift).long()
+    g = g - g.min(0).values  # >= 0
+    outer = g // block
+    span = int(outer.max()) + 1
+    key = ((outer[:, 0] * span + outer[:, 1]) * span + outer[:, 2]) * block**3
+    inner = g % block
+    key = key + (inner[:, 0] * block + inner[:, 1]) * block + inner[:, 2]
+    return torch.argsort(key, stable=True)
 
 
 def cube_particles(count: int, grid: GridSpec, *, shuffle: bool, seed: int = 0, stencil_shift: float | None = None

@@ -64,7 +64,7 @@ _NODE_LOOP = """
 # (64) nodes: they sum each node's value with shuffles first and one lane, the group's lowest, adds the sum with one
 # float4 atomic (Westphal's "reduce_peers": a binary tree over each group of peers, whose partners are found once per
 # particle from ballots and packed 6 bits a round into ``agg_sched``; Gao et al. 2018 for MPM). In lattice order a
-# group is the two particles of a row that share a base; in stencil order (sim/grid.py stencil_order) up to 8.
+# group is the two particles of a row that share a base; in stencil order (bench.py stencil_order) up to 8.
 # Measured on an H100 (BENCHMARKS.md), 1M particles on 128^3, forward as one graph: 2.63 -> 3.31 G particle-steps/s in
 # lattice order, 2.13 -> 3.28 G for shuffled particles put in stencil order; grouping by each node's address instead
 # (a match per node, which also joins lanes whose stencils overlap in part) lost: 2.06 G.

@@ -10,12 +10,13 @@ import pytest
 import torch
 from conftest import DEVICES
 
+from diffmpm_cli.bench import stencil_order
 from diffmpm_cli.enums import WallKind
 from diffmpm_cli.errors import SimulationError
 from diffmpm_cli.gradcheck import directional_probes
 from diffmpm_cli.reference.mpm import energy_density_ref, grid_mass_ref, rollout_ref
 from diffmpm_cli.sim.controls import bounded_log_strain, control_matrices
-from diffmpm_cli.sim.grid import GridSpec, lame_parameters, stencil_order
+from diffmpm_cli.sim.grid import GridSpec, lame_parameters
 from diffmpm_cli.sim.model import MPMModel
 from diffmpm_cli.sim.op import grid_mass, simulate
 from diffmpm_cli.sim.solver import FrozenDecisions, Simulator, segment_bounds
@@ -46,9 +47,9 @@ def make_particles(count=120, seed=0, low=(0.3, 0.262, 0.3), high=(0.7, 0.6, 0.7
 
 
 def make_lattice_particles(side=4, seed=0):
-    """side^3 particles at 2 per cell per axis in a block at the grid's centre, in stencil order (sim/grid.py): every
-    8 consecutive particles share their stencil's base node, so CUDA's warp-aggregated node adds (kernels/transfer.py)
-    sum 8 lanes a node; velocity, F and the affine field random as make_particles'."""
+    """side^3 particles at 2 per cell per axis in a block at the grid's centre, in stencil order (bench.py
+    stencil_order): every 8 consecutive particles share their stencil's base node, so CUDA's warp-aggregated node adds
+    (kernels/transfer.py) sum 8 lanes a node; velocity, F and the affine field random as make_particles'."""
     axis = (torch.arange(side, dtype=torch.float64) - (side - 1) / 2) * GRID.dx / 2 + 0.5 + GRID.dx / 4
     x = torch.stack(torch.meshgrid(axis, axis, axis, indexing="ij"), dim=-1).reshape(-1, 3)
     x = x[stencil_order(x, lower=GRID.lower, dx=GRID.dx, shift=0.5)]

@@ -184,19 +184,3 @@ def check_cfl(*, E: float, nu: float, density: float, dt: float, dx: float, limi
     return check_cfl_number(dt=dt, dx=dx, speed=wave_speed(E, nu, density), limit=limit,
                             detail=f"E = {E:.4g} Pa, nu = {nu:g}, density = {density:g} kg/m^3")
 
-
-def stencil_order(x, *, lower, dx: float, shift: float, block: int = 4):
-    """The permutation [N] (torch int64) that puts particles x [N, 3] in order of their stencil's base node, in
-    blocks of ``block``^3 bases (then base, z fastest): lanes of one warp then share a base, and P2G's and G2P's
-    adjoint node adds sum them before one atomic (kernels/transfer.py). ``shift``: the B-spline's base offset in
-    cells (BSPLINES)."""
-    import torch
-
-    g = torch.floor((x.double() - torch.as_tensor(lower, dtype=torch.float64, device=x.device)) / dx - shift).long()
-    g = g - g.min(0).values  # >= 0
-    outer = g // block
-    span = int(outer.max()) + 1
-    key = ((outer[:, 0] * span + outer[:, 1]) * span + outer[:, 2]) * block**3
-    inner = g % block
-    key = key + (inner[:, 0] * block + inner[:, 1]) * block + inner[:, 2]
-    return torch.argsort(key, stable=True)
