@@ -130,7 +130,7 @@ def test_backward_matches_the_twin_by_random_cotangents(order, material, arrange
         "Fc": torch.eye(3, dtype=torch.float64) + 0.02 * torch.randn(2, n, 3, 3, generator=g, dtype=torch.float64),
         "E": torch.full((n,), 1.0e4, dtype=torch.float64), "nu": torch.full((n,), 0.3, dtype=torch.float64),
     }
-    cotangents = {name: torch.randn_like(state[name]) for name in FIELDS}
+    cotangents = {name: torch.randn(state[name].shape, generator=g, dtype=torch.float64) for name in FIELDS}
     steps = 3
 
     def vjp(use_warp: bool):
