@@ -4,7 +4,7 @@ import functools
 
 import warp as wp
 
-from .mpm import _stencil_func
+from .mpm import BSPLINES, _stencil_func
 
 # The grid update visits only the nodes inside the box of the particles' stencils (every other node has no mass and no
 # particle reads its velocity): a body fills a few per cent of most grids (1M particles in 128^3: 6 %), and the dense
@@ -15,7 +15,7 @@ from .mpm import _stencil_func
 
 BOX_EMPTY = wp.constant(2**31 - 1)
 BOX_SLOTS = wp.constant(512)  # a multiple of 32: box_reduce's warps each read one coordinate's slots
-WIDEST = 4  # the widest stencil (cubic): clear_box clears that far from the box's bases for every B-spline
+WIDEST = max(spline[0] for spline in BSPLINES.values())  # clear_box clears that far from the box's bases
 
 _WARP_MIN = """
 #if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 800)

@@ -83,15 +83,22 @@ def spectral_adjoint_gap(U: wp.mat33, s: wp.vec3, V: wp.mat33, g: wp.vec3, Jg: w
 
 
 @wp.func
-def hencky_P_spectrum(F: wp.mat33, mu: float, lam: float):
-    """(U, s, V, eps, tr eps, clamped s, p) of F = U diag(s) V^T (wp.svd3): the Hencky strain eps = log s (s clamped
-    at SIGMA_MIN) and the singular values p of hencky_P, what the stress and its adjoint both start from."""
+def hencky_log_spectrum(F: wp.mat33):
+    """(U, s, V, eps, tr eps) of F = U diag(s) V^T (wp.svd3) and its Hencky strain eps = log s (s clamped at
+    SIGMA_MIN): what the stress (hencky_P_spectrum) and every return mapping (hencky_spectrum) start from."""
     U = wp.mat33()
     s = wp.vec3()
     V = wp.mat33()
     wp.svd3(F, U, s, V)
     eps = clamped_log(s)
-    tr = eps[0] + eps[1] + eps[2]
+    return U, s, V, eps, eps[0] + eps[1] + eps[2]
+
+
+@wp.func
+def hencky_P_spectrum(F: wp.mat33, mu: float, lam: float):
+    """(U, s, V, eps, tr eps, clamped s, p): hencky_log_spectrum and the singular values p of hencky_P, what the
+    stress and its adjoint both start from."""
+    U, s, V, eps, tr = hencky_log_spectrum(F)
     sc = wp.vec3(wp.max(s[0], SIGMA_MIN), wp.max(s[1], SIGMA_MIN), wp.max(s[2], SIGMA_MIN))
     p = wp.cw_div(2.0 * mu * eps + wp.vec3(lam * tr), sc)
     return U, s, V, eps, tr, sc, p
@@ -127,12 +134,7 @@ def adj_hencky_P(F: wp.mat33, mu: float, lam: float, adj_ret: wp.mat33):
 def hencky_spectrum(F: wp.mat33):
     """(U, s, V, tr eps, e, |e|) of F = U diag(s) V^T (wp.svd3) and its Hencky strain eps = log s: the trace and the
     deviatoric part e = eps - tr eps / 3, what every return mapping, its branch and its adjoint start from."""
-    U = wp.mat33()
-    s = wp.vec3()
-    V = wp.mat33()
-    wp.svd3(F, U, s, V)
-    eps = clamped_log(s)
-    tr = eps[0] + eps[1] + eps[2]
+    U, s, V, eps, tr = hencky_log_spectrum(F)
     e = eps - wp.vec3(tr / 3.0)
     return U, s, V, tr, e, wp.length(e)
 
