@@ -652,7 +652,8 @@ def _g2p_kernel(order: str, models: tuple, linearised: bool = False):
 # 548-588 us for 1M particles, half the backward step (ncu, BENCHMARKS.md). The forward keeps the fused kernel.
 
 
-def _g2p_update_kernel(order: str, models: tuple):
+@functools.cache
+def _g2p_update_kernel(models: tuple):
     update = _g2p_update_func(models, False)
 
     @wp.kernel(module="unique")
@@ -749,8 +750,9 @@ def p2g_affine(order: str, models):
     return _cached(_p2g_affine_kernel, order, _models(models))
 
 
-def g2p_update(order: str, models):
-    return _cached(_g2p_update_kernel, order, _models(models))
+def g2p_update(models):
+    """G2P's part after the gather for the scene's ``models`` (any B-spline order: it reads the gathered v and C)."""
+    return _g2p_update_kernel(_models(models))
 
 
 g2p_gather = {order: _g2p_gather_kernel(order) for order in BSPLINES}

@@ -19,8 +19,8 @@ def kernels():
     for order in mpm.BSPLINES:
         out += [mpm.p2g_transfer[order], mpm.g2p_gather[order], mpm.p2g_mass[order], bounds.particle_box(order)]
         for models in MODELS:
-            out += [mpm.p2g(order, models), mpm.g2p(order, models), mpm.p2g_affine(order, models),
-                    mpm.g2p_update(order, models)]
+            out += [mpm.p2g(order, models), mpm.g2p(order, models), mpm.p2g_affine(order, models)]
+    out += [mpm.g2p_update(models) for models in MODELS]
     out.append(mpm.g2p("quadratic", ("snow", "drucker_prager"), True))  # check-grad's linearised variant
     return out
 

@@ -61,6 +61,11 @@ def _no_decisions(device: str, ndim: int = 3):
     return wp.zeros((1,) * ndim, dtype=mpm.DECISION_DTYPE, device=device)
 
 
+def _adjoints(tape, arrays) -> list:
+    """The tape's adjoint of each of ``arrays`` (the split backwards' adjoint launches take them)."""
+    return [tape.get_adjoint(a) for a in arrays]
+
+
 def p2g(model: MPMModel, particles: Particles, state_in: MPMState, grid: MPMGrid, *, mu, lam, kappa, Fc,
         control: int, tape=None, affine=None) -> None:
     """Scatter mass and APIC/MLS momentum (with the stress of F~ = Fc[control] F) into ``grid`` (which must be 0).
@@ -91,7 +96,7 @@ def p2g(model: MPMModel, particles: Particles, state_in: MPMState, grid: MPMGrid
     transfer_inputs = [k.lower, g.dx, particles.mass, state_in.x, state_in.v, affine]
 
     def backward():
-        adjoints = lambda arrays: [tape.get_adjoint(a) for a in arrays]  # noqa: E731
+        adjoints = functools.partial(_adjoints, tape)
         wp.launch(affine_kernel, dim=n, device=device, inputs=stress_inputs, outputs=[affine],
                   record_tape=False)
         affine.grad.zero_()
@@ -189,10 +194,10 @@ def g2p(model: MPMModel, state_in: MPMState, grid: MPMGrid, state_out: MPMState,
     gather_inputs = [k.lower, g.dx, state_in.x, grid.velocity4]
 
     def backward():
-        adjoints = lambda arrays: [tape.get_adjoint(a) for a in arrays]  # noqa: E731
+        adjoints = functools.partial(_adjoints, tape)
         # v and C: their gradient from later steps, plus what x, F and the return mapping add (g2p_update's adjoint
         # adds into the same arrays), is the gradient the gather's adjoint takes
-        wp.launch(mpm.g2p_update(model.bspline, model.models), dim=n, device=device, inputs=update_inputs,
+        wp.launch(mpm.g2p_update(model.models), dim=n, device=device, inputs=update_inputs,
                   outputs=update_outputs, adj_inputs=adjoints(update_inputs), adj_outputs=adjoints(update_outputs),
                   adjoint=True, record_tape=False)
         gather_outputs = [state_out.v, state_out.C]
