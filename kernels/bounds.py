@@ -4,7 +4,7 @@ import functools
 
 import warp as wp
 
-from .mpm import BSPLINES, _stencil_func
+from .mpm import BSPLINES, _stencil_func, box_count, box_node, box_nodes
 
 # The grid update visits only the nodes inside the box of the particles' stencils (every other node has no mass and no
 # particle reads its velocity): a body fills a few per cent of most grids (1M particles in 128^3: 6 %), and the dense
@@ -74,9 +74,6 @@ def box_reduce(box: wp.array(dtype=int)):
     warp_min(box, a, box[6 + 6 * (tid % BOX_SLOTS) + a])
 
 
-CLEAR_THREADS = 32768  # clear_box's launch on CUDA: fixed (graph-capturable); each thread strides over the box
-
-
 @wp.kernel
 def clear_box(
     box: wp.array(dtype=int),
@@ -90,22 +87,13 @@ def clear_box(
     """Zero the nodes of ``box`` (a grid's last box: every node P2G, the grid update and their adjoints wrote lies in
     it, up to ``width`` nodes from its bases) in the first ``arrays`` of a, b, c (1 or 3): a grid is cleared for its
     next step without a memset of every node (MPMGrid.zero_). Launched over ``threads`` threads, each taking every
-    ``threads``-th node of the box: CLEAR_THREADS on CUDA (a launch over every node, returning outside the box, took
+    ``threads``-th node of the box: BOX_THREADS on CUDA (a launch over every node, returning outside the box, took
     17 us on 128^3 on an H100: as long as the memset it replaced), 1 on the CPU (one loop, no per-thread calls). An
     empty box (BOX_EMPTY) clears nothing."""
     tid = wp.tid()
-    lo = wp.vec3i(box[0], box[1], box[2])
-    hi = wp.vec3i(wp.min(width - box[3], a.shape[0]), wp.min(width - box[4], a.shape[1]),
-                  wp.min(width - box[5], a.shape[2]))
-    if lo[0] >= hi[0] or lo[1] >= hi[1] or lo[2] >= hi[2]:
-        return
-    ny = hi[1] - lo[1]
-    nz = hi[2] - lo[2]
-    total = (hi[0] - lo[0]) * ny * nz
-    for n in range(tid, total, threads):
-        i = lo[0] + n // (ny * nz)
-        j = lo[1] + (n // nz) % ny
-        k = lo[2] + n % nz
+    lo, hi = box_nodes(box, width, wp.vec3i(a.shape[0], a.shape[1], a.shape[2]))
+    for n in range(tid, box_count(lo, hi), threads):
+        i, j, k = box_node(lo, hi, n)
         a[i, j, k] = wp.vec4(0.0)
         if arrays > 1:
             b[i, j, k] = wp.vec4(0.0)

@@ -383,9 +383,40 @@ def forced_bit(code: int, bit: int, mode: int):
     return out
 
 
-@wp.kernel
-def grid_update(
-    # model
+BOX_THREADS = 32768  # launches over a grid's box on CUDA: fixed (graph-capturable); each thread strides over the box
+
+
+@wp.func
+def box_nodes(box: wp.array(dtype=int), width: int, shape: wp.vec3i):
+    """The nodes of a particle box (kernels/bounds.py: min stencil bases, then minus the max ones) as the corner
+    ``lo`` and the end ``hi`` (exclusive), up to ``width`` nodes from the bases and inside ``shape``; an empty box
+    (BOX_EMPTY) gives lo >= hi."""
+    lo = wp.vec3i(box[0], box[1], box[2])
+    hi = wp.vec3i(wp.min(width - box[3], shape[0]), wp.min(width - box[4], shape[1]), wp.min(width - box[5], shape[2]))
+    return lo, hi
+
+
+@wp.func
+def box_node(lo: wp.vec3i, hi: wp.vec3i, n: int):
+    """The ``n``-th node of the box [lo, hi) (z fastest)."""
+    ny = hi[1] - lo[1]
+    nz = hi[2] - lo[2]
+    return lo[0] + n // (ny * nz), lo[1] + (n // nz) % ny, lo[2] + n % nz
+
+
+@wp.func
+def box_count(lo: wp.vec3i, hi: wp.vec3i):
+    """How many nodes the box [lo, hi) holds (0 if empty)."""
+    if lo[0] >= hi[0] or lo[1] >= hi[1] or lo[2] >= hi[2]:
+        return 0
+    return (hi[0] - lo[0]) * (hi[1] - lo[1]) * (hi[2] - lo[2])
+
+
+@wp.func
+def update_node(
+    i: int,
+    j: int,
+    k: int,
     grid_lower: wp.vec3,
     dx: float,
     dt: float,
@@ -398,21 +429,13 @@ def grid_update(
     floor_height: float,
     friction: float,
     mass_eps: float,
-    # grid in
     grid_mass_in: wp.array3d(dtype=float),
     grid_momentum_in: wp.array3d(dtype=wp.vec3),
-    # decisions (DecisionMode): DECIDE (ignored), RECORD (written) or REPLAY (read)
     decision_mode: int,
     decisions: wp.array3d(dtype=wp.uint8),
-    # the nodes the particles reach: particle_box's box of stencil bases, and the stencil's width
-    box: wp.array(dtype=int),
-    width: int,
-    # grid out
     grid_velocity_out: wp.array3d(dtype=wp.vec3),
 ):
-    i, j, k = wp.tid()
-    if i < box[0] or j < box[1] or k < box[2] or i >= width - box[3] or j >= width - box[4] or k >= width - box[5]:
-        return  # no mass, and no particle reads the velocity (not written) or the decision (not kept)
+    """One node of the grid update (see grid_update)."""
     m = grid_mass_in[i, j, k]
     code = int(0)
     if decision_mode == REPLAY:
@@ -464,6 +487,51 @@ def grid_update(
     if decision_mode == RECORD:
         decisions[i, j, k] = wp.uint8(taken)
     grid_velocity_out[i, j, k] = v
+
+
+@wp.kernel
+def grid_update(
+    # model
+    grid_lower: wp.vec3,
+    dx: float,
+    dt: float,
+    gravity: wp.vec3,
+    band: int,
+    walls_min: wp.vec3i,
+    walls_max: wp.vec3i,
+    floor_enabled: int,
+    floor_normal: wp.vec3,
+    floor_height: float,
+    friction: float,
+    mass_eps: float,
+    # grid in
+    grid_mass_in: wp.array3d(dtype=float),
+    grid_momentum_in: wp.array3d(dtype=wp.vec3),
+    # decisions (DecisionMode): DECIDE (ignored), RECORD (written) or REPLAY (read)
+    decision_mode: int,
+    decisions: wp.array3d(dtype=wp.uint8),
+    # the nodes the particles reach: particle_box's box of stencil bases, and the stencil's width
+    box: wp.array(dtype=int),
+    width: int,
+    # the launch's thread count: each thread takes every threads-th node of the box
+    threads: int,
+    # grid out
+    grid_velocity_out: wp.array3d(dtype=wp.vec3),
+):
+    """Grid velocities from mass and momentum over the nodes of the particles' box alone: every other node has no
+    mass, and no particle reads its velocity (not written) or its decision (not kept). Launched over ``threads``
+    threads that stride over the box (BOX_THREADS on CUDA, 1 on the CPU): a launch over every node that returned
+    outside the box took 16 us forward and 24 us backward on 128^3 on an H100 for a box of a few per cent of the
+    grid. The loop's iterations are independent (one node each, nothing carried), so Warp's adjoint, which replays
+    each iteration's forward before its adjoint, is exact."""
+    tid = wp.tid()
+    shape = wp.vec3i(grid_mass_in.shape[0], grid_mass_in.shape[1], grid_mass_in.shape[2])
+    lo, hi = box_nodes(box, width, shape)
+    for n in range(tid, box_count(lo, hi), threads):
+        i, j, k = box_node(lo, hi, n)
+        update_node(i, j, k, grid_lower, dx, dt, gravity, band, walls_min, walls_max, floor_enabled, floor_normal,
+                    floor_height, friction, mass_eps, grid_mass_in, grid_momentum_in, decision_mode, decisions,
+                    grid_velocity_out)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -123,12 +123,13 @@ def grid_update(model: MPMModel, grid: MPMGrid, *, node_mass_eps: float, device:
         raise ValueError(f"decision mode {mode.name} needs a decision array")
     if mode == DecisionMode.LINEARISE:  # nothing to linearise on the grid: its branches are replayed
         mode = DecisionMode.REPLAY
-    wp.launch(mpm.grid_update, dim=g.shape, device=device, inputs=[
+    threads = mpm.BOX_THREADS if wp.get_device(device).is_cuda else 1  # striding over the box (kernels/mpm.py)
+    wp.launch(mpm.grid_update, dim=threads, device=device, inputs=[
         k.lower, g.dx, model.dt, k.gravity, g.boundary_cells, k.walls_min, k.walls_max,
         int(model.floor_enabled), k.floor_normal, model.floor_height, model.friction, node_mass_eps,
         grid.mass, grid.momentum,
         int(mode), decisions if decisions is not None else _no_decisions(device),
-        grid.box, mpm.BSPLINES[model.bspline][0],
+        grid.box, mpm.BSPLINES[model.bspline][0], threads,
     ], outputs=[grid.velocity])
 
 

@@ -180,11 +180,11 @@ class MPMGrid:
         nothing outside it was written since the grid was last cleared, and a memset of every node was a third of a
         97k-particle step on 128^3 (BENCHMARKS.md)."""
         wp = warp()
-        from ..kernels import bounds
+        from ..kernels import bounds, mpm
 
         mm = self.mass_momentum
         grads = (mm.grad, self.velocity4.grad) if mm.grad is not None else (mm, mm)
-        threads = bounds.CLEAR_THREADS if mm.device.is_cuda else 1
+        threads = mpm.BOX_THREADS if mm.device.is_cuda else 1
         wp.launch(bounds.clear_box, dim=threads, device=mm.device, record_tape=False,
                   inputs=[self.box, bounds.WIDEST, threads, 3 if mm.grad is not None else 1, mm, *grads])
         self.box.fill_(bounds.BOX_EMPTY)
