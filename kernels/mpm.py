@@ -826,3 +826,29 @@ def g2p_update(models):
 g2p_gather = {order: _g2p_gather_kernel(order) for order in BSPLINES}
 p2g_mass = {order: _p2g_mass_kernel(order) for order in BSPLINES}
 p2g_transfer = {order: _p2g_transfer_kernel(order) for order in BSPLINES}
+
+
+@wp.kernel
+def nonfinite_fields(
+    x: wp.array(dtype=wp.vec3),
+    v: wp.array(dtype=wp.vec3),
+    F: wp.array(dtype=wp.mat33),
+    C: wp.array(dtype=wp.mat33),
+    Jp: wp.array(dtype=float),
+    row: int,
+    flags: wp.array2d(dtype=int),
+):
+    """flags[row, f] = 1 where field f of some particle (x, v, F, C, Jp: MPMState.FIELDS) holds a NaN or an
+    infinity; flags are only ever set (zero them first). One launch per checked state, inside a rollout's captured
+    graph: the check that took five torch reductions per state and a host copy per rollout is one kernel a state."""
+    p = wp.tid()
+    if not wp.isfinite(x[p]):
+        flags[row, 0] = 1
+    if not wp.isfinite(v[p]):
+        flags[row, 1] = 1
+    if not wp.isfinite(F[p]):
+        flags[row, 2] = 1
+    if not wp.isfinite(C[p]):
+        flags[row, 3] = 1
+    if not wp.isfinite(Jp[p]):
+        flags[row, 4] = 1

@@ -113,3 +113,45 @@ def test_frozen_decisions_over_budget_decisions_and_the_tiled_p2g_run_eagerly():
     assert type(make_rollout(sim, **kw, decision_budget=sim.decision_bytes_per_step * 15, frozen=None)) is Rollout
     eager = Simulator(model, mass=mass.float(), volume=volume.float(), graphs=False)
     assert type(make_rollout(eager, **kw, decision_budget=1 << 30, frozen=None)) is Rollout
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("taped", [False, True], ids=["checkpointed", "taped-forward"])
+def test_a_non_finite_state_is_reported_as_the_eager_rollout_reports_it(device, taped, monkeypatch):
+    """The graphed forward flags NaN and infinities in its graph (launch.nonfinite_fields at the start and every
+    segment's end) and raises the eager rollout's error: same fields, same step, same segment. A particle's inverted
+    F makes neo-Hookean's log J NaN in the first step; the rollouts before it (eager run, capture) were finite, so the
+    error comes from a replayed graph, and the finite rollout after it must not inherit its flags."""
+    from diffmpm_cli.errors import SimulationError
+    from diffmpm_cli.sim import graphs
+
+    monkeypatch.setattr(graphs, "FORWARD_TAPE_CPU_BYTES", graphs.FORWARD_TAPE_CPU_BYTES if taped else 0)
+    monkeypatch.setattr(graphs, "FORWARD_TAPE_SHARE", graphs.FORWARD_TAPE_SHARE if taped else 0.0)
+    model = make_model(control_stride=4, material="neo_hookean")
+    state, mass, volume = make_particles(count=N, seed=6)
+    F_bad = state["F"].float().clone()
+    F_bad[3] = torch.diag(torch.tensor([1.0, 1.0, -1.0]))
+
+    def run(sim, F0):
+        v0 = state["v"].float().to(device).requires_grad_(True)
+        out = simulate(sim, x0=state["x"].float().to(device), v0=v0, F0=F0.to(device),
+                       E=torch.tensor(1.0e4, device=device), nu=torch.tensor(0.3, device=device), steps=16,
+                       segment_length=4)
+        out.x.sum().backward()
+
+    messages = []
+    for graphs_on in (False, True):
+        sim = Simulator(model, mass=mass.float().to(device), volume=volume.float().to(device), graphs=graphs_on)
+        if graphs_on:
+            for _ in range(2):  # the eager run, then the capture: finite
+                run(sim, state["F"].float())
+        expected = r"non-finite particle state \(.*F.*\) after step 4 \(segment 0\.\.4\)"
+        with pytest.raises(SimulationError, match=expected) as err:
+            run(sim, F_bad)
+        messages.append(str(err.value))
+        del err
+        run(sim, state["F"].float())  # finite again: the flags of the failed rollout are not kept
+    (buffers,) = sim.rollout_cache._entries.values()
+    assert buffers.taped == taped and buffers.forward.graph is not None
+    assert buffers.forward.runs == 4  # both after the capture replayed the graph
+    assert messages[0] == messages[1]

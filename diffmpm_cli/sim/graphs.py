@@ -29,11 +29,11 @@ import weakref
 import torch
 
 from ..enums import DecisionMode
-from ..errors import SimulationError
 from ..warp_runtime import warp
+from . import launch
 from .grid import rollout_memory
 from .model import MPMState
-from .solver import FrozenDecisions, Rollout, Simulator, nonfinite_state_error, step_with, taped_segment
+from .solver import FrozenDecisions, Rollout, Simulator, check_finite, check_finite_gradients, step_with, taped_segment
 
 FORWARD_TAPE_SHARE = 0.25  # of a GPU's memory that a rollout's forward may keep on its tape
 FORWARD_TAPE_CPU_BYTES = 2 << 30
@@ -111,6 +111,10 @@ class RolloutBuffers:
                            lam=wp.zeros(n, dtype=float, device=device, requires_grad=True),
                            kappa=wp.zeros(n, dtype=wp.vec3, device=device, requires_grad=True), controlled=controlled)
         self.decisions = sim.new_decisions(steps)
+        # the states checked for NaN and infinities (launch.nonfinite_fields, in the forward's graph): the start and
+        # each segment's end, one row of flags each; ``spans`` the (start, end) each row reports
+        self.spans = [(0, 0), *segments]
+        self.flags = wp.zeros((len(self.spans), len(MPMState.FIELDS)), dtype=int, device=device)
         self._owner = None
         if taped:  # every step's state and grid, on the forward's own tape
             self.states = [sim.new_state(requires_grad=True) for _ in range(steps + 1)]
@@ -154,6 +158,8 @@ class RolloutBuffers:
     def _forward(self) -> None:
         """Every segment from its checkpoint into the next one (two spare states in between), recording each step's
         decisions; clamps and lowest det F into the simulator's own records."""
+        self.flags.zero_()
+        self._check(0, self.checkpoints[0])
         for index, (start, end) in enumerate(self.segments):
             source = self.checkpoints[index]
             for t in range(start, end):
@@ -162,6 +168,10 @@ class RolloutBuffers:
                 step_with(self.sim, self.params, source, target, self.grid, t, taped=False,
                           decision_mode=DecisionMode.RECORD, decisions=self.decisions[t])
                 source = target
+            self._check(index + 1, self.checkpoints[index + 1])
+
+    def _check(self, row: int, state: MPMState) -> None:
+        launch.nonfinite_fields(state, self.flags, row=row, count=self.sim.particle_count, device=self.sim.device)
 
     def _forward_taped(self) -> None:
         """Every step from state t into state t + 1 through grid t under one tape, recording each step's decisions
@@ -178,6 +188,9 @@ class RolloutBuffers:
                 step_with(self.sim, self.params, self.states[t], self.states[t + 1], self.grids[t], t,
                           decision_mode=DecisionMode.RECORD, decisions=self.decisions[t], tape=tape)
         self.tape = tape
+        self.flags.zero_()
+        for row, (_, end) in enumerate(self.spans):
+            self._check(row, self.states[end])
 
     def _backward_taped(self) -> None:
         """The forward tape's adjoints, from the gradients the caller put on the frames' states; the start state's
@@ -218,12 +231,7 @@ class GraphedRollout(Rollout):
             wp.to_torch(sim.J_min)[:sim.particle_count].copy_(sim.volume_ratio(F0, Jp0))
         sim.clamped.zero_()
         b.forward()
-        ends = [0] + [end for _, end in self.segments]
-        finite = torch.stack([torch.stack([torch.isfinite(v).all() for v in b.views[end]]) for end in ends]).cpu()
-        for row, flags in enumerate(finite):
-            if not flags.all():
-                bad = [name for name, ok in zip(MPMState.FIELDS, flags.tolist(), strict=True) if not ok]
-                raise nonfinite_state_error(bad, self.segments[row - 1][0] if row else 0, ends[row])
+        check_finite(b.flags.numpy(), b.spans)
         self.stats.clamped_particle_steps = int(sim.clamped.numpy()[0])
         self.stats.det_F_min = wp.to_torch(sim.J_min).clone()[:sim.particle_count]
         self.stats.decision_bytes = self.steps * sim.decision_bytes_per_step
@@ -264,10 +272,7 @@ class GraphedRollout(Rollout):
             g_fc = wp.to_torch(p["Fc"].grad).clone() if p["controlled"] else None
             g_mu, g_lam, g_kappa = (wp.to_torch(p[name].grad).clone() for name in ("mu", "lam", "kappa"))
         b.release(self)
-        out = (*carry[:4], g_fc, g_mu, g_lam, g_kappa, carry[4])
-        if not all(torch.isfinite(t).all() for t in out if t is not None):
-            raise SimulationError("non-finite gradient in the MPM backward pass")
-        return out
+        return check_finite_gradients((*carry[:4], g_fc, g_mu, g_lam, g_kappa, carry[4]))
 
     @staticmethod
     def _add_frame_gradient(grads, row: int, views) -> None:

@@ -133,6 +133,17 @@ def grid_update(model: MPMModel, grid: MPMGrid, *, node_mass_eps: float, device:
     ], outputs=[grid.velocity])
 
 
+def nonfinite_fields(state: MPMState, flags, *, row: int, count: int, device: str) -> None:
+    """Set ``flags[row, f]`` (int [rows, 5], zeroed by the caller) where field f of the first ``count`` particles of
+    ``state`` (MPMState.FIELDS) is not finite. Not taped."""
+    wp = warp()
+    from ..kernels import mpm
+
+    if count:
+        wp.launch(mpm.nonfinite_fields, dim=count, device=device, inputs=[*state.arrays(), row], outputs=[flags],
+                  record_tape=False)
+
+
 def particle_box(model: MPMModel, state_in: MPMState, grid: MPMGrid, *, device: str) -> None:
     """The box of nodes the particles' stencils reach into ``grid.box`` (emptied by ``grid.zero_()``), which the grid
     update visits alone. Not differentiable (integer), never taped."""

@@ -181,12 +181,15 @@ def _check_stability(sim: Simulator, mu: torch.Tensor, lam: torch.Tensor, kappa:
                                                                                               modulus.dtype))), 1.0)
         modulus = modulus * hardening
     speeds = torch.sqrt(torch.clamp(modulus / sim.density, min=0.0))
-    fastest = int(torch.argmax(torch.nan_to_num(speeds, nan=float("inf")))) if speeds.numel() else 0
-    speed = float(speeds.max()) if speeds.numel() else 0.0
+    speed, fastest, hardened = 0.0, 0, 1.0
+    if speeds.numel():  # one copy to the host: the largest speed (NaN if any), where, and its snow hardening
+        where = torch.argmax(torch.nan_to_num(speeds, nan=float("inf")))
+        values = [speeds.max(), where, hardening[where] if hardening is not None else speeds.new_ones(())]
+        speed, fastest, hardened = torch.stack([v.double() for v in values]).tolist()
+        fastest = int(fastest)
     detail = f"largest wave speed {speed:.4g} m/s"
-    if hardening is not None and float(hardening[fastest]) != 1.0:
-        detail += (f", snow hardened x{float(hardening[fastest]):.3g} by exp(xi (1 - J_P)) at its J_P "
-                   f"{float(Jp0[fastest].detach()):.3g}")
+    if hardened != 1.0:
+        detail += f", snow hardened x{hardened:.3g} by exp(xi (1 - J_P)) at its J_P {float(Jp0[fastest].detach()):.3g}"
     check_cfl_number(dt=sim.model.dt, dx=sim.model.grid.dx, speed=speed, limit=sim.model.cfl_limit, detail=detail)
     if Material.NEWTONIAN_FLUID in sim.model.models and sim.particle_count:
         fluid = sim.model_code.to(kappa.device) == sim.model.models.index(Material.NEWTONIAN_FLUID)

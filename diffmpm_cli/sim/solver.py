@@ -296,6 +296,23 @@ def nonfinite_state_error(fields, start: int, end: int) -> SimulationError:
                            "lower sim.dt, soften the material or check the controls")
 
 
+def check_finite(flags, spans) -> None:
+    """Raise for the first row of ``flags`` (host ints [rows, 5], launch.nonfinite_fields') with a field set: the
+    state after span ``spans[row]`` = (start, end) of the rollout."""
+    for row, (start, end) in enumerate(spans):
+        bad = [name for name, flag in zip(MPMState.FIELDS, flags[row], strict=True) if flag]
+        if bad:
+            raise nonfinite_state_error(bad, start, end)
+
+
+def check_finite_gradients(grads: tuple) -> tuple:
+    """``grads`` (tensors or None), unless one holds a NaN or an infinity: one host sync for all of them."""
+    present = [g for g in grads if g is not None]
+    if present and not bool(torch.stack([torch.isfinite(g).all() for g in present]).all()):
+        raise SimulationError("non-finite gradient in the MPM backward pass")
+    return grads
+
+
 class Rollout:
     """A differentiable rollout of ``steps`` steps returning the states at ``frames`` (the last is ``steps``).
 
@@ -344,16 +361,17 @@ class Rollout:
         outputs = {0: _state_to_torch(current)} if 0 in self.frames else {}
         self._checkpoints = []
         self._decisions = self._plan_decisions()
+        flags = wp.zeros((1, len(MPMState.FIELDS)), dtype=int, device=sim.device)
         for start, end in self.segments:
             self._checkpoints.append(_state_to_torch(current))
             for t in range(start, end):
                 grid.zero_()
                 step_with(sim, self._params, current, spare, grid, t, taped=False, **self._decision_args(t))
                 current, spare = spare, current
+            flags.zero_()
+            launch.nonfinite_fields(current, flags, row=0, count=sim.particle_count, device=sim.device)
+            check_finite(flags.numpy(), [(start, end)])
             tensors = _state_to_torch(current)
-            bad = [name for name, t in zip(MPMState.FIELDS, tensors, strict=True) if not torch.isfinite(t).all()]
-            if bad:
-                raise nonfinite_state_error(bad, start, end)
             if end in self.frames:
                 outputs[end] = tensors
         self.stats.clamped_particle_steps = int(sim.clamped.numpy()[0])
@@ -467,7 +485,4 @@ class Rollout:
         g_fc = wp.to_torch(p["Fc"].grad).clone() if p["controlled"] else None
         g_mu, g_lam, g_kappa = (wp.to_torch(p[name].grad).clone() for name in ("mu", "lam", "kappa"))
         self._params, self._checkpoints, self._decisions = None, [], {}  # release Warp arrays (Warp issue #675)
-        out = (*carry[:4], g_fc, g_mu, g_lam, g_kappa, carry[4])
-        if not all(torch.isfinite(t).all() for t in out if t is not None):
-            raise SimulationError("non-finite gradient in the MPM backward pass")
-        return out
+        return check_finite_gradients((*carry[:4], g_fc, g_mu, g_lam, g_kappa, carry[4]))
