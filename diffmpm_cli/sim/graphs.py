@@ -239,7 +239,8 @@ class GraphedRollout(Rollout):
         if b.taped:
             self.stats.peak_taped_bytes = self.steps * self.stats.bytes_per_step
             self.stats.checkpoint_bytes = 0
-        return [torch.stack([b.views[f][i] for f in self.frames]).clone() for i in range(len(MPMState.FIELDS))]
+        # torch.stack copies: the outputs never alias the buffers the next replay overwrites
+        return [torch.stack([b.views[f][i] for f in self.frames]) for i in range(len(MPMState.FIELDS))]
 
     def backward(self, grads) -> tuple:
         wp = warp()
