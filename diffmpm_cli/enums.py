@@ -51,7 +51,7 @@ class Material(StrEnum):
     @property
     def learnable_parameters(self) -> tuple[str, ...]:
         """Those of ``parameters`` that are learnable (learn.<key>, target.truth.<key>); snow's critical
-        compression and stretch, bingham's flow index and drucker_prager's cohesion are scene constants."""
+        compression and stretch and bingham's flow index are scene constants."""
         return tuple(name for name in self.parameters if name in LEARNABLE_MODEL_PARAMETERS)
 
     @property
@@ -69,7 +69,7 @@ MODEL_PARAMETERS = {
     "snow": ("hardening", "critical_compression", "critical_stretch"),
     "bingham": ("yield_stress", "viscosity", "flow_index"),  # viscosity: the consistency K [Pa s^N] when N != 1
 }
-LEARNABLE_MODEL_PARAMETERS = ("yield_stress", "friction_angle", "viscosity", "hardening")
+LEARNABLE_MODEL_PARAMETERS = ("yield_stress", "friction_angle", "cohesion", "viscosity", "hardening")
 
 
 class P2GMode(StrEnum):

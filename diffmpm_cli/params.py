@@ -24,6 +24,7 @@ YIELD_STRESS_MIN = 1.0  # Pa
 FRICTION_ANGLE_RANGE = (1.0, 80.0)  # degrees: a learned friction angle stays inside
 VISCOSITY_MIN = 1.0e-6  # Pa s
 HARDENING_MIN = 1.0e-3  # snow's xi
+COHESION_MIN = 1.0e-3  # Pa: a learned cohesion stays above (log c cannot reach 0; 1 mPa is no cohesion at all)
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,10 @@ class Transform:
 
 IDENTITY = Transform("identity", lambda t: t, lambda v: v, lambda t: t)
 LOG = Transform("log", torch.exp, math.log, torch.log)
+# log, where a natural value of 0 maps to -inf (exp(-inf) = 0 exactly, with zero gradient): a scene constant 0 of a
+# log-parameterised group (cohesionless sand's c) passes through unchanged when the group is not learned; a learned
+# group never starts there (config/checks.py refuses it)
+LOG_FROM_ZERO = Transform("log", torch.exp, lambda v: math.log(v) if v > 0 else -math.inf, torch.log)
 LOGIT = Transform("logit", torch.sigmoid, lambda p: math.log(p / (1 - p)), torch.logit)
 
 
@@ -137,6 +142,12 @@ PARAMS: tuple[ParamSpec, ...] = (
               model=("von_mises", "bingham")),
     ParamSpec("friction_angle", "friction_angle", IDENTITY, "sim", per="particle", bounds=FRICTION_ANGLE_RANGE,
               scene_default=lambda scene, _: scene.material.friction_angle, fd_eps=0.5, fd_eps_all=2.0,
+              model=("drucker_prager",)),
+    # cohesion c [Pa] as log c: scale-free (a 3x wrong start is one step of ln 3 whatever the units), positive; its
+    # default 0 (cohesionless sand) is log c = -inf, which a learned c may not start from (config/checks.py). The loss
+    # depends on c only where the sand is near the cone's apex (tension, free surfaces): larger steps than log E's
+    ParamSpec("cohesion", "log_cohesion", LOG_FROM_ZERO, "sim", per="particle", bounds=(COHESION_MIN, None),
+              scene_default=lambda scene, _: scene.material.cohesion, fd_eps=5e-2, fd_eps_all=2e-1,
               model=("drucker_prager",)),
     ParamSpec("viscosity", "log_viscosity", LOG, "sim", per="particle", bounds=(VISCOSITY_MIN, None),
               scene_default=lambda scene, _: scene.material.viscosity, fd_eps=1e-2, fd_eps_all=1e-1,

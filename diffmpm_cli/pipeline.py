@@ -92,7 +92,7 @@ class Pipeline:
     @property
     def material_parameter(self) -> str | None:
         """The learn.<key> of the scene's models' first learnable parameter (yield_stress, friction_angle,
-        viscosity, hardening) or None (elastic models)."""
+        viscosity, hardening; drucker_prager's cohesion comes second) or None (elastic models)."""
         learnable = self.material_parameters
         return learnable[0] if learnable else None
 
@@ -104,8 +104,9 @@ class Pipeline:
     @property
     def material_parameters(self) -> tuple[str, ...]:
         """The learn.<key>s of the scene's models' learnable parameters (bingham has two: yield_stress and
-        viscosity); they join E and nu in every rollout. The models' other parameters (snow's critical compression
-        and stretch, bingham's flow index) are the scene's constants."""
+        viscosity; drucker_prager two: friction_angle and cohesion); they join E and nu in every rollout (a
+        cohesion of 0, not learned, as exp(-inf) = 0: params.py LOG_FROM_ZERO). The models' other parameters (snow's
+        critical compression and stretch, bingham's flow index) are the scene's constants."""
         return tuple(name for name in self.model_parameters if name in LEARNABLE_MODEL_PARAMETERS)
 
     def applies(self, group: str) -> bool:

@@ -336,4 +336,4 @@ def test_a_regions_cohesion_reaches_its_particles(write_scene):
     values = pipeline.region_values["cohesion"]
     assert torch.equal(values[inside], torch.full((int(inside.sum()),), 50.0))
     assert torch.equal(values[~inside], torch.full((int((~inside).sum()),), 300.0))
-    assert "cohesion" not in pipeline.material_parameters  # a scene constant
+    assert pipeline.material_parameters == ("friction_angle", "cohesion")  # learnable (tests/test_learn_cohesion.py)

@@ -190,7 +190,7 @@ def test_a_region_of_another_model_reaches_the_rollout(write_scene):
     inside = assets.source.region == 0
     assert pipeline.model.models == ("neo_hookean", "drucker_prager")
     assert torch.equal(pipeline.sim.model_code, inside.long())
-    assert pipeline.material_parameters == ("friction_angle",)
+    assert pipeline.material_parameters == ("friction_angle", "cohesion")  # the sand region's (cohesion 0, not learned)
     params = pipeline.initial_parameters(["friction_angle"])
     assert torch.allclose(params["friction_angle"][inside], torch.tensor(35.0))
     out = pipeline.simulate(params)

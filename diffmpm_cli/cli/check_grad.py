@@ -58,7 +58,7 @@ def check_grad(
         "sim,splats,render,all"),
     param: Annotated[str, typer.Option(help="Parameter groups, comma-separated (each stage checks those it has, and "
                                             "its own inputs: x and F for splats, means and covars for render).")] = (
-        "dFc,E,nu,v0,yield_stress,friction_angle,viscosity,hardening,color,opacity,sigma0"),
+        "dFc,E,nu,v0,yield_stress,friction_angle,cohesion,viscosity,hardening,color,opacity,sigma0"),
     probes: Annotated[int, typer.Option(min=1, max=256, help="Random unit directions per parameter.")] = 8,
     coordinates: Annotated[int, typer.Option(min=0, max=64, help="Single-coordinate directions per parameter.")] = 2,
     eps: Annotated[float, typer.Option(min=1e-6, max=1e3, help="Scale of every finite-difference step (1 = "

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..enums import BSpline
+from ..enums import BSpline, Material
 from ..errors import ConfigError
 from .schema import Scene
 from .sequences import sequence_steps
@@ -138,7 +138,7 @@ EXTRA_MATERIAL_PARAMETERS = ("yield_stress", "friction_angle", "cohesion", "visc
                              "critical_compression", "critical_stretch", "flow_index")
 # parameters with a default (schema): another model's is refused only where it differs from the default
 DEFAULTED_PARAMETERS = {"flow_index": 1.0, "cohesion": 0.0}
-LEARNABLE_MATERIAL_PARAMETERS = ("yield_stress", "friction_angle", "viscosity", "hardening")
+LEARNABLE_MATERIAL_PARAMETERS = ("yield_stress", "friction_angle", "cohesion", "viscosity", "hardening")
 
 
 def _present_models(material):
@@ -175,6 +175,7 @@ def _check_material(scene: Scene) -> None:
         if getattr(material, name) is None:
             raise ConfigError(f"material.{name}", f"material.model {material.model.value} needs it")
     _check_regions(scene)
+    _check_learned_cohesion(scene)
 
 
 REGION_KEYS = ("E", "nu", "density", *EXTRA_MATERIAL_PARAMETERS)
@@ -209,6 +210,31 @@ def _check_regions(scene: Scene) -> None:
         if truth is not None and getattr(truth, name, None) is not None:
             raise ConfigError(f"target.truth.{name}", f"material.regions set {name} per region: a global truth would "
                                                       "replace the regions' values")
+
+
+def _check_learned_cohesion(scene: Scene) -> None:
+    """learn.cohesion optimises log c (params.py), which cannot start from c = 0 (log c = -inf, where the gradient
+    is 0 and no step moves it): every drucker_prager particle must start at c > 0, from learn.cohesion.init or from
+    material.cohesion (and, where material.regions set cohesion, each drucker_prager region's own value)."""
+    learn, material = scene.learn.cohesion, scene.material
+    sand = Material.DRUCKER_PRAGER
+    if not learn.enabled or learn.init is not None or sand not in _present_models(material):
+        return  # (another model's learn.cohesion is refused by _check_material)
+    why = "learned as log c, cohesion cannot start from 0"
+    if not material.keys_set_by_regions(["cohesion"]):
+        if material.cohesion == 0:
+            raise ConfigError("learn.cohesion.init", f"{why} (material.cohesion is 0): give a positive starting "
+                                                     "value [Pa], or material.cohesion > 0")
+        return
+    for i, region in enumerate(material.regions):
+        if (region.model or material.model) == sand and region.cohesion == 0:
+            raise ConfigError(f"material.regions[{i}].cohesion", f"{why}: give the region a positive value [Pa]")
+    takes_material = material.model == sand or any(region.model == sand and region.cohesion is None
+                                                   for region in material.regions)
+    if material.cohesion == 0 and takes_material:
+        raise ConfigError("material.cohesion", f"{why}: the drucker_prager particles without a region's own value "
+                                               "start at material.cohesion = 0; set it > 0 (learn.cohesion.init stays "
+                                               "null where regions set cohesion)")
 
 
 def _check_particle_mass(scene: Scene, dx: float) -> None:

@@ -250,6 +250,8 @@ class Truth(Section):
                                           "bingham)")
     friction_angle: FrictionAngle | None = Field(
         None, description="true friction angle [degrees] (material.model drucker_prager)")
+    cohesion: Annotated[float, Field(ge=0.0)] | None = Field(
+        None, description="true cohesion c [Pa], >= 0 (material.model drucker_prager)")
     viscosity: Positive | None = Field(
         None, description="true dynamic viscosity [Pa s] (material.model newtonian_fluid or bingham)")
     hardening: Positive | None = Field(None, description="true hardening coefficient xi (material.model snow)")
@@ -335,7 +337,8 @@ class MaterialConfig(Section):
     cohesion: Annotated[float, Field(ge=0.0)] = Field(
         0.0, description="drucker_prager: Mohr-Coulomb cohesion c [Pa], >= 0: the cone's apex moves into tension, to a "
         "mean stress c cot(friction_angle), so the sand holds that much tension and shear at zero pressure; 0 = "
-        "cohesionless sand (Klar et al. 2016); a scene constant (not learnable); other models: leave 0")
+        "cohesionless sand (Klar et al. 2016); learnable (learn.cohesion, as log c: learning starts from a positive "
+        "value); other models: leave 0")
     viscosity: Positive | None = Field(
         None, description="newtonian_fluid: dynamic viscosity [Pa s]; E and nu set its bulk modulus E / (3 (1 - 2 nu)); "
         "bingham: the plastic viscosity [Pa s] of its flow above yield (deviatoric stress tau_Y + eta gamma_dot), "
@@ -487,6 +490,14 @@ class LearnFrictionAngle(Section):
     per_particle: bool = Field(False, description="one value per particle instead of one global value")
 
 
+class LearnCohesion(Section):
+    enabled: bool = Field(False, description="learn the cohesion c (drucker_prager; optimised as log c, so it starts "
+                          "from a positive value: init, or material.cohesion > 0)")
+    lr: Positive = Field(5.0e-2, description="learning rate on log cohesion")
+    init: Positive | None = Field(None, description="starting value [Pa], > 0; null = material.cohesion")
+    per_particle: bool = Field(False, description="one value per particle instead of one global value")
+
+
 class LearnHardening(Section):
     enabled: bool = Field(False, description="learn snow's hardening coefficient xi (snow; optimised as log)")
     lr: Positive = Field(5.0e-2, description="learning rate on log xi")
@@ -531,6 +542,7 @@ class LearnConfig(Section):
                                            description="yield stress (von_mises, bingham)")
     friction_angle: LearnFrictionAngle = Field(default_factory=LearnFrictionAngle,
                                                description="friction angle (drucker_prager)")
+    cohesion: LearnCohesion = Field(default_factory=LearnCohesion, description="cohesion (drucker_prager)")
     viscosity: LearnViscosity = Field(default_factory=LearnViscosity,
                                       description="viscosity (newtonian_fluid, bingham)")
     hardening: LearnHardening = Field(default_factory=LearnHardening, description="hardening coefficient (snow)")

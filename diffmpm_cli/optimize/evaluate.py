@@ -92,6 +92,8 @@ def evaluate_metrics(pipeline, output, targets, params: dict[str, torch.Tensor])
             out[extra] = value
             if extra == "friction_angle":  # degrees: an absolute error
                 out["friction_angle_abs_error"] = abs(value - true)
+            elif extra == "cohesion" and true == 0:  # cohesionless truth: no relative error, the absolute one [Pa]
+                out["cohesion_abs_error"] = abs(value - true)
             else:
                 out[f"{extra}_rel_error"] = abs(value - true) / true
     out.update(validity_metrics(pipeline, output.result))
@@ -176,7 +178,8 @@ def exact_target_metrics(pipeline, exact: ExactTarget, x: torch.Tensor, F: torch
 
 def main_metric(values: dict) -> tuple[str, float]:
     """The one number a progress bar shows: material error when identifying, else silhouette IoU."""
-    for name in ("yield_stress_rel_error", "friction_angle_abs_error", "viscosity_rel_error", "hardening_rel_error"):
+    for name in ("yield_stress_rel_error", "friction_angle_abs_error", "cohesion_rel_error", "cohesion_abs_error",
+                 "viscosity_rel_error", "hardening_rel_error"):
         if name in values:
             return name, values[name]
     if "E_rel_error" in values:
