@@ -386,6 +386,12 @@ def forced_bit(code: int, bit: int, mode: int):
 BOX_THREADS = 32768  # launches over a grid's box on CUDA: fixed (graph-capturable); each thread strides over the box
 
 
+def box_threads(device) -> int:
+    """Threads of a launch that strides over a grid's box (grid_update, bounds.clear_box) on the Warp ``device``:
+    BOX_THREADS on CUDA, 1 on the CPU (one loop, no per-thread calls)."""
+    return BOX_THREADS if device.is_cuda else 1
+
+
 @wp.func
 def box_nodes(box: wp.array(dtype=int), width: int, shape: wp.vec3i):
     """The nodes of a particle box (kernels/bounds.py: min stencil bases, then minus the max ones) as the corner

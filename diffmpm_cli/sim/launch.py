@@ -123,7 +123,7 @@ def grid_update(model: MPMModel, grid: MPMGrid, *, node_mass_eps: float, device:
         raise ValueError(f"decision mode {mode.name} needs a decision array")
     if mode == DecisionMode.LINEARISE:  # nothing to linearise on the grid: its branches are replayed
         mode = DecisionMode.REPLAY
-    threads = mpm.BOX_THREADS if wp.get_device(device).is_cuda else 1  # striding over the box (kernels/mpm.py)
+    threads = mpm.box_threads(wp.get_device(device))
     wp.launch(mpm.grid_update, dim=threads, device=device, inputs=[
         k.lower, g.dx, model.dt, k.gravity, g.boundary_cells, k.walls_min, k.walls_max,
         int(model.floor_enabled), k.floor_normal, model.floor_height, model.friction, node_mass_eps,

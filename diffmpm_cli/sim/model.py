@@ -184,7 +184,7 @@ class MPMGrid:
 
         mm = self.mass_momentum
         grads = (mm.grad, self.velocity4.grad) if mm.grad is not None else (mm, mm)
-        threads = mpm.BOX_THREADS if mm.device.is_cuda else 1
+        threads = mpm.box_threads(mm.device)
         wp.launch(bounds.clear_box, dim=threads, device=mm.device, record_tape=False,
                   inputs=[self.box, bounds.WIDEST, threads, 3 if mm.grad is not None else 1, mm, *grads])
         self.box.fill_(bounds.BOX_EMPTY)
